@@ -1,0 +1,1 @@
+"""hwnas: an accelerator-aware ONNX optimizer."""

@@ -1,0 +1,212 @@
+"""Command line: parses arguments, calls hwnas.api, prints. No logic lives here.
+
+Exit codes: 0 success, 1 a check failed (verification, budget), 2 usage error or bad input (one line
+on stderr, nothing written), 3 internal error (a bug: please report it; HWNAS_DEBUG=1 shows the trace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib.metadata import version
+
+from hwnas import api
+from hwnas.errors import BadInputError, HwnasError
+from hwnas.graph.io import check_output_path, save_model
+from hwnas.graph.shapes import parse_input_shapes
+from hwnas.report.json_report import dumps, write_json
+from hwnas.verify import Tolerance, load_calibration
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every other bad input
+        raise BadInputError(f"{self.prog}: {message}")
+
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DxDxD",
+                   help="concrete shape for a dynamic input, for analysis and verification only (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hwnas", description="Accelerator-aware optimizer for trained ONNX models.")
+    parser.add_argument("--version", action="version", version=f"hwnas {version('hwnas')}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("passes", help="list the passes with their options and exactness class")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+
+    zoo = sub.add_parser("zoo", help="the built-in reference models")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    zsub.add_parser("list", help="list the zoo models with MACs, params and block counts")
+    zexp = zsub.add_parser("export", help="write a zoo model as ONNX")
+    zexp.add_argument("name")
+    zexp.add_argument("-o", "--output", required=True)
+    zexp.add_argument("--width", type=float, default=1.0, help="width (depth) multiplier (default 1.0)")
+    zexp.add_argument("--resolution", type=int, default=None, help="input resolution (default: the model's)")
+    zexp.add_argument("--divisor", type=int, default=8, help="round channel counts to this (1 = unrounded)")
+    zexp.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+
+    r = sub.add_parser("run", help="apply a pass pipeline, verify with ONNX Runtime, write the model")
+    r.add_argument("input")
+    r.add_argument("-o", "--output")
+    r.add_argument("--passes", help="pipeline, e.g. 'fold-bn,fold-constants'")
+    _add_shape_args(r)
+    r.add_argument("--calib", help="calibration/verification inputs (.npz, one array per input, samples first)")
+    r.add_argument("--rtol", type=float, default=Tolerance.rtol, help=f"relative tolerance (default {Tolerance.rtol:g})")
+    r.add_argument("--atol", type=float, default=Tolerance.atol, help=f"absolute tolerance (default {Tolerance.atol:g})")
+    r.add_argument("--allow-drift", type=float, default=None, metavar="X",
+                   help="accept a reconstructed pipeline whose output cosine is >= 1 - X")
+    r.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip this pass (repeatable)")
+    r.add_argument("--no-verify", action="store_true", help="write without checking in ONNX Runtime (warns)")
+    r.add_argument("--verify-each", action="store_true", help="verify after every pass (slower; pins the culprit)")
+    r.add_argument("--report", help="write a JSON report here")
+    r.add_argument("--dry-run", action="store_true", help="list the sites each pass would rewrite and why others are skipped")
+    r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    r.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _fmt_int(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def _ratio(before: int | None, after: int | None) -> str:
+    if not before or after is None:
+        return ""
+    return f"{(after - before) / before * 100:+.1f}%"
+
+
+def _print_run(result: api.RunResult) -> None:
+    b, a = result.baseline, result.optimized
+    flops = lambda s: None if s.macs is None else 2 * s.macs  # noqa: E731
+    rows = [("nodes", b.nodes, a.nodes), ("params", b.params, a.params), ("FLOPs (2·MACs)", flops(b), flops(a))]
+    print(f"{'':16}{'before':>16}{'after':>16}{'change':>10}")
+    for name, x, y in rows:
+        print(f"{name:16}{_fmt_int(x):>16}{_fmt_int(y):>16}{_ratio(x, y):>10}")
+    print()
+    for rec in result.records:
+        applicable = sum(s.applicable for s in rec.sites)
+        print(f"{rec.spec}: {rec.exactness.value}, {len(rec.applied)}/{applicable} sites rewritten, "
+              f"{len(rec.skipped)} skipped, nodes {rec.nodes_before}->{rec.nodes_after}, {rec.seconds * 1000:.0f} ms")
+    if result.verification is not None:
+        v = result.verification
+        sizes = ", ".join("x".join(map(str, next(iter(s.values())))) for s in v.input_shapes)
+        verdict = "equivalent" if v.equivalent else "NOT equivalent"
+        print(f"verification: {verdict} (max abs {v.max_abs:.3g}, cosine {v.cosine:.8f}; inputs {sizes})")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _print_dry_run(result: api.RunResult) -> None:
+    for rec in result.records:
+        print(f"{rec.spec} ({rec.exactness.value}):")
+        index = 0
+        for site in rec.sites:
+            if site.applicable:
+                chosen = "rewrite" if site in rec.applied else "not selected"
+                print(f"  [{index}] {site.description}: {chosen}")
+                index += 1
+            else:
+                print(f"  [-] {site.description}: skipped: {site.reason}")
+
+
+def cmd_passes(args) -> int:
+    from hwnas.passes import all_passes
+
+    items = [
+        {"name": name, "exactness": cls.exactness_doc(), "summary": cls.summary, "options": cls.option_docs()}
+        for name, cls in all_passes().items()
+    ]
+    if args.json:
+        print(json.dumps(items, indent=2, default=str))
+        return 0
+    for item in items:
+        print(f"{item['name']:22} [{item['exactness']}] {item['summary']}")
+        for opt in item["options"]:
+            choices = f" (one of {', '.join(map(str, opt['choices']))})" if opt["choices"] else ""
+            print(f"{'':24}{opt['name']}={opt['default']}{choices}: {opt['help']}")
+        print(f"{'':24}sites=SELECTOR: restrict to applicable sites by index (N, A:B, N;A:B)")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from hwnas import models
+
+    if args.zoo_command == "list":
+        print(f"{'name':14}{'resolution':>11}{'MACs':>16}{'params':>13}{'blocks':>8}{'IBN':>6}  description")
+        for name in models.ZOO_NAMES:
+            spec, info = models.ZOO_SPECS[name], models.zoo_info(name)
+            print(f"{name:14}{spec.default_resolution:>11}{info.macs:>16,}{info.params:>13,}{info.blocks:>8}"
+                  f"{info.ibn_blocks:>6}  {spec.description}")
+        return 0
+    check_output_path(args.output)
+    try:
+        model = models.build(args.name, width=args.width, resolution=args.resolution, divisor=args.divisor, seed=args.seed)
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+    save_model(model, args.output)
+    info = models.zoo_info(args.name, width=args.width, resolution=args.resolution, divisor=args.divisor)
+    print(f"wrote {args.output}: {args.name}, {info.macs:,} MACs, {info.params:,} params")
+    return 0
+
+
+def cmd_run(args) -> int:
+    if not args.passes:
+        raise BadInputError("run: give --passes PIPELINE")
+    if not args.dry_run and not args.output:
+        raise BadInputError("run: give -o OUTPUT (or --dry-run)")
+    if args.output:
+        check_output_path(args.output)
+    if args.report:
+        check_output_path(args.report)
+    model = api.as_model(args.input)
+    calibration = load_calibration(args.calib, model) if args.calib else None
+    result = api.run(
+        model,
+        args.passes,
+        input_shapes=parse_input_shapes(args.input_shape),
+        calibration=calibration,
+        tolerance=Tolerance(atol=args.atol, rtol=args.rtol),
+        allow_drift=args.allow_drift,
+        disabled=args.disable_pass,
+        verify=not args.no_verify,
+        verify_each=args.verify_each,
+        dry_run=args.dry_run,
+        seed=args.seed,
+    )
+    if args.dry_run:
+        _print_dry_run(result)
+        return 0
+    save_model(result.model, args.output)
+    report = {"input": str(args.input), "output": str(args.output), **result.to_dict()}
+    if args.report:
+        write_json(args.report, report)
+    if args.json:
+        print(dumps(report))
+    else:
+        _print_run(result)
+        print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except HwnasError as e:
+        print(f"hwnas: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hwnas: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line by default, the trace on request
+        if os.environ.get("HWNAS_DEBUG"):
+            raise
+        print(f"hwnas: internal error: {type(e).__name__}: {e} (set HWNAS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3

@@ -1,0 +1,1 @@
+"""ONNX graph utilities: loading, shapes, cost counts."""

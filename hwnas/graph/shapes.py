@@ -1,0 +1,153 @@
+"""Input shapes and shape inference.
+
+`--input-shape x:1x3x640x640` fixes dynamic dims *for analysis only* (estimation, calibration,
+verification); the written model keeps its dynamic signature (DESIGN.md, "Drop-in outputs").
+A dynamic leading (batch) dim defaults to 1; any other dynamic dim must be given.
+
+Every tensor's shape comes from ONNX shape inference with data propagation; where that leaves a
+tensor without a static shape (Paddle exports compute Reshape targets at run time), ONNX Runtime runs
+the model once on zeros and reports the shapes it saw.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from hwnas.errors import BadInputError
+
+Shape = tuple[int, ...]
+_SHAPE_RE = re.compile(r"^(?:(?P<name>.+):)?(?P<dims>\d+(?:x\d+)*)$")
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, Shape]:
+    """Parse `name:1x3x224x224` items (the name may be omitted for single-input models: key '')."""
+    shapes: dict[str, Shape] = {}
+    for spec in specs:
+        m = _SHAPE_RE.match(spec.strip())
+        if not m:
+            raise BadInputError(f"bad --input-shape {spec!r}: expected NAME:DxDxD..., e.g. x:1x3x224x224")
+        dims = tuple(int(d) for d in m["dims"].split("x"))
+        if any(d <= 0 for d in dims):
+            raise BadInputError(f"bad --input-shape {spec!r}: dims must be positive")
+        shapes[m["name"] or ""] = dims
+    return shapes
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not also initializers (IR < 4 lists weights as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def declared_dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    """Dims as declared: ints where static, the symbol (or '?') where dynamic."""
+    out: list[int | str] = []
+    for d in value.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(d.dim_value)
+        else:
+            out.append(d.dim_param or "?")
+    return out
+
+
+def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+    """Concrete shape of every model input, from the declaration and the user's overrides."""
+    overrides = dict(overrides or {})
+    inputs = graph_inputs(model)
+    if "" in overrides:
+        if len(inputs) != 1:
+            raise BadInputError("--input-shape without a name is only allowed for single-input models")
+        overrides[inputs[0].name] = overrides.pop("")
+    names = {i.name for i in inputs}
+    for name in overrides:
+        if name not in names:
+            raise BadInputError(f"--input-shape names {name!r}, but the model's inputs are {sorted(names)}")
+    shapes: dict[str, Shape] = {}
+    for value in inputs:
+        dims = declared_dims(value)
+        given = overrides.get(value.name)
+        if given is not None:
+            if len(given) != len(dims):
+                raise BadInputError(f"--input-shape {value.name}: rank {len(given)}, but the model declares {dims}")
+            for want, have in zip(dims, given):
+                if isinstance(want, int) and want != have:
+                    raise BadInputError(f"--input-shape {value.name}:{'x'.join(map(str, given))} contradicts the declared {dims}")
+            shapes[value.name] = tuple(given)
+            continue
+        fixed = [1 if (i == 0 and not isinstance(d, int)) else d for i, d in enumerate(dims)]
+        if not all(isinstance(d, int) for d in fixed):
+            example = "x".join(str(d) if isinstance(d, int) else "N" for d in fixed)
+            raise BadInputError(
+                f"input {value.name!r} has dynamic dims {dims}; give --input-shape {value.name}:{example}"
+            )
+        shapes[value.name] = tuple(fixed)  # type: ignore[arg-type]
+    return shapes
+
+
+def with_static_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
+    """A copy of `model` whose inputs declare the given concrete shapes and no stale value_info."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in out.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[value.name]:
+                dims.add().dim_value = d
+    del out.graph.value_info[:]
+    return out
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> Shape | None:
+    t = value.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = declared_dims(value)
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+
+
+def tensor_shapes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Static shape of every top-level tensor (inputs, initializers, node outputs) at the given input shapes."""
+    static = with_static_inputs(model, shapes)
+    result: dict[str, Shape] = {name: tuple(s) for name, s in shapes.items()}
+    for t in static.graph.initializer:
+        result[t.name] = tuple(t.dims)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(static, data_prop=True)
+        for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+            s = _static_shape(value)
+            if s is not None:
+                result[value.name] = s
+    except (onnx.shape_inference.InferenceError, ValueError):
+        pass  # ORT below fills in everything
+    missing = [o for n in static.graph.node for o in n.output if o and o not in result]
+    if missing:
+        result.update(_shapes_from_ort(static, shapes, missing))
+    return result
+
+
+def _shapes_from_ort(model: onnx.ModelProto, shapes: Mapping[str, Shape], names: list[str]) -> dict[str, Shape]:
+    from hwnas.verify.runtime import make_session, random_feeds  # runtime imports graph; import here
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = make_session(probe)
+    feeds = random_feeds(model, shapes, seed=0)
+    outs = session.run(names, feeds)
+    return {name: tuple(np.shape(v)) for name, v in zip(names, outs)}
+
+
+def elem_type(model: onnx.ModelProto, name: str) -> int:
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if value.name == name:
+            return value.type.tensor_type.elem_type
+    return TensorProto.UNDEFINED

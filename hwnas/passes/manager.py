@@ -1,0 +1,120 @@
+"""Runs a pipeline: match, select sites, apply, clean up, record statistics, optionally verify each step.
+
+Like MLIR's pass manager, every step leaves a record (sites matched, applied and skipped with their
+reasons, node count change, time) and, with `verify_each`, a verifier runs after each pass so that a
+broken rewrite is pinned on the pass that made it, naming the passes that ran before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from hwnas.errors import CheckFailedError
+from hwnas.passes.base import Exactness, PassContext, Site
+from hwnas.passes.pipeline import Pipeline
+
+Verifier = Callable[[gs.Graph], "VerificationOutcome"]
+
+
+@dataclass(frozen=True)
+class VerificationOutcome:
+    ok: bool
+    detail: str
+
+
+@dataclass
+class PassRecord:
+    spec: str
+    exactness: Exactness
+    sites: list[Site]
+    applied: list[Site]
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    stats: dict[str, float] = field(default_factory=dict)
+    verified: bool | None = None
+
+    @property
+    def skipped(self) -> list[Site]:
+        return [s for s in self.sites if not s.applicable]
+
+    def to_dict(self) -> dict:
+        return {
+            "pass": self.spec,
+            "exactness": self.exactness.value,
+            "modified": self.modified,
+            "sites_applicable": sum(s.applicable for s in self.sites),
+            "sites_applied": len(self.applied),
+            "skipped": [{"nodes": list(s.nodes), "reason": s.reason} for s in self.skipped],
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "seconds": round(self.seconds, 4),
+            "stats": self.stats,
+            "verified": self.verified,
+        }
+
+
+@dataclass
+class PipelineRun:
+    graph: gs.Graph
+    records: list[PassRecord]
+
+    @property
+    def exactness(self) -> Exactness:
+        """The weakest class among the passes that changed something."""
+        order = [Exactness.EXACT, Exactness.RECONSTRUCTED, Exactness.LOSSY]
+        used = [r.exactness for r in self.records if r.modified]
+        return max(used, key=order.index, default=Exactness.EXACT)
+
+
+class PassFailedVerification(CheckFailedError):
+    def __init__(self, spec: str, before: list[str], detail: str):
+        ran = ", ".join(before) if before else "none"
+        super().__init__(f"verification failed after pass {spec!r} (passes before it: {ran}): {detail}")
+        self.spec = spec
+
+
+class PassManager:
+    def __init__(self, pipeline: Pipeline, disabled: set[str] | frozenset[str] = frozenset(), verify_each: Verifier | None = None):
+        self.pipeline = pipeline.without(set(disabled))
+        self.verify_each = verify_each
+
+    def run(self, graph: gs.Graph, ctx: PassContext, progress: Callable[[str], None] | None = None) -> PipelineRun:
+        records: list[PassRecord] = []
+        for spec in self.pipeline.steps:
+            if progress:
+                progress(str(spec))
+            the_pass = spec.instantiate()
+            start = time.perf_counter()
+            nodes_before = len(graph.nodes)
+            work = graph.copy()  # a pass that raises leaves the caller's graph as it was
+            sites = the_pass.match(work, ctx)
+            selector = spec.sites
+            chosen = [s for i, s in enumerate(x for x in sites if x.applicable) if selector is None or i in selector]
+            result = the_pass.apply(work, chosen, ctx) if chosen else None
+            if result is not None and result.modified:
+                graph = result.model
+                graph.cleanup().toposort()
+            record = PassRecord(
+                spec=str(spec),
+                exactness=the_pass.exactness,
+                sites=sites,
+                applied=chosen if result is not None and result.modified else [],
+                modified=result is not None and result.modified,
+                nodes_before=nodes_before,
+                nodes_after=len(graph.nodes),
+                seconds=time.perf_counter() - start,
+                stats=dict(result.stats) if result else {},
+            )
+            records.append(record)
+            if self.verify_each is not None and record.modified:
+                outcome = self.verify_each(graph)
+                record.verified = outcome.ok
+                if not outcome.ok:
+                    raise PassFailedVerification(record.spec, [r.spec for r in records[:-1]], outcome.detail)
+        return PipelineRun(graph, records)

@@ -1,0 +1,130 @@
+"""Textual pipelines, MLIR style: `fold-bn,replace-conv{mode=grouped,group_size=16},align-channels{multiple=32}`.
+
+Grammar::
+
+    pipeline := step ("," step)*
+    step     := NAME ["{" KEY "=" VALUE ("," KEY "=" VALUE)* "}"]
+
+Every pass also accepts `sites=SELECTOR`, which restricts it to some of the applicable sites its
+matcher lists, by index: `sites=3`, `sites=0:5` (0..4), `sites=0;2;7:9`. Options keep the order and
+spelling they were written in, so `str(parse_pipeline(text)) == text` for any valid text without
+spaces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hwnas.errors import BadInputError
+from hwnas.passes.base import Pass
+from hwnas.passes.registry import get_pass
+
+_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_VALUE = re.compile(r"[^,{}=\s]+")
+
+
+@dataclass(frozen=True)
+class SiteSelector:
+    """Which applicable sites (by index) a pass may touch: a union of half-open ranges."""
+
+    ranges: tuple[tuple[int, int | None], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> SiteSelector:
+        ranges = []
+        for part in text.split(";"):
+            m = re.fullmatch(r"(\d*):(\d*)|(\d+)", part)
+            if not m:
+                raise BadInputError(f"bad site selector {text!r}: use N, A:B or N;A:B")
+            if m[3] is not None:
+                ranges.append((int(m[3]), int(m[3]) + 1))
+            else:
+                ranges.append((int(m[1] or 0), int(m[2]) if m[2] else None))
+        return cls(tuple(ranges))
+
+    def __contains__(self, index: int) -> bool:
+        return any(lo <= index and (hi is None or index < hi) for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One pipeline step: a pass name and its options as written."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def sites(self) -> SiteSelector | None:
+        value = dict(self.options).get("sites")
+        return SiteSelector.parse(value) if value is not None else None
+
+    def instantiate(self) -> Pass:
+        pass_options = {k: v for k, v in self.options if k != "sites"}
+        return get_pass(self.name)(**pass_options)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.options) + "}"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    steps: tuple[PassSpec, ...]
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.steps)
+
+    def without(self, disabled: set[str]) -> Pipeline:
+        return Pipeline(tuple(s for s in self.steps if s.name not in disabled))
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    """Parse and validate (pass names, option names and values) a pipeline string."""
+    pos, steps = 0, []
+    text = text.strip()
+    if not text:
+        raise BadInputError("empty pipeline")
+
+    def fail(msg: str) -> BadInputError:
+        return BadInputError(f"bad pipeline {text!r} at column {pos + 1}: {msg}")
+
+    while True:
+        m = _NAME.match(text, pos)
+        if not m:
+            raise fail("expected a pass name")
+        name, pos = m.group(), m.end()
+        options: list[tuple[str, str]] = []
+        if pos < len(text) and text[pos] == "{":
+            pos += 1
+            while True:
+                km = re.compile(r"[a-z_][a-z0-9_]*").match(text, pos)
+                if not km:
+                    raise fail("expected an option name")
+                pos = km.end()
+                if pos >= len(text) or text[pos] != "=":
+                    raise fail("expected '='")
+                vm = _VALUE.match(text, pos + 1)
+                if not vm:
+                    raise fail("expected an option value")
+                if any(k == km.group() for k, _ in options):
+                    raise fail(f"option {km.group()!r} given twice")
+                options.append((km.group(), vm.group()))
+                pos = vm.end()
+                if pos < len(text) and text[pos] == ",":
+                    pos += 1
+                    continue
+                if pos < len(text) and text[pos] == "}":
+                    pos += 1
+                    break
+                raise fail("expected ',' or '}'")
+        spec = PassSpec(name, tuple(options))
+        spec.instantiate()  # unknown pass or bad option: fail now, not halfway through a run
+        _ = spec.sites
+        steps.append(spec)
+        if pos == len(text):
+            return Pipeline(tuple(steps))
+        if text[pos] != ",":
+            raise fail("expected ','")
+        pos += 1

@@ -1,0 +1,41 @@
+"""JSON reports, written atomically, with a schema version so that consumers can rely on the fields."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from hwnas.graph.io import check_output_path
+
+SCHEMA_VERSION = 1
+
+
+def _clean(value):
+    """JSON has no inf/nan: write them as strings rather than emitting invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(_clean({"schema_version": SCHEMA_VERSION, **report}), indent=2)
+
+
+def write_json(path: str | os.PathLike, report: dict) -> Path:
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".hwnas-", suffix=".json", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dumps(report) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return p

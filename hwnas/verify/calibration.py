@@ -1,0 +1,44 @@
+"""Calibration data: `--calib DATA.npz` holds one array per model input name, first axis = samples.
+
+Loaded with `allow_pickle=False`: a calibration file is data, never code.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from hwnas.errors import BadInputError
+from hwnas.graph.shapes import Shape, graph_inputs
+from hwnas.verify.runtime import random_feeds
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"no such calibration file: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise BadInputError(f"cannot read calibration data {p}: {e}") from None
+    names = [i.name for i in graph_inputs(model)]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise BadInputError(f"calibration data {p} lacks arrays for inputs {missing} (has {sorted(arrays)})")
+    counts = {len(arrays[n]) for n in names}
+    if len(counts) != 1 or 0 in counts:
+        raise BadInputError(f"calibration data {p}: inputs must have the same, non-zero number of samples")
+    return {n: arrays[n] for n in names}
+
+
+def random_calibration(
+    model: onnx.ModelProto, shapes: Mapping[str, Shape], samples: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded random samples at the analysis shapes (the fallback when no --calib is given)."""
+    batches = [random_feeds(model, shapes, seed + i) for i in range(samples)]
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
