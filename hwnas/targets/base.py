@@ -1,0 +1,40 @@
+"""What a target is: something that measures a model's latency (and cycles where it has them).
+
+Targets are how hwnas meets hardware: `cpu` (ONNX Runtime CPU, measured), `ort:<EP>` (any ORT
+execution provider), `cmd:<command>` (an external program that measures on a device) and `npu-RxC`
+(a simulated systolic array). The estimator is trained on a target's measurements; the search asks the
+estimator, and the final model can be measured on the target itself.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+from hwnas.graph.shapes import Shape
+
+
+@dataclass(frozen=True)
+class Measurement:
+    latency_ms: float
+    cycles: int | None = None  # simulated targets only
+    samples_ms: tuple[float, ...] = ()  # the individual timed runs, for measured targets
+    details: dict = field(default_factory=dict, compare=False)
+
+
+class Target(abc.ABC):
+    """A named thing that measures latency. `parallelism_factor` is how many channels it processes at once."""
+
+    name: str
+    parallelism_factor: int
+
+    @abc.abstractmethod
+    def measure(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> Measurement:
+        """Latency of `model` at the given input shapes."""
+
+    def describe(self) -> dict:
+        """The configuration every reported number names (DESIGN.md: numbers name their target config)."""
+        return {"name": self.name, "parallelism_factor": self.parallelism_factor}
