@@ -71,7 +71,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
             raise BadInputError(f"cannot write {p}: {blocker} is a file, not a directory")
         raise BadInputError(f"cannot write {p}: directory {parent} does not exist")
     if not parent.is_dir():
-        raise BadInputError(f"cannot write {p}: {parent} is not a directory")
+        raise BadInputError(f"cannot write {p}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise BadInputError(f"cannot write {p}: directory {parent} is not writable")
     return p

@@ -1,0 +1,158 @@
+"""The command line: exit codes, one-line errors, nothing written on failure, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from hwnas.cli import main
+from tests.conftest import real_model_path
+from tests.graphs import conv_bn_model
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn_model(), str(path))
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_bad_input(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("hwnas ")
+
+
+def test_passes_json(capsys):
+    code, out, _ = run_cli(capsys, "passes", "--json")
+    assert code == 0
+    names = {p["name"]: p for p in json.loads(out)}
+    assert names["fold-bn"]["exactness"] == "exact"
+
+
+def test_run_writes_verified_model_and_report(capsys, model_path, tmp_path):
+    out_path, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "run", str(model_path), "-o", str(out_path), "--passes", "fold-bn", "--report", str(report))
+    assert code == 0, err
+    assert "before" in out and "after" in out and "equivalent" in out
+    data = json.loads(report.read_text())
+    assert data["verification"]["equivalent"] is True
+    assert data["exact"] is True
+    assert data["passes"][0]["sites_applied"] == 1
+    assert [n.op_type for n in onnx.load(str(out_path)).graph.node] == ["Conv"]
+
+
+def test_json_output_is_only_json(capsys, model_path, tmp_path):
+    code, out, _ = run_cli(capsys, "run", str(model_path), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn", "--json")
+    assert code == 0
+    assert json.loads(out)["schema_version"] == 1
+
+
+def test_dry_run_lists_sites_and_writes_nothing(capsys, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn_model(extra_consumer=True), str(path))
+    code, out, _ = run_cli(capsys, "run", str(path), "--passes", "fold-bn", "--dry-run")
+    assert code == 0
+    assert "skipped: " in out and "2 consumers" in out
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(b"this is not onnx at all" * 10, "cannot"), (b"", "no graph")],
+    ids=["not-onnx", "empty"],
+)
+def test_bad_files(capsys, tmp_path, content, fragment):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    out_path = tmp_path / "out.onnx"
+    code, _, err = run_cli(capsys, "run", str(bad), "-o", str(out_path), "--passes", "fold-bn")
+    assert_bad_input(code, err, fragment)
+    assert not out_path.exists()
+
+
+def test_truncated_model(capsys, tmp_path):
+    data = conv_bn_model().SerializeToString()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "run", str(bad), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_missing_file_and_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err, "no such file")
+    code, _, err = run_cli(capsys, "run", str(tmp_path), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err, "directory")
+
+
+def test_unwritable_outputs(capsys, model_path, tmp_path):
+    code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(tmp_path / "missing" / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(model_path / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err, "is a file")
+    code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(tmp_path), "--passes", "fold-bn")
+    assert_bad_input(code, err, "directory")
+
+
+def test_output_equal_to_input_is_written_atomically(capsys, model_path):
+    code, _, _ = run_cli(capsys, "run", str(model_path), "-o", str(model_path), "--passes", "fold-bn")
+    assert code == 0
+    assert [n.op_type for n in onnx.load(str(model_path)).graph.node] == ["Conv"]
+    assert sorted(p.name for p in model_path.parent.iterdir()) == ["m.onnx"]  # no temp files left
+
+
+def test_bad_pipeline_and_options(capsys, model_path, tmp_path):
+    out_path = tmp_path / "o.onnx"
+    code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(out_path), "--passes", "fold-bn{bogus=1}")
+    assert_bad_input(code, err, "no option 'bogus'")
+    code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(out_path), "--passes", "fold-bn", "--input-shape", "y:1x3")
+    assert_bad_input(code, err, "--input-shape")
+    code, _, err = run_cli(capsys, "run", str(model_path), "--bogus")
+    assert_bad_input(code, err, "unrecognized arguments")
+    assert not out_path.exists()
+
+
+def test_unsupported_opset(capsys, tmp_path):
+    model = conv_bn_model()
+    model.opset_import[0].version = 7
+    path = tmp_path / "old.onnx"
+    path.write_bytes(model.SerializeToString())
+    code, _, err = run_cli(capsys, "run", str(path), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err, "opset 7")
+
+
+def test_dynamic_dims_need_input_shape(capsys, tmp_path):
+    path = real_model_path("ch_PP-OCRv4_det_infer.onnx")
+    code, _, err = run_cli(capsys, "run", str(path), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn")
+    assert_bad_input(code, err, "input 'x'", "--input-shape x:")
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hwnas", "run", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
