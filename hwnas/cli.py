@@ -138,7 +138,7 @@ def cmd_zoo(args) -> int:
     if args.zoo_command == "list":
         print(f"{'name':14}{'resolution':>11}{'MACs':>16}{'params':>13}{'blocks':>8}{'IBN':>6}  description")
         for name in models.ZOO_NAMES:
-            spec, info = models.ZOO_SPECS[name], models.zoo_info(name)
+            spec, info = models.SPECS[name], models.zoo_info(name)
             print(f"{name:14}{spec.default_resolution:>11}{info.macs:>16,}{info.params:>13,}{info.blocks:>8}"
                   f"{info.ibn_blocks:>6}  {spec.description}")
         return 0

@@ -11,9 +11,12 @@ def const(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def make_model(nodes, inputs, outputs, initializers, opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
+def make_model(
+    nodes, inputs, outputs, initializers, opset: int = 17, ir_version: int = 8, custom_domains: tuple[str, ...] = ()
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "test", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in custom_domains]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = ir_version
     onnx.checker.check_model(model)
     return model

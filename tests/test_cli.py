@@ -156,3 +156,16 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_zoo_list_and_export(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "zoo", "list")
+    assert code == 0
+    assert all(name in out for name in ("mobilenetv2", "ibn-detector", "segmenter"))
+    out_path = tmp_path / "m.onnx"
+    code, out, _ = run_cli(capsys, "zoo", "export", "mobilenetv2", "-o", str(out_path), "--width", "0.5", "--resolution", "96")
+    assert code == 0 and "MACs" in out
+    assert onnx.load(str(out_path)).graph.input[0].type.tensor_type.shape.dim[2].dim_value == 96
+    code, _, err = run_cli(capsys, "zoo", "export", "nope", "-o", str(tmp_path / "n.onnx"))
+    assert_bad_input(code, err, "unknown model")
+    assert not (tmp_path / "n.onnx").exists()

@@ -103,3 +103,14 @@ def test_real_models_fold_bn(real_model):
     producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
     left = [n for n in result.model.graph.node if n.op_type == "BatchNormalization" and producers.get(n.input[0]) == "Conv"]
     assert left == []
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "ibn-detector", "segmenter"])
+def test_zoo_models_fold_bn(name):
+    from hwnas.models import build
+
+    original = build(name)
+    result = api.run(original, "fold-bn")
+    assert result.verification.equivalent
+    assert "BatchNormalization" not in ops(result.model)
+    assert result.records[0].stats["folded"] == sum(n.op_type == "BatchNormalization" for n in original.graph.node)

@@ -15,6 +15,7 @@ and numpy only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import onnx
 from onnx import TensorProto
@@ -58,13 +59,15 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int | None, ...]]) 
     return 0
 
 
-def count_macs(model: onnx.ModelProto) -> dict[str, int]:
+def count_macs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, int]:
     """MACs per Conv/ConvTranspose/Gemm/MatMul node, keyed by node name.
 
+    `shapes` maps tensor names to static shapes (`hwnas.graph.shapes.tensor_shapes` gives them for
+    models whose shapes ONNX inference cannot resolve); without it ONNX shape inference is used.
     A node without a (unique) name is keyed `<name or op_type>#<index in graph>`. Raises ValueError
-    when a shape the count needs is not static after shape inference.
+    when a shape the count needs is not static.
     """
-    shapes = _static_shapes(model)
+    shapes = dict(shapes) if shapes is not None else _static_shapes(model)
     macs: dict[str, int] = {}
     for index, node in enumerate(model.graph.node):
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -92,7 +95,6 @@ def count_params(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     used = {name for node in graph.node for name in node.input}
-    params = sum(
-        math.prod(init.dims) for init in graph.initializer if init.name in used and init.data_type in _FLOAT_TYPES
-    )
-    return params + sum(_constant_elements(node) for node in graph.node if node.op_type == "Constant")
+    weights = [init for init in graph.initializer if init.name in used and init.data_type in _FLOAT_TYPES]
+    constants = [node for node in graph.node if node.op_type == "Constant"]
+    return sum(math.prod(init.dims) for init in weights) + sum(map(_constant_elements, constants))

@@ -101,7 +101,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                 model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=data_name, size_threshold=1024,
             )
-            os.replace(tmpdir / data_name, p.parent / data_name)
+            if (tmpdir / data_name).exists():  # absent when every tensor is under the size threshold
+                os.replace(tmpdir / data_name, p.parent / data_name)
             # save_model moved the weights out of `model`; read them back so the caller's model is whole.
             load_external_data_for_model(model, str(p.parent))
         else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import onnx
 
 from hwnas.graph.flops import count_macs, count_params
-from hwnas.graph.shapes import Shape, with_static_inputs
+from hwnas.graph.shapes import Shape, tensor_shapes
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ModelSummary:
 def summarize(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> ModelSummary:
     ops = Counter(n.op_type for n in model.graph.node if n.op_type != "Constant")
     try:
-        macs = sum(count_macs(with_static_inputs(model, shapes)).values())
-    except (ValueError, onnx.shape_inference.InferenceError):
+        macs = sum(count_macs(model, tensor_shapes(model, shapes)).values())
+    except ValueError:
         macs = None
     return ModelSummary(sum(ops.values()), count_params(model), macs, dict(sorted(ops.items())))
