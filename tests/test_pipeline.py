@@ -16,6 +16,7 @@ ROUND_TRIP = [
     "fold-bn{sites=0:5},fold-constants",
     "fold-bn{sites=0;2;7:9}",
     "eliminate-identity{sites=:3}",
+    "fold-bn{sites=@block3/dw/conv;@p2o.Conv.12;0:2}",
 ]
 
 
@@ -46,7 +47,9 @@ def test_bad_pipelines_say_why(text, message):
 
 def test_site_selector():
     sel = SiteSelector.parse("0;2;5:7;9:")
-    assert [i for i in range(12) if i in sel] == [0, 2, 5, 6, 9, 10, 11]
+    assert [i for i in range(12) if sel.selects(i, ())] == [0, 2, 5, 6, 9, 10, 11]
+    by_name = SiteSelector.parse("@conv_b")
+    assert by_name.selects(7, ("conv_b", "bn_b")) and not by_name.selects(0, ("conv_a",))
 
 
 def test_site_selection_restricts_the_pass():
@@ -54,6 +57,8 @@ def test_site_selection_restricts_the_pass():
     assert not untouched.records[0].modified
     touched = api.run(conv_bn_model(), "fold-bn{sites=0}")
     assert touched.records[0].modified
+    assert api.run(conv_bn_model(), "fold-bn{sites=@bn}").records[0].modified
+    assert not api.run(conv_bn_model(), "fold-bn{sites=@nothing}").records[0].modified
 
 
 def test_disable_pass():

@@ -24,7 +24,7 @@ from hwnas.graph.gsgraph import const_value, is_graph_output, producer, unique_n
 from hwnas.passes.base import Pass, PassContext, PassResult, Site
 from hwnas.passes.registry import register_pass
 
-_FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
 def private_constant(graph: gs.Graph, tensor: gs.Tensor, owner: gs.Node) -> str | None:
@@ -51,8 +51,8 @@ def output_channel_axis(node: gs.Node) -> int | None:
 
 def check_linear_producer(graph: gs.Graph, node: gs.Node | None, consumer: gs.Node) -> str | None:
     """Why the per-channel affine after `node` cannot be folded into it, or None when it can."""
-    if node is None or node.op not in _FOLDABLE:
-        return f"not preceded by {'/'.join(_FOLDABLE)}"
+    if node is None or node.op not in FOLDABLE:
+        return f"not preceded by {'/'.join(FOLDABLE)}"
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return "Gemm with transA"
     if output_channel_axis(node) is None:

@@ -95,7 +95,8 @@ class PassManager:
             work = graph.copy()  # a pass that raises leaves the caller's graph as it was
             sites = the_pass.match(work, ctx)
             selector = spec.sites
-            chosen = [s for i, s in enumerate(x for x in sites if x.applicable) if selector is None or i in selector]
+            applicable = [s for s in sites if s.applicable]
+            chosen = [s for i, s in enumerate(applicable) if selector is None or selector.selects(i, s.nodes)]
             result = the_pass.apply(work, chosen, ctx) if chosen else None
             if result is not None and result.modified:
                 graph = result.model

@@ -6,7 +6,8 @@ Grammar::
     step     := NAME ["{" KEY "=" VALUE ("," KEY "=" VALUE)* "}"]
 
 Every pass also accepts `sites=SELECTOR`, which restricts it to some of the applicable sites its
-matcher lists, by index: `sites=3`, `sites=0:5` (0..4), `sites=0;2;7:9`. Options keep the order and
+matcher lists, by index: `sites=3`, `sites=0:5` (0..4), `sites=0;2;7:9`, or by a node the site
+involves: `sites=@block3/dw/conv;@block4/dw/conv`. Options keep the order and
 spelling they were written in, so `str(parse_pipeline(text)) == text` for any valid text without
 spaces.
 """
@@ -26,25 +27,35 @@ _VALUE = re.compile(r"[^,{}=\s]+")
 
 @dataclass(frozen=True)
 class SiteSelector:
-    """Which applicable sites (by index) a pass may touch: a union of half-open ranges."""
+    """Which applicable sites a pass may touch: indices (half-open ranges) and/or node names.
 
-    ranges: tuple[tuple[int, int | None], ...]
+    Indices count the applicable sites in the order the matcher lists them (what `--dry-run` shows);
+    `@name` picks the site that involves that node, which stays valid when earlier passes change
+    how many sites there are (the search compiles its candidates this way).
+    """
+
+    ranges: tuple[tuple[int, int | None], ...] = ()
+    names: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, text: str) -> SiteSelector:
-        ranges = []
+        ranges, names = [], set()
         for part in text.split(";"):
+            if part.startswith("@") and len(part) > 1:
+                names.add(part[1:])
+                continue
             m = re.fullmatch(r"(\d*):(\d*)|(\d+)", part)
             if not m:
-                raise BadInputError(f"bad site selector {text!r}: use N, A:B or N;A:B")
+                raise BadInputError(f"bad site selector {text!r}: use N, A:B, @node_name, joined by ';'")
             if m[3] is not None:
                 ranges.append((int(m[3]), int(m[3]) + 1))
             else:
                 ranges.append((int(m[1] or 0), int(m[2]) if m[2] else None))
-        return cls(tuple(ranges))
+        return cls(tuple(ranges), frozenset(names))
 
-    def __contains__(self, index: int) -> bool:
-        return any(lo <= index and (hi is None or index < hi) for lo, hi in self.ranges)
+    def selects(self, index: int, node_names: tuple[str, ...]) -> bool:
+        in_range = any(lo <= index and (hi is None or index < hi) for lo, hi in self.ranges)
+        return in_range or any(n in self.names for n in node_names)
 
 
 @dataclass(frozen=True)
