@@ -8,6 +8,7 @@ Stale `value_info` is dropped because rewrites change channel counts.
 
 from __future__ import annotations
 
+import heapq
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -23,8 +24,44 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def stable_toposort(graph: gs.Graph) -> gs.Graph:
+    """Order nodes topologically, keeping the current order wherever it is already valid.
+
+    onnx-graphsurgeon's own toposort sorts by depth level, which interleaves branches and can raise
+    peak activation memory (ORT runs nodes in this order); here a node only moves when one of its
+    inputs is produced later (Kahn's algorithm with the current position as priority).
+    """
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    producers = {id(n): {id(t.inputs[0]) for t in n.inputs if t.inputs and id(t.inputs[0]) in position} for n in graph.nodes}
+    for n in graph.nodes:  # an If/Loop body may read outer tensors: they are inputs of the node too
+        for sub in n.attrs.values():
+            if isinstance(sub, gs.Graph):
+                for t in sub._foreign_tensors().values():
+                    if t.inputs and id(t.inputs[0]) in position:
+                        producers[id(n)].add(id(t.inputs[0]))
+    users: dict[int, list] = {id(n): [] for n in graph.nodes}
+    for n in graph.nodes:
+        for p in producers[id(n)]:
+            users[p].append(n)
+    waiting = {id(n): len(producers[id(n)]) for n in graph.nodes}
+    ready = [(position[id(n)], n) for n in graph.nodes if waiting[id(n)] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        order.append(node)
+        for user in users[id(node)]:
+            waiting[id(user)] -= 1
+            if waiting[id(user)] == 0:
+                heapq.heappush(ready, (position[id(user)], user))
+    if len(order) != len(graph.nodes):
+        raise ValueError("graph has a cycle")
+    graph.nodes = order
+    return graph
+
+
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    stable_toposort(graph.cleanup(remove_unused_graph_inputs=False))
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     del model.opset_import[:]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from hwnas.errors import CheckFailedError
+from hwnas.graph.gsgraph import stable_toposort
 from hwnas.passes.base import Exactness, PassContext, Site
 from hwnas.passes.pipeline import Pipeline
 
@@ -100,7 +101,7 @@ class PassManager:
             result = the_pass.apply(work, chosen, ctx) if chosen else None
             if result is not None and result.modified:
                 graph = result.model
-                graph.cleanup().toposort()
+                stable_toposort(graph.cleanup())
             record = PassRecord(
                 spec=str(spec),
                 exactness=the_pass.exactness,
