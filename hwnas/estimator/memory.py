@@ -1,0 +1,174 @@
+"""Memory footprint: parameter bytes and peak activation bytes over the execution order.
+
+Parameters are every constant tensor the graph reads (initializers and `Constant`-node values alike,
+since the graph layer lifts the latter), each counted once however many nodes share it, by dtype.
+
+Activations: ONNX Runtime runs nodes in graph order, so a tensor is alive from the step of the node
+that produces it to the step of its last consumer; graph inputs are alive from the first step, graph
+outputs to the last. At step i the live set is every tensor whose interval contains i (the node's
+inputs and outputs included: a kernel reads and writes at the same time). The peak is the largest live
+set. This is the conservative figure: runtimes may run some elementwise ops in place (Relu, Clip,
+Add, Mul, BatchNormalization... reuse an input buffer whose last use they are) and so can need less;
+we do not assume it, because whether they do depends on the runtime and the execution provider.
+
+A lower bound for any order is the largest single step: a node's inputs and outputs must coexist.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from hwnas.graph.constants import lift_constants
+from hwnas.graph.shapes import Shape, graph_inputs, tensor_shapes
+
+_DEFAULT_ITEMSIZE = 4  # tensors whose type inference cannot name are assumed float32
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node of an execution order, by tensor names."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ActivationPeak:
+    bytes: int
+    step: int  # index in the execution order
+    node: str
+    alive: tuple[tuple[str, int], ...]  # (tensor, bytes) alive at the peak, largest first
+    lower_bound: int  # no order can do better than this
+
+
+@dataclass(frozen=True)
+class MemoryFootprint:
+    params_bytes: int
+    params_bytes_by_dtype: dict[str, int]
+    peak: ActivationPeak
+
+    @property
+    def peak_activation_bytes(self) -> int:
+        return self.peak.bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.peak.bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "params_bytes": self.params_bytes,
+            "params_bytes_by_dtype": self.params_bytes_by_dtype,
+            "peak_activation_bytes": self.peak.bytes,
+            "peak_node": self.peak.node,
+            "peak_tensors": [{"name": n, "bytes": b} for n, b in self.peak.alive],
+        }
+
+
+def peak_activation(
+    steps: Sequence[Step], sizes: Mapping[str, int], inputs: Sequence[str], outputs: Sequence[str]
+) -> ActivationPeak:
+    """Peak live bytes of executing `steps` in order (tensors missing from `sizes` are weights: 0)."""
+    last = len(steps) - 1
+    start: dict[str, int] = {name: 0 for name in inputs}
+    end: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for name in step.outputs:
+            start.setdefault(name, i)
+            end.setdefault(name, i)
+        for name in step.inputs:
+            if name in start:
+                end[name] = i
+    for name in list(inputs) + list(outputs):
+        if name in start:
+            end[name] = last if name in outputs else end.get(name, 0)
+    delta = np.zeros(len(steps) + 1, dtype=np.int64)
+    for name, s in start.items():
+        b = sizes.get(name, 0)
+        delta[s] += b
+        delta[end.get(name, s) + 1] -= b
+    live = np.cumsum(delta[:-1])
+    i = int(np.argmax(live)) if len(live) else 0
+    alive = sorted(
+        ((n, sizes.get(n, 0)) for n, s in start.items() if s <= i <= end.get(n, s) and sizes.get(n, 0)),
+        key=lambda item: -item[1],
+    )
+    bound = max((sum(sizes.get(t, 0) for t in set(st.inputs) | set(st.outputs)) for st in steps), default=0)
+    return ActivationPeak(int(live[i]) if len(live) else 0, i, steps[i].name if steps else "", tuple(alive), bound)
+
+
+def steps_of(model: onnx.ModelProto) -> list[Step]:
+    """The execution order of a model's top-level graph; If/Loop bodies' outer reads count as inputs."""
+    steps = []
+    for i, node in enumerate(model.graph.node):
+        reads = [t for t in node.input if t] + sorted(_outer_reads(node))
+        steps.append(Step(node.name or f"{node.op_type}#{i}", tuple(reads), tuple(t for t in node.output if t)))
+    return steps
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            local |= {o for n in sub.node for o in n.output}
+            for n in sub.node:
+                reads |= {t for t in n.input if t and t not in local} | (_outer_reads(n) - local)
+            reads |= {o.name for o in sub.output if o.name not in local}
+    return reads
+
+
+def activation_sizes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[str, int]:
+    """Bytes of every non-constant tensor at the given input shapes."""
+    constants = {t.name for t in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    itemsizes = _itemsizes(model)
+    return {
+        name: int(np.prod(shape, dtype=np.int64)) * itemsizes.get(name, _DEFAULT_ITEMSIZE)
+        for name, shape in tensor_shapes(model, shapes).items()
+        if name not in constants
+    }
+
+
+def _itemsizes(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        inferred = model
+    values = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+    out = {}
+    for v in values:
+        elem = v.type.tensor_type.elem_type
+        if elem:
+            out[v.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
+    return out
+
+
+def params_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the constant tensors the graph reads, by dtype name; shared tensors count once."""
+    lifted = lift_constants(model)
+    used = {t for n in lifted.graph.node for t in n.input} | {t for n in lifted.graph.node for t in _outer_reads(n)}
+    by_dtype: dict[str, int] = defaultdict(int)
+    for t in lifted.graph.initializer:
+        if t.name in used:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            by_dtype[dtype.name] += int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+    return dict(sorted(by_dtype.items()))
+
+
+def footprint(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> MemoryFootprint:
+    by_dtype = params_bytes(model)
+    peak = peak_activation(
+        steps_of(model),
+        activation_sizes(model, shapes),
+        [i.name for i in graph_inputs(model)],
+        [o.name for o in model.graph.output],
+    )
+    return MemoryFootprint(sum(by_dtype.values()), by_dtype, peak)
