@@ -1,0 +1,81 @@
+"""Which ops a target runs fused into one kernel: data, one set of rules per target.
+
+A fused kernel starts at an *anchor* (a Conv, a Gemm...) and absorbs the chain of ops that directly
+follow it, as long as each intermediate tensor has no other consumer and is not a graph output:
+
+- `epilogue_ops`: unary ops whose other inputs are constants (BatchNormalization, Relu, Clip...);
+- `affine`: Mul/Add/Sub/Div by a scalar or per-channel constant (x / c, never c / x);
+- `self_gate`: x · g(x) where g is a chain of absorbable unary ops applied to x, i.e. the decomposed
+  forms of swish (x·Sigmoid(x)) and hard-swish (Paddle's x·Clip(x+3, 0, 6) / 6, the `/ 6` being affine);
+- `residual_add`: a final Add of a same-shape tensor computed elsewhere (the IBN skip connection).
+
+The npu's rules ship as `data/fusion_npu.json`; other targets' rules (the cpu's are found by measurement)
+are plain dicts or JSON files with the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from hwnas.errors import BadInputError
+
+_BOOL_KEYS = ("affine", "self_gate", "residual_add")
+_SET_KEYS = ("anchors", "epilogue_ops")
+
+
+@dataclass(frozen=True)
+class FusionRules:
+    anchors: frozenset[str] = frozenset()
+    epilogue_ops: frozenset[str] = frozenset()
+    affine: bool = False
+    self_gate: bool = False
+    residual_add: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "fusion rules") -> FusionRules:
+        if not isinstance(data, dict):
+            raise BadInputError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_SET_KEYS) - set(_BOOL_KEYS))
+        if unknown:
+            raise BadInputError(f"{origin}: unknown keys {unknown}; known: {sorted(_SET_KEYS + _BOOL_KEYS)}")
+        values: dict = {}
+        for key in _SET_KEYS:
+            ops = data.get(key, [])
+            if not isinstance(ops, list) or not all(isinstance(op, str) and op for op in ops):
+                raise BadInputError(f"{origin}: {key!r} must be a list of op type names")
+            values[key] = frozenset(ops)
+        for key in _BOOL_KEYS:
+            flag = data.get(key, False)
+            if not isinstance(flag, bool):
+                raise BadInputError(f"{origin}: {key!r} must be true or false, got {flag!r}")
+            values[key] = flag
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FusionRules:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise BadInputError(f"cannot read fusion rules {p}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"fusion rules {p} is not valid JSON: {e}") from None
+        return cls.from_dict(data, origin=str(p))
+
+    def to_dict(self) -> dict:
+        return {
+            "anchors": sorted(self.anchors),
+            "epilogue_ops": sorted(self.epilogue_ops),
+            **{key: getattr(self, key) for key in _BOOL_KEYS},
+        }
+
+
+def builtin_rules(target_kind: str) -> FusionRules:
+    """The rules shipped for a target kind (`npu`), from `hwnas/estimator/data/fusion_<kind>.json`."""
+    resource = resources.files("hwnas.estimator") / "data" / f"fusion_{target_kind}.json"
+    if not resource.is_file():
+        raise BadInputError(f"no built-in fusion rules for target kind {target_kind!r}")
+    return FusionRules.from_dict(json.loads(resource.read_text()), origin=f"fusion_{target_kind}.json")

@@ -1,0 +1,429 @@
+"""Graph → kernels: the units a target runs as one, e.g. conv + bn + act [+ residual add].
+
+`decompose(model, input_shapes, rules)` walks the top-level nodes in order. An anchor op (per the
+target's `FusionRules`) absorbs the chain of epilogue ops that follows it (Identity and Dropout, which
+exporters leave mid-chain, always pass through); every other node is a kernel of its own. Every
+top-level node ends up in exactly one kernel; nothing is dropped. Kernels come back in execution order
+(by their last node), so summing them in order is a valid schedule.
+
+Kinds (the op semantics, the same on every target):
+
+    conv         Conv, dense or grouped
+    dwconv       Conv with groups == input channels > 1 (depthwise, depth multiplier allowed)
+    deconv       ConvTranspose
+    gemm         Gemm, MatMul
+    elementwise  unary/binary per-element ops (Add, Mul, Clip, BatchNormalization standing alone...)
+    pool         pooling and reductions (each output reads a window of `window` inputs)
+    resize       Resize, Upsample, DepthToSpace, SpaceToDepth
+    concat       Concat
+    free         moves no data: Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout, and every node
+                 computed from constants and shapes alone (Constant, Shape, the arithmetic that sizes a
+                 Reshape): a compiler resolves those before run time
+    other        anything else (Transpose, Slice, Softmax, custom ops...): kept, costed by a fallback
+
+Conv-like kernels also carry their GEMM view (`GemmShape`), the way a systolic array runs them:
+`groups` independent products of a P×K matrix (P = output pixels × batch, K = R·S·C_in/g) by a K×N one
+(N = C_out/g). ConvTranspose runs as a stride-1 conv over its zero-stuffed input (P = output pixels),
+so its GEMM does stride² × the MACs that `macs` counts. Batched MatMuls (both operands with batch dims)
+run their batch like groups, one product after another.
+
+Sizes are element counts; a target multiplies by its bytes per element (`Kernel.bytes_moved`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import onnx
+from onnx import helper
+
+from hwnas.estimator.fusion_rules import FusionRules
+from hwnas.graph.shapes import Shape, resolve_input_shapes, tensor_shapes
+
+_KINDS_BY_OP = MappingProxyType(
+    {
+        **{op: "elementwise" for op in (
+            "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Abs", "Neg", "Reciprocal", "Relu",
+            "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Clip", "Sigmoid", "HardSigmoid",
+            "HardSwish", "Tanh", "Softplus", "Softsign", "Erf", "Mish", "BatchNormalization", "Max",
+            "Min", "Mean", "Sum", "Where", "Equal", "Greater", "Less", "And", "Or", "Not", "Floor",
+            "Ceil", "Round", "Sign", "Cast", "QuantizeLinear", "DequantizeLinear",
+        )},
+        **{op: "pool" for op in (
+            "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+            "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+            "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin",
+        )},
+        **{op: "resize" for op in ("Resize", "Upsample", "DepthToSpace", "SpaceToDepth")},
+        **{op: "free" for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")},
+        "Concat": "concat",
+        "ConvTranspose": "deconv",
+        "Gemm": "gemm",
+        "MatMul": "gemm",
+    }
+)
+_AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
+_PASS_THROUGH = frozenset({"Identity", "Dropout"})  # exporters put these mid-chain; they never stop a fusion
+_STATIC_SOURCES = frozenset({"Constant", "Shape", "Size"})  # outputs known before run time
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """`groups` products of a p×k by a k×n matrix, run one after another."""
+
+    p: int
+    k: int
+    n: int
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str  # the anchor (first) node's name
+    op: str  # the anchor's op type
+    kind: str
+    nodes: tuple[str, ...]  # every node covered, anchor first
+    ops: tuple[str, ...]  # their op types, in the same order
+    input_shapes: tuple[Shape, ...]  # activations entering the kernel (weights excluded)
+    output_shapes: tuple[Shape, ...]  # tensors leaving it
+    c_in: int = 1
+    c_out: int = 1
+    kernel_h: int = 1
+    kernel_w: int = 1
+    stride_h: int = 1
+    stride_w: int = 1
+    dilation_h: int = 1
+    dilation_w: int = 1
+    groups: int = 1
+    window: int = 1  # inputs each output element reads (pool window); 1 elsewhere
+    macs: int = 0
+    input_elements: int = 0
+    weight_elements: int = 0
+    output_elements: int = 0
+    gemm: GemmShape | None = None
+    residual: bool = False  # a residual Add is fused in
+
+    @property
+    def fused_ops(self) -> tuple[str, ...]:
+        return self.ops[1:]
+
+    def bytes_moved(self, bytes_per_element: int) -> int:
+        """DRAM traffic if inputs, weights and outputs each cross once."""
+        return (self.input_elements + self.weight_elements + self.output_elements) * bytes_per_element
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """Indexes over the top-level nodes that the decomposition asks about."""
+
+    nodes: tuple[onnx.NodeProto, ...]
+    keys: tuple[str, ...]
+    producer: Mapping[str, int]
+    consumers: Mapping[str, tuple[int, ...]]
+    outputs: frozenset[str]
+    static: frozenset[str]
+    shapes: Mapping[str, Shape]
+
+
+def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
+    """The kernels `model` runs as at `input_shapes` under `rules`, in execution order."""
+    shapes = resolve_input_shapes(model, input_shapes)
+    graph = _index(model, tensor_shapes(model, shapes))
+    claimed: set[int] = set()
+    groups: list[tuple[list[int], bool]] = []
+    for i, node in enumerate(graph.nodes):
+        if i in claimed:
+            continue
+        members, residual = [i], False
+        if _kind(graph, i) != "free" and _is_anchor(node, rules):
+            chain, residual = _epilogue(graph, node.output[0], rules, claimed | {i})
+            members += chain
+        claimed.update(members)
+        groups.append((members, residual))
+    groups.sort(key=lambda group: max(group[0]))
+    return [_make_kernel(graph, members, residual) for members, residual in groups]
+
+
+def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple[str, ...]:
+    """A unique name per node: its own, or `<op>#<index>` when it has none or repeats an earlier one."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        key = node.name if node.name and node.name not in seen else f"{node.name or node.op_type}#{i}"
+        seen.add(key)
+        keys.append(key)
+    return tuple(keys)
+
+
+def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> _Graph:
+    nodes = tuple(model.graph.node)
+    producer: dict[str, int] = {}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name:
+                producer[name] = i
+        for name in dict.fromkeys(n for n in node.input if n):
+            consumers.setdefault(name, []).append(i)
+    return _Graph(
+        nodes=nodes,
+        keys=node_keys(nodes),
+        producer=MappingProxyType(producer),
+        consumers=MappingProxyType({k: tuple(v) for k, v in consumers.items()}),
+        outputs=frozenset(o.name for o in model.graph.output),
+        static=_static_tensors(model),
+        shapes=MappingProxyType(dict(shapes)),
+    )
+
+
+def _static_tensors(model: onnx.ModelProto) -> frozenset[str]:
+    """Tensors known before run time: weights, shapes, and whatever is computed from those alone."""
+    static = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        from_shapes = node.op_type in _STATIC_SOURCES and node.domain in _ONNX_DOMAINS
+        if from_shapes or all(n in static for n in node.input if n):
+            static.update(o for o in node.output if o)
+    return frozenset(static)
+
+
+def _is_static_node(graph: _Graph, node: onnx.NodeProto) -> bool:
+    return all(o in graph.static for o in node.output if o)
+
+
+def _is_anchor(node: onnx.NodeProto, rules: FusionRules) -> bool:
+    return node.domain in _ONNX_DOMAINS and node.op_type in rules.anchors
+
+
+def _kind(graph: _Graph, i: int) -> str:
+    node = graph.nodes[i]
+    if _is_static_node(graph, node):
+        return "free"
+    if node.domain not in _ONNX_DOMAINS:
+        return "other"
+    if node.op_type == "Conv":
+        groups = _attr(node, "group", 1)
+        channels = graph.shapes[node.input[0]][1]
+        return "dwconv" if groups == channels > 1 else "conv"
+    return _KINDS_BY_OP.get(node.op_type, "other")
+
+
+# ---- fusion ------------------------------------------------------------------------------------
+
+
+def _epilogue(graph: _Graph, tensor: str, rules: FusionRules, claimed: set[int]) -> tuple[list[int], bool]:
+    """The nodes after the anchor that ride along in its kernel, and whether a residual Add is one of them."""
+    absorbed: list[int] = []
+    while tensor not in graph.outputs:
+        users = graph.consumers.get(tensor, ())
+        if any(u in claimed for u in users):
+            break
+        if len(users) == 1 and _rides_along(graph, graph.nodes[users[0]], tensor, rules):
+            absorbed.append(users[0])
+            tensor = graph.nodes[users[0]].output[0]
+            continue
+        gate = _self_gate(graph, tensor, rules) if rules.self_gate and len(users) == 2 else None
+        if gate is not None:
+            absorbed += gate
+            tensor = graph.nodes[gate[-1]].output[0]
+            continue
+        if len(users) == 1 and rules.residual_add and _is_residual_add(graph, graph.nodes[users[0]], tensor):
+            return absorbed + [users[0]], True
+        break
+    return absorbed, False
+
+
+def _rides_along(graph: _Graph, node: onnx.NodeProto, tensor: str, rules: FusionRules) -> bool:
+    """`node` is a unary op on `tensor` (its other inputs constant) that the rules let fuse."""
+    if node.domain not in _ONNX_DOMAINS or len([o for o in node.output if o]) != 1:
+        return False
+    others = [n for n in node.input if n and n != tensor]
+    if tensor not in node.input or not all(n in graph.static for n in others):
+        return False
+    if node.op_type in rules.epilogue_ops or node.op_type in _PASS_THROUGH:
+        return node.input[0] == tensor
+    return rules.affine and _is_affine(graph, node, tensor)
+
+
+def _is_affine(graph: _Graph, node: onnx.NodeProto, tensor: str) -> bool:
+    """Mul/Add/Sub/Div of `tensor` by a scalar or per-channel constant (c / x is not affine)."""
+    if node.op_type not in _AFFINE_OPS or len(node.input) != 2 or node.input[0] == node.input[1]:
+        return False
+    if node.op_type == "Div" and node.input[0] != tensor:
+        return False
+    const = node.input[1] if node.input[0] == tensor else node.input[0]
+    return _per_channel(graph.shapes[const], graph.shapes[tensor])
+
+
+def _per_channel(const: Shape, data: Shape) -> bool:
+    """`const` broadcasts over `data` along its channel axis only (axis 1, or the only axis of a vector)."""
+    if len(const) > len(data):
+        return False
+    padded = (1,) * (len(data) - len(const)) + tuple(const)
+    channel_axis = 1 if len(data) >= 2 else 0
+    return all(d == 1 or (axis == channel_axis and d == data[axis]) for axis, d in enumerate(padded))
+
+
+def _self_gate(graph: _Graph, tensor: str, rules: FusionRules) -> list[int] | None:
+    """x · g(x) with g a chain of fusable unary ops (swish, decomposed hard-swish): the chain, then the Mul."""
+    users = graph.consumers[tensor]
+    muls = [u for u in users if graph.nodes[u].op_type == "Mul" and len(graph.nodes[u].input) == 2]
+    for mul in muls:
+        gate_input = [n for n in graph.nodes[mul].input if n != tensor]
+        if len(gate_input) != 1:
+            continue  # x · x is not a gate
+        head = next(u for u in users if u != mul)
+        chain = _unary_chain(graph, head, tensor, gate_input[0], rules)
+        if chain is not None and graph.consumers.get(gate_input[0], ()) == (mul,):
+            return chain + [mul]
+    return None
+
+
+def _unary_chain(graph: _Graph, head: int, tensor: str, end: str, rules: FusionRules) -> list[int] | None:
+    """The fusable unary ops from `tensor` (starting at node `head`) to `end`, or None if there are others."""
+    chain, node, current = [head], graph.nodes[head], tensor
+    while True:
+        if not _rides_along(graph, node, current, rules):
+            return None
+        current = node.output[0]
+        if current == end:
+            return chain
+        users = graph.consumers.get(current, ())
+        if len(users) != 1 or current in graph.outputs:
+            return None
+        chain.append(users[0])
+        node = graph.nodes[users[0]]
+
+
+def _is_residual_add(graph: _Graph, node: onnx.NodeProto, tensor: str) -> bool:
+    """An Add of `tensor` and another run-time tensor of the same shape."""
+    if node.op_type != "Add" or node.domain not in _ONNX_DOMAINS or len(node.input) != 2:
+        return False
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    return other != tensor and other not in graph.static and graph.shapes[other] == graph.shapes[tensor]
+
+
+# ---- features ----------------------------------------------------------------------------------
+
+
+def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
+    member_set = set(members)
+    tensors_in = [n for i in members for n in graph.nodes[i].input if n]
+    activations = list(dict.fromkeys(
+        n for n in tensors_in if n not in graph.static and graph.producer.get(n) not in member_set
+    ))
+    weights = list(dict.fromkeys(n for n in tensors_in if n in graph.static))
+    produced = [o for i in members for o in graph.nodes[i].output if o]
+    leaving = [
+        o for o in produced if o in graph.outputs or any(c not in member_set for c in graph.consumers.get(o, ()))
+    ]
+    head = graph.nodes[members[0]]
+    kind = _kind(graph, members[0])
+    return Kernel(
+        name=graph.keys[members[0]],
+        op=head.op_type,
+        kind=kind,
+        nodes=tuple(graph.keys[i] for i in members),
+        ops=tuple(graph.nodes[i].op_type for i in members),
+        input_shapes=tuple(graph.shapes[n] for n in activations),
+        output_shapes=tuple(graph.shapes[n] for n in leaving),
+        input_elements=sum(math.prod(graph.shapes[n]) for n in activations),
+        weight_elements=0 if kind == "free" else sum(math.prod(graph.shapes[n]) for n in weights),
+        output_elements=sum(math.prod(graph.shapes[n]) for n in leaving),
+        residual=residual,
+        **_head_features(graph, head, kind),
+    )
+
+
+def _head_features(graph: _Graph, node: onnx.NodeProto, kind: str) -> dict:
+    """Layer hyper-parameters, MACs and GEMM view of the kernel's first node."""
+    if kind in ("conv", "dwconv", "deconv"):
+        return _conv_features(graph, node, transposed=kind == "deconv")
+    if node.op_type == "Gemm" and kind == "gemm":
+        return _gemm_features(graph, node)
+    if node.op_type == "MatMul" and kind == "gemm":
+        return _matmul_features(graph, node)
+    data_in = graph.shapes[node.input[0]] if node.input and node.input[0] else ()
+    data_out = graph.shapes[node.output[0]]
+    features = {"c_in": _channels(data_in), "c_out": _channels(data_out)}
+    if kind == "pool":
+        features.update(_pool_features(node, data_in, data_out))
+    return features
+
+
+def _conv_features(graph: _Graph, node: onnx.NodeProto, transposed: bool) -> dict:
+    x, w, y = (graph.shapes[n] for n in (node.input[0], node.input[1], node.output[0]))
+    groups = _attr(node, "group", 1)
+    window = w[2:]
+    c_in, c_out = x[1], y[1]
+    strides = _attr(node, "strides", [1] * len(window))
+    dilations = _attr(node, "dilations", [1] * len(window))
+    # MACs as hwnas.graph.flops counts them; a ConvTranspose's GEMM runs over the zero-stuffed input.
+    macs = math.prod(x if transposed else y) * math.prod(w[1:])
+    return {
+        "c_in": c_in,
+        "c_out": c_out,
+        "kernel_h": _dim(window, 0),
+        "kernel_w": _dim(window, 1),
+        "stride_h": _dim(strides, 0),
+        "stride_w": _dim(strides, 1),
+        "dilation_h": _dim(dilations, 0),
+        "dilation_w": _dim(dilations, 1),
+        "groups": groups,
+        "macs": macs,
+        "gemm": GemmShape(
+            p=y[0] * math.prod(y[2:]), k=(c_in // groups) * math.prod(window), n=c_out // groups, groups=groups
+        ),
+    }
+
+
+def _gemm_features(graph: _Graph, node: onnx.NodeProto) -> dict:
+    a, b = graph.shapes[node.input[0]], graph.shapes[node.input[1]]
+    p, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
+    n = b[0] if _attr(node, "transB", 0) else b[1]
+    return {"c_in": k, "c_out": n, "macs": p * k * n, "gemm": GemmShape(p=p, k=k, n=n)}
+
+
+def _matmul_features(graph: _Graph, node: onnx.NodeProto) -> dict:
+    a, b, y = (graph.shapes[n] for n in (node.input[0], node.input[1], node.output[0]))
+    k = a[-1]
+    n = b[-1] if len(b) >= 2 else 1
+    if len(b) <= 2:  # one weight matrix: every row of A streams through it
+        gemm = GemmShape(p=math.prod(a[:-1]), k=k, n=n)
+    else:
+        gemm = GemmShape(p=a[-2] if len(a) >= 2 else 1, k=k, n=n, groups=math.prod(y[:-2]))
+    return {"c_in": k, "c_out": n, "macs": math.prod(y) * k, "gemm": gemm}
+
+
+def _pool_features(node: onnx.NodeProto, data_in: Shape, data_out: Shape) -> dict:
+    window = _attr(node, "kernel_shape", None)
+    if window is None:  # global pools and reductions read everything that folds into one output
+        return {"window": max(1, math.prod(data_in) // max(1, math.prod(data_out)))}
+    strides = _attr(node, "strides", [1] * len(window))
+    return {
+        "window": math.prod(window),
+        "kernel_h": _dim(window, 0),
+        "kernel_w": _dim(window, 1),
+        "stride_h": _dim(strides, 0),
+        "stride_w": _dim(strides, 1),
+    }
+
+
+def _channels(shape: Shape) -> int:
+    if not shape:
+        return 1
+    return shape[1] if len(shape) >= 2 else shape[0]
+
+
+def _dim(values, i: int) -> int:
+    return int(values[i]) if len(values) > i else 1
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
