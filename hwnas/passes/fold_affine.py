@@ -111,7 +111,10 @@ class FoldAffine(Pass):
             if reason is None:
                 rank, channels = _output_geometry(conv)
                 if per_channel(split[1], rank, channels) is None:
-                    reason = f"constant of shape {split[1].shape} is not per-channel for a {rank}-D output of {channels} channels"
+                    reason = (
+                        f"constant of shape {split[1].shape} is not per-channel "
+                        f"for a {rank}-D output of {channels} channels"
+                    )
                 else:
                     chain = affine_chain(graph, node, rank, channels)
             description = f"{conv.op} {conv.name} → " + " → ".join(f"{n.op} {n.name}" for n in chain)
