@@ -66,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="list the sites each pass would rewrite and why others are skipped")
     r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     r.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("estimate", help="estimated latency per kernel on a target, params and peak activation memory")
+    e.add_argument("input")
+    e.add_argument("--target", required=True, help="cpu, cpu:threads=N, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
+    _add_shape_args(e)
+    e.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
+    e.add_argument("--measure", action="store_true", help="also measure the model on the target, for comparison")
+    e.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
+    e.add_argument("--json", action="store_true", help="print JSON only")
+
+    pr = sub.add_parser("profile", help="measure sampled kernels on a target and fit its latency estimator")
+    pr.add_argument("--target", required=True)
+    pr.add_argument("--budget", type=int, default=2000, help="kernel measurements (default 2000)")
+    pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -192,7 +208,57 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run}
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_estimate(args) -> int:
+    result = api.estimate(args.input, args.target, input_shapes=parse_input_shapes(args.input_shape),
+                          estimator=args.estimator, measure=args.measure)
+    if args.json:
+        print(dumps(result.to_dict()))
+        return 0
+    cycles = f" ({result.cycles:,} cycles)" if result.cycles is not None else ""
+    print(f"target {result.target['name']}: estimated latency {result.latency_ms:.4f} ms{cycles}")
+    if result.measured_ms is not None:
+        print(f"measured on the target: {result.measured_ms:.4f} ms")
+    print(f"params {_size(result.params_bytes)}, peak activations {_size(result.peak_activation_bytes)} "
+          f"(at {result.memory.peak.node})")
+    ranked = sorted(result.kernels, key=lambda k: -k.latency_ms)[: args.top]
+    print(f"\n{'kernel':40}{'kind':>12}{'ms':>12}{'share':>8}")
+    for k in ranked:
+        share = k.latency_ms / result.latency_ms * 100 if result.latency_ms else 0.0
+        print(f"{k.name[:40]:40}{k.kind:>12}{k.latency_ms:>12.4f}{share:>7.1f}%")
+    for w in result.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"profile: {out_dir} is a file, not a directory")
+    check_output_path(out_dir / "estimator.json") if out_dir.exists() else check_output_path(out_dir)
+    with tqdm(total=args.budget, desc=f"profiling {args.target}", unit="kernel", disable=args.quiet or None) as bar:
+        estimator, report = api.profile(args.target, args.budget, seed=args.seed, progress=bar.update)
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"{estimator.target}.json"
+    estimator.save(path)
+    last = report.rounds[-1] if report.rounds else {}
+    print(f"wrote {path}: {report.measurements} kernel measurements; last round's error before refit: "
+          f"MAPE {last.get('mape_before_fit', float('nan')):.2%}, within ±5% {last.get('within_5pct_before_fit', float('nan')):.0%}")
+    return 0
+
+
+COMMANDS = {"passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,9 @@ def dumps(report: dict) -> str:
 def write_json(path: str | os.PathLike, report: dict) -> Path:
     p = check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=".hwnas-", suffix=".json", dir=p.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
     try:
         with os.fdopen(fd, "w") as f:
             f.write(dumps(report) + "\n")

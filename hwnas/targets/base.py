@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from hwnas.estimator.fusion_rules import FusionRules, builtin_rules
 from hwnas.graph.shapes import Shape
 
 
@@ -30,6 +31,15 @@ class Target(abc.ABC):
 
     name: str
     parallelism_factor: int
+
+    @property
+    def rules(self) -> FusionRules:
+        """Which ops this target runs fused into one kernel (the estimator's decomposition).
+
+        The default is what ONNX Runtime's CPU provider fuses at ORT_ENABLE_ALL (Conv+BN, Conv+activation,
+        Conv+per-channel Mul/Add, Conv+Add): the closest guess for an unknown device.
+        """
+        return builtin_rules("cpu")
 
     @abc.abstractmethod
     def measure(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> Measurement:

@@ -238,9 +238,13 @@ class NpuTarget(Target):
 
     def __init__(self, config: NpuConfig, rules: FusionRules | None = None):
         self.config = config
-        self.rules = rules if rules is not None else builtin_rules("npu")
+        self._rules = rules if rules is not None else builtin_rules("npu")
         self.name = config.name or f"npu-{config.rows}x{config.cols}"
         self.parallelism_factor = config.cols
+
+    @property
+    def rules(self) -> FusionRules:
+        return self._rules
 
     @classmethod
     def from_spec(cls, spec: str) -> NpuTarget:

