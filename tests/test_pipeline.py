@@ -49,7 +49,7 @@ def test_site_selector():
     sel = SiteSelector.parse("0;2;5:7;9:")
     assert [i for i in range(12) if sel.selects(i, ())] == [0, 2, 5, 6, 9, 10, 11]
     by_name = SiteSelector.parse("@conv_b")
-    assert by_name.selects(7, ("conv_b", "bn_b")) and not by_name.selects(0, ("conv_a",))
+    assert by_name.selects(7, ("conv_b", "bn_b")) and not by_name.selects(0, ("conv_a", "conv_b"))
 
 
 def test_site_selection_restricts_the_pass():
@@ -57,7 +57,8 @@ def test_site_selection_restricts_the_pass():
     assert not untouched.records[0].modified
     touched = api.run(conv_bn_model(), "fold-bn{sites=0}")
     assert touched.records[0].modified
-    assert api.run(conv_bn_model(), "fold-bn{sites=@bn}").records[0].modified
+    assert api.run(conv_bn_model(), "fold-bn{sites=@conv}").records[0].modified
+    assert not api.run(conv_bn_model(), "fold-bn{sites=@bn}").records[0].modified  # not the anchor
     assert not api.run(conv_bn_model(), "fold-bn{sites=@nothing}").records[0].modified
 
 

@@ -7,7 +7,7 @@ Grammar::
 
 Every pass also accepts `sites=SELECTOR`, which restricts it to some of the applicable sites its
 matcher lists, by index: `sites=3`, `sites=0:5` (0..4), `sites=0;2;7:9`, or by a node the site
-involves: `sites=@block3/dw/conv;@block4/dw/conv`. Options keep the order and
+is anchored at: `sites=@block3/dw/conv;@block4/dw/conv`. Options keep the order and
 spelling they were written in, so `str(parse_pipeline(text)) == text` for any valid text without
 spaces.
 """
@@ -30,8 +30,9 @@ class SiteSelector:
     """Which applicable sites a pass may touch: indices (half-open ranges) and/or node names.
 
     Indices count the applicable sites in the order the matcher lists them (what `--dry-run` shows);
-    `@name` picks the site that involves that node, which stays valid when earlier passes change
-    how many sites there are (the search compiles its candidates this way).
+    `@name` picks the site anchored at that node (the first node a site lists: the conv a rewrite
+    starts from), which stays valid when earlier passes change how many sites there are (the search
+    compiles its candidates this way).
     """
 
     ranges: tuple[tuple[int, int | None], ...] = ()
@@ -55,7 +56,7 @@ class SiteSelector:
 
     def selects(self, index: int, node_names: tuple[str, ...]) -> bool:
         in_range = any(lo <= index and (hi is None or index < hi) for lo, hi in self.ranges)
-        return in_range or any(n in self.names for n in node_names)
+        return in_range or (bool(node_names) and node_names[0] in self.names)
 
 
 @dataclass(frozen=True)
