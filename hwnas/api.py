@@ -20,6 +20,8 @@ from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
 from hwnas.estimator.kernels import decompose
 from hwnas.estimator.memory import MemoryFootprint, footprint
 from hwnas.estimator.profile import ProfileReport, profile_target
+from hwnas.gate import Budgets, CheckResult
+from hwnas.gate import check as check_budgets
 from hwnas.graph.gsgraph import to_graph, to_model
 from hwnas.graph.io import load_model, validate_model
 from hwnas.graph.shapes import Shape, resolve_input_shapes
@@ -250,6 +252,140 @@ def profile(
         raise BadInputError("profile: --budget must be at least 10 measurements")
     the_target = get_target(target) if isinstance(target, str) else target
     return profile_target(the_target, budget, seed=seed, progress=progress)
+
+
+def check(
+    model: ModelLike,
+    target: str | Target = "npu-32x32",
+    *,
+    max_latency_ms: float | None = None,
+    max_params: int | str | None = None,
+    max_peak_act: int | str | None = None,
+    require_multiple: int | None = None,
+    baseline: ModelLike | None = None,
+    max_regression_pct: float | None = None,
+    input_shapes: Mapping[str, Shape] | None = None,
+    estimator: str | os.PathLike | LatencyEstimator | None = None,
+) -> CheckResult:
+    """Check a model against deployment budgets on a target (see hwnas.gate): one CheckItem per budget given.
+
+    A failed budget is `result.passed == False`, not an exception (the CLI exits 1); bad input raises
+    BadInputError. Sizes are bytes or text with a unit ("512KB", "3.5MiB").
+    """
+    budgets = Budgets(max_latency_ms, max_params, max_peak_act, require_multiple, baseline, max_regression_pct)
+    return check_budgets(model, target, budgets, input_shapes, estimator)
+
+
+@dataclass
+class OptimizeResult:
+    """The verified model the search chose, its recipe and the report (DESIGN.md's JSON fields)."""
+
+    model: onnx.ModelProto
+    report: dict
+    recipe: dict
+    run: RunResult
+    baseline: EstimateResult
+    optimized: EstimateResult
+
+
+def optimize(
+    model: ModelLike,
+    target: str | Target = "npu-32x32",
+    *,
+    exact: bool = True,
+    max_drift: float | None = None,
+    calibration: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Shape] | None = None,
+    algorithm: str = "evolution",
+    space: str = "curated",
+    trials: int = 200,
+    time_budget: float | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    memory_budget: int | None = None,
+    max_params: int | None = None,
+    max_peak_act: int | None = None,
+    estimator: str | os.PathLike | LatencyEstimator | None = None,
+    journal: str | os.PathLike | None = None,
+    verify: bool = True,
+    progress: Callable[[int, object], None] | None = None,
+) -> OptimizeResult:
+    """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
+
+    `exact=True` (default) allows only exact passes; `max_drift=X` allows reconstructed ones while the
+    output cosine on the calibration inputs stays >= 1 - X (random inputs, with a warning, if none are
+    given). Memory limits are bytes. `journal` keeps every score so that an interrupted search resumes.
+    """
+    from hwnas.search.algorithms import Limits
+    from hwnas.search.optimize import (
+        SearchSettings, expert_candidate, fingerprint, no_feasible_message, ranked_pipelines, run_search, verify_in_order,
+    )
+    from hwnas.search.recipe import make_recipe
+    from hwnas.verify import random_calibration
+
+    if space not in ("curated", "uncurated"):
+        raise BadInputError(f"--space must be curated or uncurated, not {space!r}")
+    if max_drift is not None and not 0 < max_drift < 1:
+        raise BadInputError("--max-drift must be between 0 and 1 (it bounds 1 - cosine)")
+    original = as_model(model)
+    the_target = get_target(target) if isinstance(target, str) else target
+    shapes = resolve_input_shapes(original, input_shapes)
+    latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
+    warnings: list[str] = []
+    drift_allowed = max_drift if (max_drift is not None and not (exact and max_drift is None)) else None
+    if drift_allowed is not None and calibration is None:
+        calibration = random_calibration(original, shapes, samples=4, seed=seed)
+        warnings.append("no calibration data (--calib): reconstructed passes were fitted and judged on random inputs")
+    limits = Limits(drift_allowed or 0.0, memory_budget, max_params, max_peak_act)
+    settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
+                              None if journal is None else str(journal))
+    outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress)
+    candidates = ranked_pipelines(outcome, limits)
+    if not candidates:
+        raise CheckFailedError(no_feasible_message(outcome, limits))
+    chosen, run_result = verify_in_order(candidates[:5], lambda pipeline: run(
+        original, pipeline, input_shapes=shapes, calibration=calibration, allow_drift=drift_allowed, verify=verify, seed=seed))
+    baseline_estimate = estimate(original, the_target, input_shapes=shapes, estimator=latency_model)
+    optimized_estimate = estimate(run_result.model, the_target, input_shapes=shapes, estimator=latency_model)
+    recipe = make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(original), the_target.name)
+    reduction = 1 - optimized_estimate.latency_ms / baseline_estimate.latency_ms if baseline_estimate.latency_ms else 0.0
+    report = {
+        "target": the_target.name,
+        "target_config": the_target.describe(),
+        "baseline": {**run_result.baseline.to_dict(), **baseline_estimate.to_dict()},
+        "optimized": {**run_result.optimized.to_dict(), **optimized_estimate.to_dict()},
+        "latency_reduction": reduction,
+        "pipeline": run_result.pipeline,
+        "exact": run_result.exactness is Exactness.EXACT,
+        "verification": run_result.verification.to_dict() if run_result.verification else None,
+        "verified": run_result.verified,
+        "search": {
+            "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
+            "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
+            "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
+            "best_so_far": _best_so_far(outcome.trials, limits),
+            "expert_seed_latency_ms": next((t.score.latency_ms for t in outcome.trials if t.candidate == expert_candidate(outcome.space)), None),
+        },
+        "pareto": [
+            {"latency_ms": t.score.latency_ms, "drift": t.score.drift, "memory_bytes": t.score.memory_bytes,
+             "pipeline": t.pipeline, "chosen": t.pipeline == chosen.pipeline}
+            for t in outcome.pareto
+        ],
+        "recipe": recipe,
+        "passes": [r.to_dict() for r in run_result.records],
+        "warnings": warnings + run_result.warnings + [f"search space: {s}" for s in outcome.space.skipped],
+    }
+    return OptimizeResult(run_result.model, report, recipe, run_result, baseline_estimate, optimized_estimate)
+
+
+def _best_so_far(trials, limits) -> list[float]:
+    """Best feasible estimated latency after each evaluation (inf until the first feasible one)."""
+    best, curve = float("inf"), []
+    for t in trials:
+        if limits.feasible(t.score):
+            best = min(best, t.score.latency_ms)
+        curve.append(best)
+    return curve
 
 
 def _judge(report: VerificationReport, exact: bool, allow_drift: float | None) -> VerificationOutcome:

@@ -76,6 +76,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
     e.add_argument("--json", action="store_true", help="print JSON only")
 
+    o = sub.add_parser("optimize", help="search pass sequences for the fastest verified model on a target")
+    o.add_argument("input")
+    o.add_argument("-o", "--output", required=True)
+    o.add_argument("--target", required=True)
+    mode = o.add_mutually_exclusive_group()
+    mode.add_argument("--exact", action="store_true", help="only exact passes (the default)")
+    mode.add_argument("--max-drift", type=float, metavar="X", help="allow reconstructed passes while output cosine >= 1 - X")
+    o.add_argument("--calib", help="calibration inputs (.npz) for reconstructed passes and drift")
+    _add_shape_args(o)
+    o.add_argument("--algorithm", default="evolution", help="evolution (default), random, greedy")
+    o.add_argument("--space", default="curated", help="curated (default: PF-aligned choices) or uncurated")
+    o.add_argument("--trials", type=int, default=300, help="candidates to evaluate (default 300)")
+    o.add_argument("--time-budget", type=float, metavar="S", help="stop the search after S seconds")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--workers", type=int, default=0, help="evaluation processes (default: one per core)")
+    o.add_argument("--memory-budget", metavar="SIZE", help="params + peak activations, e.g. 4MB, 3.5MiB")
+    o.add_argument("--max-params", metavar="SIZE")
+    o.add_argument("--max-peak-act", metavar="SIZE")
+    o.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the shipped one)")
+    o.add_argument("--report", help="write the report here (.json or .html)")
+    o.add_argument("--recipe-out", help="write the recipe (JSON) here")
+    o.add_argument("--journal", help="score journal for resuming (default: OUTPUT.search.jsonl)")
+    o.add_argument("--no-verify", action="store_true", help="write without checking in ONNX Runtime (warns)")
+    o.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("check", help="CI gate: budgets on estimated latency, memory and channel alignment (exit 1 if one fails)")
+    c.add_argument("input")
+    c.add_argument("--target", required=True, help="cpu, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
+    c.add_argument("--max-latency-ms", type=float, metavar="X", help="estimated latency on the target at most X ms")
+    c.add_argument("--max-params", metavar="SIZE", help="parameter bytes at most SIZE (bytes, 512KB, 4MB, 3.5MiB)")
+    c.add_argument("--max-peak-act", metavar="SIZE", help="peak activation bytes at most SIZE")
+    c.add_argument("--require-multiple", type=int, metavar="N", help="every Conv's input/output channel count a multiple of N")
+    c.add_argument("--baseline", metavar="REF.onnx", help="reference model for --max-regression")
+    c.add_argument("--max-regression", type=float, metavar="PCT", help="estimated latency at most PCT %% above the baseline's")
+    c.add_argument("--junit", metavar="FILE", help="write JUnit XML here (one test case per budget)")
+    _add_shape_args(c)
+    c.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
+    c.add_argument("--json", action="store_true", help="print JSON only")
+
     pr = sub.add_parser("profile", help="measure sampled kernels on a target and fit its latency estimator")
     pr.add_argument("--target", required=True)
     pr.add_argument("--budget", type=int, default=2000, help="kernel measurements (default 2000)")
@@ -258,7 +298,91 @@ def cmd_profile(args) -> int:
     return 0
 
 
-COMMANDS = {"passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
+def cmd_optimize(args) -> int:
+    from tqdm import tqdm
+
+    from hwnas.gate import parse_size
+
+    for path in (args.output, args.report, args.recipe_out):
+        if path:
+            check_output_path(path)
+    model = api.as_model(args.input)
+    calibration = load_calibration(args.calib, model) if args.calib else None
+    journal = args.journal or f"{args.output}.search.jsonl"
+    best = [float("inf")]
+
+    def progress(n, trial) -> None:
+        if trial.score.error is None and trial.score.latency_ms < best[0]:
+            best[0] = trial.score.latency_ms
+            bar.set_postfix_str(f"best {best[0]:.4f} ms")
+        bar.update(n)
+
+    with tqdm(total=args.trials, desc="searching", unit="cand", disable=args.quiet or args.json or None) as bar:
+        result = api.optimize(
+            model, args.target, exact=args.max_drift is None, max_drift=args.max_drift, calibration=calibration,
+            input_shapes=parse_input_shapes(args.input_shape), algorithm=args.algorithm, space=args.space,
+            trials=args.trials, time_budget=args.time_budget, seed=args.seed, workers=args.workers,
+            memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+            max_params=parse_size(args.max_params) if args.max_params else None,
+            max_peak_act=parse_size(args.max_peak_act) if args.max_peak_act else None,
+            estimator=args.estimator, journal=journal, verify=not args.no_verify, progress=progress,
+        )
+    save_model(result.model, args.output)
+    report = {"input": str(args.input), "output": str(args.output), **result.report}
+    if args.report:
+        if args.report.endswith(".html"):
+            from hwnas.report.html import write_html
+
+            write_html(args.report, report)
+        else:
+            write_json(args.report, report)
+    if args.recipe_out:
+        write_json(args.recipe_out, result.recipe)
+    if args.json:
+        print(dumps(report))
+        return 0
+    b, a = result.baseline, result.optimized
+    print(f"target {report['target']}: estimated latency {b.latency_ms:.4f} → {a.latency_ms:.4f} ms "
+          f"({report['latency_reduction']:.1%} less); params {_size(b.params_bytes)} → {_size(a.params_bytes)}; "
+          f"peak activations {_size(b.peak_activation_bytes)} → {_size(a.peak_activation_bytes)}")
+    s = report["search"]
+    print(f"search: {s['algorithm']} over {s['decisions']} decisions ({s['space']}), {s['candidates_evaluated']} "
+          f"candidates in {s['wall_s']:.1f} s")
+    v = report["verification"]
+    if v:
+        print(f"verification: {'equivalent' if v['equivalent'] else 'drift'} (max abs {v['max_abs']:.3g}, cosine {v['cosine']:.8f})")
+    print(f"pipeline: {report['pipeline']}")
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from hwnas.report.junit import write_junit
+
+    if args.junit:
+        check_output_path(args.junit)
+    result = api.check(
+        args.input, args.target, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
+        max_peak_act=args.max_peak_act, require_multiple=args.require_multiple, baseline=args.baseline,
+        max_regression_pct=args.max_regression, input_shapes=parse_input_shapes(args.input_shape),
+        estimator=args.estimator,
+    )
+    if args.junit:
+        write_junit(args.junit, result, model=str(args.input))
+    if args.json:
+        print(dumps({"input": str(args.input), **result.to_dict()}))
+    else:
+        for item in result.items:
+            print(f"{'PASS' if item.passed else 'FAIL'}  {item.message}")
+        failed = [i.name for i in result.failed]
+        print(f"{args.input}: {len(failed)} of {len(result.items)} budgets failed ({', '.join(failed)})" if failed
+              else f"{args.input}: all {len(result.items)} budgets pass on {result.target}")
+    return 0 if result.passed else 1
+
+
+COMMANDS = {"check": cmd_check, "optimize": cmd_optimize, "passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

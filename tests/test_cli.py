@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import onnx
 import pytest
@@ -169,3 +170,45 @@ def test_zoo_list_and_export(capsys, tmp_path):
     code, _, err = run_cli(capsys, "zoo", "export", "nope", "-o", str(tmp_path / "n.onnx"))
     assert_bad_input(code, err, "unknown model")
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_check_within_budget_exits_0(capsys, model_path, tmp_path):
+    junit = tmp_path / "check.xml"
+    code, out, err = run_cli(capsys, "check", str(model_path), "--target", "npu-32x32", "--max-latency-ms", "10",
+                             "--max-params", "1MB", "--max-peak-act", "1MiB", "--require-multiple", "8",
+                             "--baseline", str(model_path), "--max-regression", "5", "--junit", str(junit))
+    assert code == 0, err
+    assert out.count("PASS") == 5 and "FAIL" not in out
+    assert ET.parse(junit).getroot().get("failures") == "0"
+
+
+def test_check_exceeded_budget_exits_1_and_junit_names_it(capsys, model_path, tmp_path):
+    junit = tmp_path / "check.xml"
+    code, out, _ = run_cli(capsys, "check", str(model_path), "--target", "npu-32x32", "--max-latency-ms", "10",
+                           "--max-params", "100B", "--junit", str(junit))
+    assert code == 1
+    assert "FAIL  max-params" in out and "PASS  max-latency-ms" in out
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert [c.get("name") for c in suite.findall("testcase") if c.find("failure") is not None] == ["max-params"]
+    assert "max-params" in suite.find("testcase[@name='max-params']/failure").get("message")
+
+
+def test_check_json(capsys, model_path):
+    code, out, _ = run_cli(capsys, "check", str(model_path), "--target", "npu-32x32", "--max-params", "100", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["passed"] is False and data["failed"] == ["max-params"] and data["schema_version"] == 1
+
+
+@pytest.mark.parametrize("extra, fragment", [((), "at least one budget"), (("--max-params", "4XB"), "size"),
+                                             (("--max-regression", "5"), "--baseline")])
+def test_check_bad_options_exit_2(capsys, model_path, extra, fragment):
+    code, _, err = run_cli(capsys, "check", str(model_path), "--target", "npu-32x32", *extra)
+    assert_bad_input(code, err, fragment)
+
+
+def test_check_corrupt_model_exits_2_and_writes_nothing(capsys, tmp_path):
+    bad, junit = tmp_path / "bad.onnx", tmp_path / "check.xml"
+    bad.write_bytes(b"\x00garbage")
+    code, _, err = run_cli(capsys, "check", str(bad), "--target", "npu-32x32", "--max-params", "1MB", "--junit", str(junit))
+    assert_bad_input(code, err, "bad.onnx")
+    assert not junit.exists()

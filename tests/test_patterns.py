@@ -17,7 +17,6 @@ from hwnas.graph.gsgraph import to_graph
 from hwnas.graph.patterns import (
     conv_unit,
     find_expand_candidates,
-    find_expand_patterns,
     find_ibn_blocks,
     find_ibn_candidates,
 )

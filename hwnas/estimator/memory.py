@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from hwnas.graph.constants import lift_constants
-from hwnas.graph.shapes import Shape, graph_inputs, tensor_shapes
+from hwnas.graph.shapes import Shape, graph_inputs, infer_tensors
 
 _DEFAULT_ITEMSIZE = 4  # tensors whose type inference cannot name are assumed float32
 
@@ -129,26 +129,18 @@ def activation_sizes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dic
     constants = {t.name for t in model.graph.initializer} | {
         o for n in model.graph.node if n.op_type == "Constant" for o in n.output
     }
-    itemsizes = _itemsizes(model)
+    all_shapes, types = infer_tensors(model, shapes)
     return {
-        name: int(np.prod(shape, dtype=np.int64)) * itemsizes.get(name, _DEFAULT_ITEMSIZE)
-        for name, shape in tensor_shapes(model, shapes).items()
+        name: int(np.prod(shape, dtype=np.int64)) * _itemsize(types.get(name))
+        for name, shape in all_shapes.items()
         if name not in constants
     }
 
 
-def _itemsizes(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, ValueError):
-        inferred = model
-    values = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
-    out = {}
-    for v in values:
-        elem = v.type.tensor_type.elem_type
-        if elem:
-            out[v.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
-    return out
+def _itemsize(elem_type: int | None) -> int:
+    if not elem_type:
+        return _DEFAULT_ITEMSIZE
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
 
 
 def params_bytes(model: onnx.ModelProto) -> dict[str, int]:

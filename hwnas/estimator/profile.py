@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
-from hwnas.estimator.kernels import Kernel, decompose
+from hwnas.estimator.kernels import decompose
 from hwnas.targets.base import Target
 
 KINDS = ("conv", "pointwise", "dwconv", "grouped", "deconv", "gemm", "elementwise", "pool", "resize", "concat", "other")

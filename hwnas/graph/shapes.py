@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from hwnas.errors import BadInputError
 
@@ -111,24 +111,52 @@ def _static_shape(value: onnx.ValueInfoProto) -> Shape | None:
     return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
 
 
-def tensor_shapes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
-    """Static shape of every top-level tensor (inputs, initializers, node outputs) at the given input shapes."""
-    static = with_static_inputs(model, shapes)
+_INLINE_LIMIT = 64  # initializers up to this many elements keep their values (shape arithmetic needs them)
+
+
+def _shape_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large weights declared as inputs instead of stored, for fast shape inference.
+
+    Serializing megabytes of weights dominates ONNX shape inference; only small tensors (Reshape
+    targets, Resize scales...) take part in data propagation, so only they keep their values.
+    """
+    graph = model.graph
+    small = [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) <= _INLINE_LIMIT]
+    declared = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                for t in graph.initializer if np.prod(t.dims, dtype=np.int64) > _INLINE_LIMIT]
+    lean = helper.make_graph(list(graph.node), graph.name, list(graph.input) + declared, list(graph.output), small)
+    out = helper.make_model(lean, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+def infer_tensors(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> tuple[dict[str, Shape], dict[str, int]]:
+    """(static shape, ONNX element type) of every top-level tensor at the given input shapes."""
+    static = _shape_only(with_static_inputs(model, shapes))
     result: dict[str, Shape] = {name: tuple(s) for name, s in shapes.items()}
-    for t in static.graph.initializer:
+    types: dict[str, int] = {}
+    for t in model.graph.initializer:
         result[t.name] = tuple(t.dims)
+        types[t.name] = t.data_type
     try:
         inferred = onnx.shape_inference.infer_shapes(static, data_prop=True)
-        for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+            if value.type.tensor_type.elem_type:
+                types.setdefault(value.name, value.type.tensor_type.elem_type)
             s = _static_shape(value)
             if s is not None:
-                result[value.name] = s
+                result.setdefault(value.name, s)
     except (onnx.shape_inference.InferenceError, ValueError):
         pass  # ORT below fills in everything
     missing = [o for n in static.graph.node for o in n.output if o and o not in result]
     if missing:
-        result.update(_shapes_from_ort(static, shapes, missing))
-    return result
+        result.update(_shapes_from_ort(with_static_inputs(model, shapes), shapes, missing))
+    return result, types
+
+
+def tensor_shapes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Static shape of every top-level tensor (inputs, initializers, node outputs) at the given input shapes."""
+    return infer_tensors(model, shapes)[0]
 
 
 def _shapes_from_ort(model: onnx.ModelProto, shapes: Mapping[str, Shape], names: list[str]) -> dict[str, Shape]:
@@ -144,10 +172,3 @@ def _shapes_from_ort(model: onnx.ModelProto, shapes: Mapping[str, Shape], names:
     feeds = random_feeds(model, shapes, seed=0)
     outs = session.run(names, feeds)
     return {name: tuple(np.shape(v)) for name, v in zip(names, outs)}
-
-
-def elem_type(model: onnx.ModelProto, name: str) -> int:
-    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        if value.name == name:
-            return value.type.tensor_type.elem_type
-    return TensorProto.UNDEFINED

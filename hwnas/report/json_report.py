@@ -28,17 +28,22 @@ def dumps(report: dict) -> str:
     return json.dumps(_clean({"schema_version": SCHEMA_VERSION, **report}), indent=2)
 
 
-def write_json(path: str | os.PathLike, report: dict) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str, suffix: str) -> Path:
+    """Write UTF-8 text through a temporary file in the same folder, then os.replace: never a partial file."""
     p = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".hwnas-", suffix=".json", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".hwnas-", suffix=suffix, dir=p.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dumps(report) + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, p)
     except BaseException:
         os.unlink(tmp)
         raise
     return p
+
+
+def write_json(path: str | os.PathLike, report: dict) -> Path:
+    return write_text_atomic(path, dumps(report) + "\n", ".json")

@@ -11,7 +11,7 @@ similarity, the drift measures for reconstructed rewrites.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

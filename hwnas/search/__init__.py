@@ -1,0 +1,1 @@
+"""Search over sequences of passes: the space, the scoring, the algorithms, recipes."""

@@ -1,0 +1,179 @@
+"""Search algorithms over a SearchSpace: evolution (NSGA-II), random, greedy local search.
+
+Evolution and random sampling come from Optuna (NSGA-II: a regularized, multi-objective evolutionary
+algorithm with constraint handling; `RandomSampler`); greedy is coordinate descent from the best seed
+candidate, the way an expert refines a recipe one block at a time. All are seeded: candidates are asked
+in batches and told back in order, so the same seed and the same scores give the same search, which is
+what makes an interrupted search resumable from its journal of scores.
+
+Objectives: estimated latency, and drift when reconstructed passes are allowed. Constraints (memory
+budgets, the drift budget) make a candidate infeasible by how much it exceeds them; the best candidate
+is the fastest feasible one, and the Pareto front lists the non-dominated (latency, drift, memory) points.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from hwnas.search.evaluate import Score
+from hwnas.search.space import SearchSpace
+
+ALGORITHMS = ("evolution", "random", "greedy")
+ScoreBatch = Callable[[list[str]], list[Score]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_drift: float = 0.0
+    memory_budget: int | None = None
+    max_params: int | None = None
+    max_peak_act: int | None = None
+
+    def violations(self, score: Score) -> list[float]:
+        """How far over each limit the score is, relative to the limit (≤ 0 means within it)."""
+        checks = [(score.drift, self.max_drift if self.max_drift > 0 else 1e-12)]
+        checks += [(v, lim) for v, lim in ((score.memory_bytes, self.memory_budget), (score.params_bytes, self.max_params),
+                                            (score.peak_activation_bytes, self.max_peak_act)) if lim is not None]
+        return [(value - limit) / limit for value, limit in checks]
+
+    def feasible(self, score: Score) -> bool:
+        return score.error is None and all(v <= 0 for v in self.violations(score))
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    candidate: dict[str, str]
+    pipeline: str
+    score: Score
+
+
+def rank_key(limits: Limits) -> Callable[[Trial], tuple]:
+    """Feasible before infeasible (least total excess first), then fastest, then the earliest found."""
+    def key(t: Trial) -> tuple:
+        excess = sum(max(v, 0.0) for v in limits.violations(t.score)) if t.score.error is None else float("inf")
+        return (excess > 0, excess, t.score.latency_ms, t.number)
+    return key
+
+
+def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
+    """Trials no other trial beats on every one of latency, drift and memory (errors excluded)."""
+    points = [t for t in trials if t.score.error is None]
+    unique = {}
+    for t in points:  # one trial per distinct score, the earliest
+        unique.setdefault((t.score.latency_ms, t.score.drift, t.score.memory_bytes), t)
+
+    def dominates(a: Score, b: Score) -> bool:
+        worse = (a.latency_ms > b.latency_ms, a.drift > b.drift, a.memory_bytes > b.memory_bytes)
+        better = (a.latency_ms < b.latency_ms, a.drift < b.drift, a.memory_bytes < b.memory_bytes)
+        return not any(worse) and any(better)
+
+    front = [t for t in unique.values() if not any(dominates(o.score, t.score) for o in unique.values())]
+    return sorted(front, key=lambda t: t.score.latency_ms)
+
+
+def search(
+    space: SearchSpace,
+    score_batch: ScoreBatch,
+    algorithm: str,
+    trials: int,
+    limits: Limits,
+    seed: int = 0,
+    seeds: Sequence[Mapping[str, str]] = (),
+    time_budget: float | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, Trial], None] | None = None,
+) -> list[Trial]:
+    """Run `algorithm` for up to `trials` evaluations (or until `time_budget` seconds), seeds first."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    deadline = time.monotonic() + time_budget if time_budget else None
+    history: list[Trial] = []
+
+    def evaluate(candidates: list[dict[str, str]]) -> list[Trial]:
+        pipelines = [space.compile(c) for c in candidates]
+        scores = score_batch(pipelines)
+        made = []
+        for c, p, s in zip(candidates, pipelines, scores):
+            trial = Trial(len(history), c, p, s)
+            history.append(trial)
+            made.append(trial)
+            if progress:
+                progress(1, trial)
+        return made
+
+    def budget_left() -> int:
+        if deadline is not None and time.monotonic() > deadline:
+            return 0
+        return trials - len(history)
+
+    if algorithm == "greedy":
+        _greedy(space, evaluate, limits, list(seeds) or [space.baseline()], budget_left)
+    else:
+        _optuna(space, evaluate, algorithm, limits, seed, list(seeds), batch_size, budget_left)
+    return history
+
+
+def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_left) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    two_objectives = limits.max_drift > 0
+    if algorithm == "evolution":
+        population = max(8, min(40, len(space.decisions) * 2))
+        sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    study = optuna.create_study(directions=["minimize"] * (2 if two_objectives else 1), sampler=sampler)
+    distributions = {d.key: CategoricalDistribution(d.choices) for d in space.decisions}
+    if algorithm == "evolution":  # warm start: the first generation surrounds the seeds (expert advice)
+        seeds = seeds + neighbours(space, seeds[-1], population - len(seeds), seed)
+    for candidate in seeds:
+        study.enqueue_trial(dict(candidate))
+    while (n := min(batch_size, budget_left())) > 0:
+        asked = [study.ask(distributions) for _ in range(n)]
+        for optuna_trial, trial in zip(asked, evaluate([dict(t.params) for t in asked])):
+            score = trial.score
+            if score.error is not None:
+                study.tell(optuna_trial, state=TrialState.FAIL)
+                continue
+            for i, violation in enumerate(limits.violations(score)):
+                optuna_trial.set_constraint(f"limit{i}", violation)
+            study.tell(optuna_trial, [score.latency_ms, score.drift] if two_objectives else score.latency_ms)
+
+
+def neighbours(space: SearchSpace, center: Mapping[str, str], count: int, seed: int) -> list[dict[str, str]]:
+    """`count` candidates that each change one to three decisions of `center` (seeded)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(max(count, 0)):
+        candidate = dict(center)
+        for decision in rng.sample(space.decisions, min(len(space.decisions), rng.randint(1, 3))):
+            candidate[decision.key] = rng.choice([c for c in decision.choices if c != center.get(decision.key)] or [center.get(decision.key)])
+        out.append(candidate)
+    return out
+
+
+def _greedy(space, evaluate, limits, seeds, budget_left) -> None:
+    """Coordinate descent: from the best seed, try every other choice of one decision at a time."""
+    key = rank_key(limits)
+    best = min(evaluate([dict(s) for s in seeds[: max(budget_left(), 0)]]), key=key)
+    improved = True
+    while improved and budget_left() > 0:
+        improved = False
+        for decision in space.decisions:
+            alternatives = [c for c in decision.choices if c != best.candidate.get(decision.key)]
+            alternatives = alternatives[: budget_left()]
+            if not alternatives:
+                continue
+            tried = evaluate([{**best.candidate, decision.key: c} for c in alternatives])
+            challenger = min(tried, key=key)
+            if key(challenger)[:3] < key(best)[:3]:
+                best, improved = challenger, True
+            if budget_left() <= 0:
+                return

@@ -1,0 +1,119 @@
+"""Scoring a candidate: apply its pipeline to the prepared graph, estimate latency, count memory, measure drift.
+
+Latency comes from the target's subgraph estimator (never from deploying the candidate). Exact
+candidates have zero drift by construction (the winner is verified with ONNX Runtime before it is
+written); reconstructed ones are run in ONNX Runtime on the calibration inputs and compared with the
+original's outputs: drift = 1 − the smallest output cosine.
+
+Every score is appended to a journal (one JSON line per candidate, flushed at once), so an interrupted
+search loses nothing: the same command run again reads the journal and evaluates only what is new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from hwnas.errors import HwnasError
+from hwnas.estimator.estimator import LatencyEstimator
+from hwnas.estimator.memory import footprint
+from hwnas.graph.gsgraph import to_model
+from hwnas.passes.base import Exactness, PassContext
+from hwnas.passes.manager import PassManager
+from hwnas.passes.pipeline import parse_pipeline
+from hwnas.verify.equivalence import cosine
+from hwnas.verify.runtime import make_session, run
+
+
+@dataclass(frozen=True)
+class Score:
+    latency_ms: float
+    params_bytes: int
+    peak_activation_bytes: int
+    drift: float  # 1 − min output cosine on the calibration inputs; 0 for exact candidates
+    exact: bool
+    error: str | None = None  # the candidate could not be built or run
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.params_bytes + self.peak_activation_bytes
+
+
+class CandidateEvaluator:
+    """Scores pipelines on one prepared graph. Picklable state only, so worker processes can hold one."""
+
+    def __init__(self, base: onnx.ModelProto, graph: gs.Graph, ctx: PassContext, estimator: LatencyEstimator,
+                 reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True):
+        self.base = base
+        self.graph = graph
+        self.ctx = ctx
+        self.estimator = estimator
+        self.reference_outputs = reference_outputs
+        self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
+
+    def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
+        if not pipeline:
+            return self.base, Exactness.EXACT
+        result = PassManager(parse_pipeline(pipeline)).run(self.graph.copy(), self.ctx)
+        return to_model(result.graph, self.base), result.exactness
+
+    def evaluate(self, pipeline: str) -> Score:
+        try:
+            model, exactness = self.build(pipeline)
+            latency = self.estimator.estimate(model, self.ctx.input_shapes).latency_ms
+            memory = footprint(model, self.ctx.input_shapes) if self.count_memory else None
+            exact = exactness is Exactness.EXACT
+            drift = 0.0 if exact else self.drift(model)
+        except (HwnasError, ValueError, RuntimeError) as e:  # a candidate that cannot be built is a bad candidate
+            return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}")
+        params, peak = (memory.params_bytes, memory.peak_activation_bytes) if memory else (0, 0)
+        return Score(latency, params, peak, drift, exact)
+
+    def drift(self, model: onnx.ModelProto) -> float:
+        if self.reference_outputs is None or self.ctx.calibration is None:
+            raise ValueError("reconstructed candidates need calibration data")
+        outputs = run(make_session(model), {k: v for k, v in self.ctx.calibration.items()})
+        return 1.0 - min(cosine(r, c) for r, c in zip(self.reference_outputs, outputs))
+
+
+class Journal:
+    """Scores by pipeline, kept in a JSON-lines file so that a search can resume.
+
+    The first line holds the search settings (model fingerprint, target, options); a journal written by
+    another search is replaced, never mixed in.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, settings: Mapping):
+        self.path = Path(path) if path else None
+        self.header = json.dumps({"settings": settings}, sort_keys=True)
+        self.scores: dict[str, Score] = {}
+        if self.path is None:
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        if lines and lines[0] == self.header:
+            for line in lines[1:]:
+                try:
+                    entry = json.loads(line)
+                    self.scores[entry["pipeline"]] = Score(**entry["score"])
+                except (ValueError, KeyError, TypeError):
+                    break  # a line cut short by the interrupt: everything before it is good
+        self.path.write_text("\n".join([self.header, *(self._line(p, s) for p, s in self.scores.items())]) + "\n")
+
+    @staticmethod
+    def _line(pipeline: str, score: Score) -> str:
+        return json.dumps({"pipeline": pipeline, "score": asdict(score)})
+
+    def record(self, pipeline: str, score: Score) -> None:
+        self.scores[pipeline] = score
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(self._line(pipeline, score) + "\n")
+                f.flush()
+                os.fsync(f.fileno())

@@ -1,0 +1,168 @@
+"""The search space: for every site the model offers, the choices of every pass, built from (model, target).
+
+The reference work's central lesson is curation: on an accelerator the cost landscape is rocky, so a
+curated space offers only choices aligned to the target's parallelism factor (PF) — depthwise convs
+kept, regrouped with PF or PF/2 channels per group, or made dense; channel groups padded to a
+multiple of PF or left; each exact fusion taken or not; Fused-MBConv per expand pattern when drift is
+allowed. The uncurated space offers every group size that divides the channel count and every
+power-of-two multiple for padding, for comparison.
+
+A candidate is one choice per decision (the first choice of each decision changes nothing). It
+compiles to a pipeline string whose site selectors name the anchor node of each site (`sites=@name`),
+so the pipeline stays valid whatever the earlier steps did to the site numbering.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from hwnas.errors import BadInputError
+from hwnas.graph.gsgraph import to_model
+from hwnas.graph.shapes import tensor_shapes
+from hwnas.passes.base import PassContext
+from hwnas.passes.registry import get_pass
+
+KEEP = "keep"
+PREFIX = "fold-bn,fold-affine,fold-constants"  # exact clean-ups every candidate starts from
+_SAFE_NAME = re.compile(r"^[^,{}=;\s]+$")  # names the pipeline grammar can carry in a selector
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One site and what may be done there. `choices[0]` is always "keep" (leave the site as it is)."""
+
+    key: str
+    kind: str  # "dw", "align", "fuse", "mbconv"
+    anchor: str
+    choices: tuple[str, ...]
+    channels: int = 0
+    position: float = 0.0  # 0 = first site of its kind in the graph, 1 = last: what recipes transfer by
+    resolution: int = 0  # output height of the site's conv (stage), 0 where unknown
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    parallelism_factor: int
+    curated: bool = True
+    allow_reconstructed: bool = False
+
+
+@dataclass
+class SearchSpace:
+    decisions: list[Decision]
+    options: SpaceOptions
+    skipped: list[str] = field(default_factory=list)  # sites left out, with the reason
+
+    def size(self) -> float:
+        return math.prod(len(d.choices) for d in self.decisions)
+
+    def baseline(self) -> dict[str, str]:
+        return {d.key: KEEP for d in self.decisions}
+
+    def compile(self, candidate: Mapping[str, str]) -> str:
+        """The pipeline (without the exact prefix) that applies `candidate`'s choices."""
+        by_step: dict[str, list[str]] = {}
+        for d in self.decisions:
+            choice = candidate.get(d.key, KEEP)
+            if choice == KEEP:
+                continue
+            by_step.setdefault(_step_for(d.kind, choice), []).append("@" + d.anchor)
+        order = sorted(by_step, key=_step_order)
+        return ",".join(step.replace("}", f",sites={';'.join(by_step[step])}}}") for step in order)
+
+
+def _step_for(kind: str, choice: str) -> str:
+    if kind == "align":
+        return f"align-channels{{multiple={choice.removeprefix('pad')},mode=pad}}"
+    if kind == "fuse":
+        return "fuse-ibn{mode=linear}"
+    if kind == "mbconv":
+        return "fuse-ibn{mode=mbconv}"
+    if choice == "dense":
+        return "replace-conv{mode=dense}"
+    return f"replace-conv{{mode=grouped,group_size={choice.removeprefix('g')}}}"
+
+
+def _step_order(step: str) -> tuple:
+    """Pad first (regrouping needs the padded counts; grouped convs block channel groups), then fuse, then regroup."""
+    rank = {"align-channels": 0, "fuse-ibn{mode=linear": 1, "fuse-ibn{mode=mbconv": 2, "replace-conv": 3}
+    return next(v for k, v in rank.items() if step.startswith(k)), step
+
+
+def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions) -> SearchSpace:
+    """Every decision the passes offer on `graph` (already through the exact prefix)."""
+    pf = options.parallelism_factor
+    space = SearchSpace([], options)
+    shapes = tensor_shapes(to_model(graph.copy(), ctx.template), ctx.input_shapes)
+    nodes = {n.name: n for n in graph.nodes}
+    align_sites = _applicable(graph, ctx, "align-channels", multiple=pf, mode="pad")
+    padded = {}  # conv name -> its group's channel count once padded to PF
+    for site in align_sites:
+        for name in site.nodes:
+            padded[name] = math.ceil(site.data.group.channels / pf) * pf
+    multiples = [pf] if options.curated else [m for m in (2, 4, 8, 16, 32, 64) if m <= 2 * pf]
+    _add(space, "align", align_sites, lambda s: tuple(f"pad{m}" for m in multiples), lambda s: s.data.group.channels, nodes, shapes)
+
+    dw_sites = _applicable(graph, ctx, "replace-conv", mode="dense")
+
+    def dw_choices(site) -> tuple[str, ...]:
+        c = _conv_channels(nodes[site.nodes[0]])
+        reachable = {c, padded.get(site.nodes[0], c)}
+        if options.curated:
+            sizes = [g for g in (pf, pf // 2) if g > 1 and any(n % g == 0 and n > g for n in reachable)]
+        else:
+            sizes = [g for g in range(2, max(reachable)) if any(n % g == 0 for n in reachable)]
+        return tuple(f"g{g}" for g in sizes) + ("dense",)
+
+    _add(space, "dw", dw_sites, dw_choices, lambda s: _conv_channels(nodes[s.nodes[0]]), nodes, shapes)
+    fuse_sites = _applicable(graph, ctx, "fuse-ibn", mode="linear")
+    _add(space, "fuse", fuse_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
+    if options.allow_reconstructed and _offers(graph, ctx, "fuse-ibn", mode="mbconv"):
+        mb_sites = _applicable(graph, ctx, "fuse-ibn", mode="mbconv")
+        _add(space, "mbconv", mb_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
+    return space
+
+
+def _offers(graph: gs.Graph, ctx: PassContext, pass_name: str, **options) -> bool:
+    """Whether the pass exists with these options (reconstructed modes arrive in later versions)."""
+    try:
+        get_pass(pass_name)(**options)
+    except BadInputError:
+        return False
+    return True
+
+
+def _applicable(graph: gs.Graph, ctx: PassContext, pass_name: str, **options):
+    the_pass = get_pass(pass_name)(**options)
+    return [s for s in the_pass.match(graph, ctx) if s.applicable and s.nodes]
+
+
+def _add(space: SearchSpace, kind: str, sites, choices, channels, nodes: Mapping[str, gs.Node], shapes: Mapping) -> None:
+    usable = [s for s in sites if _SAFE_NAME.match(s.nodes[0])]
+    space.skipped += [f"{kind} site at {s.nodes[0]!r}: its name cannot be written in a pipeline selector"
+                      for s in sites if not _SAFE_NAME.match(s.nodes[0])]
+    for i, site in enumerate(usable):
+        options = choices(site)
+        if not options:
+            continue
+        space.decisions.append(Decision(
+            key=f"{kind}:{site.nodes[0]}", kind=kind, anchor=site.nodes[0], choices=(KEEP, *options),
+            channels=channels(site) or 0, position=i / max(len(usable) - 1, 1),
+            resolution=_resolution(site.nodes[0], nodes, shapes),
+        ))
+
+
+def _conv_channels(conv: gs.Node) -> int:
+    return int(conv.inputs[1].shape[0])
+
+
+def _resolution(anchor: str, nodes: Mapping[str, gs.Node], shapes: Mapping) -> int:
+    """Output height at the site's anchor node (its stage), 0 where unknown."""
+    node = nodes.get(anchor)
+    shape = shapes.get(node.outputs[0].name) if node is not None else None
+    return int(shape[2]) if shape and len(shape) > 2 else 0
