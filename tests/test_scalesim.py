@@ -46,7 +46,7 @@ LAYERS = [
 
 
 def scalesim_python() -> str:
-    candidates = [os.environ.get("HWNAS_SCALESIM_PYTHON"), str(DEFAULT_SIM_PYTHON)]
+    candidates = [os.environ.get("HWNAS_SCALESIM_PYTHON"), sys.executable, str(DEFAULT_SIM_PYTHON)]
     for python in filter(None, candidates):
         probe = subprocess.run([python, "-c", "import scalesim"], capture_output=True) if Path(python).exists() else None
         if probe is not None and probe.returncode == 0:
