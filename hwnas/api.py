@@ -378,6 +378,27 @@ def optimize(
     return OptimizeResult(run_result.model, report, recipe, run_result, baseline_estimate, optimized_estimate)
 
 
+def recipe_pipeline(model: ModelLike, recipe: Mapping, input_shapes: Mapping[str, Shape] | None = None) -> str:
+    """The pipeline a recipe gives for `model`: its own pipeline on the model it was found on, else its
+    rules transferred site by site (by position, channels and resolution; see hwnas.search.recipe)."""
+    from hwnas.search.optimize import fingerprint
+    from hwnas.search.recipe import full_pipeline, transfer
+    from hwnas.search.space import PREFIX, SpaceOptions, build_space
+
+    original = as_model(model)
+    if recipe.get("fingerprint") == fingerprint(original):
+        return recipe["pipeline"]
+    shapes = resolve_input_shapes(original, input_shapes)
+    ctx = PassContext(template=original, input_shapes=shapes)
+    prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
+    try:
+        pf = int(recipe["parallelism_factor"])
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError("recipe has no valid parallelism_factor") from None
+    space = build_space(prepared, ctx, SpaceOptions(pf, curated=False))
+    return full_pipeline(space.compile(transfer(recipe, space)))
+
+
 def _best_so_far(trials, limits) -> list[float]:
     """Best feasible estimated latency after each evaluation (inf until the first feasible one)."""
     best, curve = float("inf"), []

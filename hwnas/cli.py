@@ -17,6 +17,7 @@ from hwnas.errors import BadInputError, HwnasError
 from hwnas.graph.io import check_output_path, save_model
 from hwnas.graph.shapes import parse_input_shapes
 from hwnas.report.json_report import dumps, write_json
+from hwnas.search.recipe import load_recipe
 from hwnas.verify import Tolerance, load_calibration
 
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input")
     r.add_argument("-o", "--output")
     r.add_argument("--passes", help="pipeline, e.g. 'fold-bn,fold-constants'")
+    r.add_argument("--recipe", help="a recipe from 'hwnas optimize --recipe-out' (replayed, or transferred to this model)")
     _add_shape_args(r)
     r.add_argument("--calib", help="calibration/verification inputs (.npz, one array per input, samples first)")
     r.add_argument("--rtol", type=float, default=Tolerance.rtol, help=f"relative tolerance (default {Tolerance.rtol:g})")
@@ -210,8 +212,8 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    if not args.passes:
-        raise BadInputError("run: give --passes PIPELINE")
+    if bool(args.passes) == bool(args.recipe):
+        raise BadInputError("run: give either --passes PIPELINE or --recipe R.json")
     if not args.dry_run and not args.output:
         raise BadInputError("run: give -o OUTPUT (or --dry-run)")
     if args.output:
@@ -220,10 +222,12 @@ def cmd_run(args) -> int:
         check_output_path(args.report)
     model = api.as_model(args.input)
     calibration = load_calibration(args.calib, model) if args.calib else None
+    shapes = parse_input_shapes(args.input_shape)
+    pipeline = args.passes or api.recipe_pipeline(model, load_recipe(args.recipe), shapes)
     result = api.run(
         model,
-        args.passes,
-        input_shapes=parse_input_shapes(args.input_shape),
+        pipeline,
+        input_shapes=shapes,
         calibration=calibration,
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol),
         allow_drift=args.allow_drift,
@@ -393,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwnas: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("hwnas: interrupted", file=sys.stderr)
+        print("hwnas: interrupted (an optimize run resumes from its --journal when run again)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hwnas ... | head`: the reader left; that is not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as e:  # a bug: one line by default, the trace on request
         if os.environ.get("HWNAS_DEBUG"):
             raise

@@ -1,0 +1,119 @@
+"""The search: it finds faster verified models, resumes after an interrupt, transfers recipes, honours budgets."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from hwnas import api
+from hwnas.cli import main
+from hwnas.errors import BadInputError, CheckFailedError
+from hwnas.models import build
+from hwnas.search.algorithms import Limits, Trial, pareto_front
+from hwnas.search.evaluate import Score
+
+
+@pytest.fixture(scope="module")
+def small_mnv2():
+    return build("mobilenetv2", resolution=96)
+
+
+def distinct_choices(recipe: dict) -> set[str]:
+    return {r["choice"] for r in recipe["rules"]}
+
+
+def test_exact_search_reduces_npu_latency_and_verifies(small_mnv2, tmp_path):
+    result = api.optimize(small_mnv2, "npu-32x32", trials=40, seed=0, workers=1, journal=tmp_path / "j.jsonl")
+    report = result.report
+    assert report["exact"] and report["verified"]
+    assert report["verification"]["equivalent"]
+    assert report["latency_reduction"] > 0.4
+    assert report["optimized"]["latency_ms"] < report["baseline"]["latency_ms"]
+    assert len(distinct_choices(result.recipe)) >= 2  # different choices in different blocks
+    assert report["search"]["candidates_evaluated"] == 40
+    curve = report["search"]["best_so_far"]
+    assert all(a >= b for a, b in zip(curve, curve[1:]))
+
+
+@pytest.mark.parametrize("algorithm", ["random", "greedy"])
+def test_other_algorithms_run_and_improve(small_mnv2, algorithm):
+    result = api.optimize(small_mnv2, "npu-16x16", algorithm=algorithm, trials=25, seed=1, workers=1)
+    assert result.report["latency_reduction"] > 0
+    assert result.report["search"]["algorithm"] == algorithm
+
+
+def test_interrupted_search_resumes_to_the_same_result(small_mnv2, tmp_path):
+    uninterrupted = api.optimize(small_mnv2, "npu-32x32", trials=30, seed=3, workers=1)
+    journal = tmp_path / "resume.jsonl"
+
+    def interrupt_after_12(n, trial):
+        if trial.number == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.optimize(small_mnv2, "npu-32x32", trials=30, seed=3, workers=1, journal=journal, progress=interrupt_after_12)
+    saved = len(journal.read_text().splitlines()) - 1
+    assert 0 < saved < 30
+    resumed = api.optimize(small_mnv2, "npu-32x32", trials=30, seed=3, workers=1, journal=journal)
+    assert len(journal.read_text().splitlines()) - 1 >= saved  # nothing evaluated before the interrupt was lost
+    assert resumed.report["pipeline"] == uninterrupted.report["pipeline"]
+    assert resumed.report["search"]["best_so_far"] == uninterrupted.report["search"]["best_so_far"]
+
+
+def test_recipe_transfers_to_other_models(small_mnv2, tmp_path):
+    found = api.optimize(small_mnv2, "npu-32x32", trials=30, seed=0, workers=1)
+    for other in (build("mobilenetv2", width=0.75, resolution=96), build("ibn-detector", resolution=128)):
+        pipeline = api.recipe_pipeline(other, found.recipe)
+        applied = api.run(other, pipeline)
+        assert applied.verification.equivalent
+        before = api.estimate(other, "npu-32x32").latency_ms
+        after = api.estimate(applied.model, "npu-32x32").latency_ms
+        assert after < before
+
+
+def test_memory_budget_that_cannot_be_met_says_by_how_much(small_mnv2):
+    with pytest.raises(CheckFailedError, match="over by"):
+        api.optimize(small_mnv2, "npu-32x32", trials=6, workers=1, memory_budget=1000)
+
+
+def test_pareto_front_has_no_dominated_points():
+    scores = [(3.0, 0.0, 10), (2.0, 0.1, 10), (2.5, 0.05, 10), (2.0, 0.2, 12), (4.0, 0.0, 9), (3.0, 0.0, 11)]
+    trials = [Trial(i, {}, f"p{i}", Score(lat, mem, 0, drift, drift == 0)) for i, (lat, drift, mem) in enumerate(scores)]
+    front = pareto_front(trials)
+    assert {t.pipeline for t in front} == {"p0", "p1", "p2", "p4"}
+    for a in front:
+        for b in front:
+            worse_or_equal = (a.score.latency_ms >= b.score.latency_ms, a.score.drift >= b.score.drift,
+                              a.score.memory_bytes >= b.score.memory_bytes)
+            assert a is b or not all(worse_or_equal)
+
+
+def test_limits_mark_drift_and_memory():
+    limits = Limits(max_drift=0.01, max_params=100)
+    assert limits.feasible(Score(1.0, 50, 0, 0.005, False))
+    assert not limits.feasible(Score(1.0, 150, 0, 0.005, False))
+    assert not limits.feasible(Score(1.0, 50, 0, 0.02, False))
+
+
+def test_bad_options_are_bad_input(small_mnv2):
+    with pytest.raises(BadInputError, match="algorithm"):
+        api.optimize(small_mnv2, "npu-32x32", algorithm="annealing")
+    with pytest.raises(BadInputError, match="space"):
+        api.optimize(small_mnv2, "npu-32x32", space="huge")
+
+
+def test_optimize_cli_writes_model_report_and_recipe(tmp_path, capsys, small_mnv2):
+    model_path = tmp_path / "m.onnx"
+    onnx.save_model(small_mnv2, str(model_path))
+    out, report, recipe = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "recipe.json"
+    code = main(["optimize", str(model_path), "-o", str(out), "--target", "npu-32x32", "--exact", "--trials", "16",
+                 "--workers", "1", "--quiet", "--report", str(report), "--recipe-out", str(recipe)])
+    assert code == 0
+    data = json.loads(report.read_text())
+    for key in ("target", "baseline", "optimized", "latency_reduction", "pipeline", "exact", "verification", "search"):
+        assert key in data
+    assert {"algorithm", "candidates_evaluated", "wall_s"} <= set(data["search"])
+    assert json.loads(recipe.read_text())["format"] == "hwnas-recipe"
+    assert main(["run", str(model_path), "--recipe", str(recipe), "-o", str(tmp_path / "again.onnx")]) == 0
