@@ -1,4 +1,5 @@
-"""fuse-ibn: merge two convs with nothing non-linear between them into one conv (mode=linear, exact).
+"""fuse-ibn: merge two convs with nothing non-linear between them into one conv (mode=linear, exact), or
+an expand 1×1 conv, its activation and a depthwise conv into one fitted K×K conv (mode=mbconv, reconstructed).
 
 Before → After::
 
@@ -24,8 +25,39 @@ non-constant input (an activation, a BN, an affine); other 1×1 convs (after an 
 input) are not listed. Sites may chain (1×1 → 1×1 → 1×1): each fusion reads the first conv of its pair
 from the graph as it is when it applies, so any subset of sites fuses correctly.
 
-mode=mbconv (Fused-MBConv, reconstructed) is planned; a mode is a matcher, a rewrite and an exactness
-class in `_MODES`.
+mode=mbconv (Fused-MBConv, reconstructed): the reference work's fused-IBN::
+
+    x ─► Conv 1×1 (E) [─► BN/affine] ─► act₁ [─► affine] ─► Conv K×K depthwise (D) [─► BN/affine] ─► t ─► act₂
+    x ─► Conv K×K (W, b), group 1, the depthwise's strides/pads/dilations ─────────────────────────► t ─► act₂
+
+Sites are the expand patterns of `hwnas.graph.patterns` (a 1×1 expand conv, an activation, a K×K
+depthwise conv), in graph order, with the pattern finder's rejections and their reasons; act₂ and what
+follows it stay as they are. Plain weight composition, exact only when act₁ is the identity on the data
+(and the border is unpadded or the expand bias zero), is W₀[o, c] = a₃[o]·D[o]·a₂a₁[o]·E[o, c] and
+b₀ = a₃·(ΣD[o]·(a₂(a₁b_E + c₁) + c₂) + b_D) + c₃, where (aᵢ, cᵢ) are the per-channel affine maps of the
+expand BN/affine, the affine after act₁ and the depthwise BN/affine. With act₁ a ReLU6 or a hard-swish
+it is not the function, so `fit=ls` (default) fits W, b by ridge least squares towards W₀
+(`hwnas.passes._reconstruct`): rows are patches of x at sampled output positions, targets the
+original's t there; λ (`lambda`, default 1e-3) is relative to the mean diagonal of AᵀA. Sites are fitted
+one after another in graph order, each reading x from the graph with the earlier sites already fused
+and matching t of the graph as it was when the pass started, so earlier errors are compensated rather
+than compounded. `refit_project=true` then refits the group-1 conv that reads the block (through a
+squeeze-excite if there is one) the same way, towards its own weights (not when that conv is the
+expand conv of another fused site, as in PP-LCNet's chains: that site replaces it). `fit=compose` writes W₀, b₀
+unfitted (lossy; the naive alternative, for comparison).
+
+Calibration: the pipeline's calibration samples (at most the first 32), or else 8 seeded standard-normal
+samples at the analysis shapes, with a warning. Memory stays bounded: ORT runs one sample at a time on
+copies of the graph pruned to the tensors needed, and each sample contributes its share of
+4·F rows (F = C_in·K² + 1, clamped to 8192..32768; every position when there are fewer) drawn
+uniformly from its output positions, accumulated into AᵀA (F × F) and AᵀY (F × C_exp) at once; one
+factorisation then serves all output channels, solved in groups of 256. Statistics: `fit_residual_max`
+and `compose_residual_max`, ‖A·θ − t‖²/‖t‖² on the fitted rows at the worst site, fitted and composed.
+
+Skipped, beyond the finder's reasons: an expand conv with strides or pads, a conv that is not 2-D, and
+a fused conv with C_in·K² + 1 > 8192 weights per output channel (the normal matrix would pass 512 MiB).
+
+A mode is a matcher, a rewrite and an exactness class in `_MODES`.
 """
 
 from __future__ import annotations
@@ -37,11 +69,15 @@ from typing import NamedTuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from hwnas.graph.gsgraph import const_value, producer, unique_name
+from hwnas.errors import BadInputError
+from hwnas.graph.gsgraph import const_value, is_graph_output, producer, to_model, unique_name
+from hwnas.graph.patterns import PatternMatch, find_expand_candidates, match_squeeze_excite
+from hwnas.passes import _reconstruct as ls
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
 from hwnas.passes.fold_bn import absorb_output, check_linear_producer, private_constant
 from hwnas.passes.registry import register_pass
 from hwnas.passes.replace_conv import is_depthwise, regroup_weight
+from hwnas.verify.calibration import random_calibration
 
 _FOLD_FIRST = {"BatchNormalization": "fold-bn", "Mul": "fold-affine", "Add": "fold-affine"}
 
@@ -162,35 +198,320 @@ def apply_linear(graph: gs.Graph, sites: list[Site], ctx: PassContext) -> dict[s
     return {"fused": len(sites)}
 
 
+# -- mode=mbconv ------------------------------------------------------------------------------------
+
+DEFAULT_RIDGE = 1e-3
+FIT_SAMPLES = 32  # calibration samples a fit uses at most
+RANDOM_SAMPLES = 8  # seeded random samples when the pipeline has no calibration data
+
+
+def _unit_parts(unit) -> tuple[list[gs.Node], list[gs.Node]]:
+    """(the conv and its BN/affine nodes up to the activation, the affine nodes after the activation)."""
+    nodes = list(unit.graph_nodes)
+    pre = nodes[: 1 + len(unit.linear)]
+    post = nodes[len(nodes) - len(unit.post_linear) :] if unit.post_linear else []
+    return pre, post
+
+
+def _per_channel(value: np.ndarray, channels: int) -> np.ndarray:
+    flat = value.astype(np.float64).reshape(-1)
+    return np.broadcast_to(flat if flat.size == channels else flat[:1], (channels,))
+
+
+def chain_affine(nodes: list[gs.Node], x: gs.Tensor, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, c) with chain(x) = a·x + c per channel, for the BN/affine/Identity chain `nodes` reading `x`."""
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for node in nodes:
+        if node.op == "BatchNormalization":
+            gamma, beta, mean, var = (_per_channel(const_value(t), channels) for t in node.inputs[1:5])
+            s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+            scale, shift = scale * s, shift * s + beta - mean * s
+        elif node.op != "Identity":
+            x_first = node.inputs[0] is x
+            k = _per_channel(const_value(node.inputs[1] if x_first else node.inputs[0]), channels)
+            if node.op == "Mul":
+                scale, shift = scale * k, shift * k
+            elif node.op == "Add":
+                shift = shift + k
+            elif node.op == "Sub":
+                scale, shift = (scale, shift - k) if x_first else (-scale, k - shift)
+            else:  # Div, x / k (the pattern finder accepts no other form)
+                scale, shift = scale / k, shift / k
+        x = node.outputs[0]
+    return scale, shift
+
+
+def _conv_bias(node: gs.Node, channels: int) -> np.ndarray:
+    return const_value(node.inputs[2]).astype(np.float64).reshape(-1) if len(node.inputs) > 2 else np.zeros(channels)
+
+
+def compose_mbconv(match: PatternMatch) -> tuple[np.ndarray, np.ndarray]:
+    """Plain weight composition (act₁ taken as the identity): the K×K weight and bias, float64."""
+    expand, depthwise = match.expand, match.depthwise
+    c_exp = match.c_exp
+    e = const_value(expand.conv.inputs[1]).astype(np.float64).reshape(c_exp, -1)
+    pre, post = _unit_parts(expand)
+    a1, c1 = chain_affine(pre[1:], expand.conv.outputs[0], c_exp)
+    a2, c2 = chain_affine(post, expand.activation.output_tensor, c_exp) if post else (np.ones(c_exp), np.zeros(c_exp))
+    d = const_value(depthwise.conv.inputs[1]).astype(np.float64)  # (C_exp, 1, kh, kw)
+    dw_pre, _ = _unit_parts(depthwise)
+    a3, c3 = chain_affine(dw_pre[1:], depthwise.conv.outputs[0], c_exp)
+    e_tilde = (a2 * a1)[:, None] * e
+    b_tilde = a2 * (a1 * _conv_bias(expand.conv, c_exp) + c1) + c2
+    weight = (a3[:, None, None, None] * d) * e_tilde[:, :, None, None]
+    bias = a3 * (b_tilde * d.reshape(c_exp, -1).sum(axis=1) + _conv_bias(depthwise.conv, c_exp)) + c3
+    return weight, bias
+
+
+def _target(match: PatternMatch) -> gs.Tensor:
+    """t: the depthwise unit's output before its activation, which the fused conv must produce."""
+    return _unit_parts(match.depthwise)[0][-1].outputs[0]
+
+
+def _geometry(conv: gs.Node, weight_shape: tuple[int, ...]) -> ls.ConvGeometry:
+    return ls.ConvGeometry.from_attrs(conv.attrs, tuple(weight_shape[2:]))
+
+
+def _reason_mbconv(match: PatternMatch) -> str | None:
+    expand = match.expand.conv
+    if len(match.kernel) != 2:
+        return f"depthwise conv {match.depthwise.name} is not 2-D (kernel {match.kernel})"
+    if any(s != 1 for s in expand.attrs.get("strides", [])) or any(expand.attrs.get("pads", [])):
+        return f"expand conv {expand.name} has strides or pads (only a stride-1, unpadded 1×1 expand fuses)"
+    features = match.c_in * int(np.prod(match.kernel)) + 1
+    if features > ls.MAX_FEATURES:
+        return (
+            f"fused conv would have C_in·K² + 1 = {features} weights per output channel; "
+            f"the least-squares fit is limited to {ls.MAX_FEATURES}"
+        )
+    return None
+
+
+def _describe_mbconv(match: PatternMatch) -> str:
+    kernel = "×".join(map(str, match.kernel))
+    stride = "×".join(map(str, match.stride))
+    act1, act2 = match.activations
+    return (
+        f"1×1 Conv {match.expand.name} ({act1}) → {kernel} depthwise Conv {match.depthwise.name} stride {stride} "
+        f"⇒ {kernel} Conv {match.c_in}→{match.c_exp} (then {act2 or 'no activation'})"
+    )
+
+
+def match_mbconv(graph: gs.Graph, ctx: PassContext) -> list[Site]:
+    scan = find_expand_candidates(graph)
+    position = {n.name: i for i, n in reversed(list(enumerate(graph.nodes)))}
+    entries = [
+        (position.get(m.expand.name, -1), Site(m.nodes, _describe_mbconv(m), _reason_mbconv(m), m))
+        for m in scan.matches
+    ]
+    entries += [(position.get(r.start, -1), Site((r.start,), f"Conv {r.start}", r.reason)) for r in scan.rejections]
+    return [site for _, site in sorted(entries, key=lambda e: e[0])]
+
+
+def _fit_feeds(ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    if ctx.calibration:
+        return ls.split_samples(ctx.calibration, FIT_SAMPLES)
+    ctx.warnings.append(
+        f"fuse-ibn{{mode=mbconv}}: no calibration data; the fused convs were fitted on {RANDOM_SAMPLES} seeded "
+        "random (standard normal) inputs, which real inputs may not resemble: give calibration data (--calib)"
+    )
+    return ls.split_samples(random_calibration(ctx.template, ctx.input_shapes, RANDOM_SAMPLES, ctx.seed))
+
+
+def _write_fused(graph: gs.Graph, match: PatternMatch, weight: np.ndarray, bias: np.ndarray) -> gs.Node:
+    """A new K×K conv from the expand input to t; the old expand and depthwise nodes become dead."""
+    expand, depthwise = match.expand.conv, match.depthwise.conv
+    dtype = const_value(depthwise.inputs[1]).dtype
+    target = _target(match)
+    attrs = dict(depthwise.attrs)
+    attrs["group"] = 1
+    inputs = [
+        expand.inputs[0],
+        gs.Constant(unique_name(graph, f"{depthwise.name}_fused_weight"), weight.astype(dtype)),
+        gs.Constant(unique_name(graph, f"{depthwise.name}_fused_bias"), bias.astype(dtype)),
+    ]
+    fused = gs.Node("Conv", name=unique_name(graph, f"{depthwise.name}_fused"), attrs=attrs, inputs=inputs)
+    producer(target).outputs.clear()
+    fused.outputs.append(target)
+    graph.nodes.insert(next(i for i, n in enumerate(graph.nodes) if n is expand), fused)
+    return fused
+
+
+def _follower(graph: gs.Graph, match: PatternMatch) -> tuple[gs.Node | None, str | None]:
+    """The group-1 conv that reads the block (through a squeeze-excite, if any), or why there is none."""
+    out = match.depthwise.output_tensor
+    if not is_graph_output(graph, out) and len(out.outputs) > 1:
+        se = match_squeeze_excite(graph, out, match.c_exp, len(match.kernel) + 2)
+        out = se.output_tensor if se is not None else out
+    users = out.outputs
+    if is_graph_output(graph, out) or len(users) != 1 or users[0].op != "Conv" or users[0].inputs[0] is not out:
+        return None, f"block output {out.name} does not feed exactly one conv"
+    conv = users[0]
+    weight = const_value(conv.inputs[1])
+    if weight is None or conv.attrs.get("group", 1) != 1 or weight.ndim != 4:
+        return None, f"conv {conv.name} after the block is not a 2-D group-1 conv with a constant weight"
+    for tensor in conv.inputs[1:]:
+        reason = private_constant(graph, tensor, conv)
+        if reason:
+            return None, f"conv {conv.name} after the block: {reason}"
+    if int(np.prod(weight.shape[1:])) + 1 > ls.MAX_FEATURES:
+        return None, f"conv {conv.name} after the block has too many weights per output channel to fit"
+    return conv, None
+
+
+def _refit(graph: gs.Graph, conv: gs.Node, reference, feeds, ctx: PassContext, ridge: float, seed) -> ls.ConvFit:
+    """Refit `conv` so that its output matches the reference's same tensor, reading the current graph."""
+    weight = const_value(conv.inputs[1])
+    fit = ls.fit_conv(
+        to_model(graph.copy(), ctx.template),
+        conv.inputs[0].name,
+        reference,
+        conv.outputs[0].name,
+        _geometry(conv, weight.shape),
+        weight.astype(np.float64),
+        _conv_bias(conv, weight.shape[0]),
+        feeds,
+        ridge,
+        seed,
+    )
+    conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}_refit_weight"), fit.weight.astype(weight.dtype))
+    bias = gs.Constant(unique_name(graph, f"{conv.name}_refit_bias"), fit.bias.astype(weight.dtype))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias
+    else:
+        conv.inputs.append(bias)
+    return fit
+
+
+def apply_mbconv(graph: gs.Graph, sites: list[Site], ctx: PassContext, options: FuseIbnOptions) -> dict[str, float]:
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    ordered = sorted(sites, key=lambda s: position[id(s.data.expand.conv)])
+    fitting = options.fit == "ls"
+    feeds = _fit_feeds(ctx) if fitting else []
+    reference = to_model(graph.copy(), ctx.template) if fitting else None  # the function to keep
+    stats = {"fused": float(len(ordered)), "refitted": 0.0}
+    expands = {id(site.data.expand.conv) for site in ordered}
+    residuals, prior_residuals, rows = [], [], 0
+    for index, site in enumerate(ordered):
+        match: PatternMatch = site.data
+        weight, bias = compose_mbconv(match)
+        follower = _follower(graph, match) if options.refit_project else (None, None)
+        if fitting:
+            fit = ls.fit_conv(
+                to_model(graph.copy(), ctx.template),
+                match.expand.conv.inputs[0].name,
+                reference,
+                _target(match).name,
+                _geometry(match.depthwise.conv, weight.shape),
+                weight,
+                bias,
+                feeds,
+                options.lambda_,
+                (ctx.seed, index),
+            )
+            weight, bias = fit.weight, fit.bias
+            residuals.append(fit.residual)
+            prior_residuals.append(fit.prior_residual)
+            rows = max(rows, fit.rows)
+        _write_fused(graph, match, weight, bias)
+        if options.refit_project:
+            conv, reason = follower
+            if conv is not None and id(conv) in expands:
+                continue  # the next block's expand conv (PP-LCNet): its own site replaces it
+            if conv is None:
+                where = match.depthwise.name
+                ctx.warnings.append(f"fuse-ibn{{mode=mbconv}}: refit_project skipped at {where}: {reason}")
+                continue
+            _refit(graph, conv, reference, feeds, ctx, options.lambda_, (ctx.seed, index, 1))
+            stats["refitted"] += 1
+    if fitting and ordered:
+        stats.update(
+            calibration_samples=float(len(feeds)),
+            fit_rows=float(rows),
+            fit_residual_max=max(residuals),  # ‖fit − t‖² / ‖t‖² on the rows fitted, worst site
+            compose_residual_max=max(prior_residuals),  # the same for plain weight composition
+        )
+    return stats
+
+
+# -- the pass -----------------------------------------------------------------------------------------
+
+
 class _Mode(NamedTuple):
     """What a mode is; the context carries the calibration data a reconstructed mode fits on."""
 
     match: Callable[[gs.Graph, PassContext], list[Site]]
-    apply: Callable[[gs.Graph, list[Site], PassContext], dict[str, float]]  # returns statistics
+    apply: Callable[[gs.Graph, list[Site], PassContext, "FuseIbnOptions"], dict[str, float]]  # returns statistics
     exactness: Exactness
 
 
-_MODES = {"linear": _Mode(match_linear, apply_linear, Exactness.EXACT)}
+_MODES = {
+    "linear": _Mode(match_linear, lambda graph, sites, ctx, options: apply_linear(graph, sites, ctx), Exactness.EXACT),
+    "mbconv": _Mode(match_mbconv, apply_mbconv, Exactness.RECONSTRUCTED),
+}
+_OPTION_NAMES = {"lambda": "lambda_"}  # `lambda` is a Python keyword: the field is lambda_
 
 
 @dataclass(frozen=True)
 class FuseIbnOptions:
-    mode: str = option("linear", "linear: exact fusion of convs with nothing non-linear between them", tuple(_MODES))
+    mode: str = option(
+        "linear",
+        "linear: exact fusion of convs with nothing non-linear between them; "
+        "mbconv: expand 1×1 + act + depthwise K×K → one K×K conv fitted on calibration data",
+        tuple(_MODES),
+    )
+    fit: str = option(
+        "ls",
+        "mode=mbconv: ls = ridge least squares on calibration data; compose = plain weight composition "
+        "ignoring the activation (lossy, for comparison)",
+        ("ls", "compose"),
+    )
+    refit_project: bool = option(
+        False, "mode=mbconv: also refit the conv that reads each fused block (its 1×1 project)"
+    )
+    lambda_: float = option(
+        DEFAULT_RIDGE, "mode=mbconv: ridge strength λ towards the composed weights, relative to mean diag(AᵀA)"
+    )
+
+    def __post_init__(self):
+        if self.mode != "mbconv" and (self.fit != "ls" or self.refit_project or self.lambda_ != DEFAULT_RIDGE):
+            raise BadInputError("pass 'fuse-ibn': options fit, refit_project and lambda apply to mode=mbconv only")
+        if self.lambda_ < 0:
+            raise BadInputError(f"pass 'fuse-ibn': lambda={self.lambda_} must be >= 0")
+        if self.refit_project and self.fit != "ls":
+            raise BadInputError("pass 'fuse-ibn': refit_project needs fit=ls")
 
 
 @register_pass
 class FuseIbn(Pass):
     name = "fuse-ibn"
-    summary = "fuse two convs with nothing non-linear between them (1×1 → 1×1, depthwise → 1×1) into one conv"
+    summary = (
+        "fuse two convs with nothing non-linear between them (1×1 → 1×1, depthwise → 1×1) into one conv; "
+        "mode=mbconv: expand + act + depthwise into one fitted K×K conv"
+    )
     Options = FuseIbnOptions
+
+    def __init__(self, **options):
+        super().__init__(**{_OPTION_NAMES.get(k, k): v for k, v in options.items()})
 
     @property
     def exactness(self) -> Exactness:
+        if self.options.mode == "mbconv" and self.options.fit == "compose":
+            return Exactness.LOSSY
         return _MODES[self.options.mode].exactness
+
+    @classmethod
+    def exactness_doc(cls) -> str:
+        return "exact (mode=linear) / reconstructed (mode=mbconv)"
+
+    @classmethod
+    def option_docs(cls) -> list[dict]:
+        spelled = {v: k for k, v in _OPTION_NAMES.items()}
+        return [{**doc, "name": spelled.get(doc["name"], doc["name"])} for doc in super().option_docs()]
 
     def match(self, graph: gs.Graph, ctx: PassContext) -> list[Site]:
         return _MODES[self.options.mode].match(graph, ctx)
 
     def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
-        stats = _MODES[self.options.mode].apply(graph, sites, ctx)
+        stats = _MODES[self.options.mode].apply(graph, sites, ctx, self.options)
         return PassResult(graph, bool(sites), stats)

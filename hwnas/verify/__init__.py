@@ -2,5 +2,6 @@
 
 from hwnas.verify.calibration import load_calibration, random_calibration
 from hwnas.verify.equivalence import Tolerance, VerificationReport, verify_equivalence
+from hwnas.verify.fidelity import measure_fidelity
 
-__all__ = ["Tolerance", "VerificationReport", "load_calibration", "random_calibration", "verify_equivalence"]
+__all__ = ["Tolerance", "VerificationReport", "load_calibration", "measure_fidelity", "random_calibration", "verify_equivalence"]

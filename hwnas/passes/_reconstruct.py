@@ -1,0 +1,284 @@
+"""Least-squares helpers shared by the reconstructed passes: activations from ORT, im2col, ridge solves.
+
+A reconstructed pass replaces part of a graph by a conv whose weights it fits so that, on calibration
+inputs, the conv's output matches a tensor of a reference model. The pieces:
+
+- `activation_model` / `iter_activations`: run a model in ONNX Runtime on calibration samples, one
+  sample at a time, and hand back chosen intermediate tensors. The model is copied, its outputs are
+  replaced by the requested tensors and the nodes they do not need are dropped, so collecting an early
+  tensor costs only the early part of the network.
+- `im2col_rows`: the K×K input patches of a conv at a set of output positions, one row per position,
+  laid out like the conv weight (`W[o].reshape(-1)` is one row's dot partner).
+- `NormalEquations`: accumulates AᵀA, AᵀY and ΣY² over batches of rows (A gets a trailing ones
+  column for the bias), so memory is F² + F·M floats (F = C·kh·kw + 1 inputs per output channel,
+  M output channels) whatever the number of rows.
+- `fit_conv`: the whole fit of one group-1 conv from a tensor of one model to a tensor of another.
+
+The solve is ridge regression towards a prior (the weights we would use without data):
+
+    W = argmin ‖A·W − Y‖² + μ·‖W − W₀‖²  ⇔  (AᵀA + μI)·W = AᵀY + μ·W₀,   μ = λ · tr(AᵀA) / F
+
+λ is relative to the mean diagonal of AᵀA, so one value suits layers of any scale: λ → 0 is plain least
+squares, λ → ∞ keeps W₀. The design matrix is the same for every output channel, so one factorisation
+serves all of them; the right-hand sides are solved a group of output channels at a time.
+
+Rows are a random subset of output positions (seeded), spread evenly over the calibration samples:
+`fit_rows(F)` of them, i.e. 4·F clamped to [8192, 32768], or every position when there are fewer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from hwnas.verify.runtime import make_session
+
+MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
+MAX_FEATURES = 8192  # F above this: the normal matrix alone would exceed 512 MiB (float64)
+_CHUNK_ROWS = 2048  # rows turned into float64 and multiplied at once
+_SOLVE_GROUP = 256  # output channels solved per right-hand-side group
+
+
+def fit_rows(features: int) -> int:
+    """How many rows (output positions) a fit with `features` inputs per output channel samples."""
+    return int(min(max(ROWS_PER_WEIGHT * features, MIN_ROWS), MAX_ROWS))
+
+
+# -- activations ------------------------------------------------------------------------------------
+
+
+def activation_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are the tensors `names` (float), pruned to the nodes they need."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    declared = list(graph.input) + list(graph.output) + list(graph.value_info)
+    elem = {v.name: v.type.tensor_type.elem_type for v in declared}
+    del graph.output[:]
+    graph.output.extend(helper.make_tensor_value_info(n, elem.get(n, onnx.TensorProto.FLOAT), None) for n in names)
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if not any(a.type in subgraphs for n in graph.node for a in n.attribute):  # If/Loop bodies: keep all
+        needed, kept = set(names), []
+        for node in reversed(graph.node):
+            if needed.intersection(node.output):
+                kept.append(node)
+                needed.update(i for i in node.input if i)
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+        used = {i for n in graph.node for i in n.input} | set(names)
+        initializers = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+    return out
+
+
+def split_samples(calibration: Mapping[str, np.ndarray], limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Calibration arrays (samples on axis 0) as a list of one-sample feeds, at most `limit` of them."""
+    count = len(next(iter(calibration.values())))
+    if limit is not None:
+        count = min(count, limit)
+    return [{k: np.ascontiguousarray(v[i : i + 1]) for k, v in calibration.items()} for i in range(count)]
+
+
+def iter_activations(
+    model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the tensors `names` of `model` as ONNX Runtime (optimizations off) computes them."""
+    session = make_session(activation_model(model, names))
+    inputs = {i.name for i in session.get_inputs()}
+    for feed in feeds:
+        values = session.run(list(names), {k: v for k, v in feed.items() if k in inputs})
+        yield dict(zip(names, values))
+
+
+def collect_activations(
+    model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """`iter_activations` concatenated along axis 0 (for small tensors; fits stream instead)."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in iter_activations(model, names, feeds):
+        for n in names:
+            parts[n].append(values[n])
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+# -- conv geometry and patches ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The spatial attributes of a 2-D conv; `auto_pad` other than NOTSET overrides `pads`."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    auto_pad: str = "NOTSET"
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping, kernel: tuple[int, int]) -> ConvGeometry:
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        return cls(
+            kernel=tuple(kernel),
+            strides=tuple(attrs.get("strides", (1, 1))),
+            dilations=tuple(attrs.get("dilations", (1, 1))),
+            pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
+            auto_pad=auto_pad,
+        )
+
+    def resolved_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads
+        if self.auto_pad == "VALID":
+            return (0, 0, 0, 0)
+        begin, end = [], []
+        for size, k, s, d in zip((height, width), self.kernel, self.strides, self.dilations):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin.append(large if self.auto_pad == "SAME_LOWER" else small)
+            end.append(small if self.auto_pad == "SAME_LOWER" else large)
+        return (begin[0], begin[1], end[0], end[1])
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        top, left, bottom, right = self.resolved_pads(height, width)
+        sizes = []
+        for axis, size in enumerate((height, width)):
+            k, s, d = self.kernel[axis], self.strides[axis], self.dilations[axis]
+            padded = size + (top, left)[axis] + (bottom, right)[axis]
+            sizes.append((padded - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+
+def im2col_rows(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Patches of `x` (C, H, W) under the conv at output positions (rows[i], cols[i]): (R, C·kh·kw)."""
+    channels, height, width = x.shape
+    top, left, bottom, right = geometry.resolved_pads(height, width)
+    padded = np.pad(x, ((0, 0), (top, bottom), (left, right)))
+    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
+    r = rows[:, None] * sh + np.arange(kh)[None, :] * dh  # (R, kh)
+    c = cols[:, None] * sw + np.arange(kw)[None, :] * dw  # (R, kw)
+    patches = padded[:, r[:, :, None], c[:, None, :]]  # (C, R, kh, kw)
+    return patches.transpose(1, 0, 2, 3).reshape(len(rows), channels * kh * kw)
+
+
+def sample_positions(height: int, width: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct output positions (all of them when there are fewer), uniformly at random."""
+    total = height * width
+    flat = np.arange(total) if count >= total else np.sort(rng.choice(total, size=count, replace=False))
+    return flat // width, flat % width
+
+
+# -- normal equations and the ridge solve -----------------------------------------------------------
+
+
+class NormalEquations:
+    """Running AᵀA, AᵀY and ΣY² (A with a ones column appended for the bias)."""
+
+    def __init__(self, features: int, outputs: int):
+        self.gram = np.zeros((features + 1, features + 1))
+        self.cross = np.zeros((features + 1, outputs))
+        self.target_energy = 0.0
+        self.rows = 0
+
+    def add(self, a: np.ndarray, y: np.ndarray) -> None:
+        """Rows `a` (R, F) with targets `y` (R, M)."""
+        for start in range(0, len(a), _CHUNK_ROWS):
+            chunk = np.empty((min(_CHUNK_ROWS, len(a) - start), a.shape[1] + 1))
+            chunk[:, :-1] = a[start : start + len(chunk)]
+            chunk[:, -1] = 1.0
+            target = y[start : start + len(chunk)].astype(np.float64)
+            self.gram += chunk.T @ chunk
+            self.cross += chunk.T @ target
+            self.target_energy += float(np.sum(target * target))
+        self.rows += len(a)
+
+    def residual(self, theta: np.ndarray) -> float:
+        """‖A·θ − Y‖² / ‖Y‖² for stacked weights-and-bias θ (F + 1, M), from the accumulated sums."""
+        error = np.sum(theta * (self.gram @ theta)) - 2 * np.sum(theta * self.cross) + self.target_energy
+        return float(max(error, 0.0) / max(self.target_energy, 1e-30))
+
+    def solve(self, ridge: float, prior: np.ndarray) -> np.ndarray:
+        """(AᵀA + μI)·θ = AᵀY + μ·θ₀ with μ = ridge · mean(diag AᵀA); θ is (F + 1, M)."""
+        scale = float(np.trace(self.gram)) / len(self.gram)
+        mu = ridge * max(scale, 1e-30)
+        system = self.gram + mu * np.eye(len(self.gram))
+        theta = np.empty_like(self.cross)
+        for start in range(0, theta.shape[1], _SOLVE_GROUP):
+            group = slice(start, start + _SOLVE_GROUP)
+            rhs = self.cross[:, group] + mu * prior[:, group]
+            try:
+                theta[:, group] = np.linalg.solve(system, rhs)
+            except np.linalg.LinAlgError:  # singular even with the ridge (ridge=0, too few rows)
+                theta[:, group] = np.linalg.lstsq(system, rhs, rcond=None)[0]
+        return theta
+
+
+def stack(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Conv weight (M, C, kh, kw) and bias (M,) as θ (C·kh·kw + 1, M)."""
+    return np.concatenate([weight.reshape(len(weight), -1), bias.reshape(-1, 1)], axis=1).T.astype(np.float64)
+
+
+def unstack(theta: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return theta[:-1].T.reshape(shape), theta[-1].copy()
+
+
+# -- one conv fit -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvFit:
+    weight: np.ndarray  # (M, C, kh, kw) float32
+    bias: np.ndarray  # (M,) float32
+    rows: int  # rows the system was built from
+    residual: float  # ‖A·θ − Y‖² / ‖Y‖² of the fit, on the rows it was fitted on
+    prior_residual: float  # the same for the prior (the weights before fitting)
+
+
+def fit_conv(
+    source: onnx.ModelProto,
+    source_tensor: str,
+    target: onnx.ModelProto,
+    target_tensor: str,
+    geometry: ConvGeometry,
+    prior_weight: np.ndarray,
+    prior_bias: np.ndarray,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    ridge: float,
+    seed: int | Sequence[int] = 0,
+) -> ConvFit:
+    """Weights of a group-1 conv reading `source_tensor` of `source` whose output best matches
+    `target_tensor` of `target` on the feeds (ridge towards the prior; see the module docstring)."""
+    out_channels = prior_weight.shape[0]
+    features = int(np.prod(prior_weight.shape[1:]))
+    equations = NormalEquations(features, out_channels)
+    per_sample = math.ceil(fit_rows(features + 1) / max(len(feeds), 1))
+    rng = np.random.default_rng(seed)
+    pairs = zip(iter_activations(source, [source_tensor], feeds), iter_activations(target, [target_tensor], feeds))
+    for got, want in pairs:
+        x, y = got[source_tensor], want[target_tensor]
+        for xi, yi in zip(x, y):  # one image of the batch at a time
+            expected = geometry.output_size(*xi.shape[1:])
+            conv_like = expected == yi.shape[1:] and yi.shape[0] == out_channels
+            if not conv_like or xi.shape[0] * np.prod(geometry.kernel) != features:
+                raise ValueError(
+                    f"fit {source_tensor} → {target_tensor}: shapes do not match a conv "
+                    f"({xi.shape} → {yi.shape}, weight {prior_weight.shape})"
+                )
+            rows, cols = sample_positions(*yi.shape[1:], per_sample, rng)
+            equations.add(im2col_rows(xi, geometry, rows, cols), yi[:, rows, cols].T)
+    prior = stack(prior_weight, prior_bias)
+    theta = equations.solve(ridge, prior)
+    weight, bias = unstack(theta, prior_weight.shape)
+    return ConvFit(
+        weight.astype(np.float32),
+        bias.astype(np.float32),
+        equations.rows,
+        equations.residual(theta),
+        equations.residual(prior),
+    )
