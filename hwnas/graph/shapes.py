@@ -93,14 +93,18 @@ def with_static_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> o
     """A copy of `model` whose inputs declare the given concrete shapes and no stale value_info."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for value in out.graph.input:
+    _declare_input_shapes(out.graph, shapes)
+    del out.graph.value_info[:]
+    return out
+
+
+def _declare_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, Shape]) -> None:
+    for value in graph.input:
         if value.name in shapes:
             dims = value.type.tensor_type.shape.dim
             del dims[:]
             for d in shapes[value.name]:
                 dims.add().dim_value = d
-    del out.graph.value_info[:]
-    return out
 
 
 def _static_shape(value: onnx.ValueInfoProto) -> Shape | None:
@@ -114,11 +118,12 @@ def _static_shape(value: onnx.ValueInfoProto) -> Shape | None:
 _INLINE_LIMIT = 64  # initializers up to this many elements keep their values (shape arithmetic needs them)
 
 
-def _shape_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its large weights declared as inputs instead of stored, for fast shape inference.
+def _shape_only(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
+    """The model at static input shapes with its large weights declared as inputs instead of stored.
 
-    Serializing megabytes of weights dominates ONNX shape inference; only small tensors (Reshape
-    targets, Resize scales...) take part in data propagation, so only they keep their values.
+    Serializing (or even copying) megabytes of weights dominates ONNX shape inference; only small
+    tensors (Reshape targets, Resize scales...) take part in data propagation, so only they keep their
+    values. The model itself is not copied.
     """
     graph = model.graph
     small = [t for t in graph.initializer if np.prod(t.dims, dtype=np.int64) <= _INLINE_LIMIT]
@@ -127,12 +132,13 @@ def _shape_only(model: onnx.ModelProto) -> onnx.ModelProto:
     lean = helper.make_graph(list(graph.node), graph.name, list(graph.input) + declared, list(graph.output), small)
     out = helper.make_model(lean, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
+    _declare_input_shapes(out.graph, shapes)
     return out
 
 
 def infer_tensors(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> tuple[dict[str, Shape], dict[str, int]]:
     """(static shape, ONNX element type) of every top-level tensor at the given input shapes."""
-    static = _shape_only(with_static_inputs(model, shapes))
+    static = _shape_only(model, shapes)
     result: dict[str, Shape] = {name: tuple(s) for name, s in shapes.items()}
     types: dict[str, int] = {}
     for t in model.graph.initializer:
