@@ -345,8 +345,21 @@ def optimize(
     candidates = ranked_pipelines(outcome, limits)
     if not candidates:
         raise CheckFailedError(no_feasible_message(outcome, limits))
-    chosen, run_result = verify_in_order(candidates[:5], lambda pipeline: run(
-        original, pipeline, input_shapes=shapes, calibration=calibration, allow_drift=drift_allowed, verify=verify, seed=seed))
+    measured: dict[str, float] = {}
+
+    def accept(pipeline: str) -> RunResult:
+        result = run(original, pipeline, input_shapes=shapes, calibration=calibration, allow_drift=drift_allowed,
+                     verify=verify, seed=seed)
+        if not the_target.simulated:  # the estimator's word is not enough on real hardware: measure A/B
+            timing = the_target.compare({"input": original, "optimized": result.model}, shapes)
+            measured.update(input_ms=timing["input"].latency_ms, optimized_ms=timing["optimized"].latency_ms)
+            if measured["optimized_ms"] > 1.03 * measured["input_ms"]:
+                raise CheckFailedError(f"measured {measured['optimized_ms']:.3f} ms on {the_target.name}, "
+                                       f"more than 3% over the input's {measured['input_ms']:.3f} ms")
+        return result
+
+    fallbacks = [] if outcome.baseline in candidates[:5] else [outcome.baseline]
+    chosen, run_result = verify_in_order(candidates[:5] + fallbacks, accept)
     baseline_estimate = estimate(original, the_target, input_shapes=shapes, estimator=latency_model)
     optimized_estimate = estimate(run_result.model, the_target, input_shapes=shapes, estimator=latency_model)
     recipe = make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(original), the_target.name)
@@ -361,6 +374,7 @@ def optimize(
         "exact": run_result.exactness is Exactness.EXACT,
         "verification": run_result.verification.to_dict() if run_result.verification else None,
         "verified": run_result.verified,
+        "measured": measured or None,
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),

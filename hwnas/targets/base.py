@@ -31,6 +31,11 @@ class Target(abc.ABC):
 
     name: str
     parallelism_factor: int
+    simulated: bool = False  # a simulator gives the same number every time; measured targets are noisy
+
+    def compare(self, models: Mapping[str, onnx.ModelProto], input_shapes: Mapping[str, Shape]) -> dict[str, Measurement]:
+        """Measure several models for an A/B comparison (measured targets interleave them, sharing the noise)."""
+        return {key: self.measure(model, input_shapes) for key, model in models.items()}
 
     @property
     def rules(self) -> FusionRules:

@@ -236,6 +236,8 @@ class LaneUse:
 class NpuTarget(Target):
     """A simulated R×C systolic array (see the module docstring for the cost model)."""
 
+    simulated = True
+
     def __init__(self, config: NpuConfig, rules: FusionRules | None = None):
         self.config = config
         self._rules = rules if rules is not None else builtin_rules("npu")

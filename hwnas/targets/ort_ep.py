@@ -31,6 +31,7 @@ from hwnas.targets.measure import (
     MeasureSettings,
     Providers,
     environment,
+    measure_interleaved,
     measure_model,
     parse_options,
     positive_int,
@@ -122,6 +123,9 @@ class OrtTarget(Target):
 
     def measure(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> Measurement:
         return measure_model(model, input_shapes, self.settings, self.providers)
+
+    def compare(self, models: Mapping[str, onnx.ModelProto], input_shapes: Mapping[str, Shape]) -> dict[str, Measurement]:
+        return measure_interleaved(models, input_shapes, self.settings, self.providers)
 
     def describe(self) -> dict:
         return {
