@@ -33,6 +33,7 @@ from hwnas.estimator.fusion_rules import FusionRules
 from hwnas.estimator.kernels import GemmShape, Kernel, decompose
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.graph.shapes import Shape
+from hwnas.report.json_report import read_json
 
 FORMAT = "hwnas-estimator"
 FORMAT_VERSION = 1
@@ -196,12 +197,7 @@ class LatencyEstimator:
     @classmethod
     def load(cls, path: str | Path) -> LatencyEstimator:
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except OSError as e:
-            raise BadInputError(f"cannot read estimator {p}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"estimator {p} is not valid JSON: {e}") from None
+        data = read_json(p, "estimator")
         fitted = None
         if _fitted_path(p).is_file():
             try:

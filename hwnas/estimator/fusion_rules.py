@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from hwnas.errors import BadInputError
+from hwnas.report.json_report import read_json
 
 _BOOL_KEYS = ("affine", "self_gate", "residual_add")
 _SET_KEYS = ("anchors", "epilogue_ops")
@@ -56,14 +57,7 @@ class FusionRules:
 
     @classmethod
     def from_json(cls, path: str | Path) -> FusionRules:
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except OSError as e:
-            raise BadInputError(f"cannot read fusion rules {p}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"fusion rules {p} is not valid JSON: {e}") from None
-        return cls.from_dict(data, origin=str(p))
+        return cls.from_dict(read_json(path, "fusion rules"), origin=str(path))
 
     def to_dict(self) -> dict:
         return {

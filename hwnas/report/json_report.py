@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from hwnas.errors import BadInputError
 from hwnas.graph.io import check_output_path
 
 SCHEMA_VERSION = 1
@@ -26,6 +27,17 @@ def _clean(value):
 
 def dumps(report: dict) -> str:
     return json.dumps(_clean({"schema_version": SCHEMA_VERSION, **report}), indent=2)
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """Parse a JSON file the user named; unreadable or invalid files are bad input, named as `what`."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except OSError as e:
+        raise BadInputError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{what} {p} is not valid JSON: {e}") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, suffix: str) -> Path:

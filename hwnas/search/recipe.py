@@ -11,12 +11,12 @@ there; this is the reference work's expert-in-the-loop transfer, done by rule in
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from hwnas.errors import BadInputError
+from hwnas.report.json_report import read_json
 from hwnas.search.space import KEEP, PREFIX, Decision, SearchSpace
 
 FORMAT = "hwnas-recipe"
@@ -35,12 +35,7 @@ def make_recipe(space: SearchSpace, candidate: Mapping[str, str], pipeline: str,
 
 def load_recipe(path: str | Path) -> dict:
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as e:
-        raise BadInputError(f"cannot read recipe {p}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"recipe {p} is not valid JSON: {e}") from None
+    data = read_json(p, "recipe")
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("pipeline"), str):
         raise BadInputError(f"{p} is not an hwnas recipe (format {FORMAT})")
     if not isinstance(data.get("rules", []), list):
