@@ -81,9 +81,13 @@ class PassFailedVerification(CheckFailedError):
 
 
 class PassManager:
-    def __init__(self, pipeline: Pipeline, disabled: set[str] | frozenset[str] = frozenset(), verify_each: Verifier | None = None):
+    def __init__(self, pipeline: Pipeline, disabled: set[str] | frozenset[str] = frozenset(),
+                 verify_each: Verifier | None = None, in_place: bool = False):
         self.pipeline = pipeline.without(set(disabled))
         self.verify_each = verify_each
+        # in place: the caller hands over a graph it will throw away if a pass fails (the search does),
+        # saving one graph copy per pass
+        self.in_place = in_place
 
     def run(self, graph: gs.Graph, ctx: PassContext, progress: Callable[[str], None] | None = None) -> PipelineRun:
         records: list[PassRecord] = []
@@ -93,7 +97,7 @@ class PassManager:
             the_pass = spec.instantiate()
             start = time.perf_counter()
             nodes_before = len(graph.nodes)
-            work = graph.copy()  # a pass that raises leaves the caller's graph as it was
+            work = graph if self.in_place else graph.copy()  # else a pass that raises leaves the graph as it was
             sites = the_pass.match(work, ctx)
             selector = spec.sites
             applicable = [s for s in sites if s.applicable]

@@ -61,7 +61,7 @@ class CandidateEvaluator:
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
         if not pipeline:
             return self.base, Exactness.EXACT
-        result = PassManager(parse_pipeline(pipeline)).run(self.graph.copy(), self.ctx)
+        result = PassManager(parse_pipeline(pipeline), in_place=True).run(self.graph.copy(), self.ctx)
         return to_model(result.graph, self.base), result.exactness
 
     def evaluate(self, pipeline: str) -> Score:
