@@ -21,6 +21,9 @@ from hwnas.search.recipe import load_recipe
 from hwnas.verify import Tolerance, load_calibration
 
 
+DEFAULT_TRIALS, DEFAULT_TIME_BUDGET = 300, 50.0  # optimize: a search that ends within a minute on 2 cores
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as for every other bad input
         raise BadInputError(f"{self.prog}: {message}")
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_args(o)
     o.add_argument("--algorithm", default="evolution", help="evolution (default), random, greedy")
     o.add_argument("--space", default="curated", help="curated (default: PF-aligned choices) or uncurated")
-    o.add_argument("--trials", type=int, default=300, help="candidates to evaluate (default 300)")
+    o.add_argument("--trials", type=int, help=f"candidates to evaluate (default {DEFAULT_TRIALS}; with neither "
+                   f"--trials nor --time-budget the search also stops after {DEFAULT_TIME_BUDGET:g} s)")
     o.add_argument("--time-budget", type=float, metavar="S", help="stop the search after S seconds")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--workers", type=int, default=0, help="evaluation processes (default: one per core)")
@@ -313,6 +317,9 @@ def cmd_optimize(args) -> int:
     model = api.as_model(args.input)
     calibration = load_calibration(args.calib, model) if args.calib else None
     journal = args.journal or f"{args.output}.search.jsonl"
+    # an explicit --trials bounds the search exactly (reproducible, resumable); the default also caps the time
+    trials = args.trials or DEFAULT_TRIALS
+    time_budget = args.time_budget if args.trials or args.time_budget else DEFAULT_TIME_BUDGET
     best = [float("inf")]
 
     def progress(n, trial) -> None:
@@ -321,11 +328,11 @@ def cmd_optimize(args) -> int:
             bar.set_postfix_str(f"best {best[0]:.4f} ms")
         bar.update(n)
 
-    with tqdm(total=args.trials, desc="searching", unit="cand", disable=args.quiet or args.json or None) as bar:
+    with tqdm(total=trials, desc="searching", unit="cand", disable=args.quiet or args.json or None) as bar:
         result = api.optimize(
             model, args.target, exact=args.max_drift is None, max_drift=args.max_drift, calibration=calibration,
             input_shapes=parse_input_shapes(args.input_shape), algorithm=args.algorithm, space=args.space,
-            trials=args.trials, time_budget=args.time_budget, seed=args.seed, workers=args.workers,
+            trials=trials, time_budget=time_budget, seed=args.seed, workers=args.workers,
             memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
             max_params=parse_size(args.max_params) if args.max_params else None,
             max_peak_act=parse_size(args.max_peak_act) if args.max_peak_act else None,
