@@ -208,3 +208,21 @@ def test_renders_in_headless_chromium(tmp_path, page):
     assert after.sum() > 2000
     if os.environ.get("HWNAS_SAVE_SCREENSHOT"):  # docs/screenshot-report.png is made this way
         shutil.copyfile(png, os.environ["HWNAS_SAVE_SCREENSHOT"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+def test_a_real_optimize_report_renders_in_headless_chromium(tmp_path):
+    import matplotlib.image
+    import numpy as np
+
+    model = models.build("mobilenetv2", width=0.35, resolution=64)
+    result = api.optimize(model, TARGET, trials=12, workers=1, seed=0)
+    html_path = tmp_path / "optimize.html"
+    write_html(html_path, json.loads(dumps(result.report)))
+    png = tmp_path / "optimize.png"
+    shot = _chromium(f"--screenshot={png}", "--dump-dom", "--window-size=1280,2000", html_path.as_uri(),
+                     user_data=tmp_path / "ud")
+    assert png.exists(), shot.stderr[-2000:]
+    assert all(f'data-plot="{p}"' in shot.stdout for p in ("kernels", "pareto", "convergence"))
+    pixels = (matplotlib.image.imread(str(png))[..., :3] * 255).round().astype(np.uint8)
+    assert (pixels < 245).any(axis=-1).mean() > 0.03, "the page rendered (nearly) blank"
