@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from hwnas.graph.constants import lift_constants
+from hwnas.graph.constants import constant_node_signature, is_liftable
 from hwnas.graph.shapes import Shape, graph_inputs, infer_tensors
 
 _DEFAULT_ITEMSIZE = 4  # tensors whose type inference cannot name are assumed float32
@@ -144,14 +144,20 @@ def _itemsize(elem_type: int | None) -> int:
 
 
 def params_bytes(model: onnx.ModelProto) -> dict[str, int]:
-    """Bytes of the constant tensors the graph reads, by dtype name; shared tensors count once."""
-    lifted = lift_constants(model)
-    used = {t for n in lifted.graph.node for t in n.input} | {t for n in lifted.graph.node for t in _outer_reads(n)}
+    """Bytes of the constant tensors the graph reads, by dtype name; shared tensors count once.
+
+    Initializers and liftable Constant-node values (what `lift_constants` would lift), counted from
+    their declared type and dims: no weight is read or copied.
+    """
+    graph = model.graph
+    used = {t for n in graph.node for t in n.input} | {t for n in graph.node for t in _outer_reads(n)}
+    weights = [(t.name, t.data_type, tuple(t.dims)) for t in graph.initializer]
+    weights += [(n.output[0], *constant_node_signature(n)) for n in graph.node if is_liftable(n)]
     by_dtype: dict[str, int] = defaultdict(int)
-    for t in lifted.graph.initializer:
-        if t.name in used:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-            by_dtype[dtype.name] += int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+    for name, data_type, dims in weights:
+        if name in used:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+            by_dtype[dtype.name] += int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     return dict(sorted(by_dtype.items()))
 
 

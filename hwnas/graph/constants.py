@@ -34,8 +34,29 @@ def constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+def constant_node_signature(node: onnx.NodeProto) -> tuple[int, tuple[int, ...]] | None:
+    """(element type, dims) of what `constant_node_value` would return, without copying the tensor."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t.data_type, tuple(attr.t.dims)
+        if attr.name in _SCALAR_ATTRS:
+            dtype = np.dtype(_SCALAR_ATTRS[attr.name])
+            shape = np.shape(helper.get_attribute_value(attr))
+            return helper.np_dtype_to_tensor_dtype(dtype), tuple(shape)
+    return None
+
+
+def is_liftable(node: onnx.NodeProto) -> bool:
+    """A top-level node that `lift_constants` turns into an initializer."""
+    return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and constant_node_signature(node) is not None
+
+
 def lift_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of `model` whose top-level Constant nodes are initializers."""
+    """Return a copy of `model` whose top-level Constant nodes are initializers.
+
+    The copy holds copies of the weights held in memory; a lazily loaded model's big weights are
+    references to its data file (hwnas.graph.io), so copying it costs little.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     kept, lifted = [], []

@@ -4,24 +4,156 @@
 whatever the exporter did. `to_model` restores what a drop-in replacement must keep: the original's IR
 version, opset imports, metadata and the exact input/output declarations (dynamic dims included).
 Stale `value_info` is dropped because rewrites change channel counts.
+
+Large models (hwnas.graph.io, "Large models stay on disk"): a weight that a lazily loaded model keeps on
+disk becomes a Constant with `ExternalValues`, read (memory-mapped) only when a pass asks for its values.
+Passes write new arrays for the weights they change; `release_weights`, which the pass manager calls
+after every pass that changed a large graph and `to_model` calls before exporting one, moves those
+arrays to a temporary data file and turns weights that were read but not changed back into references,
+so that at most one pass's worth of new weights is ever held in memory and exporting copies none.
 """
 
 from __future__ import annotations
 
+import atexit
 import heapq
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from hwnas.graph import io as graph_io
 from hwnas.graph.constants import lift_constants
+
+
+class ExternalValues(LazyValues):
+    """The values of a weight kept on disk: memory-mapped read-only when first accessed.
+
+    `tensor` (what onnx-graphsurgeon exports) is a fresh TensorProto holding only the reference, so an
+    export never reads the weight, and renaming one Constant cannot rename another that shares it.
+    """
+
+    def __init__(self, tensor: onnx.TensorProto):
+        ref = graph_io.external_ref(tensor)
+        if ref is None:
+            raise ValueError(f"tensor {tensor.name!r} has no on-disk reference")
+        self.ref = ref
+        super().__init__(tensor)
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        out = onnx.TensorProto()
+        out.CopyFrom(self._proto)
+        return out
+
+    @tensor.setter
+    def tensor(self, value: onnx.TensorProto) -> None:
+        self._proto = onnx.TensorProto()
+        self._proto.CopyFrom(value)
+
+    def load(self) -> np.ndarray:
+        return graph_io.map_external(self.ref, self._proto.data_type, self.shape)
+
+    def __str__(self) -> str:
+        return f"ExternalValues (shape={self.shape}, dtype={self.dtype}, {self.ref.path}@{self.ref.offset})"
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(lift_constants(model))
+    for tensor in _constants(graph):
+        values = tensor._values
+        if type(values) is LazyValues and graph_io.external_ref(values.tensor) is not None:
+            tensor._values = ExternalValues(values.tensor)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
             tensor.shape = None  # recomputed on demand; a pass must never trust a stale shape
     return graph
+
+
+def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every Constant of the graph and of its subgraphs, each once."""
+    seen: set[int] = set()
+    pending = [graph]
+    while pending:
+        g = pending.pop()
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+        for node in g.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    pending.append(value)
+                elif isinstance(value, gs.Constant) and id(value) not in seen:
+                    seen.add(id(value))
+                    yield value
+
+
+def _weight_nbytes(tensor: gs.Constant) -> int:
+    values = tensor._values
+    return int(values.nbytes) if isinstance(values, (LazyValues, np.ndarray)) else 0
+
+
+def release_weights(graph: gs.Graph) -> int:
+    """For a graph with over `LARGE_MODEL_BYTES` of weights: write its large in-memory weights to a
+    temporary data file and hold them as references, so that the arrays are freed; weights that were
+    memory-mapped and not changed become references again without being copied. Returns the bytes
+    written. Smaller graphs are left alone.
+
+    The temporary files live until the process exits: a model exported from the graph may refer to them
+    after the graph is gone (they are copied into the output by `hwnas.graph.io.save_model`).
+    """
+    constants = list(_constants(graph))
+    if sum(map(_weight_nbytes, constants)) <= graph_io.LARGE_MODEL_BYTES:
+        return 0
+    spill: graph_io.DataFile | None = None
+    written = 0
+    try:
+        for tensor in constants:
+            values = tensor._values
+            if not isinstance(values, np.ndarray) or not _exports_as_is(tensor):
+                continue
+            mapped = graph_io.mapped_ref(values)
+            if mapped is not None:
+                ref, data_type = mapped
+            elif values.nbytes >= graph_io.INLINE_BYTES and _onnx_type(values) is not None:
+                if spill is None:
+                    spill = _spill_file()
+                offset, length = spill.write_array(values)
+                ref, data_type = graph_io.ExternalRef(spill.path, offset, length), _onnx_type(values)
+                written += length
+            else:
+                continue
+            tensor._values = ExternalValues(graph_io.reference_tensor(tensor.name, data_type, values.shape, ref))
+    finally:
+        if spill is not None:
+            spill.close()
+    return written
+
+
+def _exports_as_is(tensor: gs.Constant) -> bool:
+    """The Constant exports with its values' own dtype (no export_dtype conversion)."""
+    export = tensor._export_dtype
+    return export is None or (isinstance(export, np.dtype) and export == tensor._values.dtype)
+
+
+def _onnx_type(values: np.ndarray) -> int | None:
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return data_type if data_type in graph_io.MAPPABLE_TYPES else None
+
+
+def _spill_file() -> graph_io.DataFile:
+    folder = Path(tempfile.mkdtemp(prefix="hwnas-weights-")).resolve()
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return graph_io.DataFile(folder / "weights.data")
 
 
 def stable_toposort(graph: gs.Graph) -> gs.Graph:
@@ -61,7 +193,10 @@ def stable_toposort(graph: gs.Graph) -> gs.Graph:
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """The ModelProto of `graph`, with the template's signature and metadata. A large graph's weights
+    are released first (`release_weights`), so the model holds references, not copies, of them."""
     stable_toposort(graph.cleanup(remove_unused_graph_inputs=False))
+    release_weights(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     del model.opset_import[:]
@@ -80,8 +215,18 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a weight tensor, or None when it is computed at run time."""
-    return tensor.values if isinstance(tensor, gs.Constant) else None
+    """The value of a weight tensor, or None when it is computed at run time.
+
+    A weight kept on disk (`ExternalValues`) comes back memory-mapped afresh and is not cached on the
+    Constant: the pages the caller reads are dropped as soon as it lets go of the array. (Caching it, as
+    `Constant.values` does, would keep every weight a pass ever read resident until the garbage
+    collector gets to the replaced Constants, which onnx-graphsurgeon links in reference cycles.)
+    """
+    if not isinstance(tensor, gs.Constant):
+        return None
+    if isinstance(tensor._values, ExternalValues):
+        return tensor._values.load()
+    return tensor.values
 
 
 def consumers(tensor: gs.Tensor) -> list[gs.Node]:

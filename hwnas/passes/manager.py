@@ -3,6 +3,10 @@
 Like MLIR's pass manager, every step leaves a record (sites matched, applied and skipped with their
 reasons, node count change, time) and, with `verify_each`, a verifier runs after each pass so that a
 broken rewrite is pinned on the pass that made it, naming the passes that ran before.
+
+Copying a graph per pass copies no weights (onnx-graphsurgeon shares the arrays). For a model over
+`hwnas.graph.io.LARGE_MODEL_BYTES` the weights a pass wrote are moved to a temporary data file after it
+(`release_weights`), so a pipeline holds at most one pass's new weights in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from hwnas.errors import CheckFailedError
-from hwnas.graph.gsgraph import stable_toposort
+from hwnas.graph.gsgraph import release_weights, stable_toposort
 from hwnas.passes.base import Exactness, PassContext, Site
 from hwnas.passes.pipeline import Pipeline
 
@@ -106,6 +110,7 @@ class PassManager:
             if result is not None and result.modified:
                 graph = result.model
                 stable_toposort(graph.cleanup())
+                release_weights(graph)  # a large model's new weights go to disk before the next pass adds more
             record = PassRecord(
                 spec=str(spec),
                 exactness=the_pass.exactness,

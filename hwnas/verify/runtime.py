@@ -2,6 +2,13 @@
 
 The reference is the model as written, run with every graph optimization off, so that ORT's own
 rewrites cannot hide (or cause) a difference.
+
+A lazily loaded model (weights left on disk, hwnas.graph.io) is handed to ORT with its external data:
+the model's bytes with every location relative to one folder, and that folder, so ORT memory-maps
+the data files itself rather than receiving a copy. A mapped weight costs resident memory once ORT
+has read it, for as long as the session lives; so a verification session of such a model
+(`optimized=False`) maps its weights only while it runs (`MappedSession`), and a reference and a
+candidate never hold both sets of weights at once. docs/large-models.md has the numbers.
 """
 
 from __future__ import annotations
@@ -9,12 +16,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from hwnas.errors import CheckFailedError
+from hwnas.graph.io import with_relative_refs
 from hwnas.graph.shapes import Shape, graph_inputs
 
 _SESSION_BYTES_LIMIT = 1 << 30  # beyond this hand ORT a file, not serialized bytes
@@ -25,7 +34,7 @@ def make_session(
     optimized: bool = False,
     threads: int = 1,
     providers: list | None = None,
-) -> ort.InferenceSession:
+) -> ort.InferenceSession | MappedSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -34,6 +43,13 @@ def make_session(
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
+    shell, folder = with_relative_refs(model)
+    if folder:  # weights on disk: ORT reads them from `folder`
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        data = shell.SerializeToString()
+        if optimized:
+            return _open(data, opts, providers)
+        return MappedSession(data, opts, providers)
     try:
         if model.ByteSize() < _SESSION_BYTES_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
@@ -44,6 +60,55 @@ def make_session(
             return ort.InferenceSession(path, opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
         raise CheckFailedError(f"cannot verify: ONNX Runtime cannot load the model ({_first_line(e)})") from None
+
+
+def _open(model: bytes, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
+        raise CheckFailedError(f"cannot verify: ONNX Runtime cannot load the model ({_first_line(e)})") from None
+
+
+@dataclass(frozen=True)
+class IOInfo:
+    """What a session says about an input or output (ORT's NodeArg, without a tie to the session)."""
+
+    name: str
+    type: str
+    shape: list
+
+
+class MappedSession:
+    """An InferenceSession for a model whose weights ORT memory-maps, open only while it runs.
+
+    It answers `run`, `get_inputs`, `get_outputs` and `get_providers` like an InferenceSession. Each
+    `run` opens a session (ORT maps the data files: milliseconds), runs it and closes it, which unmaps
+    the weights it read; loading errors surface here, when the session is made, as they would for a
+    plain one.
+    """
+
+    def __init__(self, model: bytes, opts: ort.SessionOptions, providers: list):
+        self._model, self._opts, self._providers = model, opts, providers
+        session = _open(model, opts, providers)
+        self._inputs = [IOInfo(a.name, a.type, list(a.shape)) for a in session.get_inputs()]
+        self._outputs = [IOInfo(a.name, a.type, list(a.shape)) for a in session.get_outputs()]
+        self._provider_names = session.get_providers()
+
+    def get_inputs(self) -> list[IOInfo]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[IOInfo]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return list(self._provider_names)
+
+    def run(self, output_names, input_feed, run_options=None) -> list:
+        session = _open(self._model, self._opts, self._providers)
+        try:
+            return session.run(output_names, input_feed, run_options)
+        finally:
+            del session
 
 
 def _first_line(e: BaseException) -> str:
