@@ -243,7 +243,7 @@ def test_a_wrong_fill_is_caught(monkeypatch):
         api.run(net.model(residual_add(net)), ALIGN8)
 
 
-@pytest.mark.parametrize("options", ["multiple=0", "mode=trim", "multiple=x"])
+@pytest.mark.parametrize("options", ["multiple=0", "mode=grow", "multiple=x"])
 def test_bad_options_are_usage_errors(options):
     with pytest.raises(BadInputError):
         parse_pipeline(f"align-channels{{{options}}}").steps[0].instantiate()

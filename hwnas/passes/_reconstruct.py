@@ -203,19 +203,22 @@ class NormalEquations:
         error = np.sum(theta * (self.gram @ theta)) - 2 * np.sum(theta * self.cross) + self.target_energy
         return float(max(error, 0.0) / max(self.target_energy, 1e-30))
 
-    def solve(self, ridge: float, prior: np.ndarray) -> np.ndarray:
-        """(AᵀA + μI)·θ = AᵀY + μ·θ₀ with μ = ridge · mean(diag AᵀA); θ is (F + 1, M)."""
+    def solve(self, ridge: float, prior: np.ndarray, bias: bool = True) -> np.ndarray:
+        """(AᵀA + μI)·θ = AᵀY + μ·θ₀ with μ = ridge · mean(diag AᵀA); θ is (F + 1, M).
+
+        `bias=False` fits the weights alone (an op with nowhere to put a bias: MatMul); θ's last row is 0."""
         scale = float(np.trace(self.gram)) / len(self.gram)
         mu = ridge * max(scale, 1e-30)
-        system = self.gram + mu * np.eye(len(self.gram))
-        theta = np.empty_like(self.cross)
+        kept = slice(None) if bias else slice(0, -1)
+        system = self.gram[kept, kept] + mu * np.eye(len(self.gram[kept]))
+        theta = np.zeros_like(self.cross)
         for start in range(0, theta.shape[1], _SOLVE_GROUP):
             group = slice(start, start + _SOLVE_GROUP)
-            rhs = self.cross[:, group] + mu * prior[:, group]
+            rhs = self.cross[kept, group] + mu * prior[kept, group]
             try:
-                theta[:, group] = np.linalg.solve(system, rhs)
+                theta[kept, group] = np.linalg.solve(system, rhs)
             except np.linalg.LinAlgError:  # singular even with the ridge (ridge=0, too few rows)
-                theta[:, group] = np.linalg.lstsq(system, rhs, rcond=None)[0]
+                theta[kept, group] = np.linalg.lstsq(system, rhs, rcond=None)[0]
         return theta
 
 
@@ -251,9 +254,12 @@ def fit_conv(
     feeds: Sequence[Mapping[str, np.ndarray]],
     ridge: float,
     seed: int | Sequence[int] = 0,
+    target_channels: np.ndarray | None = None,
 ) -> ConvFit:
     """Weights of a group-1 conv reading `source_tensor` of `source` whose output best matches
-    `target_tensor` of `target` on the feeds (ridge towards the prior; see the module docstring)."""
+    `target_tensor` of `target` on the feeds (ridge towards the prior; see the module docstring).
+
+    `target_channels`: match only these channels of the target (the conv's outputs were pruned)."""
     out_channels = prior_weight.shape[0]
     features = int(np.prod(prior_weight.shape[1:]))
     equations = NormalEquations(features, out_channels)
@@ -262,6 +268,7 @@ def fit_conv(
     pairs = zip(iter_activations(source, [source_tensor], feeds), iter_activations(target, [target_tensor], feeds))
     for got, want in pairs:
         x, y = got[source_tensor], want[target_tensor]
+        y = y if target_channels is None else y[:, target_channels]
         for xi, yi in zip(x, y):  # one image of the batch at a time
             expected = geometry.output_size(*xi.shape[1:])
             conv_like = expected == yi.shape[1:] and yi.shape[0] == out_channels

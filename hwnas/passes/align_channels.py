@@ -1,12 +1,15 @@
-"""align-channels{multiple=N,mode=pad}: every channel group to a multiple of N channels, by adding
-channels that change nothing (exact).
+"""align-channels{multiple=N,mode=pad|trim}: every channel group to a multiple of N channels, by adding
+channels that change nothing (mode=pad, exact) or by removing the least useful ones and refitting
+the consumers (mode=trim, reconstructed).
 
 Before → After (N = 8; one group of 30 channels, see hwnas/graph/channels.py)::
 
     x ─► Conv_a(W_a[30,K]) ─► BN(30) ─► HardSwish ─┬─► Conv_b(W_b[M,30]) ─► y
                                                    └─► Conv_c(W_c[L,30]) ─► z
-    x ─► Conv_a(W_a[32,K]) ─► BN(32) ─► HardSwish ─┬─► Conv_b(W_b[M,32]) ─► y
-                                                   └─► Conv_c(W_c[L,32]) ─► z
+    pad:  x ─► Conv_a(W_a[32,K]) ─► BN(32) ─► HardSwish ─┬─► Conv_b(W_b[M,32]) ─► y
+                                                         └─► Conv_c(W_c[L,32]) ─► z
+    trim: x ─► Conv_a(W_a[S,K]) ─► BN(S) ─► HardSwish ─┬─► Conv_b(W_b'[M,24]) ─► y    S: 24 kept channels
+                                                       └─► Conv_c(W_c'[L,24]) ─► z    W_b', W_c' refitted
 
 The whole group is padded together: its producers' weights get new output rows and their biases new
 entries, its consumers' weights new input columns, its pass-through ops' per-channel constants new
@@ -29,34 +32,44 @@ Concatenated groups (a Concat along channels and what follows it) are padded per
 group that gets k new channels gets them at the end of its segment, in the middle of the concat output,
 and the concat's consumers get zero input columns at those positions.
 
+mode=trim: a group of C channels keeps the ⌊C/N⌋·N channels from which its consumers' outputs can best
+be rebuilt and loses the others everywhere they are indexed; the consumers are then refitted by ridge
+least squares on calibration data so that their outputs match the original's (`hwnas.passes._pruning`:
+the channel selection, the refit, the calibration; scale-depth does the same with another count). A
+group of fewer than N channels would lose them all: it is a site with that reason.
+
 Sites are the plain groups whose count is not a multiple of N; blocked groups are sites with their
 reason. Groups already aligned are not sites, nor groups that no weight reads or writes (the axis-1
 "channels" after a Transpose), nor concatenated groups (they follow their segments).
-
-`mode` has one value, `pad`: trimming the least important channels and refitting the consumers
-(`mode=trim`, reconstructed) is not implemented.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from hwnas.errors import BadInputError
 from hwnas.graph.channels import ChannelGroup, ChannelParam, Segment, analyze_channel_groups, node_labels
-from hwnas.graph.gsgraph import const_value, to_model, unique_name
+from hwnas.graph.gsgraph import to_model
 from hwnas.graph.shapes import tensor_shapes
-from hwnas.passes.base import Pass, PassContext, PassResult, Site, option
+from hwnas.passes import _pruning
+from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
 from hwnas.passes.registry import register_pass
 
 
 @dataclass(frozen=True)
 class AlignOptions:
     multiple: int = option(8, "channel counts become multiples of this")
-    mode: str = option("pad", "pad: add zero channels (exact)", choices=("pad",))
+    mode: str = option(
+        "pad",
+        "pad: add zero channels (exact); trim: remove the least useful channels and refit the consumers "
+        "on calibration data (reconstructed)",
+        choices=("pad", "trim"),
+    )
 
 
 @dataclass(frozen=True)
@@ -71,29 +84,22 @@ def aligned(channels: int, multiple: int) -> int:
     return -(-channels // multiple) * multiple
 
 
+def trimmed(channels: int, multiple: int) -> int:
+    return channels // multiple * multiple
+
+
 def channel_groups(graph: gs.Graph, ctx: PassContext) -> list[ChannelGroup]:
     """The channel groups of `graph` at the context's analysis input shapes."""
     shapes = tensor_shapes(to_model(graph.copy(), ctx.template), ctx.input_shapes)
     return analyze_channel_groups(graph, shapes)
 
 
-def describe(group: ChannelGroup, target: int, widens: tuple[ChannelGroup, ...]) -> str:
-    tensors = f"{len(group.members)} tensor{'s' if len(group.members) != 1 else ''}"
-    text = f"group of {tensors}, {group.channels} channels → {target}"
-    text += f" (producers {', '.join(group.producers) or 'none'}; consumers {', '.join(group.consumers) or 'none'})"
-    if widens:
-        plural = "s" if len(widens) > 1 else ""
-        text += f"; widens the concat group{plural} of {', '.join(g.members[0] for g in widens)}"
-    return text
-
-
 def padded(
     value: np.ndarray, param: ChannelParam, segments: tuple[Segment, ...], pads: Mapping[int, int]
 ) -> np.ndarray:
     """`value` with `pads[g]` entries of `param.fill` after segment g along `param.axis`."""
-    bounds = np.cumsum([s.channels for s in segments])[:-1]
     pieces = []
-    for s, piece in zip(segments, np.split(value, bounds, axis=param.axis)):
+    for s, piece in zip(segments, np.split(value, _pruning.segment_bounds(segments), axis=param.axis)):
         pieces.append(piece)
         if pads.get(s.group):
             shape = list(value.shape)
@@ -105,25 +111,14 @@ def padded(
 def pad_group(graph: gs.Graph, nodes: Mapping[str, gs.Node], group: ChannelGroup, pads: Mapping[int, int]) -> None:
     """Rewrite every constant indexed by `group`'s channels (new constants; the old are not touched)."""
     count = sum(s.channels + pads.get(s.group, 0) for s in group.segments)
-    for param in group.params:
-        node = nodes[param.node]
-        old = node.inputs[param.input]
-        value = const_value(old)
-        if param.shape_vector:
-            new = value.copy()
-            new[param.axis] = count
-        else:
-            new = padded(value, param, group.segments, pads)
-        node.inputs[param.input] = gs.Constant(unique_name(graph, f"{old.name}_aligned"), new)
-    for label in group.passthrough:
-        if nodes[label].op == "Conv":  # a pass-through Conv is depthwise: one group per channel
-            nodes[label].attrs["group"] = count
+    widen = partial(padded, segments=group.segments, pads=pads)
+    _pruning.rewrite_group(graph, nodes, group, count, widen, "aligned")
 
 
 @register_pass
 class AlignChannels(Pass):
     name = "align-channels"
-    summary = "channel counts to multiples of N by zero-padding whole channel groups"
+    summary = "channel counts to multiples of N: zero-pad whole channel groups, or trim them and refit the consumers"
     Options = AlignOptions
 
     def __init__(self, **options):
@@ -131,21 +126,44 @@ class AlignChannels(Pass):
         if self.options.multiple < 1:
             raise BadInputError(f"pass {self.name!r}: option multiple={self.options.multiple} must be at least 1")
 
+    @property
+    def exactness(self) -> Exactness:
+        return Exactness.EXACT if self.options.mode == "pad" else Exactness.RECONSTRUCTED
+
+    @classmethod
+    def exactness_doc(cls) -> str:
+        return "exact (mode=pad) / reconstructed (mode=trim)"
+
     def match(self, graph: gs.Graph, ctx: PassContext) -> list[Site]:
         groups = channel_groups(graph, ctx)
+        if self.options.mode == "trim":
+            return _pruning.pruning_sites(graph, groups, self._trim_target, refit=True)
         sites = []
         for group in groups:
             if group.concatenated or group.channels % self.options.multiple == 0:
                 continue
             if not (group.producers or group.consumers):
                 continue  # no weight is indexed by these channels: nothing to align (e.g. after a Transpose)
-            widens = tuple(g for g in groups if g.concatenated and any(s.group == group.id for s in g.segments))
+            widens = _pruning.concatenations_of(groups, group)
             target = aligned(group.channels, self.options.multiple)
-            nodes = tuple(dict.fromkeys(group.producers + group.passthrough + group.consumers))
-            sites.append(Site(nodes, describe(group, target, widens), group.blocked_reason, Padding(group, widens)))
+            description = _pruning.describe(group, target, widens)
+            sites.append(Site(_pruning.site_nodes(group), description, group.blocked_reason, Padding(group, widens)))
         return sites
 
+    def _trim_target(self, group: ChannelGroup) -> tuple[int, str | None] | None:
+        multiple = self.options.multiple
+        if group.channels % multiple == 0:
+            return None
+        target = trimmed(group.channels, multiple)
+        if target == 0:
+            return 0, f"has {group.channels} channels, fewer than {multiple}: trimming would remove them all"
+        return target, None
+
     def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
+        if self.options.mode == "trim":
+            settings = _pruning.PruneSettings(owner=f"{self.name}{{mode=trim}}")
+            stats = _pruning.prune(graph, [site.data for site in sites], ctx, settings)
+            return PassResult(graph, bool(sites), stats)
         plain = [site.data.group for site in sites]
         pads = {g.id: aligned(g.channels, self.options.multiple) - g.channels for g in plain}
         touched = {g.id: g for site in sites for g in (site.data.group, *site.data.widens)}
