@@ -29,6 +29,8 @@ from hwnas.passes.registry import get_pass
 
 KEEP = "keep"
 PREFIX = "fold-bn,fold-affine,fold-constants"  # exact clean-ups every candidate starts from
+# the reference work's "handful of multipliers"; channel counts round to the PF (uncurated: to 1)
+CURATED_MULTIPLIERS = ("0.75", "0.6", "0.5")
 _SAFE_NAME = re.compile(r"^[^,{}=;\s]+$")  # names the pipeline grammar can carry in a selector
 
 
@@ -37,7 +39,7 @@ class Decision:
     """One site and what may be done there. `choices[0]` is always "keep" (leave the site as it is)."""
 
     key: str
-    kind: str  # "dw", "align", "fuse", "mbconv"
+    kind: str  # "depth" (global multiplier), "dw", "align", "fuse", "mbconv"
     anchor: str
     choices: tuple[str, ...]
     channels: int = 0
@@ -71,12 +73,21 @@ class SearchSpace:
             choice = candidate.get(d.key, KEEP)
             if choice == KEEP:
                 continue
-            by_step.setdefault(_step_for(d.kind, choice), []).append("@" + d.anchor)
+            by_step.setdefault(_step_for(d.kind, choice), []).append(d.anchor)
         order = sorted(by_step, key=_step_order)
-        return ",".join(step.replace("}", f",sites={';'.join(by_step[step])}}}") for step in order)
+        return ",".join(_with_sites(step, by_step[step]) for step in order)
+
+
+def _with_sites(step: str, anchors: list[str]) -> str:
+    if anchors == [""]:  # a global decision: the pass runs everywhere
+        return step
+    return step.replace("}", f",sites={';'.join('@' + a for a in anchors)}}}")
 
 
 def _step_for(kind: str, choice: str) -> str:
+    if kind == "depth":  # "m0.75r32": multiplier 0.75, channel counts rounded to 32
+        multiplier, round_to = choice.removeprefix("m").split("r")
+        return f"scale-depth{{multiplier={multiplier},round_to={round_to}}}"
     if kind == "align":
         return f"align-channels{{multiple={choice.removeprefix('pad')},mode=pad}}"
     if kind == "fuse":
@@ -90,7 +101,8 @@ def _step_for(kind: str, choice: str) -> str:
 
 def _step_order(step: str) -> tuple:
     """Pad first (regrouping needs the padded counts; grouped convs block channel groups), then fuse, then regroup."""
-    rank = {"align-channels": 0, "fuse-ibn{mode=linear": 1, "fuse-ibn{mode=mbconv": 2, "replace-conv": 3}
+    rank = {"scale-depth": -1, "align-channels": 0, "fuse-ibn{mode=linear": 1, "fuse-ibn{mode=mbconv": 2,
+            "replace-conv": 3}
     return next(v for k, v in rank.items() if step.startswith(k)), step
 
 
@@ -122,6 +134,12 @@ def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions) -> Sea
     _add(space, "dw", dw_sites, dw_choices, lambda s: _conv_channels(nodes[s.nodes[0]]), nodes, shapes)
     fuse_sites = _applicable(graph, ctx, "fuse-ibn", mode="linear")
     _add(space, "fuse", fuse_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
+    if options.allow_reconstructed and _offers(graph, ctx, "scale-depth"):
+        if options.curated:
+            choices = tuple(f"m{m}r{pf}" for m in CURATED_MULTIPLIERS)
+        else:
+            choices = tuple(f"m{m / 20:g}r1" for m in range(8, 20))
+        space.decisions.insert(0, Decision("depth:model", "depth", "", (KEEP, *choices)))
     if options.allow_reconstructed and _offers(graph, ctx, "fuse-ibn", mode="mbconv"):
         mb_sites = _applicable(graph, ctx, "fuse-ibn", mode="mbconv")
         _add(space, "mbconv", mb_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
