@@ -29,7 +29,7 @@ from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.verify.equivalence import cosine
-from hwnas.verify.runtime import make_session, run
+from hwnas.verify.runtime import make_session, run_per_sample
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class CandidateEvaluator:
     def drift(self, model: onnx.ModelProto) -> float:
         if self.reference_outputs is None or self.ctx.calibration is None:
             raise ValueError("reconstructed candidates need calibration data")
-        outputs = run(make_session(model), {k: v for k, v in self.ctx.calibration.items()})
+        outputs = run_per_sample(make_session(model), self.ctx.calibration)
         return 1.0 - min(cosine(r, c) for r, c in zip(self.reference_outputs, outputs))
 
 

@@ -34,7 +34,7 @@ from hwnas.search.evaluate import CandidateEvaluator, Journal, Score
 from hwnas.search.recipe import full_pipeline
 from hwnas.search.space import KEEP, PREFIX, SearchSpace, SpaceOptions, build_space
 from hwnas.targets.base import Target
-from hwnas.verify.runtime import make_session, run
+from hwnas.verify.runtime import make_session, run_per_sample
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def run_search(
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
     base = to_model(prepared.copy(), original)
     space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed))
-    reference = run(make_session(original), calibration) if allow_reconstructed and calibration else None
+    reference = run_per_sample(make_session(original), calibration) if allow_reconstructed and calibration else None
     limits = settings.limits
     needs_memory = any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
     evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=needs_memory)

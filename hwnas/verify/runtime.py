@@ -152,3 +152,12 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[
         return session.run(None, dict(feeds))
     except Exception as e:
         raise CheckFailedError(f"cannot verify: ONNX Runtime failed to run the model ({_first_line(e)})") from None
+
+
+def run_per_sample(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run each sample (first axis of every feed) on its own, as calibration data is stored, and join each
+    output's results flattened: a model exported with batch 1 accepts nothing else, and drift compares
+    outputs as flat vectors anyway."""
+    count = len(next(iter(feeds.values())))
+    per_sample = [run(session, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(count)]
+    return [np.concatenate([sample[j].ravel() for sample in per_sample]) for j in range(len(per_sample[0]))]

@@ -1,0 +1,82 @@
+"""`benchmarks/run_all.py --quick` reproduces the numbers committed in BENCHMARKS.md.
+
+BENCHMARKS.md ends with its tables' numbers as JSON (an HTML comment). Keys name every setting a number
+depends on, and the full run's searches are longer versions of the quick run's (a seeded search's first
+N candidates do not depend on how many follow), so the two runs share many keys: best-so-far latencies
+at fixed evaluation counts, byte counts, measured speed ratios. The shared ones must agree — simulated
+and other deterministic numbers tightly, measured ORT CPU ratios loosely (tolerances in
+benchmarks/_common.py, printed in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from _common import close, read_embedded_numbers  # noqa: E402
+
+# the quick sections whose numbers the full run also has (detector, segmenter, reconstruction: other settings)
+SECTIONS = ["search", "memory", "peers", "align"]
+MIN_SHARED = 10
+
+
+def committed_numbers() -> dict:
+    path = ROOT / "BENCHMARKS.md"
+    if not path.exists():
+        pytest.skip("no BENCHMARKS.md yet: run `python benchmarks/run_all.py`")
+    numbers = read_embedded_numbers(path.read_text(encoding="utf-8"))
+    if numbers is None:
+        pytest.skip("BENCHMARKS.md has no embedded numbers block: regenerate it with benchmarks/run_all.py")
+    return numbers
+
+
+def test_embedded_numbers_round_trip():
+    from _common import Numbers, embed_numbers
+
+    numbers = Numbers()
+    numbers.add("a/b", 1.5, "deterministic")
+    numbers.add("c", True, "measured")
+    text = "# title\n\n| table |\n" + embed_numbers(numbers)
+    assert read_embedded_numbers(text) == numbers.values
+    assert read_embedded_numbers("# no block") is None
+
+
+def test_close_uses_the_kind():
+    assert close("deterministic", 1.0005, 1.0)
+    assert not close("deterministic", 1.01, 1.0)
+    assert close("measured", 1.2, 1.0)
+    assert not close("measured", 1.5, 1.0)
+    assert close("measured", True, True) and not close("measured", False, True)
+
+
+@pytest.mark.slow
+def test_quick_run_matches_committed_numbers(tmp_path):
+    committed = committed_numbers()
+    out = tmp_path / "numbers.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--sections", *SECTIONS,
+         "--out", str(tmp_path / "BENCHMARKS.md"), "--plots", str(tmp_path / "plots"), "--numbers-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(out.read_text(encoding="utf-8"))
+    shared = sorted(set(fresh) & set(committed))
+    deterministic = [k for k in shared if committed[k]["kind"] == "deterministic"]
+    assert len(deterministic) >= MIN_SHARED, (
+        f"only {len(deterministic)} deterministic numbers in common with BENCHMARKS.md: regenerate it "
+        "(python benchmarks/run_all.py)"
+    )
+    wrong = [
+        f"{k}: quick run {fresh[k]['value']!r}, BENCHMARKS.md {committed[k]['value']!r} ({committed[k]['kind']})"
+        for k in shared
+        if not close(committed[k]["kind"], fresh[k]["value"], committed[k]["value"])
+    ]
+    assert not wrong, f"{len(wrong)} of {len(shared)} shared numbers differ:\n" + "\n".join(wrong)
