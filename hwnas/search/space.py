@@ -30,7 +30,7 @@ from hwnas.passes.registry import get_pass
 KEEP = "keep"
 PREFIX = "fold-bn,fold-affine,fold-constants"  # exact clean-ups every candidate starts from
 # the reference work's "handful of multipliers"; channel counts round to the PF (uncurated: to 1)
-CURATED_MULTIPLIERS = ("0.75", "0.6", "0.5")
+CURATED_MULTIPLIERS = ("0.75", "0.6", "0.5", "0.4")
 _SAFE_NAME = re.compile(r"^[^,{}=;\s]+$")  # names the pipeline grammar can carry in a selector
 
 
