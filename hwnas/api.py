@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from hwnas.advice import Hint
+from hwnas.advice import hints as advise
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
@@ -34,6 +36,8 @@ from hwnas.targets.npu import LaneUse
 from hwnas.verify import Tolerance, VerificationReport, verify_equivalence
 
 ModelLike = str | os.PathLike | onnx.ModelProto
+# cosine ≥ −1 always holds: a model that will be trained must load and run in ORT; its function may change
+ANY_DRIFT = 2.0
 
 
 def as_model(model: ModelLike) -> onnx.ModelProto:
@@ -242,6 +246,20 @@ def lane_warnings(target: Target, model: onnx.ModelProto, shapes: Mapping[str, S
     return messages
 
 
+def hints(
+    model: ModelLike,
+    target: str | Target = "npu-32x32",
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    estimator: str | os.PathLike | LatencyEstimator | None = None,
+) -> list[Hint]:
+    """Per-layer advice from the target's estimator: each single rewrite that pays, its step and saving (ms)."""
+    original = as_model(model)
+    the_target = get_target(target) if isinstance(target, str) else target
+    latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
+    return advise(original, the_target, resolve_input_shapes(original, input_shapes), latency_model)
+
+
 def profile(
     target: str | Target,
     budget: int = 2000,
@@ -311,12 +329,22 @@ def optimize(
     journal: str | os.PathLike | None = None,
     verify: bool = True,
     progress: Callable[[int, object], None] | None = None,
+    evaluate_cmd: str | None = None,
+    evaluate_timeout: float = 3600.0,
+    quality_tolerance: float = 0.01,
+    storage: str | None = None,
 ) -> OptimizeResult:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
 
     `exact=True` (default) allows only exact passes; `max_drift=X` allows reconstructed ones while the
     output cosine on the calibration inputs stays >= 1 - X (random inputs, with a warning, if none are
     given). Memory limits are bytes. `journal` keeps every score so that an interrupted search resumes.
+
+    For models that will be trained after the search, `algorithm="zero-shot"` scores candidates with the
+    NASWOT trainability proxy and `evaluate_cmd="CMD {model}"` with the command's score (higher is
+    better, e.g. accuracy after fine-tuning); reconstructed passes are then allowed, drift is not judged,
+    and a candidate's score may fall at most `quality_tolerance` of the original's below it. `storage`
+    (an SQLAlchemy URL, e.g. "sqlite:///search.db") evaluates in `workers` processes through it.
     """
     from hwnas.search.algorithms import Limits
     from hwnas.search.optimize import (
@@ -334,14 +362,20 @@ def optimize(
     shapes = resolve_input_shapes(original, input_shapes)
     latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
     warnings: list[str] = []
+    retrain = algorithm == "zero-shot" or evaluate_cmd is not None
     drift_allowed = max_drift if (max_drift is not None and not (exact and max_drift is None)) else None
+    if retrain:  # the candidates will be trained: any function will do, ORT must still run it
+        drift_allowed = ANY_DRIFT
     if drift_allowed is not None and calibration is None:
         calibration = random_calibration(original, shapes, samples=4, seed=seed)
-        warnings.append("no calibration data (--calib): reconstructed passes were fitted and judged on random inputs")
-    limits = Limits(drift_allowed or 0.0, memory_budget, max_params, max_peak_act)
+        judged = "" if retrain else " and judged"
+        warnings.append(f"no calibration data (--calib): reconstructed passes were fitted{judged} on random inputs")
+    limits = Limits(0.0 if retrain else drift_allowed or 0.0, memory_budget, max_params, max_peak_act)
     settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
-                              None if journal is None else str(journal))
+                              None if journal is None else str(journal), evaluate_cmd, evaluate_timeout,
+                              quality_tolerance, storage)
     outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress)
+    limits = outcome.limits  # with the quality floor the search set
     candidates = ranked_pipelines(outcome, limits)
     if not candidates:
         raise CheckFailedError(no_feasible_message(outcome, limits))
@@ -380,11 +414,16 @@ def optimize(
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
             "best_so_far": _best_so_far(outcome.trials, limits),
+            "quality": None if limits.min_quality is None else {
+                "kind": "evaluate-cmd" if evaluate_cmd else "naswot", "original": outcome.baseline.score.quality,
+                "floor": limits.min_quality, "chosen": chosen.score.quality,
+            },
+            "storage": storage,
             "expert_seed_latency_ms": next((t.score.latency_ms for t in outcome.trials if t.candidate == expert_candidate(outcome.space)), None),
         },
         "pareto": [
-            {"latency_ms": t.score.latency_ms, "drift": t.score.drift, "memory_bytes": t.score.memory_bytes,
-             "pipeline": t.pipeline, "chosen": t.pipeline == chosen.pipeline}
+            {"latency_ms": t.score.latency_ms, "drift": t.score.drift, "quality": t.score.quality,
+             "memory_bytes": t.score.memory_bytes, "pipeline": t.pipeline, "chosen": t.pipeline == chosen.pipeline}
             for t in outcome.pareto
         ],
         "recipe": recipe,

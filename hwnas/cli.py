@@ -17,7 +17,7 @@ from hwnas.errors import BadInputError, HwnasError
 from hwnas.graph.io import check_output_path, save_model
 from hwnas.graph.shapes import parse_input_shapes
 from hwnas.report.json_report import dumps, write_json
-from hwnas.search.recipe import load_recipe
+from hwnas.search.recipe import full_pipeline, load_recipe
 from hwnas.verify import Tolerance, load_calibration
 
 
@@ -90,13 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--max-drift", type=float, metavar="X", help="allow reconstructed passes while output cosine >= 1 - X")
     o.add_argument("--calib", help="calibration inputs (.npz) for reconstructed passes and drift")
     _add_shape_args(o)
-    o.add_argument("--algorithm", default="evolution", help="evolution (default), random, greedy")
+    o.add_argument("--algorithm", default="evolution",
+                   help="evolution (default), random, greedy, or zero-shot (for models you will train: "
+                        "evolution scored by the NASWOT trainability proxy)")
     o.add_argument("--space", default="curated", help="curated (default: PF-aligned choices) or uncurated")
     o.add_argument("--trials", type=int, help=f"candidates to evaluate (default {DEFAULT_TRIALS}; with neither "
                    f"--trials nor --time-budget the search also stops after {DEFAULT_TIME_BUDGET:g} s)")
     o.add_argument("--time-budget", type=float, metavar="S", help="stop the search after S seconds")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--workers", type=int, default=0, help="evaluation processes (default: one per core)")
+    o.add_argument("--storage", metavar="URL",
+                   help="evaluate through an Optuna RDB storage (an SQLAlchemy URL: sqlite:///search.db, postgresql://...)")
+    o.add_argument("--evaluate-cmd", metavar="'CMD {model}'",
+                   help="score each candidate with this command (last number printed, higher is better, e.g. "
+                        "accuracy after fine-tuning); run without a shell")
+    o.add_argument("--evaluate-timeout", type=float, default=3600.0, metavar="S", help="per candidate (default 3600)")
+    o.add_argument("--quality-tolerance", type=float, default=0.01, metavar="X",
+                   help="zero-shot / --evaluate-cmd: a candidate may score at most X of the original's score below it "
+                        "(default 0.01)")
     o.add_argument("--memory-budget", metavar="SIZE", help="params + peak activations, e.g. 4MB, 3.5MiB")
     o.add_argument("--max-params", metavar="SIZE")
     o.add_argument("--max-peak-act", metavar="SIZE")
@@ -107,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-verify", action="store_true", help="write without checking in ONNX Runtime (warns)")
     o.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    h = sub.add_parser("hints", help="per-layer advice from the target's estimator: what to regroup, fuse, align, and the saving")
+    h.add_argument("input")
+    h.add_argument("--target", required=True, help="cpu, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
+    _add_shape_args(h)
+    h.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
+    h.add_argument("--json", action="store_true", help="print JSON only")
 
     c = sub.add_parser("check", help="CI gate: budgets on estimated latency, memory and channel alignment (exit 1 if one fails)")
     c.add_argument("input")
@@ -337,6 +355,8 @@ def cmd_optimize(args) -> int:
             max_params=parse_size(args.max_params) if args.max_params else None,
             max_peak_act=parse_size(args.max_peak_act) if args.max_peak_act else None,
             estimator=args.estimator, journal=journal, verify=not args.no_verify, progress=progress,
+            evaluate_cmd=args.evaluate_cmd, evaluate_timeout=args.evaluate_timeout,
+            quality_tolerance=args.quality_tolerance, storage=args.storage,
         )
     save_model(result.model, args.output)
     report = {"input": str(args.input), "output": str(args.output), **result.report}
@@ -369,6 +389,18 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_hints(args) -> int:
+    found = api.hints(args.input, args.target, input_shapes=parse_input_shapes(args.input_shape), estimator=args.estimator)
+    if args.json:
+        print(dumps({"input": str(args.input), "target": args.target, "hints": [h.to_dict() for h in found]}))
+        return 0
+    for h in found:
+        needs = "" if h.exact else " --allow-drift X --calib DATA.npz"
+        print(f"{h.saving_ms:>9.4f} ms  {h.message}\n{'':14}hwnas run IN -o OUT --passes '{full_pipeline(h.pipeline)}'{needs}")
+    print(f"{len(found)} hints for {args.target}" if found else f"no single rewrite saves estimated latency on {args.target}")
+    return 0
+
+
 def cmd_check(args) -> int:
     from hwnas.report.junit import write_junit
 
@@ -393,7 +425,7 @@ def cmd_check(args) -> int:
     return 0 if result.passed else 1
 
 
-COMMANDS = {"check": cmd_check, "optimize": cmd_optimize, "passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
+COMMANDS = {"check": cmd_check, "hints": cmd_hints, "optimize": cmd_optimize, "passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

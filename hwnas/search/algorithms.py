@@ -1,4 +1,4 @@
-"""Search algorithms over a SearchSpace: evolution (NSGA-II), random, greedy local search.
+"""Search algorithms over a SearchSpace: evolution (NSGA-II), random, greedy local search, zero-shot.
 
 Evolution and random sampling come from Optuna (NSGA-II: a regularized, multi-objective evolutionary
 algorithm with constraint handling; `RandomSampler`); greedy is coordinate descent from the best seed
@@ -6,9 +6,12 @@ candidate, the way an expert refines a recipe one block at a time. All are seede
 in batches and told back in order, so the same seed and the same scores give the same search, which is
 what makes an interrupted search resumable from its journal of scores.
 
-Objectives: estimated latency, and drift when reconstructed passes are allowed. Constraints (memory
-budgets, the drift budget) make a candidate infeasible by how much it exceeds them; the best candidate
-is the fastest feasible one, and the Pareto front lists the non-dominated (latency, drift, memory) points.
+Objectives: estimated latency, and drift when reconstructed passes are allowed — or, for candidates
+that will be trained, their quality (maximised): the trainability proxy for `zero-shot` (NSGA-II scored
+by hwnas.search.proxy) or the --evaluate-cmd score with any algorithm. Constraints (memory budgets, the
+drift budget, the quality floor) make a candidate infeasible by how much it misses them; the best
+candidate is the fastest feasible one, and the Pareto front lists the non-dominated (latency,
+drift or −quality, memory) points.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from optuna.trial import TrialState
 from hwnas.search.evaluate import Score
 from hwnas.search.space import SearchSpace
 
-ALGORITHMS = ("evolution", "random", "greedy")
+ALGORITHMS = ("evolution", "random", "greedy", "zero-shot")
 ScoreBatch = Callable[[list[str]], list[Score]]
 
 
@@ -35,13 +38,18 @@ class Limits:
     memory_budget: int | None = None
     max_params: int | None = None
     max_peak_act: int | None = None
+    min_quality: float | None = None  # a floor on Score.quality (zero-shot proxy, --evaluate-cmd score)
 
     def violations(self, score: Score) -> list[float]:
         """How far over each limit the score is, relative to the limit (≤ 0 means within it)."""
         checks = [(score.drift, self.max_drift if self.max_drift > 0 else 1e-12)]
         checks += [(v, lim) for v, lim in ((score.memory_bytes, self.memory_budget), (score.params_bytes, self.max_params),
                                             (score.peak_activation_bytes, self.max_peak_act)) if lim is not None]
-        return [(value - limit) / limit for value, limit in checks]
+        excess = [(value - limit) / limit for value, limit in checks]
+        if self.min_quality is not None:  # a floor, not a ceiling: how far below it, relative to its size
+            quality = score.quality if score.quality is not None else float("-inf")
+            excess.append((self.min_quality - quality) / max(abs(self.min_quality), 1e-12))
+        return excess
 
     def feasible(self, score: Score) -> bool:
         return score.error is None and all(v <= 0 for v in self.violations(score))
@@ -64,15 +72,15 @@ def rank_key(limits: Limits) -> Callable[[Trial], tuple]:
 
 
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
-    """Trials no other trial beats on every one of latency, drift and memory (errors excluded)."""
+    """Trials no other trial beats on every one of latency, drift (or quality) and memory (errors excluded)."""
     points = [t for t in trials if t.score.error is None]
     unique = {}
     for t in points:  # one trial per distinct score, the earliest
-        unique.setdefault((t.score.latency_ms, t.score.drift, t.score.memory_bytes), t)
+        unique.setdefault((t.score.latency_ms, t.score.fidelity_loss, t.score.memory_bytes), t)
 
     def dominates(a: Score, b: Score) -> bool:
-        worse = (a.latency_ms > b.latency_ms, a.drift > b.drift, a.memory_bytes > b.memory_bytes)
-        better = (a.latency_ms < b.latency_ms, a.drift < b.drift, a.memory_bytes < b.memory_bytes)
+        worse = (a.latency_ms > b.latency_ms, a.fidelity_loss > b.fidelity_loss, a.memory_bytes > b.memory_bytes)
+        better = (a.latency_ms < b.latency_ms, a.fidelity_loss < b.fidelity_loss, a.memory_bytes < b.memory_bytes)
         return not any(worse) and any(better)
 
     front = [t for t in unique.values() if not any(dominates(o.score, t.score) for o in unique.values())]
@@ -123,15 +131,15 @@ def search(
 
 def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_left) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    two_objectives = limits.max_drift > 0
-    if algorithm == "evolution":
+    two_objectives = limits.max_drift > 0 or limits.min_quality is not None
+    if algorithm in ("evolution", "zero-shot"):
         population = max(8, min(40, len(space.decisions) * 2))
         sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(directions=["minimize"] * (2 if two_objectives else 1), sampler=sampler)
     distributions = {d.key: CategoricalDistribution(d.choices) for d in space.decisions}
-    if algorithm == "evolution":  # warm start: the first generation surrounds the seeds (expert advice)
+    if algorithm in ("evolution", "zero-shot"):  # warm start: the first generation surrounds the seeds (expert advice)
         seeds = seeds + neighbours(space, seeds[-1], population - len(seeds), seed)
     for candidate in seeds:
         study.enqueue_trial(dict(candidate))
@@ -144,7 +152,7 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
                 continue
             for i, violation in enumerate(limits.violations(score)):
                 optuna_trial.set_constraint(f"limit{i}", violation)
-            study.tell(optuna_trial, [score.latency_ms, score.drift] if two_objectives else score.latency_ms)
+            study.tell(optuna_trial, [score.latency_ms, score.fidelity_loss] if two_objectives else score.latency_ms)
 
 
 def neighbours(space: SearchSpace, center: Mapping[str, str], count: int, seed: int) -> list[dict[str, str]]:

@@ -5,6 +5,10 @@ candidates have zero drift by construction (the winner is verified with ONNX Run
 written); reconstructed ones are run in ONNX Runtime on the calibration inputs and compared with the
 original's outputs: drift = 1 − the smallest output cosine.
 
+Candidates that will be trained (zero-shot, --evaluate-cmd) are judged by a *quality* instead, higher
+is better: the zero-shot trainability proxy (hwnas.search.proxy) or the user's score after fine-tuning
+(hwnas.search.external). Their drift is not measured: the weights they are written with are a start.
+
 Every score is appended to a journal (one JSON line per candidate, flushed at once), so an interrupted
 search loses nothing: the same command run again reads the journal and evaluates only what is new.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from hwnas.graph.gsgraph import to_model
 from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
+from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import cosine
 from hwnas.verify.runtime import make_session, run_per_sample
 
@@ -40,28 +45,38 @@ class Score:
     drift: float  # 1 − min output cosine on the calibration inputs; 0 for exact candidates
     exact: bool
     error: str | None = None  # the candidate could not be built or run
+    quality: float | None = None  # higher is better: the zero-shot proxy or the --evaluate-cmd score; None otherwise
 
     @property
     def memory_bytes(self) -> int:
         return self.params_bytes + self.peak_activation_bytes
+
+    @property
+    def fidelity_loss(self) -> float:
+        """What the search minimises besides latency: −quality where a quality is scored, else the drift."""
+        return -self.quality if self.quality is not None else self.drift
 
 
 class CandidateEvaluator:
     """Scores pipelines on one prepared graph. Picklable state only, so worker processes can hold one."""
 
     def __init__(self, base: onnx.ModelProto, graph: gs.Graph, ctx: PassContext, estimator: LatencyEstimator,
-                 reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True):
+                 reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True,
+                 quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True):
         self.base = base
         self.graph = graph
         self.ctx = ctx
         self.estimator = estimator
         self.reference_outputs = reference_outputs
         self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
+        self.quality = quality
+        self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
 
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
         if not pipeline:
             return self.base, Exactness.EXACT
-        result = PassManager(parse_pipeline(pipeline), in_place=True).run(self.graph.copy(), self.ctx)
+        steps = pipeline if self.fit_weights else architecture_only(pipeline)
+        result = PassManager(parse_pipeline(steps), in_place=True).run(self.graph.copy(), self.ctx)
         return to_model(result.graph, self.base), result.exactness
 
     def evaluate(self, pipeline: str) -> Score:
@@ -70,11 +85,12 @@ class CandidateEvaluator:
             latency = self.estimator.estimate(model, self.ctx.input_shapes).latency_ms
             memory = footprint(model, self.ctx.input_shapes) if self.count_memory else None
             exact = exactness is Exactness.EXACT
-            drift = 0.0 if exact else self.drift(model)
+            drift = 0.0 if exact or self.quality is not None else self.drift(model)
+            quality = self.quality(model) if self.quality is not None else None
         except (HwnasError, ValueError, RuntimeError) as e:  # a candidate that cannot be built is a bad candidate
             return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}")
         params, peak = (memory.params_bytes, memory.peak_activation_bytes) if memory else (0, 0)
-        return Score(latency, params, peak, drift, exact)
+        return Score(latency, params, peak, drift, exact, quality=quality)
 
     def drift(self, model: onnx.ModelProto) -> float:
         if self.reference_outputs is None or self.ctx.calibration is None:

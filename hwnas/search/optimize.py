@@ -5,7 +5,9 @@
 3. Seed candidates — the baseline and the expert recipe (every depthwise conv regrouped with PF
    channels per group, every channel group padded to a multiple of PF) — go in first; then the
    algorithm runs for `trials` evaluations (or `time_budget` seconds), scored by the target's estimator,
-   in parallel worker processes, every score journaled.
+   in parallel worker processes (or, with `storage`, worker processes fed through an Optuna RDB storage:
+   hwnas.search.distributed), every score journaled. Candidates that will be trained (`zero-shot`,
+   `evaluate_cmd`) are also scored for quality and must keep the original's, less `quality_tolerance` of it.
 4. The best feasible candidate (fastest within the drift and memory limits) is applied to the original
    model and verified with ONNX Runtime: equivalence for exact pipelines, drift against the budget for
    reconstructed ones. If the winner fails, the next best is tried: nothing unverified is returned.
@@ -13,11 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -30,7 +33,10 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import ALGORITHMS, Limits, Trial, pareto_front, rank_key, search
+from hwnas.search.distributed import StorageWorkers
 from hwnas.search.evaluate import CandidateEvaluator, Journal, Score
+from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
+from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
 from hwnas.search.space import KEEP, PREFIX, SearchSpace, SpaceOptions, build_space
 from hwnas.targets.base import Target
@@ -47,12 +53,25 @@ class SearchSettings:
     workers: int = 0  # 0: one per CPU core
     limits: Limits = Limits()
     journal: str | None = None
+    evaluate_cmd: str | None = None  # the user's score for a candidate (higher is better), e.g. after fine-tuning
+    evaluate_timeout: float = DEFAULT_TIMEOUT_S
+    quality_tolerance: float = 0.01  # zero-shot / evaluate_cmd: how far below the original's quality, as a fraction
+    storage: str | None = None  # an SQLAlchemy URL: evaluate in `workers` processes through an Optuna storage
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise BadInputError(f"unknown --algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.trials < 1:
             raise BadInputError("--trials must be at least 1")
+        if self.algorithm == "zero-shot" and self.evaluate_cmd is not None:
+            raise BadInputError("--algorithm zero-shot scores candidates with its proxy, --evaluate-cmd with the command: give one")
+        if not 0 <= self.quality_tolerance < 1:
+            raise BadInputError(f"--quality-tolerance must be in [0, 1), got {self.quality_tolerance}")
+
+    @property
+    def retrain(self) -> bool:
+        """The candidates will be trained: judged by quality, not drift; reconstructed passes allowed."""
+        return self.algorithm == "zero-shot" or self.evaluate_cmd is not None
 
 
 @dataclass
@@ -63,6 +82,7 @@ class SearchOutcome:
     baseline: Trial
     pipeline: str  # the full pipeline applied to the original (prefix included)
     wall_s: float
+    limits: Limits  # the settings' limits, with the quality floor set from the original's score
     pareto: list[Trial] = field(default_factory=list)
 
 
@@ -94,6 +114,32 @@ def _evaluate_in_worker(pipeline: str) -> Score:
     return _WORKER.evaluate(pipeline)
 
 
+def _quality(settings: SearchSettings, shapes: Mapping[str, Shape]) -> Callable[[onnx.ModelProto], float] | None:
+    if settings.algorithm == "zero-shot":
+        return NaswotProxy(shapes, seed=settings.seed)
+    if settings.evaluate_cmd is not None:
+        return ExternalEvaluator(settings.evaluate_cmd, settings.evaluate_timeout)
+    return None
+
+
+def _quality_floor(original: Score, tolerance: float) -> float:
+    """The original's quality less `tolerance` of its size: a candidate must stay about as good as it."""
+    if original.error is not None or original.quality is None:
+        raise CheckFailedError(f"cannot score the original model's quality: {original.error}")
+    return original.quality - tolerance * abs(original.quality)
+
+
+def _evaluate_many(stack: contextlib.ExitStack, settings: SearchSettings, evaluator: CandidateEvaluator,
+                   workers: int) -> Callable[[list[str]], list[Score]] | None:
+    """How a batch is scored in parallel: storage workers, a process pool, or None (here, one by one)."""
+    if settings.storage:
+        return stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers)).map
+    if workers > 1:
+        pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
+        return lambda pipelines: pool.map(_evaluate_in_worker, pipelines)
+    return None
+
+
 def run_search(
     original: onnx.ModelProto,
     target: Target,
@@ -104,40 +150,41 @@ def run_search(
     progress: Callable[[int, Trial], None] | None = None,
 ) -> SearchOutcome:
     start = time.monotonic()
-    allow_reconstructed = settings.limits.max_drift > 0
+    allow_reconstructed = settings.limits.max_drift > 0 or settings.retrain
     ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=settings.seed)
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
     base = to_model(prepared.copy(), original)
     space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed))
-    reference = run_per_sample(make_session(original), calibration) if allow_reconstructed and calibration else None
+    reference = run_per_sample(make_session(original), calibration) if settings.limits.max_drift > 0 and calibration else None
     limits = settings.limits
     needs_memory = any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
-    evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=needs_memory)
+    evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=needs_memory,
+                                   quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot")
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
         "curated": settings.curated, "limits": vars(settings.limits), "shapes": {k: list(v) for k, v in shapes.items()},
+        "evaluate_cmd": settings.evaluate_cmd, "quality_tolerance": settings.quality_tolerance,
     })
     workers = settings.workers or multiprocessing.cpu_count()
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)) if workers > 1 else None
+    with contextlib.ExitStack() as stack:
+        evaluate_many = _evaluate_many(stack, settings, evaluator, workers)
 
-    def score_batch(pipelines: list[str]) -> list[Score]:
-        todo = list(dict.fromkeys(p for p in pipelines if p not in journal.scores))
-        fresh = pool.map(_evaluate_in_worker, todo) if pool and len(todo) > 1 else [evaluator.evaluate(p) for p in todo]
-        for pipeline, score in zip(todo, fresh):
-            journal.record(pipeline, score)
-        return [journal.scores[p] for p in pipelines]
+        def score_batch(pipelines: list[str]) -> list[Score]:
+            todo = list(dict.fromkeys(p for p in pipelines if p not in journal.scores))
+            fresh = evaluate_many(todo) if evaluate_many and len(todo) > 1 else [evaluator.evaluate(p) for p in todo]
+            for pipeline, score in zip(todo, fresh):
+                journal.record(pipeline, score)
+            return [journal.scores[p] for p in pipelines]
 
-    try:
+        if evaluator.quality is not None and limits.min_quality is None:
+            limits = replace(limits, min_quality=_quality_floor(score_batch([""])[0], settings.quality_tolerance))
         seeds = [space.baseline(), expert_candidate(space)]
-        trials = search(space, score_batch, settings.algorithm, settings.trials, settings.limits, settings.seed,
+        trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
                         seeds, settings.time_budget, batch_size=max(8, 2 * workers), progress=progress)
-    finally:
-        if pool:
-            pool.terminate()
     baseline = next(t for t in trials if t.pipeline == "")
-    ranked = sorted(trials, key=rank_key(settings.limits))
+    ranked = sorted(trials, key=rank_key(limits))
     return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), time.monotonic() - start,
-                         pareto_front(trials))
+                         limits, pareto_front(trials))
 
 
 def ranked_pipelines(outcome: SearchOutcome, limits: Limits) -> list[Trial]:
@@ -156,6 +203,8 @@ def no_feasible_message(outcome: SearchOutcome, limits: Limits) -> str:
     misses = []
     if limits.max_drift > 0 and best.drift > limits.max_drift:
         misses.append(f"drift {best.drift:.4g} > {limits.max_drift:g}")
+    if limits.min_quality is not None and (best.quality is None or best.quality < limits.min_quality):
+        misses.append(f"quality {best.quality} < floor {limits.min_quality:.6g}")
     for name, value, limit in (("params + peak activations", best.memory_bytes, limits.memory_budget),
                                ("params", best.params_bytes, limits.max_params),
                                ("peak activations", best.peak_activation_bytes, limits.max_peak_act)):
