@@ -11,6 +11,7 @@ benchmarks/_common.py, printed in BENCHMARKS.md).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,12 @@ def test_quick_run_matches_committed_numbers(tmp_path):
         f"only {len(deterministic)} deterministic numbers in common with BENCHMARKS.md: regenerate it "
         "(python benchmarks/run_all.py)"
     )
+    # Measured ORT CPU numbers are compared only when HWNAS_BENCH_MEASURED=1: on a shared CI machine the
+    # load decides them (spreads of 40-100 % were recorded), and a gate on noise would only be noise.
+    compared = shared if os.environ.get("HWNAS_BENCH_MEASURED") == "1" else deterministic
     wrong = [
         f"{k}: quick run {fresh[k]['value']!r}, BENCHMARKS.md {committed[k]['value']!r} ({committed[k]['kind']})"
-        for k in shared
+        for k in compared
         if not close(committed[k]["kind"], fresh[k]["value"], committed[k]["value"])
     ]
-    assert not wrong, f"{len(wrong)} of {len(shared)} shared numbers differ:\n" + "\n".join(wrong)
+    assert not wrong, f"{len(wrong)} of {len(compared)} shared numbers differ:\n" + "\n".join(wrong)

@@ -122,3 +122,19 @@ def test_control_flow_is_left_alone_and_verified():
     result = api.run(model, "fold-bn,eliminate-identity,fold-constants")
     assert result.verification.equivalent
     assert [n.op_type for n in result.model.graph.node].count("If") == 1
+
+
+def test_non_float_inputs_are_fed_and_verified():
+    from onnx import TensorProto
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["t"], name="conv"),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["t", "nf"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [tensor("x", [1, 2, 4, 4]), helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [tensor("y", [1, 2, 4, 4])], [const("w", np.ones((2, 2, 1, 1), np.float32))],
+    )
+    result = api.run(model, "fold-bn,eliminate-identity")
+    assert result.verification.equivalent
