@@ -64,10 +64,16 @@ class Trial:
 
 
 def rank_key(limits: Limits) -> Callable[[Trial], tuple]:
-    """Feasible before infeasible (least total excess first), then fastest, then the earliest found."""
+    """Feasible before infeasible (least total excess first), then fastest, then the earliest found.
+
+    Under a memory budget the goal is to fit with the least damage (the reference work's Blink case):
+    among feasible candidates the one with the least drift wins, latency breaks ties.
+    """
+    fit_first = any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
+
     def key(t: Trial) -> tuple:
         excess = sum(max(v, 0.0) for v in limits.violations(t.score)) if t.score.error is None else float("inf")
-        return (excess > 0, excess, t.score.latency_ms, t.number)
+        return (excess > 0, excess, t.score.fidelity_loss if fit_first else 0.0, t.score.latency_ms, t.number)
     return key
 
 
@@ -181,7 +187,7 @@ def _greedy(space, evaluate, limits, seeds, budget_left) -> None:
                 continue
             tried = evaluate([{**best.candidate, decision.key: c} for c in alternatives])
             challenger = min(tried, key=key)
-            if key(challenger)[:3] < key(best)[:3]:
+            if key(challenger)[:4] < key(best)[:4]:
                 best, improved = challenger, True
             if budget_left() <= 0:
                 return
