@@ -700,23 +700,15 @@ def _profile_and_time(model: onnx.ModelProto, shapes: Mapping[str, Shape], setti
     `warmup` + `repeats` times back to back, then a plain one timed with the protocol of
     `hwnas.targets.measure` — each warm, as the `cpu` target measures a model (running the two in
     alternation would leave each run the other's caches: 20-50 % slower on a 1 ms model)."""
-    import onnxruntime as ort
-
     from hwnas.graph.shapes import resolve_input_shapes
-    from hwnas.targets.measure import _interleave, node_timings
+    from hwnas.targets.measure import interleave, node_timings, profiling_session
     from hwnas.verify.runtime import make_session, random_feeds, run
 
     feeds = random_feeds(model, resolve_input_shapes(model, shapes), seed=0)
     with tempfile.TemporaryDirectory(prefix="hwnas-context-") as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = settings.threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "trace")
-        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")  # node names and wiring as ORT runs them
-        profiled = ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        # the optimized graph gives node names and wiring as ORT runs them
+        profiled = profiling_session(model, settings, providers, os.path.join(tmp, "trace"),
+                                     os.path.join(tmp, "optimized.onnx"))
         for _ in range(settings.warmup + settings.repeats):
             run(profiled, feeds)
         with open(profiled.end_profiling(), encoding="utf-8") as f:
@@ -724,7 +716,7 @@ def _profile_and_time(model: onnx.ModelProto, shapes: Mapping[str, Shape], setti
         optimized = onnx.load(os.path.join(tmp, "optimized.onnx"))
     del profiled
     plain = make_session(model, optimized=True, threads=settings.threads, providers=list(providers))
-    plain_ms = _interleave({"plain": partial(run, plain, feeds)}, settings)["plain"]
+    plain_ms = interleave({"plain": partial(run, plain, feeds)}, settings)["plain"]
     return plain_ms, node_timings(events, skip_runs=settings.warmup), optimized
 
 

@@ -237,10 +237,10 @@ def _time(
     models: Mapping[str, onnx.ModelProto], shapes: Mapping[str, Shape], settings: MeasureSettings, providers: Providers
 ) -> dict[str, list[float]]:
     runners = {key: _runner(model, _open(model, settings, providers), shapes) for key, model in models.items()}
-    return _interleave(runners, settings)
+    return interleave(runners, settings)
 
 
-def _interleave(runners: Mapping[str, Callable[[], object]], settings: MeasureSettings) -> dict[str, list[float]]:
+def interleave(runners: Mapping[str, Callable[[], object]], settings: MeasureSettings) -> dict[str, list[float]]:
     """Warm every runner up, then time one call of each per round until every runner has enough samples."""
     for call in runners.values():
         for _ in range(settings.warmup):
@@ -274,7 +274,7 @@ def _profile(
     model: onnx.ModelProto, shapes: Mapping[str, Shape], settings: MeasureSettings, providers: Providers
 ) -> list[NodeTiming]:
     with tempfile.TemporaryDirectory(prefix="hwnas-profile-") as tmp:  # removes the trace file too
-        session = _profiling_session(model, settings, providers, os.path.join(tmp, "trace"))
+        session = profiling_session(model, settings, providers, os.path.join(tmp, "trace"))
         call = _runner(model, session, shapes)
         for _ in range(settings.warmup + settings.repeats):
             call()
@@ -283,9 +283,11 @@ def _profile(
     return node_timings(events, skip_runs=settings.warmup)
 
 
-def _profiling_session(
-    model: onnx.ModelProto, settings: MeasureSettings, providers: Providers, prefix: str
+def profiling_session(
+    model: onnx.ModelProto, settings: MeasureSettings, providers: Providers, prefix: str,
+    optimized_model_path: str | None = None,
 ) -> ort.InferenceSession:
+    """A session that writes ORT's per-node trace (and, if asked, the graph as ORT optimized it)."""
     # make_session has no profiling switch, and profiling can only be turned on when a session is made.
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -294,6 +296,8 @@ def _profiling_session(
     opts.log_severity_level = 3
     opts.enable_profiling = True
     opts.profile_file_prefix = prefix
+    if optimized_model_path:
+        opts.optimized_model_filepath = optimized_model_path
     try:
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
     except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
