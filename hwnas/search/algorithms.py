@@ -146,7 +146,10 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
     study = optuna.create_study(directions=["minimize"] * (2 if two_objectives else 1), sampler=sampler)
     distributions = {d.key: CategoricalDistribution(d.choices) for d in space.decisions}
     if algorithm in ("evolution", "zero-shot"):  # warm start: the first generation surrounds the seeds (expert advice)
-        seeds = seeds + neighbours(space, seeds[-1], population - len(seeds), seed)
+        centers = seeds[1:] or seeds
+        count = population - len(seeds)
+        seeds = seeds + [c for i, center in enumerate(centers)
+                         for c in neighbours(space, center, count // len(centers) + (i < count % len(centers)), seed + i)]
     for candidate in seeds:
         study.enqueue_trial(dict(candidate))
     while (n := min(batch_size, budget_left())) > 0:

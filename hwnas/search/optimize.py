@@ -102,6 +102,15 @@ def expert_candidate(space: SearchSpace) -> dict[str, str]:
     return candidate
 
 
+def expert_seeds(space: SearchSpace) -> list[dict[str, str]]:
+    """The baseline, the alignment advice alone, then the full advice: on targets where regrouping
+    depthwise convs hurts (ORT CPU runs depthwise natively) the first piece still pays on its own."""
+    full = expert_candidate(space)
+    align_only = {d.key: full[d.key] if d.kind == "align" else KEEP for d in space.decisions}
+    seeds = [space.baseline(), align_only, full]
+    return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in seeds)]
+
+
 _WORKER: CandidateEvaluator | None = None
 
 
@@ -178,7 +187,7 @@ def run_search(
 
         if evaluator.quality is not None and limits.min_quality is None:
             limits = replace(limits, min_quality=_quality_floor(score_batch([""])[0], settings.quality_tolerance))
-        seeds = [space.baseline(), expert_candidate(space)]
+        seeds = expert_seeds(space)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
                         seeds, settings.time_budget, batch_size=max(8, 2 * workers), progress=progress)
     baseline = next(t for t in trials if t.pipeline == "")
