@@ -63,7 +63,11 @@ class RunResult:
 
     @property
     def verified(self) -> bool:
-        return self.verification is not None and self.verification.equivalent
+        """ONNX Runtime checked the result: equivalent (exact pipelines) or within the drift budget
+        (reconstructed ones: `run` raises when the drift is over it)."""
+        if self.verification is None:
+            return False
+        return self.verification.equivalent or self.exactness is not Exactness.EXACT
 
     def to_dict(self) -> dict:
         return {
@@ -335,6 +339,7 @@ def optimize(
     evaluate_timeout: float = 3600.0,
     quality_tolerance: float = 0.01,
     storage: str | None = None,
+    holdout: Mapping[str, np.ndarray] | None = None,
 ) -> OptimizeResult:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
 
@@ -347,6 +352,10 @@ def optimize(
     better, e.g. accuracy after fine-tuning); reconstructed passes are then allowed, drift is not judged,
     and a candidate's score may fall at most `quality_tolerance` of the original's below it. `storage`
     (an SQLAlchemy URL, e.g. "sqlite:///search.db") evaluates in `workers` processes through it.
+
+    `holdout`: inputs the search never saw (one array per input, samples first); the report's "holdout"
+    gives the chosen model's drift on them (cosine, top-1 agreement), the figure to trust over the
+    calibration drift the search was judged by.
     """
     from hwnas.search.algorithms import Limits
     from hwnas.search.optimize import (
@@ -354,6 +363,7 @@ def optimize(
     )
     from hwnas.search.recipe import make_recipe
     from hwnas.verify import random_calibration
+    from hwnas.verify.fidelity import measure_fidelity
 
     if space not in ("curated", "uncurated"):
         raise BadInputError(f"--space must be curated or uncurated, not {space!r}")
@@ -411,6 +421,8 @@ def optimize(
         "verification": run_result.verification.to_dict() if run_result.verification else None,
         "verified": run_result.verified,
         "measured": measured or None,
+        "holdout": None if holdout is None else {
+            "samples": _samples(holdout), **measure_fidelity(original, run_result.model, holdout).to_dict()},
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
@@ -454,6 +466,10 @@ def recipe_pipeline(model: ModelLike, recipe: Mapping, input_shapes: Mapping[str
         raise BadInputError("recipe has no valid parallelism_factor") from None
     space = build_space(prepared, ctx, SpaceOptions(pf, curated=False))
     return full_pipeline(space.compile(transfer(recipe, space)))
+
+
+def _samples(feeds: Mapping[str, np.ndarray]) -> int:
+    return min((len(a) for a in feeds.values()), default=0)
 
 
 def _best_so_far(trials, limits) -> list[float]:

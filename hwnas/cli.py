@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--exact", action="store_true", help="only exact passes (the default)")
     mode.add_argument("--max-drift", type=float, metavar="X", help="allow reconstructed passes while output cosine >= 1 - X")
     o.add_argument("--calib", help="calibration inputs (.npz) for reconstructed passes and drift")
+    o.add_argument("--holdout", metavar="NPZ", help="held-out inputs (.npz, never used by the search): the chosen "
+                   "model's drift on them (cosine, top-1 agreement) goes into the report")
     _add_shape_args(o)
     o.add_argument("--algorithm", default="evolution",
                    help="evolution (default), random, greedy, or zero-shot (for models you will train: "
@@ -334,6 +336,7 @@ def cmd_optimize(args) -> int:
             check_output_path(path)
     model = api.as_model(args.input)
     calibration = load_calibration(args.calib, model) if args.calib else None
+    holdout = load_calibration(args.holdout, model) if args.holdout else None
     journal = args.journal or f"{args.output}.search.jsonl"
     # an explicit --trials bounds the search exactly (reproducible, resumable); the default also caps the time
     trials = args.trials or DEFAULT_TRIALS
@@ -356,7 +359,7 @@ def cmd_optimize(args) -> int:
             max_peak_act=parse_size(args.max_peak_act) if args.max_peak_act else None,
             estimator=args.estimator, journal=journal, verify=not args.no_verify, progress=progress,
             evaluate_cmd=args.evaluate_cmd, evaluate_timeout=args.evaluate_timeout,
-            quality_tolerance=args.quality_tolerance, storage=args.storage,
+            quality_tolerance=args.quality_tolerance, storage=args.storage, holdout=holdout,
         )
     save_model(result.model, args.output)
     report = {"input": str(args.input), "output": str(args.output), **result.report}
@@ -382,6 +385,9 @@ def cmd_optimize(args) -> int:
     v = report["verification"]
     if v:
         print(f"verification: {'equivalent' if v['equivalent'] else 'drift'} (max abs {v['max_abs']:.3g}, cosine {v['cosine']:.8f})")
+    if h := report["holdout"]:
+        top1 = "" if h["top1_agreement"] is None else f", top-1 agreement {h['top1_agreement']:.3f}"
+        print(f"held-out drift: cosine {h['cosine']:.6f}{top1} ({h['samples']} samples)")
     print(f"pipeline: {report['pipeline']}")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)

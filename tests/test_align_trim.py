@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from hwnas import api
-from hwnas.errors import CheckFailedError
+from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.passes import Exactness, get_pass
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.verify.calib_data import calibration_sets
@@ -110,3 +110,34 @@ def test_real_classifier_trims_to_multiples_of_8_within_drift():
     left = [g.channels for g in analyze(result.model, shapes) if not g.blocked and (g.producers or g.consumers)]
     assert all(c % 8 == 0 or c < 8 for c in left), left
     assert measure_fidelity(model, result.model, data.held_out.inputs).cosine > 0.8
+
+
+def _net_with_shared_weight() -> onnx.ModelProto:
+    """conv_c reuses conv_b's weight and bias (an exporter's tied weights)."""
+    net = Net(size=8)
+    a = net.act(net.conv("x", 10, name="conv_a"), "Relu")
+    b = net.act(net.conv(a, 10, name="conv_b"), "Relu")
+    c = net.act(net.node("Conv", [b, "conv_b_w", "conv_b_b"], 10, "conv_c", kernel_shape=[1, 1]), "Relu")
+    return net.model(net.conv(c, 6, name="head"))
+
+
+@pytest.mark.parametrize("pipeline", ["align-channels{multiple=8,mode=pad}", TRIM8, "scale-depth{multiplier=0.5}"])
+def test_shared_weights_stay_consistent(pipeline):
+    model = _net_with_shared_weight()
+    exact = "pad" in pipeline
+    result = api.run(model, pipeline, allow_drift=None if exact else 0.5, calibration=None if exact else calibration(model))
+    assert result.records[0].applied and result.verified
+    if exact:
+        assert result.verification.equivalent
+
+
+def test_weight_fed_at_run_time_blocks_padding_and_refuses_calibration():
+    model = _net_with_shared_weight()
+    w = next(t for t in model.graph.initializer if t.name == "conv_a_w")
+    model.graph.initializer.remove(w)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("conv_a_w", onnx.TensorProto.FLOAT, list(w.dims)))
+    padded = api.run(model, "align-channels{multiple=8,mode=pad}")
+    assert any("not a constant" in s.reason for s in padded.records[0].skipped)
+    assert padded.verification.equivalent
+    with pytest.raises(BadInputError, match="fixed first dimension of 10"):
+        api.run(model, TRIM8, allow_drift=0.5)

@@ -117,3 +117,27 @@ def test_optimize_cli_writes_model_report_and_recipe(tmp_path, capsys, small_mnv
     assert {"algorithm", "candidates_evaluated", "wall_s"} <= set(data["search"])
     assert json.loads(recipe.read_text())["format"] == "hwnas-recipe"
     assert main(["run", str(model_path), "--recipe", str(recipe), "-o", str(tmp_path / "again.onnx")]) == 0
+
+
+def test_holdout_drift_is_reported_for_the_written_model(tmp_path, capsys, small_mnv2):
+    import numpy as np
+
+    from hwnas.verify.fidelity import measure_fidelity
+
+    model_path = tmp_path / "m.onnx"
+    onnx.save_model(small_mnv2, str(model_path))
+    rng = np.random.default_rng(0)
+    for name, count in (("fit", 4), ("held", 3)):
+        np.savez(tmp_path / f"{name}.npz", input=rng.standard_normal((count, 3, 96, 96)).astype(np.float32))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code = main(["optimize", str(model_path), "-o", str(out), "--target", "npu-32x32", "--max-drift", "0.05",
+                 "--calib", str(tmp_path / "fit.npz"), "--holdout", str(tmp_path / "held.npz"), "--trials", "6",
+                 "--workers", "1", "--quiet", "--report", str(report)])
+    assert code == 0
+    holdout = json.loads(report.read_text())["holdout"]
+    feeds = dict(np.load(tmp_path / "held.npz", allow_pickle=False))
+    again = measure_fidelity(small_mnv2, onnx.load(str(out)), feeds)
+    assert holdout["samples"] == 3
+    assert holdout["cosine"] == pytest.approx(again.cosine, abs=1e-6)
+    assert holdout["top1_agreement"] == again.top1_agreement
+    assert "held-out drift: cosine" in capsys.readouterr().out

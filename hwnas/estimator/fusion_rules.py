@@ -7,7 +7,9 @@ follow it, as long as each intermediate tensor has no other consumer and is not 
 - `affine`: Mul/Add/Sub/Div by a scalar or per-channel constant (x / c, never c / x);
 - `self_gate`: x · g(x) where g is a chain of absorbable unary ops applied to x, i.e. the decomposed
   forms of swish (x·Sigmoid(x)) and hard-swish (Paddle's x·Clip(x+3, 0, 6) / 6, the `/ 6` being affine);
-- `residual_add`: a final Add of a same-shape tensor computed elsewhere (the IBN skip connection).
+- `residual_add`: a final Add of a same-shape tensor computed elsewhere (the IBN skip connection);
+- `residual_epilogue`: `epilogue_ops` after that Add ride along too (ResNet's Add → Relu, which ORT runs
+  inside the conv's node).
 
 The npu's rules ship as `data/fusion_npu.json`; other targets' rules (the cpu's are found by measurement)
 are plain dicts or JSON files with the same keys.
@@ -23,7 +25,7 @@ from pathlib import Path
 from hwnas.errors import BadInputError
 from hwnas.report.json_report import read_json
 
-_BOOL_KEYS = ("affine", "self_gate", "residual_add")
+_BOOL_KEYS = ("affine", "self_gate", "residual_add", "residual_epilogue")
 _SET_KEYS = ("anchors", "epilogue_ops")
 
 
@@ -34,6 +36,7 @@ class FusionRules:
     affine: bool = False
     self_gate: bool = False
     residual_add: bool = False
+    residual_epilogue: bool = False
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "fusion rules") -> FusionRules:
@@ -63,7 +66,8 @@ class FusionRules:
         return {
             "anchors": sorted(self.anchors),
             "epilogue_ops": sorted(self.epilogue_ops),
-            **{key: getattr(self, key) for key in _BOOL_KEYS},
+            # residual_epilogue only when set: rules written before it existed keep their form
+            **{key: getattr(self, key) for key in _BOOL_KEYS if key != "residual_epilogue" or self.residual_epilogue},
         }
 
 

@@ -231,9 +231,26 @@ def _epilogue(graph: _Graph, tensor: str, rules: FusionRules, claimed: set[int])
             tensor = graph.nodes[gate[-1]].output[0]
             continue
         if len(users) == 1 and rules.residual_add and _is_residual_add(graph, graph.nodes[users[0]], tensor):
-            return absorbed + [users[0]], True
+            absorbed.append(users[0])
+            return absorbed + (_after_residual(graph, graph.nodes[users[0]].output[0], rules, claimed)
+                               if rules.residual_epilogue else []), True
         break
     return absorbed, False
+
+
+def _after_residual(graph: _Graph, tensor: str, rules: FusionRules, claimed: set[int]) -> list[int]:
+    """The unary epilogue ops (an activation) that follow a fused residual Add."""
+    chain: list[int] = []
+    while tensor not in graph.outputs:
+        users = graph.consumers.get(tensor, ())
+        if len(users) != 1 or users[0] in claimed:
+            break
+        node = graph.nodes[users[0]]
+        if node.op_type not in rules.epilogue_ops or not _rides_along(graph, node, tensor, rules):
+            break
+        chain.append(users[0])
+        tensor = node.output[0]
+    return chain
 
 
 def _rides_along(graph: _Graph, node: onnx.NodeProto, tensor: str, rules: FusionRules) -> bool:

@@ -277,7 +277,7 @@ class BlockConfig:
     bn: bool = True
     residual: bool = False  # ibn/fused-ibn: skip connection when shapes allow; upsample: concat a skip
     se: bool = False
-    op: str = ""  # flavour: pool type, resize mode, head type, affine form
+    op: str = ""  # flavour: pool type, resize mode, head type, affine form; ibn: "post_act" after the residual
     groups: int = 2  # shuffle: channel groups
 
 
@@ -415,6 +415,8 @@ def _build_block(b: GraphBuilder, x: str, blk: BlockConfig, skips: Mapping[int, 
         y = _conv(b, y, blk.c_out)
         if blk.residual and b.shapes[y] == b.shapes[x]:
             y = b.node("Add", [y, x], b.shapes[y])
+            if blk.op == "post_act":  # an activation after the sum (ResNet's Add → Relu)
+                y = _act(b, y, blk.act)
         return y
     if kind == "grouped":
         groups = c // blk.group_size if c % blk.group_size == 0 else math.gcd(c, blk.c_out)
@@ -552,7 +554,8 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
         residual = stride == 1 and rng.random() < 0.5
         hidden = _channels(rng, max(4, c), max(4, c * 6)) if rng.random() < 0.85 else c
         return BlockConfig(kind, c if residual else c_out, int(rng.choice([3, 3, 5, 7])) if kind == "ibn" else 3, stride,
-                           hidden=min(hidden, 1280), act=act, residual=residual, se=bool(rng.random() < 0.25))
+                           hidden=min(hidden, 1280), act=act, residual=residual, se=bool(rng.random() < 0.25),
+                           op="post_act" if residual and rng.random() < 0.3 else "")
     if kind == "grouped":
         return BlockConfig("grouped", c_out, int(rng.choice([3, 5])), stride, group_size=int(rng.choice([2, 4, 8, 16, 32])), act=act)
     if kind == "se":
@@ -606,13 +609,17 @@ def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Seq
 
 
 def random_network(rng: np.random.Generator) -> NetworkConfig:
-    """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a head."""
-    size = _log_uniform(rng, 16, 320) if rng.random() < 0.9 else int(rng.choice([448, 512, 640]))
-    c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256)
+    """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a head;
+    a quarter of them deep (12 to 40 blocks) at small inputs, as small real models are: many small kernels
+    in a model whose data stays in the caches from one run to the next."""
+    deep = rng.random() < 0.25
+    size = (_log_uniform(rng, 32, 224) if deep else _log_uniform(rng, 16, 320) if rng.random() < 0.9
+            else int(rng.choice([448, 512, 640])))
+    c_in = 3 if deep or rng.random() < 0.6 else _channels(rng, 4, 256)
     stem = []
     if c_in == 3 and size >= 32:
         stem.append(BlockConfig("conv", _channels(rng, 8, 48), 3, 2, act=_act_choice(rng)))
-    return _grow(rng, c_in, size, int(rng.integers(3, 12)), stem)
+    return _grow(rng, c_in, size, int(rng.integers(12, 41)) if deep else int(rng.integers(3, 12)), stem)
 
 
 def network_around(rng: np.random.Generator, block: BlockConfig, c: int, h: int) -> NetworkConfig:
@@ -871,6 +878,7 @@ def _absorbed(model: onnx.ModelProto, kernels: Sequence[Kernel], live: np.ndarra
 # ---- profiling loops ----------------------------------------------------------------------------------
 
 MODES = ("kernel", "context")
+CONTEXT_FEATURES = ("ops", "model")
 
 
 @dataclass
@@ -905,13 +913,16 @@ def profile_target(
     mode: str | None = None,
     rules: FusionRules | None = None,
     scale_to_run: bool = False,
+    extra_features: Sequence[str] | None = None,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure up to `budget` kernels on `target` with adaptive sampling and fit an estimator on them.
 
     `mode`: `kernel` (one-kernel models) or `context` (kernels inside random networks, ORT CPU only);
     by default `context` where the target supports it. `rules`: the fusion rules the kernels are cut by
     (default: the target's). `scale_to_run` (context mode): scale each network's kernels to its
-    measured run time rather than adding the measured executor overhead (`attribute`).
+    measured run time rather than adding the measured executor overhead (`attribute`). `extra_features`:
+    the optional feature groups of `features.EXTRA_FEATURES` (default: `CONTEXT_FEATURES` in context mode,
+    none in kernel mode).
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -921,7 +932,9 @@ def profile_target(
     rules = rules or target.rules
     sampler = (_ContextSampler(target, rules, seed, scale_to_run) if mode == "context"
                else _KernelSampler(target, rules, seed))
-    estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
+    if extra_features is None:
+        extra_features = CONTEXT_FEATURES if mode == "context" else ()
+    estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress, extra_features)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
     report.load_average = sampler.load
@@ -936,7 +949,9 @@ def profile_target(
             scale_to_run=scale_to_run,
             # ~1.0-1.1 on a quiet machine; much more means runs waited for a core (busy machine)
             run_over_profiled_nodes={"median": round(float(np.median(ratios)), 3), "p90": round(float(np.percentile(ratios, 90)), 3)}
-            if ratios else None)
+            if ratios else None,
+            # whole-network latencies: what the kernels of each network should add up to (cross-validation)
+            network_ms=[round(t, 5) for t in sampler.network_ms])
     return estimator, report
 
 
@@ -1004,6 +1019,7 @@ class _ContextSampler:
         self.networks = 0
         self.scale_to_run = scale_to_run
         self.run_over_nodes: list[float] = []  # each network's plain-run median / profiled node sum
+        self.network_ms: list[float] = []  # each network's plain-run median (index: `Sample.network`)
         self.overheads = measure_node_overheads(target.settings, target.providers)
 
     def random(self) -> list[tuple[object, Sample]]:
@@ -1018,14 +1034,16 @@ class _ContextSampler:
         self.load.append(_load())
         profile = measure_in_context(model, {"x": (1, config.c_in, config.size, config.size)}, self.rules,
                                      self.target.settings, self.target.providers, self.overheads, self.scale_to_run)
+        network = self.networks
         self.networks += 1
         self.run_over_nodes.append(profile.total_ms / max(profile.nodes_ms, 1e-9))
-        return [((config.blocks[block_of(k)], *block_inputs[block_of(k)]), Sample(k, t))
+        self.network_ms.append(profile.total_ms)
+        return [((config.blocks[block_of(k)], *block_inputs[block_of(k)]), Sample(k, t, network))
                 for k, t in zip(profile.kernels, profile.latency_ms)]
 
 
 def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: int, rounds: int,
-              progress: Callable[[int], None] | None) -> tuple[LatencyEstimator, ProfileReport]:
+              progress: Callable[[int], None] | None, extra_features: Sequence[str] = ()) -> tuple[LatencyEstimator, ProfileReport]:
     samples: list[Sample] = []
     origins: list = []
     report = ProfileReport()
@@ -1047,30 +1065,31 @@ def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: in
     samples += [s for _, s in first]
     origins += [o for o, _ in first]
     per_round = max(1, (budget - len(samples)) // max(rounds, 1))
-    estimator = _new_estimator(target, rules, seed).fit(samples)
+    estimator = _new_estimator(target, rules, seed, extra_features).fit(samples)
     while len(samples) < budget:
         worst = _worst(estimator, origins, samples, keep=max(4, per_round // 4))
         got = take(lambda i: sampler.around(worst[(i // 2) % len(worst)]) if i % 2 == 0 else sampler.random(), per_round)
         if not got:
             break
-        predicted = [e.latency_ms for e in estimator.predict_kernels([s.kernel for _, s in got])]
+        predicted = estimator.predict_samples([s for _, s in got])
         err = relative_errors(predicted, [s.latency_ms for _, s in got])
         report.rounds.append({"measured": len(got), "mape_before_fit": float(np.mean(err)),
                               "within_5pct_before_fit": float(np.mean(err <= 0.05))})
         samples += [s for _, s in got]
         origins += [o for o, _ in got]
-        estimator = _new_estimator(target, rules, seed).fit(samples)
+        estimator = _new_estimator(target, rules, seed, extra_features).fit(samples)
     report.measurements = len(samples)
     return estimator, report
 
 
-def _new_estimator(target: Target, rules: FusionRules, seed: int) -> LatencyEstimator:
-    return LatencyEstimator(target.name, target.parallelism_factor, rules, target.describe(), random_state=seed)
+def _new_estimator(target: Target, rules: FusionRules, seed: int, extra_features: Sequence[str]) -> LatencyEstimator:
+    return LatencyEstimator(target.name, target.parallelism_factor, rules, target.describe(), random_state=seed,
+                            extra_features=extra_features)
 
 
 def _worst(estimator: LatencyEstimator, origins: list, samples: list[Sample], keep: int) -> list:
     """The origins (configurations, blocks) of the kernels the estimator fits worst (in-sample relative error)."""
-    predicted = [e.latency_ms for e in estimator.predict_kernels([s.kernel for s in samples])]
+    predicted = estimator.predict_samples(samples)
     err = relative_errors(predicted, [s.latency_ms for s in samples])
     order = np.argsort(-err)[:keep]
     return [origins[i] for i in order]

@@ -336,6 +336,11 @@ def _headline(report: dict, before: dict, after: dict, target: str) -> str:
                       "verification (ONNX Runtime)"))
     elif "verification" in report:
         cards.append(("not verified", "verification"))
+    holdout = report.get("holdout")
+    if isinstance(holdout, dict):
+        top1 = holdout.get("top1_agreement")
+        cards.append((f"cosine {_fmt_float(holdout.get('cosine'), 4)}" + ("" if top1 is None else f", top-1 {top1:.3f}"),
+                      f"held-out drift ({holdout.get('samples')} inputs)"))
     if not cards:
         return ""
     return '<div class="headline">' + "".join(

@@ -102,12 +102,19 @@ def expert_candidate(space: SearchSpace) -> dict[str, str]:
     return candidate
 
 
-def expert_seeds(space: SearchSpace) -> list[dict[str, str]]:
+def expert_seeds(space: SearchSpace, memory_limited: bool = False) -> list[dict[str, str]]:
     """The baseline, the alignment advice alone, then the full advice: on targets where regrouping
-    depthwise convs hurts (ORT CPU runs depthwise natively) the first piece still pays on its own."""
+    depthwise convs hurts (ORT CPU runs depthwise natively) the first piece still pays on its own.
+
+    Under a memory limit, also every depth multiplier alone: the latency advice adds parameters
+    (regrouped convs hold zeros), and a random walk rarely finds a small multiplier with nothing else.
+    """
     full = expert_candidate(space)
     align_only = {d.key: full[d.key] if d.kind == "align" else KEEP for d in space.decisions}
     seeds = [space.baseline(), align_only, full]
+    if memory_limited:
+        seeds += [{**space.baseline(), d.key: choice} for d in space.decisions if d.kind == "depth"
+                  for choice in d.choices if choice != KEEP]
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in seeds)]
 
 
@@ -187,7 +194,7 @@ def run_search(
 
         if evaluator.quality is not None and limits.min_quality is None:
             limits = replace(limits, min_quality=_quality_floor(score_batch([""])[0], settings.quality_tolerance))
-        seeds = expert_seeds(space)
+        seeds = expert_seeds(space, memory_limited=needs_memory)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
                         seeds, settings.time_budget, batch_size=max(8, 2 * workers), progress=progress)
     baseline = next(t for t in trials if t.pipeline == "")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.graph.shapes import Shape, graph_inputs
+from hwnas.graph.shapes import Shape, declared_dims, graph_inputs
 from hwnas.verify.runtime import random_feeds
 
 
@@ -26,6 +26,7 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.n
             arrays = {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise BadInputError(f"cannot read calibration data {p}: {e}") from None
+    check_one_sample_per_run(model)
     names = [i.name for i in graph_inputs(model)]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -40,5 +41,17 @@ def random_calibration(
     model: onnx.ModelProto, shapes: Mapping[str, Shape], samples: int, seed: int
 ) -> dict[str, np.ndarray]:
     """Seeded random samples at the analysis shapes (the fallback when no --calib is given)."""
+    check_one_sample_per_run(model)
     batches = [random_feeds(model, shapes, seed + i) for i in range(samples)]
     return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def check_one_sample_per_run(model: onnx.ModelProto) -> None:
+    """Calibration runs one sample at a time, as a batch of one along each input's first axis; an input
+    with another fixed first dimension (a weight fed at run time, a fixed batch) cannot be split so."""
+    for value in graph_inputs(model):
+        dims = declared_dims(value)
+        if dims and isinstance(dims[0], int) and dims[0] != 1:
+            raise BadInputError(
+                f"input {value.name!r} has a fixed first dimension of {dims[0]}: calibration and drift feed one "
+                "sample per run along the first axis, so reconstructed passes cannot run on this model")
