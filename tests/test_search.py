@@ -141,3 +141,37 @@ def test_holdout_drift_is_reported_for_the_written_model(tmp_path, capsys, small
     assert holdout["cosine"] == pytest.approx(again.cosine, abs=1e-6)
     assert holdout["top1_agreement"] == again.top1_agreement
     assert "held-out drift: cosine" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_depth_scaled_graph_is_reused_and_scores_stay_the_same(small_mnv2):
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.graph.gsgraph import to_graph, to_model
+    from hwnas.graph.shapes import resolve_input_shapes
+    from hwnas.passes.base import PassContext
+    from hwnas.passes.manager import PassManager
+    from hwnas.passes.pipeline import parse_pipeline
+    from hwnas.search.evaluate import CandidateEvaluator
+    from hwnas.search.space import PREFIX
+    from hwnas.targets import get_target
+    from hwnas.verify import random_calibration
+    from hwnas.verify.runtime import make_session, run_per_sample
+
+    shapes = resolve_input_shapes(small_mnv2, None)
+    calibration = random_calibration(small_mnv2, shapes, samples=2, seed=0)
+    ctx = PassContext(template=small_mnv2, input_shapes=shapes, calibration=calibration)
+    prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(small_mnv2), ctx).graph
+    reference = run_per_sample(make_session(small_mnv2), calibration)
+
+    def evaluator():
+        return CandidateEvaluator(to_model(prepared.copy(), small_mnv2), prepared, ctx,
+                                  estimator_for(get_target("npu-32x32")), reference)
+
+    scale = "scale-depth{multiplier=0.5,round_to=8}"
+    pipelines = [scale, f"{scale},replace-conv{{mode=dense,sites=0}}"]
+    shared = evaluator()
+    scores = [shared.evaluate(p) for p in pipelines]
+    assert len(shared._scaled) == 1  # one refit of the depth multiplier served both
+    assert scores == [evaluator().evaluate(p) for p in pipelines]  # each from scratch
+    assert all(s.error is None and not s.exact and s.drift > 0 for s in scores)
+    assert scores[1].latency_ms != scores[0].latency_ms

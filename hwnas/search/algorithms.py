@@ -16,6 +16,7 @@ drift or −quality, memory) points.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -148,8 +149,11 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
     if algorithm in ("evolution", "zero-shot"):  # warm start: the first generation surrounds the seeds (expert advice)
         centers = seeds[1:] or seeds
         count = population - len(seeds)
-        seeds = seeds + [c for i, center in enumerate(centers)
-                         for c in neighbours(space, center, count // len(centers) + (i < count % len(centers)), seed + i)]
+        around = [neighbours(space, center, count // len(centers) + (i < count % len(centers)), seed * len(centers) + i)
+                  for i, center in enumerate(centers)]
+        # round-robin over the centers: a search shorter than one generation still surrounds every seed
+        # (concatenated, a short search saw only the neighbours of the first center, the alignment advice)
+        seeds = seeds + [c for row in itertools.zip_longest(*around) for c in row if c is not None]
     for candidate in seeds:
         study.enqueue_trial(dict(candidate))
     while (n := min(batch_size, budget_left())) > 0:

@@ -30,11 +30,14 @@ from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.memory import footprint
 from hwnas.graph.gsgraph import to_model
 from hwnas.passes.base import Exactness, PassContext
-from hwnas.passes.manager import PassManager
-from hwnas.passes.pipeline import parse_pipeline
+from hwnas.passes.manager import PassManager, PipelineRun
+from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
 from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import cosine
 from hwnas.verify.runtime import make_session, run_per_sample
+
+
+_SCALED_CACHE = 4  # depth-scaled graphs kept: the curated space's multipliers
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,25 @@ class CandidateEvaluator:
         self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
         self.quality = quality
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
+        self._scaled: dict[str, PipelineRun] = {}  # first step → its result, for the global depth multiplier
 
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
         if not pipeline:
             return self.base, Exactness.EXACT
-        steps = pipeline if self.fit_weights else architecture_only(pipeline)
-        result = PassManager(parse_pipeline(steps), in_place=True).run(self.graph.copy(), self.ctx)
-        return to_model(result.graph, self.base), result.exactness
+        steps = parse_pipeline(pipeline if self.fit_weights else architecture_only(pipeline)).steps
+        done = PipelineRun(self.graph, [])
+        if steps[0].name == "scale-depth":  # refitting every layer costs most of a candidate; a few multipliers recur
+            done, steps = self._first_step(steps[0]), steps[1:]
+        rest = PassManager(Pipeline(steps), in_place=True).run(done.graph.copy(), self.ctx)
+        return to_model(rest.graph, self.base), PipelineRun(rest.graph, done.records + rest.records).exactness
+
+    def _first_step(self, spec: PassSpec) -> PipelineRun:
+        key = str(spec)
+        if key not in self._scaled:
+            if len(self._scaled) >= _SCALED_CACHE:
+                self._scaled.pop(next(iter(self._scaled)))
+            self._scaled[key] = PassManager(Pipeline((spec,)), in_place=True).run(self.graph.copy(), self.ctx)
+        return self._scaled[key]
 
     def evaluate(self, pipeline: str) -> Score:
         try:
