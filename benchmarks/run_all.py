@@ -13,9 +13,10 @@ prints a "not available: <why>" line instead of stopping the run):
 - search        algorithms, curated vs uncurated convergence, on npu-32x32 and npu-16x16 (benchmarks/search_npu.py)
 - detector      the reference work's Echo Show table (baseline, exact only, V1, V2, V3)
 - segmenter     latency reduction vs drift candidates for the zoo segmenter, Pareto set
-- memory        params + peak activations under a budget (the reference's Blink case)
+- memory        params + peak activations under a budget (the reference's Blink case; benchmarks/memory_budget.py)
 - align         align-channels pad vs input on ORT CPU (benchmarks/align_cpu.py)
 - reconstruction  Fused-MBConv least squares vs composition (benchmarks/reconstruction.py)
+- proxy         the NASWOT zero-shot proxy's rank correlation with held-out drift (benchmarks/proxy_drift.py)
 - cost          search wall time and candidates/s vs the reference's "up to 2,000 GPU-days"
 
 BENCHMARKS.md ends with the tables' numbers as JSON in an HTML comment: tests/test_benchmarks.py runs
@@ -204,6 +205,13 @@ def section_reconstruction(ctx: Context) -> str:
     return f"`{shown}`\n\n{out}"
 
 
+def section_proxy(ctx: Context) -> str:
+    if ctx.quick:
+        return not_available("skipped with --quick (refits take minutes)")
+    shown, out = _script(ctx, ["benchmarks/proxy_drift.py"])
+    return f"`{shown}`\n\n{out}"
+
+
 def section_cost(ctx: Context) -> str:
     return search_npu.cost_markdown(ctx.runs)
 
@@ -217,6 +225,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Context], str]]] = {
     "memory": ("Memory budget: the reference work's Blink case", section_memory),
     "align": ("Channel alignment on ORT CPU (measured)", section_align),
     "reconstruction": ("Fused-MBConv reconstruction", section_reconstruction),
+    "proxy": ("Zero-shot proxy vs calibrated drift", section_proxy),
     "cost": ("Search cost", section_cost),
 }
 
