@@ -255,8 +255,10 @@ def per_model_table(target: str, predicted_by: dict[str, dict], measured: dict, 
 def cpu_estimators(args) -> dict[str, LatencyEstimator]:
     target = get_target("cpu")
     out: dict[str, LatencyEstimator] = {}
-    for path in args.cpu_estimator or []:
-        out[Path(path).name] = LatencyEstimator.load(path)
+    names = [Path(path).name for path in args.cpu_estimator or []]
+    for path, name in zip(args.cpu_estimator or [], names):
+        # files of the same name (DIR/cpu.json, the way profiling writes them) are told apart by their folder
+        out[f"{Path(path).parent.name}/{name}" if names.count(name) > 1 else name] = LatencyEstimator.load(path)
     for mode in args.profile_modes or []:
         start = time.perf_counter()
         print(f"profiling cpu, {mode} mode, budget {args.budget} ...", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ reported after), 1 intra-op thread:
 
     python benchmarks/profile_cpu.py --detect-fusion               # rules + 3,000 measurements (~10 min)
     python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
+    python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
    and writes the rules to `hwnas/estimator/data/fusion_cpu.json` (the `cpu` target's rules). The
@@ -71,6 +72,7 @@ def main() -> int:
     parser.add_argument("--criterion", choices=CRITERIA, default="latency_or_node",
                         help="fusion criterion (default latency_or_node: what context profiling needs)")
     parser.add_argument("--fusion-out", default=str(DATA / "fusion_cpu.json"))
+    parser.add_argument("--rules", help="cut kernels by the fusion rules in this JSON file, not the target's")
     parser.add_argument("--max-load", type=float, default=1.0, help="refuse to start above this 1-minute load average")
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine (the numbers will say so)")
     args = parser.parse_args()
@@ -83,7 +85,10 @@ def main() -> int:
               f"noise. Stop other work, or pass --force.", file=sys.stderr)
         return 2
     target = get_target("cpu")
-    rules = detect(target, args.criterion, Path(args.fusion_out)) if args.detect_fusion else target.rules
+    if args.detect_fusion:
+        rules = detect(target, args.criterion, Path(args.fusion_out))
+    else:
+        rules = FusionRules.from_json(args.rules) if args.rules else target.rules
 
     start = time.perf_counter()
     with tqdm(total=args.budget, desc=f"profiling cpu ({args.mode})", unit="kernel") as bar:

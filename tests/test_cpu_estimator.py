@@ -188,6 +188,19 @@ def test_kernels_timed_in_context_add_up_to_the_run():
     assert sum(profile.latency_ms) == pytest.approx(profile.total_ms, rel=1e-9)
 
 
+def test_an_activation_after_a_residual_add_is_timed_inside_the_conv_kernel():
+    """ORT runs conv + residual Add + Relu as one node: with `residual_epilogue` that is one kernel, timed."""
+    target = get_target("cpu")
+    rules = FusionRules.from_dict({**target.rules.to_dict(), "residual_epilogue": True})
+    block = BlockConfig("ibn", 16, 3, hidden=32, act="relu", residual=True, op="post_act")
+    model, _ = build_network(NetworkConfig(16, 12, (BlockConfig("conv", 16, 1, act="relu"), block)))
+    shapes = {"x": (1, 16, 12, 12)}
+    residual = [k for k in decompose(model, shapes, rules) if k.residual]
+    assert len(residual) == 1 and residual[0].ops[-2:] == ("Add", "Relu")
+    profile = measure_in_context(model, shapes, rules, FAST_SETTINGS, target.providers)
+    assert profile.dropped == () and residual[0].name in {k.name for k in profile.kernels}
+
+
 def _timing(name: str, op: str, ms: float) -> NodeTiming:
     return NodeTiming(name, op, "CPUExecutionProvider", (), (), ms, 1)
 
@@ -246,6 +259,10 @@ def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path):
     machine = estimator.target_config["machine"]
     assert {"cpu", "logical_cpus", "onnxruntime", "date", "load_average_1min"} <= set(machine)
     assert estimator.target_config["profiling"]["mode"] == "context"
+    # each sample knows its network and each network its plain run: what the per-kernel offset is fitted on
+    assert len(estimator.target_config["profiling"]["network_ms"]) == report.networks
+    assert {s.network for s in estimator.samples_} <= set(range(report.networks))
+    assert estimator.kernel_offset_ms >= 0
     model = build("mobilenetv2", width=0.5, resolution=64)
     shapes = resolve_input_shapes(model)
     result = estimator.estimate(model, shapes)

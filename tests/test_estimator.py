@@ -84,6 +84,35 @@ def test_save_load_round_trip_and_refit_on_version_change(tmp_path):
     assert LatencyEstimator.load(path).estimate(model, shapes).latency_ms == pytest.approx(expected, rel=1e-9)
 
 
+def test_kernel_offset_and_networks_round_trip_and_the_offset_comes_off_each_kernel(tmp_path):
+    from hwnas.estimator.estimator import Sample
+    from hwnas.estimator.kernels import decompose
+    from hwnas.estimator.profile import per_kernel_offset
+
+    target = get_target("npu-16x16")
+    model = build("mobilenetv2", width=0.35, resolution=64)
+    shapes = resolve_input_shapes(model)
+    kernels = [k for k in decompose(model, shapes, target.rules) if k.kind != "free"]
+    samples = [Sample(k, 1e-3 + k.macs * 1e-9, network=i % 2) for i, k in enumerate(kernels)]
+    # network 0 ran 2 us per kernel faster than its kernels add up to, network 1 4 us: the median is 3 us
+    sums = [sum(s.latency_ms for s in samples if s.network == n) for n in (0, 1)]
+    counts = [sum(s.network == n for s in samples) for n in (0, 1)]
+    assert per_kernel_offset(samples, [sums[0] - 2e-3 * counts[0], sums[1] - 4e-3 * counts[1]]) == pytest.approx(3e-3)
+    assert per_kernel_offset(samples, [sums[0] + 1.0, sums[1] + 1.0]) == 0.0  # never adds time
+    plain = LatencyEstimator("x", 16, target.rules).fit(samples)
+    offset = LatencyEstimator("x", 16, target.rules, kernel_offset_ms=3e-3).fit(samples)
+    a, b = plain.estimate(model, shapes), offset.estimate(model, shapes)
+    for before, after in zip(a.kernels, b.kernels):
+        expected = 0.0 if before.kind == "free" else max(before.latency_ms - 3e-3, 0.5 * before.latency_ms)
+        assert after.latency_ms == pytest.approx(expected, rel=1e-9)
+    offset.save(tmp_path / "x.json")
+    data = json.loads((tmp_path / "x.json").read_text())
+    assert data["kernel_offset_ms"] == 3e-3 and {s["network"] for s in data["samples"]} == {0, 1}
+    assert LatencyEstimator.load(tmp_path / "x.json").estimate(model, shapes).latency_ms == pytest.approx(b.latency_ms, rel=1e-9)
+    npu = estimator_for(target).to_dict()  # estimators without an offset or networks keep their form
+    assert "kernel_offset_ms" not in npu and "network" not in npu["samples"][0]
+
+
 def test_malformed_estimator_files_are_bad_input(tmp_path):
     bad = tmp_path / "e.json"
     bad.write_text("{not json")

@@ -152,6 +152,17 @@ def test_residual_add_fuses_only_when_the_rules_say_so():
     assert [k.nodes for k in decompose(model, {}, plain)] == [("c1", "relu"), ("c2",), ("add",)]
 
 
+def test_an_activation_after_the_residual_add_rides_along_only_with_residual_epilogue():
+    c1, w1 = conv("x", "c1", 8, 8)
+    nodes = [c1, helper.make_node("Add", ["c1", "x"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="relu")]
+    model = make_model(nodes, {"x": (1, 8, 4, 4)}, w1)
+    assert [k.nodes for k in decompose(model, {}, NPU)] == [("c1", "add"), ("relu",)]
+    rules = FusionRules.from_dict({**NPU.to_dict(), "residual_epilogue": True})
+    kernels = decompose(model, {}, rules)
+    assert [k.nodes for k in kernels] == [("c1", "add", "relu")] and kernels[0].residual
+    assert rules.to_dict()["residual_epilogue"] and "residual_epilogue" not in NPU.to_dict()  # older files unchanged
+
+
 def test_no_rules_means_one_node_per_kernel():
     c, weights = conv("x", "c", 4, 4)
     b, params = bn("c", "b", 4)

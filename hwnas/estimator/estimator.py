@@ -28,7 +28,7 @@ import onnx
 import sklearn
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.features import EXTRA_FEATURES, WORK_FEATURES, feature_matrix, model_features, op_features
+from hwnas.estimator.features import WORK_FEATURES, feature_matrix
 from hwnas.estimator.fusion_rules import FusionRules
 from hwnas.estimator.kernels import GemmShape, Kernel, decompose
 from hwnas.estimator.regressor import KernelRegressor
@@ -78,64 +78,35 @@ class LatencyEstimator:
     """Per-kind regressors for one target. `fit(samples)` learns them; `estimate(model, shapes)` uses them."""
 
     def __init__(self, target: str, parallelism_factor: int, rules: FusionRules, target_config: dict | None = None,
-                 random_state: int = 0, extra_features: Sequence[str] = ()):
-        unknown = sorted(set(extra_features) - set(EXTRA_FEATURES))
-        if unknown:
-            raise BadInputError(f"unknown feature groups {unknown}; known: {sorted(EXTRA_FEATURES)}")
+                 random_state: int = 0, kernel_offset_ms: float = 0.0):
         self.target = target
         self.parallelism_factor = parallelism_factor
         self.rules = rules
         self.target_config = dict(target_config or {})
         self.random_state = random_state
-        self.extra_features = tuple(extra_features)
+        # in-context measurements: what attributing a network's nodes to kernels adds per kernel beyond the
+        # network's plain run (`profile.per_kernel_offset`); taken off every prediction
+        self.kernel_offset_ms = kernel_offset_ms
 
     def fit(self, samples: Sequence[Sample]) -> LatencyEstimator:
         self.samples_ = list(samples)
-        models = self._sample_models(self.samples_)
-        by_kind: dict[str, list[int]] = {}
-        for i, s in enumerate(self.samples_):
-            by_kind.setdefault(s.kernel.kind, []).append(i)
-        self.regressors_ = {kind: self._fit([self.samples_[i] for i in idx], models[idx]) for kind, idx in by_kind.items()}
+        by_kind: dict[str, list[Sample]] = {}
+        for s in self.samples_:
+            by_kind.setdefault(s.kernel.kind, []).append(s)
+        self.regressors_ = {kind: self._fit(group) for kind, group in by_kind.items()}
         return self._derive()
 
-    def _fit(self, samples: list[Sample], models: np.ndarray) -> KernelRegressor:
-        X = self._features([s.kernel for s in samples], models)
+    def _fit(self, samples: list[Sample]) -> KernelRegressor:
+        X = self._features([s.kernel for s in samples])
         y = np.array([s.latency_ms for s in samples])
         return KernelRegressor(len(WORK_FEATURES), random_state=self.random_state).fit(X, y)
 
-    def _features(self, kernels: Sequence[Kernel], models: np.ndarray) -> np.ndarray:
+    def _features(self, kernels: Sequence[Kernel]) -> np.ndarray:
         work, shape = feature_matrix(list(kernels), self.parallelism_factor)
-        columns = [work, shape]
-        if "ops" in self.extra_features:
-            columns.append(np.array([op_features(k) for k in kernels], dtype=np.float64).reshape(len(kernels), -1))
-        if "model" in self.extra_features:
-            columns.append(models)
-        return np.hstack(columns)
+        return np.hstack([work, shape])
 
-    def _sample_models(self, samples: Sequence[Sample]) -> np.ndarray:
-        """Each sample's model features: those of the network it was measured in (all samples sharing its
-        `network`), or of its kernel alone where it was measured alone."""
-        if "model" not in self.extra_features:
-            return np.zeros((len(samples), 0))
-        networks: dict[int, list[Kernel]] = {}
-        for s in samples:
-            if s.network is not None:
-                networks.setdefault(s.network, []).append(s.kernel)
-        rows = {n: model_features(kernels) for n, kernels in networks.items()}
-        return np.array([rows[s.network] if s.network is not None else model_features([s.kernel]) for s in samples],
-                        dtype=np.float64).reshape(len(samples), -1)
-
-    def predict_samples(self, samples: Sequence[Sample]) -> np.ndarray:
-        """Predicted latency of measured samples, each in the network it was measured in."""
-        models = self._sample_models(samples)
-        return np.array([e.latency_ms for e in self.predict_kernels([s.kernel for s in samples], models)])
-
-    def predict_kernels(self, kernels: Sequence[Kernel], models: np.ndarray | None = None) -> list[KernelEstimate]:
-        """Latency of each kernel; kinds without a regressor get a flagged fallback estimate. `models`: each
-        kernel's model features (with the "model" feature group); by default `kernels` are one model."""
-        if models is None:
-            row = model_features(list(kernels)) if "model" in self.extra_features else []
-            models = np.tile(np.array(row, dtype=np.float64), (len(kernels), 1))
+    def predict_kernels(self, kernels: Sequence[Kernel]) -> list[KernelEstimate]:
+        """Latency of each kernel; kinds without a regressor get a flagged fallback estimate."""
         out: list[KernelEstimate | None] = [None] * len(kernels)
         by_kind: dict[str, list[int]] = {}
         for i, k in enumerate(kernels):
@@ -146,12 +117,15 @@ class LatencyEstimator:
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)
             elif regressor is not None:
-                values, fallback = regressor.predict(self._features(group, models[idx])), False
+                values, fallback = regressor.predict(self._features(group)), False
             elif self.fallback_ is not None:
-                values, fallback = self.fallback_.predict(self._features(group, models[idx])), True
+                values, fallback = self.fallback_.predict(self._features(group)), True
             else:
                 values = np.array([(k.input_elements + k.output_elements) * self.ms_per_element_ for k in group])
                 fallback = True
+            if kind != "free" and self.kernel_offset_ms:
+                # never more than half a kernel: the offset is a per-network average, not a floor every kernel has
+                values = np.maximum(values - self.kernel_offset_ms, 0.5 * values)
             for i, k, v in zip(idx, group, values):
                 # an op never measured under the catch-all kind is a guess however it was made: flag it
                 guessed = fallback or (kind == "other" and k.op not in self.measured_ops_)
@@ -178,8 +152,8 @@ class LatencyEstimator:
             "target_config": self.target_config,
             "fusion_rules": self.rules.to_dict(),
             "random_state": self.random_state,
-            # written only when used, so that estimators without them keep their files unchanged
-            **({"extra_features": list(self.extra_features)} if self.extra_features else {}),
+            # written only when used, so that estimators without one keep their files unchanged
+            **({"kernel_offset_ms": self.kernel_offset_ms} if self.kernel_offset_ms else {}),
             "fitted_with": {"scikit-learn": sklearn.__version__},
             "samples": [_sample_to_dict(s) for s in self.samples_],
         }
@@ -203,7 +177,7 @@ class LatencyEstimator:
             estimator = cls(
                 data["target"], int(data["parallelism_factor"]),
                 FusionRules.from_dict(data["fusion_rules"], origin=origin), data.get("target_config", {}),
-                int(data.get("random_state", 0)), tuple(data.get("extra_features", ())),
+                int(data.get("random_state", 0)), float(data.get("kernel_offset_ms", 0.0)),
             )
             samples = [Sample(_kernel_from_dict(s["kernel"]), float(s["latency_ms"]),
                               None if s.get("network") is None else int(s["network"])) for s in data["samples"]]

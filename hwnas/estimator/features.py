@@ -70,37 +70,6 @@ def shape_features(kernel: Kernel, pf: int) -> list[float]:
     ]
 
 
-# Optional feature groups (an estimator's `extra_features`), for measured targets; the npu estimators use none.
-# "ops": which op a kernel is and which ops ride in it. On a CPU they cost differently over the same
-# elements (Relu, Sigmoid, Div: 1x to 3x; an activation inside a conv: nothing or a pass), which shapes
-# and `fused_ops` counts alone cannot tell.
-# "model": the size of the whole model the kernel runs in. Whether a kernel's weights and inputs are
-# still in the caches from the previous run depends on everything else the model touches: the same
-# kernel runs faster in a small model than inside a big network (docs/estimator.md, "Accuracy").
-OP_VOCABULARY = (
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "HardSigmoid", "HardSwish",
-    "Sigmoid", "LeakyRelu", "Tanh", "Mul", "Add", "Sub", "Div", "MaxPool", "AveragePool", "GlobalAveragePool",
-    "Resize", "Concat", "Split", "Transpose", "Softmax",
-)
-EXTRA_FEATURES = {
-    "ops": ("op_code",) + tuple(f"fused_{op}" for op in OP_VOCABULARY),
-    "model": ("log_model_weights", "log_model_activations"),
-}
-
-
-def op_features(kernel: Kernel) -> list[float]:
-    """The anchor op's index in `OP_VOCABULARY` (-1: another op), then how often each op rides along."""
-    code = OP_VOCABULARY.index(kernel.op) if kernel.op in OP_VOCABULARY else -1
-    return [float(code)] + [float(kernel.fused_ops.count(op)) for op in OP_VOCABULARY]
-
-
-def model_features(kernels: list[Kernel]) -> list[float]:
-    """What a whole model touches per run: its weights and the activations its kernels write (elements)."""
-    weights = sum(k.weight_elements for k in kernels if k.kind != "free")
-    activations = sum(k.output_elements for k in kernels if k.kind != "free")
-    return [math.log1p(weights), math.log1p(activations)]
-
-
 def feature_matrix(kernels: list[Kernel], pf: int) -> tuple[np.ndarray, np.ndarray]:
     """(work, shape) feature matrices, one row per kernel."""
     work = np.array([work_features(k, pf) for k in kernels], dtype=np.float64).reshape(len(kernels), len(WORK_FEATURES))
