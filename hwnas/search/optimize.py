@@ -106,15 +106,19 @@ def expert_seeds(space: SearchSpace, memory_limited: bool = False) -> list[dict[
     """The baseline, the alignment advice alone, then the full advice: on targets where regrouping
     depthwise convs hurts (ORT CPU runs depthwise natively) the first piece still pays on its own.
 
-    Under a memory limit, also every depth multiplier alone: the latency advice adds parameters
-    (regrouped convs hold zeros), and a random walk rarely finds a small multiplier with nothing else.
+    Where reconstructed passes are allowed, the full advice with each depth multiplier (the reference
+    work's V1 on top of its expert recipe); under a memory limit also every multiplier alone: the
+    latency advice adds parameters (regrouped convs hold zeros), and a random walk rarely finds a
+    small multiplier with nothing else.
     """
     full = expert_candidate(space)
     align_only = {d.key: full[d.key] if d.kind == "align" else KEEP for d in space.decisions}
     seeds = [space.baseline(), align_only, full]
-    if memory_limited:
-        seeds += [{**space.baseline(), d.key: choice} for d in space.decisions if d.kind == "depth"
-                  for choice in d.choices if choice != KEEP]
+    for depth in (d for d in space.decisions if d.kind == "depth"):
+        multipliers = [c for c in depth.choices if c != KEEP]
+        seeds += [{**full, depth.key: m} for m in multipliers]
+        if memory_limited:
+            seeds += [{**space.baseline(), depth.key: m} for m in multipliers]
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in seeds)]
 
 
