@@ -17,6 +17,8 @@ prints a "not available: <why>" line instead of stopping the run):
 - align         align-channels pad vs input on ORT CPU (benchmarks/align_cpu.py)
 - reconstruction  Fused-MBConv least squares vs composition (benchmarks/reconstruction.py)
 - proxy         the NASWOT zero-shot proxy's rank correlation with held-out drift (benchmarks/proxy_drift.py)
+- studies       the long search studies in benchmarks/results/ (curated vs uncurated over 300 evaluations,
+                evolution vs random with reconstructed passes), included as their own commands wrote them
 - cost          search wall time and candidates/s vs the reference's "up to 2,000 GPU-days"
 
 BENCHMARKS.md ends with the tables' numbers as JSON in an HTML comment: tests/test_benchmarks.py runs
@@ -212,6 +214,21 @@ def section_proxy(ctx: Context) -> str:
     return f"`{shown}`\n\n{out}"
 
 
+RESULTS = HERE / "results"  # long studies, made by the command each file starts with (not rerun here)
+
+
+def section_studies(ctx: Context) -> str:
+    files = sorted(RESULTS.glob("*.md"))
+    if not files:
+        return not_available("no study results in benchmarks/results/ (see benchmarks/search_npu.py LONG_SECTIONS)")
+    parts = ["Longer than this run's 30 minutes, so each was run on its own with the command it starts with "
+             "(`python benchmarks/search_npu.py --sections NAME > benchmarks/results/NAME.md`) and is included "
+             "here as it was written; the quick regeneration test does not cover them."]
+    for path in files:
+        parts += [f"#### {path.stem} (`benchmarks/results/{path.name}`)", path.read_text(encoding="utf-8").strip()]
+    return "\n\n".join(parts)
+
+
 def section_cost(ctx: Context) -> str:
     return search_npu.cost_markdown(ctx.runs)
 
@@ -226,6 +243,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Context], str]]] = {
     "align": ("Channel alignment on ORT CPU (measured)", section_align),
     "reconstruction": ("Fused-MBConv reconstruction", section_reconstruction),
     "proxy": ("Zero-shot proxy vs calibrated drift", section_proxy),
+    "studies": ("Search studies: convergence and reconstructed search (long runs)", section_studies),
     "cost": ("Search cost", section_cost),
 }
 

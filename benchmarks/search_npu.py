@@ -26,7 +26,19 @@ reproduce exactly on any machine); only wall times and candidates/s are measured
    found by bisection. The zoo models have random weights, so "same mAP" cannot be asked:
    the budget is a stated drift instead.
 
+4. **Long convergence** (`--sections convergence-long`, not in the default run: ~30 min): section 2 with
+   enough evaluations to reach the reference (`--long-trials`, default 300, from the baseline;
+   `--long-seeded-trials`, default 100, `optimize`'s expert-seeded default), seeds 0..S−1, every candidate
+   scored in one process; evaluations to 1 % of the group's best and of one shared best (every run on the
+   target).
+5. **Evolution vs random with reconstructed passes** (`--sections drift-search`, not in the default run:
+   ~40 min): hwnas's search as `optimize(max_drift=X)` runs it (expert seeds, batch 8) over the curated space
+   with scale-depth and Fused-MBConv allowed, drift limit `--drift-budget` (0.05) on 4 seeded random
+   calibration inputs, `--drift-trials` (24) evaluations, seeds 0..S−1, evolution vs random, on ibn-detector
+   and segmenter (npu-32x32), one process; best feasible latency reduction at equal evaluations.
+
     python benchmarks/search_npu.py [--quick] [--trials N] [--seeds S] [--plots DIR] [--sections ...]
+        [--drift-trials N] [--drift-budget X] [--long-trials N] [--long-seeded-trials N]
 
 Prints markdown; writes PNG plots into --plots (default benchmarks/plots).
 """
@@ -34,10 +46,12 @@ Prints markdown; writes PNG plots into --plots (default benchmarks/plots).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing
 import re
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,10 +74,11 @@ from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.registry import all_passes
 from hwnas.search.algorithms import Limits, Trial, search
 from hwnas.search.evaluate import CandidateEvaluator, Score
-from hwnas.search.optimize import expert_candidate
-from hwnas.search.space import KEEP, PREFIX, SpaceOptions, build_space
+from hwnas.search.optimize import expert_candidate, expert_seeds
+from hwnas.search.space import CURATED_MULTIPLIERS, KEEP, PREFIX, SpaceOptions, build_space
 from hwnas.targets import get_target
 from hwnas.verify import random_calibration, verify_equivalence
+from hwnas.verify.runtime import make_session, run_per_sample
 
 TARGETS = ("npu-32x32", "npu-16x16")
 MODELS = ("ibn-detector", "mobilenetv2", "segmenter")
@@ -95,11 +110,21 @@ class Settings:
     segmenter_resolution: int | None = None
     pareto_points: int = 5
     plots: Path = Path(__file__).resolve().parent / "plots"
+    # evolution vs random with reconstructed passes allowed (section drift-search), seeds 0..seeds-1, one process
+    drift_models: tuple[str, ...] = ("ibn-detector", "segmenter")
+    drift_targets: tuple[str, ...] = ("npu-32x32",)
+    drift_trials: int = 24
+    drift_budget: float = 0.05
+    drift_resolution: int | None = None  # None: each model's own
+    # long curated vs uncurated convergence (section convergence-long), seeds 0..seeds-1, one process
+    long_trials: int = 300  # from the baseline
+    long_seeded_trials: int = 100  # `optimize` default (expert-seeded)
 
 
 QUICK = Settings(targets=("npu-32x32",), models=("ibn-detector",), trials=16, convergence_targets=("npu-32x32",),
                  seeds=2, convergence_trials=16, seeded_seeds=1, subspace_trials=16, depth=False,
-                 segmenter_resolution=256, pareto_points=3)
+                 segmenter_resolution=256, pareto_points=3, drift_models=("ibn-detector",), drift_trials=10,
+                 drift_resolution=160, long_trials=48, long_seeded_trials=24)
 
 
 # ---------------------------------------------------------------- api.optimize runs, cached
@@ -119,11 +144,13 @@ class Runs:
         return self.models[name]
 
     def get(self, target: str, model: str, algorithm: str = "evolution", space: str = "curated", seed: int = 0,
-            trials: int = 60) -> dict:
+            trials: int = 60, workers: int = WORKERS) -> dict:
+        # workers is not part of the key: the batch size is max(8, 2·workers) = 8 for 1 or 2 workers, so the
+        # search (its trials and scores) is the same; only the wall time differs
         key = (target, model, algorithm, space, seed, trials)
         if key not in self.reports:
             result = api.optimize(self.model(model), target, exact=True, algorithm=algorithm, space=space,
-                                  trials=trials, seed=seed, workers=WORKERS)
+                                  trials=trials, seed=seed, workers=workers)
             self.reports[key] = result.report
         return self.reports[key]
 
@@ -232,11 +259,13 @@ class Subsearch:
 
 
 def subspace_search(model: onnx.ModelProto, target: str, kinds: Iterable[str], trials: int, seed: int = 0,
-                    curated: bool = True, expert: bool = True, algorithm: str = "evolution") -> Subsearch | str:
+                    curated: bool = True, expert: bool = True, algorithm: str = "evolution",
+                    workers: int = WORKERS) -> Subsearch | str:
     """hwnas's search over only the decisions of `kinds`, scored on estimated latency (composed weights).
 
     Decisions are ordered as `kinds` lists them (greedy descent visits them in that order). `expert=False`
-    starts from the baseline alone. A string says why there is nothing to search.
+    starts from the baseline alone. A string says why there is nothing to search. `workers=1` scores in
+    this process (the same search: the batch size stays max(8, 2·WORKERS)).
     """
     kinds = tuple(kinds)
     the_target = get_target(target)
@@ -251,10 +280,13 @@ def subspace_search(model: onnx.ModelProto, target: str, kinds: Iterable[str], t
                                    count_memory=False)
     scores: dict[str, Score] = {}
     start = time.monotonic()
-    with multiprocessing.get_context("fork").Pool(WORKERS, _init, (evaluator,)) as pool:
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init, (evaluator,))) if workers > 1 else None
+
         def score_batch(pipelines: list[str]) -> list[Score]:
             todo = [p for p in dict.fromkeys(pipelines) if p not in scores]
-            for p, score in zip(todo, pool.map(_latency, todo)):
+            fresh = pool.map(_latency, todo) if pool else [latency_score(evaluator, p) for p in todo]
+            for p, score in zip(todo, fresh):
                 scores[p] = score
             return [scores[p] for p in pipelines]
 
@@ -270,20 +302,32 @@ def evaluations_to(curve: Sequence[float], threshold: float) -> int | None:
     return next((i + 1 for i, v in enumerate(curve) if v <= threshold), None)
 
 
-def convergence_rows(label: str, target: str, curves: dict[str, list[list[float]]], base_ms: float,
-                     decisions: dict[str, tuple[int, float]]) -> list[list]:
-    reference = min(min(c) for cs in curves.values() for c in cs)
+def reaching(curves: Sequence[Sequence[float]], reference: float) -> tuple[list[int | None], str, str]:
+    """Per run, the evaluations to come within WITHIN of `reference`; the mean (a run that never gets there
+    counts as its whole budget, and the mean is then a lower bound, "≥"); and "runs that got there"."""
     threshold = reference * (1 + WITHIN)
+    needed = [evaluations_to(c, threshold) for c in curves]
+    counted = [n if n is not None else len(c) for n, c in zip(needed, curves)]
+    reached = sum(n is not None for n in needed)
+    return needed, ("≥ " if reached < len(needed) else "") + f"{statistics.mean(counted):.1f}", f"{reached}/{len(needed)}"
+
+
+def convergence_rows(label: str, target: str, curves: dict[str, list[list[float]]], base_ms: float,
+                     decisions: dict[str, tuple[int, float]], shared: float | None = None) -> list[list]:
+    """One row per space. Reference: the best of this group's runs; with `shared`, also a second
+    reference (e.g. the best of every run on the target) in three more columns."""
+    reference = min(min(c) for cs in curves.values() for c in cs)
     rows = []
     for space, cs in curves.items():
-        needed = [evaluations_to(c, threshold) for c in cs]
-        counted = [n if n is not None else len(c) for n, c in zip(needed, cs)]
-        reached = sum(n is not None for n in needed)
+        needed, mean, reached = reaching(cs, reference)
         finals = [1 - min(c) / base_ms for c in cs]
-        rows.append([target, label, space, decisions[space][0], f"{decisions[space][1]:.2g}", len(cs),
-                     pct(statistics.mean(finals)), pct(max(finals)),
-                     ("≥ " if reached < len(needed) else "") + f"{statistics.mean(counted):.1f}", f"{reached}/{len(needed)}",
-                     " ".join(str(n) if n is not None else "–" for n in needed)])
+        row = [target, label, space, decisions[space][0], f"{decisions[space][1]:.2g}", len(cs),
+               pct(statistics.mean(finals)), pct(max(finals)), mean, reached,
+               " ".join(str(n) if n is not None else "–" for n in needed)]
+        if shared is not None:
+            needed, mean, reached = reaching(cs, shared)
+            row += [mean, reached, " ".join(str(n) if n is not None else "–" for n in needed)]
+        rows.append(row)
     return rows
 
 
@@ -344,7 +388,8 @@ def _pyplot():
     return plt
 
 
-def plot_convergence(data: dict[str, dict[str, list[list[float]]]], model: str, folder: Path) -> str | None:
+def plot_convergence(data: dict[str, dict[str, list[list[float]]]], model: str, folder: Path,
+                     name: str = "convergence.png", subtitle: str = "from the baseline") -> str | None:
     plt = _pyplot()
     if plt is None or not data:
         return None
@@ -358,14 +403,14 @@ def plot_convergence(data: dict[str, dict[str, list[list[float]]]], model: str, 
                 n = min(len(c) for c in curves)
                 ax.plot(range(1, n + 1), 100 * np.mean([c[:n] for c in curves], axis=0), color=color, linewidth=2,
                         label=f"{space} (mean of {len(curves)} seeds)")
-        ax.set_title(f"{model} on {target}, from the baseline")
+        ax.set_title(f"{model} on {target}, {subtitle}")
         ax.set_xlabel("candidates evaluated")
         ax.set_ylabel("best-so-far latency reduction (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "convergence.png"
+    path = folder / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
@@ -663,6 +708,281 @@ def plot_pareto(points: list[tuple[str, int, Row]], folder: Path, title: str) ->
     return str(path)
 
 
+# ---------------------------------------------------------------- 2b. long convergence, one process
+
+
+LONG_CHECKPOINTS = (8, 25, 50, 100, 150, 200, 300, 400, 500, 600)
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the markdown goes to stdout): long sections say what finished, and when."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def mean_at(curves: Sequence[Sequence[float]], n: int, base_ms: float) -> str:
+    """Mean best-so-far latency reduction after n evaluations ("–" when a run is shorter)."""
+    if not curves or any(len(c) < n for c in curves):
+        return "–"
+    return pct(statistics.mean(1 - c[n - 1] / base_ms for c in curves))
+
+
+def convergence_long_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
+    """Curated vs uncurated with enough evaluations to reach the reference, scored in this one process."""
+    model_name = s.convergence_model
+    model = runs.model(model_name)
+    unseeded_label, seeded_label = "from the baseline (no expert seed)", "`optimize` default (baseline + expert seeds)"
+    rows, checkpoint_rows, plot_data = [], [], {}
+    for target in s.convergence_targets:
+        base_ms = api.estimate(model, target).latency_ms
+        groups: dict[str, tuple[dict, dict, dict]] = {}  # label -> (curves, sizes, search walls) by space
+        curves, sizes, walls = {}, {}, {}
+        for space in ("curated", "uncurated"):
+            curves[space], walls[space] = [], []
+            for seed in range(s.seeds):
+                sub = subspace_search(model, target, EXACT_KINDS, s.long_trials, seed, space == "curated", expert=False,
+                                      workers=1)
+                if isinstance(sub, str):
+                    return not_available(sub)
+                runs.subsearches.append((f"{target} {model_name} {space} seed {seed} (no expert seed, {s.long_trials})", sub))
+                curve = sub.curve()
+                record_curve(numbers, f"convergence/{target}/{model_name}/unseeded/{space}/seed{seed}", curve)
+                curves[space].append(curve)
+                walls[space].append(sub.wall_s)
+                sizes[space] = (len(sub.space.decisions), sub.space.size())
+                log(f"convergence-long {target} unseeded {space} seed {seed}: {len(curve)} evaluations in "
+                    f"{sub.wall_s:.0f} s, best {1 - min(curve) / base_ms:.2%}")
+        groups[unseeded_label] = (curves, sizes, walls)
+        plot_data[target] = {space: [[1 - v / base_ms for v in c] for c in cs] for space, cs in curves.items()}
+        curves, sizes, walls = {}, {}, {}
+        for space in ("curated", "uncurated"):
+            curves[space], walls[space] = [], []
+            for seed in range(s.seeds):
+                r = runs.get(target, model_name, "evolution", space, seed, s.long_seeded_trials, workers=1)
+                curves[space].append(r["search"]["best_so_far"])
+                walls[space].append(r["search"]["wall_s"])
+                sizes[space] = (r["search"]["decisions"], r["search"]["space_size"])
+                record_curve(numbers, f"search/{target}/{model_name}/evolution/{space}/seed{seed}", r["search"]["best_so_far"])
+                log(f"convergence-long {target} seeded {space} seed {seed}: {len(r['search']['best_so_far'])} evaluations "
+                    f"in {r['search']['wall_s']:.0f} s, best {1 - min(r['search']['best_so_far']) / base_ms:.2%}")
+        groups[seeded_label] = (curves, sizes, walls)
+        shared = min(min(c) for cs, _, _ in groups.values() for space_curves in cs.values() for c in space_curves)
+        numbers.add(f"convergence-long/{target}/{model_name}/shared_best_ms", shared, "deterministic")
+        for label, (cs, sz, ws) in groups.items():
+            rows += convergence_rows(label, target, cs, base_ms, sz, shared)
+            group_best = min(min(c) for space_curves in cs.values() for c in space_curves)
+            for space, space_curves in cs.items():
+                n = len(space_curves[0])
+                checkpoint_rows.append([target, label, space, fmt(group_best, ".3f"), pct(1 - group_best / base_ms),
+                                        *[mean_at(space_curves, k, base_ms) for k in LONG_CHECKPOINTS if k <= n],
+                                        *(["–"] * sum(k > n for k in LONG_CHECKPOINTS)),
+                                        fmt(statistics.mean(ws[space]), ".0f"),
+                                        fmt(sum(len(c) for c in space_curves) / sum(ws[space]), ".1f")])
+        log(f"convergence-long {target}: shared best {shared:.4f} ms ({1 - shared / base_ms:.2%})")
+    plot = plot_convergence(plot_data, model_name, s.plots, "convergence_long.png")
+    text = [
+        f"Zoo {model_name}; evolution (NSGA-II) over the exact decisions (alignment, depthwise regrouping, linear "
+        f"fusion), every candidate scored in this one process (`workers=1`; the batch size, and so the search, is "
+        f"the same as with 2 workers). \"From the baseline\": hwnas's search (`hwnas.search.algorithms.search`) over "
+        f"`build_space(..., curated=True/False)` with only the baseline as seed, {s.long_trials} candidates. "
+        f"\"`optimize` default\": `api.optimize(model, target, exact=True, space=..., trials={s.long_seeded_trials}, "
+        f"seed=..., workers=1)`, which seeds the baseline, the alignment advice alone and the full expert advice "
+        f"(`hwnas.search.optimize.expert_seeds`) and surrounds them with its first generation. Seeds "
+        f"0–{s.seeds - 1} each. Evaluations to 1 % = the first evaluation whose best-so-far latency is within "
+        f"{WITHIN:.0%} of a reference: (a) the best any run of the row's group (same target, same kind of search, "
+        f"either space) found, (b) the best any run on that target found (both kinds of search, both spaces: one "
+        f"shared reference). A run that never gets there counts as its whole budget and the mean is then marked \"≥\".",
+        "",
+        table(["target", "search", "space", "decisions", "space size", "runs", "mean final reduction",
+               "best final reduction", "(a) mean evaluations to 1 % of the group's best", "(a) runs that got there",
+               "(a) per seed", "(b) mean evaluations to 1 % of the shared best", "(b) runs that got there",
+               "(b) per seed"], rows),
+        "",
+        "Mean best-so-far latency reduction after n evaluations (mean over the seeds), with the group's best "
+        "(latency ms and reduction) for reference; search s: mean wall time of one run's search (scoring included, "
+        "not `optimize`'s final ORT verification).",
+        "",
+        table(["target", "search", "space", "group's best ms", "group's best reduction",
+               *[f"@{k}" for k in LONG_CHECKPOINTS], "search s per run", "candidates/s"], checkpoint_rows),
+    ]
+    if plot:
+        text += ["", f"![best-so-far latency reduction vs evaluations, curated vs uncurated, {s.long_trials} evaluations]({plot})"]
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------- 2c. evolution vs random, reconstructed passes allowed
+
+
+def feasible_curve(trials: Sequence[Trial], limits: Limits) -> list[float]:
+    """Best feasible estimated latency after each evaluation (inf until the first feasible one)."""
+    best, out = float("inf"), []
+    for t in trials:
+        if limits.feasible(t.score):
+            best = min(best, t.score.latency_ms)
+        out.append(best)
+    return out
+
+
+@dataclass
+class DriftRun:
+    algorithm: str
+    seed: int
+    trials: list[Trial]
+    curve: list[float]
+    wall_s: float
+    fresh: int  # candidates this run scored first (the others were scored by an earlier run: same scores)
+    fresh_s: float
+
+
+def drift_search_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
+    """Evolution vs random search at equal evaluations, reconstructed passes allowed, seeds 0..seeds−1."""
+    algorithms = ("evolution", "random")
+    checkpoints = sorted({3, 8, 12, 16, 20, 24, 32, 48, 64} & set(range(1, s.drift_trials + 1)) | {s.drift_trials})
+    summary, per_seed, plot_data, notes = [], [], {}, []
+    for target in s.drift_targets:
+        the_target = get_target(target)
+        for name in s.drift_models:
+            model = build(name, resolution=s.drift_resolution) if s.drift_resolution else runs.model(name)
+            shapes = resolve_input_shapes(model, None)
+            resolution = shapes[next(iter(shapes))][2]
+            calib = random_calibration(model, shapes, CALIB, 0)
+            ctx = PassContext(template=model, input_shapes=shapes, calibration=calib, seed=0)
+            prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(model), ctx).graph
+            space = build_space(prepared, ctx, SpaceOptions(the_target.parallelism_factor, True, allow_reconstructed=True))
+            evaluator = CandidateEvaluator(to_model(prepared.copy(), model), prepared, ctx, estimator_for(the_target),
+                                           run_per_sample(make_session(model), calib), count_memory=False)
+            limits = Limits(max_drift=s.drift_budget)
+            scores: dict[str, Score] = {}
+            seconds: dict[str, float] = {}
+
+            def score_batch(pipelines: list[str]) -> list[Score]:
+                for p in dict.fromkeys(pipelines):
+                    if p not in scores:
+                        begun = time.perf_counter()
+                        scores[p] = evaluator.evaluate(p)
+                        seconds[p] = time.perf_counter() - begun
+                return [scores[p] for p in pipelines]
+
+            base_ms = score_batch([""])[0].latency_ms
+            population = max(8, min(40, len(space.decisions) * 2))  # as hwnas.search.algorithms._optuna
+            seeds = expert_seeds(space)  # as run_search (no memory limit here)
+            done: dict[str, list[DriftRun]] = {a: [] for a in algorithms}
+            started = time.monotonic()
+            for seed in range(s.seeds):  # seed by seed, both algorithms: an interrupted run stays balanced
+                for algorithm in algorithms:
+                    known = set(scores)
+                    begun = time.monotonic()
+                    history = search(space, score_batch, algorithm, s.drift_trials, limits, seed, seeds,
+                                     batch_size=max(8, 2 * 1))
+                    new = [p for p in dict.fromkeys(t.pipeline for t in history) if p not in known]
+                    run = DriftRun(algorithm, seed, history, feasible_curve(history, limits), time.monotonic() - begun,
+                                   len(new), sum(seconds[p] for p in new))
+                    done[algorithm].append(run)
+                    record_curve(numbers, f"drift-search/{target}/{name}/r{resolution}/drift{s.drift_budget:g}/{algorithm}/seed{seed}",
+                                 run.curve)
+                    log(f"drift-search {target} {name} {algorithm} seed {seed}: {len(history)} evaluations in "
+                        f"{run.wall_s:.0f} s ({run.fresh} scored fresh, {run.fresh_s:.0f} s), best feasible "
+                        f"{1 - min(run.curve) / base_ms:.2%}")
+            wall = time.monotonic() - started
+            label = f"{name} {resolution}²"
+            for algorithm, group in done.items():
+                finals = [1 - min(r.curve) / base_ms for r in group]
+                best_trials = [min((t for t in r.trials if limits.feasible(t.score)), key=lambda t: (t.score.latency_ms, t.number))
+                               for r in group]
+                reconstructed = [t for r in group for t in r.trials if t.score.error is None and not t.score.exact]
+                feasible = [t for r in group for t in r.trials if limits.feasible(t.score)]
+                depth = [t for r in group for t in r.trials if t.candidate.get("depth:model", KEEP) != KEEP]
+                total = sum(len(r.trials) for r in group)
+                fresh, fresh_s = sum(r.fresh for r in group), sum(r.fresh_s for r in group)
+                summary.append([target, label, algorithm, len(group), s.drift_trials,
+                                *[mean_at([r.curve for r in group], k, base_ms) for k in checkpoints],
+                                pct(statistics.mean(finals)), pct(min(finals)), pct(max(finals)),
+                                f"{statistics.mean(t.score.drift for t in best_trials):.3f}",
+                                f"{sum(not t.score.exact for t in best_trials)}/{len(best_trials)}",
+                                f"{len(feasible)}/{total}", f"{len(reconstructed)}/{total}", f"{len(depth)}/{total}",
+                                fmt(fresh_s / fresh if fresh else float("nan"), ".1f")])
+                for r, f in zip(group, finals):
+                    numbers.add(f"drift-search/{target}/{name}/r{resolution}/drift{s.drift_budget:g}/{algorithm}/seed{r.seed}"
+                                f"/trials{s.drift_trials}/reduction", f, "deterministic")
+            for ev, ra in zip(done["evolution"], done["random"]):
+                e, r = 1 - min(ev.curve) / base_ms, 1 - min(ra.curve) / base_ms
+                per_seed.append([target, label, ev.seed, pct(e), pct(r), f"{100 * (e - r):+.1f}",
+                                 "evolution" if e > r + 1e-9 else "random" if r > e + 1e-9 else "tie",
+                                 abbreviate(min(ev.trials, key=lambda t: (not limits.feasible(t.score), t.score.latency_ms)).pipeline),
+                                 abbreviate(min(ra.trials, key=lambda t: (not limits.feasible(t.score), t.score.latency_ms)).pipeline)])
+            expert = next((t for t in done["evolution"][0].trials if t.candidate == expert_candidate(space)), None)
+            best_seed = min(done["evolution"][0].curve[:len(seeds)])
+            notes.append(f"- {target} {label}: {len(space.decisions)} decisions "
+                         f"({', '.join(f'{k} {sum(d.kind == k for d in space.decisions)}' for k in ('depth', 'dw', 'align', 'fuse', 'mbconv'))}), "
+                         f"space size {space.size():.2g}, baseline {base_ms:.3f} ms, expert seed "
+                         f"{'–' if expert is None else f'{expert.score.latency_ms:.3f} ms ({1 - expert.score.latency_ms / base_ms:.1%})'}; "
+                         f"{len(seeds)} seed candidates (`expert_seeds`), evaluated first by both algorithms, the best "
+                         f"feasible of them {best_seed:.3f} ms ({1 - best_seed / base_ms:.1%}); "
+                         f"NSGA-II population {population} (so evaluations ≤ {population} are all its warm-start generation: "
+                         f"the seeds and their neighbours, alternating between the seeds); {len(scores)} distinct candidates "
+                         f"scored in {wall:.0f} s (the first candidate with each depth multiplier also builds the "
+                         f"depth-scaled graph, ~40 s, which the evaluator then keeps).")
+            plot_data[f"{label} on {target}"] = {a: [[1 - v / base_ms for v in r.curve] for r in group] for a, group in done.items()}
+    plot = plot_algorithms(plot_data, s.plots)
+    text = [
+        f"Evolution (NSGA-II) vs random search at equal evaluations with reconstructed passes allowed: hwnas's "
+        f"search (`hwnas.search.algorithms.search`, as `optimize` runs it: seeds `expert_seeds(space)` = baseline, "
+        f"alignment advice, full expert advice, and the full advice with each depth multiplier; batch 8) over the curated space with `allow_reconstructed=True` (a global "
+        f"depth multiplier {', '.join(CURATED_MULTIPLIERS)} rounded to the PF, and Fused-MBConv per IBN block, "
+        f"besides the exact decisions), limit `max_drift={s.drift_budget}` (1 − the smallest output cosine on the "
+        f"calibration inputs). Scoring as `optimize(..., max_drift={s.drift_budget})` does it "
+        f"(`CandidateEvaluator`: estimated latency, least-squares refits and ORT drift on the calibration inputs), "
+        f"calibration = {CALIB} seeded standard-normal inputs (`random_calibration(model, shapes, {CALIB}, seed=0)`, "
+        f"optimize's own fallback; the zoo models have random weights) and fit seed 0 for every run, so that all runs "
+        f"optimise the same function and only the search seed differs (`optimize` would use the search seed for "
+        f"both). One process and one evaluator per model: a candidate scored by an earlier run is not scored again "
+        f"(the same score), and each depth-scaled graph is built once (`CandidateEvaluator` keeps it). Seeds 0–{s.seeds - 1}, {s.drift_trials} evaluations "
+        f"per run. Reduction = 1 − best feasible estimated latency / baseline.",
+        "",
+        *notes,
+        "",
+        table(["target", "model", "algorithm", "runs", "evaluations", *[f"mean @{k}" for k in checkpoints],
+               "mean final reduction", "worst run", "best run", "mean drift of the best", "best is reconstructed",
+               "feasible evaluations", "reconstructed evaluations", "with a depth multiplier",
+               "s per fresh candidate"], summary),
+        "",
+        "Per seed: final best feasible reduction after the same number of evaluations, and the winner's pipeline.",
+        "",
+        table(["target", "model", "seed", "evolution", "random", "evolution − random (points)", "better",
+               "evolution's best", "random's best"], per_seed),
+    ]
+    if plot:
+        text += ["", f"![best feasible latency reduction vs evaluations, evolution vs random]({plot})"]
+    return "\n".join(text)
+
+
+def plot_algorithms(data: dict[str, dict[str, list[list[float]]]], folder: Path) -> str | None:
+    plt = _pyplot()
+    if plt is None or not data:
+        return None
+    fig, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4), squeeze=False)
+    for ax, (title, algorithms) in zip(axes[0], data.items()):
+        for algorithm, color in (("evolution", "tab:green"), ("random", "tab:red")):
+            curves = algorithms.get(algorithm, [])
+            for c in curves:
+                ax.plot(range(1, len(c) + 1), [100 * v for v in c], color=color, alpha=0.3, linewidth=0.8)
+            if curves:
+                n = min(len(c) for c in curves)
+                ax.plot(range(1, n + 1), 100 * np.mean([c[:n] for c in curves], axis=0), color=color, linewidth=2,
+                        label=f"{algorithm} (mean of {len(curves)} seeds)")
+        ax.set_title(title)
+        ax.set_xlabel("candidates evaluated")
+        ax.set_ylabel("best feasible latency reduction (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "drift_search.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+
 # ---------------------------------------------------------------- search cost
 
 
@@ -700,29 +1020,45 @@ def cost_markdown(runs: Runs) -> str:
 SECTIONS = {
     "algorithms": algorithms_markdown,
     "convergence": convergence_markdown,
+    "convergence-long": convergence_long_markdown,
+    "drift-search": drift_search_markdown,
     "detector": detector_markdown,
     "segmenter": segmenter_markdown,
     "cost": lambda runs, _s, _n: cost_markdown(runs),
 }
+LONG_SECTIONS = ("convergence-long", "drift-search")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one target, fewer trials and seeds, no scale-depth")
     parser.add_argument("--trials", type=int, help="trials of the algorithm table")
-    parser.add_argument("--seeds", type=int, help="seeds of the convergence study (≥ 5 for the claim)")
+    parser.add_argument("--seeds", type=int, help="seeds of the convergence, convergence-long and drift-search studies (≥ 5 for the claims)")
     parser.add_argument("--plots", type=Path)
-    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--drift-trials", type=int, help="evaluations per run of the drift-search section")
+    parser.add_argument("--drift-budget", type=float, help="max drift (1 − cosine) of the drift-search section")
+    parser.add_argument("--long-trials", type=int, help="evaluations per unseeded run of convergence-long")
+    parser.add_argument("--long-seeded-trials", type=int, help="evaluations per expert-seeded run of convergence-long")
+    parser.add_argument("--numbers-out", type=Path, help="write the sections' numbers (JSON) here")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS),
+                        default=[k for k in SECTIONS if k not in LONG_SECTIONS],
+                        help=f"default: all but {', '.join(LONG_SECTIONS)} (long; give them by name)")
     args = parser.parse_args()
     s = QUICK if args.quick else Settings()
-    s = dataclasses.replace(s, **{k: v for k, v in (("trials", args.trials), ("seeds", args.seeds), ("plots", args.plots))
-                                  if v is not None})
+    s = dataclasses.replace(s, **{k: v for k, v in (
+        ("trials", args.trials), ("seeds", args.seeds), ("plots", args.plots), ("drift_trials", args.drift_trials),
+        ("drift_budget", args.drift_budget), ("long_trials", args.long_trials),
+        ("long_seeded_trials", args.long_seeded_trials)) if v is not None})
     runs, numbers = Runs(), Numbers()
     print(f"`{command_line()}`\n")
     print(versions_block())
     for name in args.sections:
         print(f"\n### {name}\n", flush=True)
+        begun = time.monotonic()
         print(SECTIONS[name](runs, s, numbers), flush=True)
+        print(f"\n_{time.monotonic() - begun:.0f} s_", flush=True)
+    if args.numbers_out:
+        args.numbers_out.write_text(numbers.to_json() + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
