@@ -72,7 +72,7 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.registry import all_passes
-from hwnas.search.algorithms import Limits, Trial, search
+from hwnas.search.algorithms import Limits, Trial, best_feasible_curve, search
 from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import expert_candidate, expert_seeds
 from hwnas.search.space import CURATED_MULTIPLIERS, KEEP, PREFIX, SpaceOptions, build_space
@@ -388,32 +388,39 @@ def _pyplot():
     return plt
 
 
-def plot_convergence(data: dict[str, dict[str, list[list[float]]]], model: str, folder: Path,
-                     name: str = "convergence.png", subtitle: str = "from the baseline") -> str | None:
+def plot_curves(panels: dict[str, dict[str, list[list[float]]]], series: Sequence[tuple[str, str]], ylabel: str,
+                path: Path) -> str | None:
+    """One panel per title: each series' runs thin, their mean thick (best-so-far reductions, 0..1)."""
     plt = _pyplot()
-    if plt is None or not data:
+    if plt is None or not panels:
         return None
-    fig, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4), squeeze=False)
-    for ax, (target, spaces) in zip(axes[0], data.items()):
-        for space, color in (("curated", "tab:blue"), ("uncurated", "tab:orange")):
-            curves = spaces.get(space, [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, by_series) in zip(axes[0], panels.items()):
+        for key, color in series:
+            curves = by_series.get(key, [])
             for c in curves:
                 ax.plot(range(1, len(c) + 1), [100 * v for v in c], color=color, alpha=0.3, linewidth=0.8)
             if curves:
                 n = min(len(c) for c in curves)
                 ax.plot(range(1, n + 1), 100 * np.mean([c[:n] for c in curves], axis=0), color=color, linewidth=2,
-                        label=f"{space} (mean of {len(curves)} seeds)")
-        ax.set_title(f"{model} on {target}, {subtitle}")
+                        label=f"{key} (mean of {len(curves)} seeds)")
+        ax.set_title(title)
         ax.set_xlabel("candidates evaluated")
-        ax.set_ylabel("best-so-far latency reduction (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def plot_convergence(data: dict[str, dict[str, list[list[float]]]], model: str, folder: Path,
+                     name: str = "convergence.png", subtitle: str = "from the baseline") -> str | None:
+    panels = {f"{model} on {target}, {subtitle}": spaces for target, spaces in data.items()}
+    return plot_curves(panels, (("curated", "tab:blue"), ("uncurated", "tab:orange")),
+                       "best-so-far latency reduction (%)", folder / name)
 
 
 # ---------------------------------------------------------------- building candidates for real
@@ -812,16 +819,6 @@ def convergence_long_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
 # ---------------------------------------------------------------- 2c. evolution vs random, reconstructed passes allowed
 
 
-def feasible_curve(trials: Sequence[Trial], limits: Limits) -> list[float]:
-    """Best feasible estimated latency after each evaluation (inf until the first feasible one)."""
-    best, out = float("inf"), []
-    for t in trials:
-        if limits.feasible(t.score):
-            best = min(best, t.score.latency_ms)
-        out.append(best)
-    return out
-
-
 @dataclass
 class DriftRun:
     algorithm: str
@@ -874,7 +871,7 @@ def drift_search_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
                     history = search(space, score_batch, algorithm, s.drift_trials, limits, seed, seeds,
                                      batch_size=max(8, 2 * 1))
                     new = [p for p in dict.fromkeys(t.pipeline for t in history) if p not in known]
-                    run = DriftRun(algorithm, seed, history, feasible_curve(history, limits), time.monotonic() - begun,
+                    run = DriftRun(algorithm, seed, history, best_feasible_curve(history, limits), time.monotonic() - begun,
                                    len(new), sum(seconds[p] for p in new))
                     done[algorithm].append(run)
                     record_curve(numbers, f"drift-search/{target}/{name}/r{resolution}/drift{s.drift_budget:g}/{algorithm}/seed{seed}",
@@ -956,31 +953,8 @@ def drift_search_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
 
 
 def plot_algorithms(data: dict[str, dict[str, list[list[float]]]], folder: Path) -> str | None:
-    plt = _pyplot()
-    if plt is None or not data:
-        return None
-    fig, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4), squeeze=False)
-    for ax, (title, algorithms) in zip(axes[0], data.items()):
-        for algorithm, color in (("evolution", "tab:green"), ("random", "tab:red")):
-            curves = algorithms.get(algorithm, [])
-            for c in curves:
-                ax.plot(range(1, len(c) + 1), [100 * v for v in c], color=color, alpha=0.3, linewidth=0.8)
-            if curves:
-                n = min(len(c) for c in curves)
-                ax.plot(range(1, n + 1), 100 * np.mean([c[:n] for c in curves], axis=0), color=color, linewidth=2,
-                        label=f"{algorithm} (mean of {len(curves)} seeds)")
-        ax.set_title(title)
-        ax.set_xlabel("candidates evaluated")
-        ax.set_ylabel("best feasible latency reduction (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "drift_search.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
+    return plot_curves(data, (("evolution", "tab:green"), ("random", "tab:red")),
+                       "best feasible latency reduction (%)", folder / "drift_search.png")
 
 
 # ---------------------------------------------------------------- search cost

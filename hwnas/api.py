@@ -357,7 +357,7 @@ def optimize(
     gives the chosen model's drift on them (cosine, top-1 agreement), the figure to trust over the
     calibration drift the search was judged by.
     """
-    from hwnas.search.algorithms import Limits
+    from hwnas.search.algorithms import Limits, best_feasible_curve
     from hwnas.search.optimize import (
         SearchSettings, expert_candidate, fingerprint, no_feasible_message, ranked_pipelines, run_search, verify_in_order,
     )
@@ -427,7 +427,7 @@ def optimize(
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
-            "best_so_far": _best_so_far(outcome.trials, limits),
+            "best_so_far": best_feasible_curve(outcome.trials, limits),
             "quality": None if limits.min_quality is None else {
                 "kind": "evaluate-cmd" if evaluate_cmd else "naswot", "original": outcome.baseline.score.quality,
                 "floor": limits.min_quality, "chosen": chosen.score.quality,
@@ -470,16 +470,6 @@ def recipe_pipeline(model: ModelLike, recipe: Mapping, input_shapes: Mapping[str
 
 def _samples(feeds: Mapping[str, np.ndarray]) -> int:
     return min((len(a) for a in feeds.values()), default=0)
-
-
-def _best_so_far(trials, limits) -> list[float]:
-    """Best feasible estimated latency after each evaluation (inf until the first feasible one)."""
-    best, curve = float("inf"), []
-    for t in trials:
-        if limits.feasible(t.score):
-            best = min(best, t.score.latency_ms)
-        curve.append(best)
-    return curve
 
 
 def _judge(report: VerificationReport, exact: bool, allow_drift: float | None) -> VerificationOutcome:

@@ -78,6 +78,16 @@ def rank_key(limits: Limits) -> Callable[[Trial], tuple]:
     return key
 
 
+def best_feasible_curve(trials: Sequence[Trial], limits: Limits) -> list[float]:
+    """Best feasible estimated latency after each evaluation (inf until the first feasible one)."""
+    best, curve = float("inf"), []
+    for t in trials:
+        if limits.feasible(t.score):
+            best = min(best, t.score.latency_ms)
+        curve.append(best)
+    return curve
+
+
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
     """Trials no other trial beats on every one of latency, drift (or quality) and memory (errors excluded)."""
     points = [t for t in trials if t.score.error is None]
