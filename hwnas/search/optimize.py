@@ -199,8 +199,9 @@ def run_search(
         if evaluator.quality is not None and limits.min_quality is None:
             limits = replace(limits, min_quality=_quality_floor(score_batch([""])[0], settings.quality_tolerance))
         seeds = expert_seeds(space, memory_limited=needs_memory)
+        # the default batch, not one per core: a seed must give the same search on any machine (resume elsewhere)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
-                        seeds, settings.time_budget, batch_size=max(8, 2 * workers), progress=progress)
+                        seeds, settings.time_budget, progress=progress)
     baseline = next(t for t in trials if t.pipeline == "")
     ranked = sorted(trials, key=rank_key(limits))
     return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), time.monotonic() - start,
