@@ -85,7 +85,7 @@ MODELS = ("ibn-detector", "mobilenetv2", "segmenter")
 ALGORITHMS = ("evolution", "random", "greedy")
 EXACT_KINDS = ("align", "dw", "fuse")
 CHECKPOINTS = (8, 16, 24, 32, 48, 64, 80, 100, 150, 200, 300, 400)  # best-so-far recorded at these evaluations
-WORKERS = 2  # fixed, so that the search's batch size (max(8, 2·workers)), and so its trials, are the same anywhere
+WORKERS = 2  # fixed, so that the wall times of the table compare across machines
 WITHIN = 0.01
 HELD_OUT = 8
 CALIB = 4
@@ -331,24 +331,40 @@ def convergence_rows(label: str, target: str, curves: dict[str, list[list[float]
     return rows
 
 
+def unseeded_curves(runs: Runs, model_name: str, target: str, trials: int, seeds: int, numbers: Numbers,
+                    workers: int, label: str) -> tuple[dict, dict, dict] | str:
+    """Curated and uncurated searches from the baseline alone, seeds 0..seeds−1: best-so-far curves, space
+    sizes and search wall times by space (or why the searches could not run)."""
+    model = runs.model(model_name)
+    curves, sizes, walls = {}, {}, {}
+    for space in ("curated", "uncurated"):
+        curves[space], walls[space] = [], []
+        for seed in range(seeds):
+            sub = subspace_search(model, target, EXACT_KINDS, trials, seed, space == "curated", expert=False,
+                                  workers=workers)
+            if isinstance(sub, str):
+                return sub
+            runs.subsearches.append((f"{target} {model_name} {space} seed {seed} (no expert seed{label})", sub))
+            curve = sub.curve()
+            record_curve(numbers, f"convergence/{target}/{model_name}/unseeded/{space}/seed{seed}", curve)
+            curves[space].append(curve)
+            walls[space].append(sub.wall_s)
+            sizes[space] = (len(sub.space.decisions), sub.space.size())
+            log(f"{target} {model_name} from the baseline, {space}, seed {seed}: {len(curve)} evaluations in "
+                f"{sub.wall_s:.0f} s")
+    return curves, sizes, walls
+
+
 def convergence_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
     model_name = s.convergence_model
     model = runs.model(model_name)
     rows, plot_data = [], {}
     for target in s.convergence_targets:
         base_ms = api.estimate(model, target).latency_ms
-        curves, sizes = {}, {}
-        for space in ("curated", "uncurated"):
-            curves[space] = []
-            for seed in range(s.seeds):
-                sub = subspace_search(model, target, EXACT_KINDS, s.convergence_trials, seed, space == "curated", expert=False)
-                if isinstance(sub, str):
-                    return not_available(sub)
-                runs.subsearches.append((f"{target} {model_name} {space} seed {seed} (no expert seed)", sub))
-                curve = sub.curve()
-                record_curve(numbers, f"convergence/{target}/{model_name}/unseeded/{space}/seed{seed}", curve)
-                curves[space].append(curve)
-                sizes[space] = (len(sub.space.decisions), sub.space.size())
+        unseeded = unseeded_curves(runs, model_name, target, s.convergence_trials, s.seeds, numbers, WORKERS, "")
+        if isinstance(unseeded, str):
+            return not_available(unseeded)
+        curves, sizes, _ = unseeded
         rows += convergence_rows("from the baseline (no expert seed)", target, curves, base_ms, sizes)
         plot_data[target] = {space: [[1 - v / base_ms for v in c] for c in cs] for space, cs in curves.items()}
         seeded, seeded_sizes = {}, {}
@@ -742,23 +758,10 @@ def convergence_long_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
     for target in s.convergence_targets:
         base_ms = api.estimate(model, target).latency_ms
         groups: dict[str, tuple[dict, dict, dict]] = {}  # label -> (curves, sizes, search walls) by space
-        curves, sizes, walls = {}, {}, {}
-        for space in ("curated", "uncurated"):
-            curves[space], walls[space] = [], []
-            for seed in range(s.seeds):
-                sub = subspace_search(model, target, EXACT_KINDS, s.long_trials, seed, space == "curated", expert=False,
-                                      workers=1)
-                if isinstance(sub, str):
-                    return not_available(sub)
-                runs.subsearches.append((f"{target} {model_name} {space} seed {seed} (no expert seed, {s.long_trials})", sub))
-                curve = sub.curve()
-                record_curve(numbers, f"convergence/{target}/{model_name}/unseeded/{space}/seed{seed}", curve)
-                curves[space].append(curve)
-                walls[space].append(sub.wall_s)
-                sizes[space] = (len(sub.space.decisions), sub.space.size())
-                log(f"convergence-long {target} unseeded {space} seed {seed}: {len(curve)} evaluations in "
-                    f"{sub.wall_s:.0f} s, best {1 - min(curve) / base_ms:.2%}")
-        groups[unseeded_label] = (curves, sizes, walls)
+        unseeded = unseeded_curves(runs, model_name, target, s.long_trials, s.seeds, numbers, 1, f", {s.long_trials}")
+        if isinstance(unseeded, str):
+            return not_available(unseeded)
+        curves, sizes, walls = groups[unseeded_label] = unseeded
         plot_data[target] = {space: [[1 - v / base_ms for v in c] for c in cs] for space, cs in curves.items()}
         curves, sizes, walls = {}, {}, {}
         for space in ("curated", "uncurated"):

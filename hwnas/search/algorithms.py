@@ -162,7 +162,6 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
         around = [neighbours(space, center, count // len(centers) + (i < count % len(centers)), seed * len(centers) + i)
                   for i, center in enumerate(centers)]
         # round-robin over the centers: a search shorter than one generation still surrounds every seed
-        # (concatenated, a short search saw only the neighbours of the first center, the alignment advice)
         seeds = seeds + [c for row in itertools.zip_longest(*around) for c in row if c is not None]
     for candidate in seeds:
         study.enqueue_trial(dict(candidate))
