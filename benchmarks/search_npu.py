@@ -31,14 +31,17 @@ reproduce exactly on any machine); only wall times and candidates/s are measured
    `--long-seeded-trials`, default 100, `optimize`'s expert-seeded default), seeds 0..S−1, every candidate
    scored in one process; evaluations to 1 % of the group's best and of one shared best (every run on the
    target).
-5. **Evolution vs random with reconstructed passes** (`--sections drift-search`, not in the default run:
+5. **Greedy convergence** (`--sections convergence-greedy`, not in the default run: ~25 min): section 2
+   with hwnas's greedy descent instead of evolution, from the baseline, the decisions in an order shuffled
+   with the seed, up to `--greedy-trials` (800) candidates per run, seeds 0..S−1.
+6. **Evolution vs random with reconstructed passes** (`--sections drift-search`, not in the default run:
    ~40 min): hwnas's search as `optimize(max_drift=X)` runs it (expert seeds, batch 8) over the curated space
    with scale-depth and Fused-MBConv allowed, drift limit `--drift-budget` (0.05) on 4 seeded random
    calibration inputs, `--drift-trials` (24) evaluations, seeds 0..S−1, evolution vs random, on ibn-detector
    and segmenter (npu-32x32), one process; best feasible latency reduction at equal evaluations.
 
     python benchmarks/search_npu.py [--quick] [--trials N] [--seeds S] [--plots DIR] [--sections ...]
-        [--drift-trials N] [--drift-budget X] [--long-trials N] [--long-seeded-trials N]
+        [--drift-trials N] [--drift-budget X] [--long-trials N] [--long-seeded-trials N] [--greedy-trials N]
 
 Prints markdown; writes PNG plots into --plots (default benchmarks/plots).
 """
@@ -49,6 +52,7 @@ import argparse
 import contextlib
 import dataclasses
 import multiprocessing
+import random
 import re
 import statistics
 import sys
@@ -119,12 +123,13 @@ class Settings:
     # long curated vs uncurated convergence (section convergence-long), seeds 0..seeds-1, one process
     long_trials: int = 300  # from the baseline
     long_seeded_trials: int = 100  # `optimize` default (expert-seeded)
+    greedy_trials: int = 800  # section convergence-greedy: greedy descent from the baseline, per run
 
 
 QUICK = Settings(targets=("npu-32x32",), models=("ibn-detector",), trials=16, convergence_targets=("npu-32x32",),
                  seeds=2, convergence_trials=16, seeded_seeds=1, subspace_trials=16, depth=False,
                  segmenter_resolution=256, pareto_points=3, drift_models=("ibn-detector",), drift_trials=10,
-                 drift_resolution=160, long_trials=48, long_seeded_trials=24)
+                 drift_resolution=160, long_trials=48, long_seeded_trials=24, greedy_trials=48)
 
 
 # ---------------------------------------------------------------- api.optimize runs, cached
@@ -260,11 +265,11 @@ class Subsearch:
 
 def subspace_search(model: onnx.ModelProto, target: str, kinds: Iterable[str], trials: int, seed: int = 0,
                     curated: bool = True, expert: bool = True, algorithm: str = "evolution",
-                    workers: int = WORKERS) -> Subsearch | str:
+                    workers: int = WORKERS, order_seed: int | None = None) -> Subsearch | str:
     """hwnas's search over only the decisions of `kinds`, scored on estimated latency (composed weights).
 
-    Decisions are ordered as `kinds` lists them (greedy descent visits them in that order). `expert=False`
-    starts from the baseline alone. A string says why there is nothing to search. `workers=1` scores in
+    Decisions are ordered as `kinds` lists them (greedy descent visits them in that order), or shuffled
+    with `order_seed`. `expert=False` starts from the baseline alone. A string says why there is nothing to search. `workers=1` scores in
     this process (the same search: the batch size stays max(8, 2·WORKERS)).
     """
     kinds = tuple(kinds)
@@ -274,6 +279,8 @@ def subspace_search(model: onnx.ModelProto, target: str, kinds: Iterable[str], t
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(model), ctx).graph
     space = build_space(prepared, ctx, SpaceOptions(the_target.parallelism_factor, curated, allow_reconstructed=True))
     space.decisions = sorted((d for d in space.decisions if d.kind in kinds), key=lambda d: kinds.index(d.kind))
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(space.decisions)
     if not space.decisions:
         return f"the search space offers no {'/'.join(kinds)} decision on this model"
     evaluator = CandidateEvaluator(to_model(prepared.copy(), model), prepared, ctx, estimator_for(the_target),
@@ -332,25 +339,28 @@ def convergence_rows(label: str, target: str, curves: dict[str, list[list[float]
 
 
 def unseeded_curves(runs: Runs, model_name: str, target: str, trials: int, seeds: int, numbers: Numbers,
-                    workers: int, label: str) -> tuple[dict, dict, dict] | str:
+                    workers: int, label: str, algorithm: str = "evolution") -> tuple[dict, dict, dict] | str:
     """Curated and uncurated searches from the baseline alone, seeds 0..seeds−1: best-so-far curves, space
-    sizes and search wall times by space (or why the searches could not run)."""
+    sizes and search wall times by space (or why the searches could not run). Greedy descent visits the
+    decisions in an order shuffled with the seed (otherwise its seeds would all be the same run)."""
     model = runs.model(model_name)
     curves, sizes, walls = {}, {}, {}
     for space in ("curated", "uncurated"):
         curves[space], walls[space] = [], []
         for seed in range(seeds):
             sub = subspace_search(model, target, EXACT_KINDS, trials, seed, space == "curated", expert=False,
-                                  workers=workers)
+                                  algorithm=algorithm, workers=workers,
+                                  order_seed=seed if algorithm == "greedy" else None)
             if isinstance(sub, str):
                 return sub
-            runs.subsearches.append((f"{target} {model_name} {space} seed {seed} (no expert seed{label})", sub))
+            runs.subsearches.append((f"{target} {model_name} {algorithm} {space} seed {seed} (no expert seed{label})", sub))
             curve = sub.curve()
-            record_curve(numbers, f"convergence/{target}/{model_name}/unseeded/{space}/seed{seed}", curve)
+            kind = "unseeded" if algorithm == "evolution" else f"unseeded-{algorithm}"
+            record_curve(numbers, f"convergence/{target}/{model_name}/{kind}/{space}/seed{seed}", curve)
             curves[space].append(curve)
             walls[space].append(sub.wall_s)
             sizes[space] = (len(sub.space.decisions), sub.space.size())
-            log(f"{target} {model_name} from the baseline, {space}, seed {seed}: {len(curve)} evaluations in "
+            log(f"{target} {model_name} {algorithm} from the baseline, {space}, seed {seed}: {len(curve)} evaluations in "
                 f"{sub.wall_s:.0f} s")
     return curves, sizes, walls
 
@@ -735,6 +745,7 @@ def plot_pareto(points: list[tuple[str, int, Row]], folder: Path, title: str) ->
 
 
 LONG_CHECKPOINTS = (8, 25, 50, 100, 150, 200, 300, 400, 500, 600)
+GREEDY_CHECKPOINTS = (25, 50, 100, 150, 200, 300, 400, 600, 800)
 
 
 def log(message: str) -> None:
@@ -816,6 +827,55 @@ def convergence_long_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
     ]
     if plot:
         text += ["", f"![best-so-far latency reduction vs evaluations, curated vs uncurated, {s.long_trials} evaluations]({plot})"]
+    return "\n".join(text)
+
+
+def convergence_greedy_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
+    """Curated vs uncurated under greedy descent from the baseline, the decisions in a seeded random order."""
+    model_name = s.convergence_model
+    model = runs.model(model_name)
+    rows, checkpoint_rows, plot_data = [], [], {}
+    for target in s.convergence_targets:
+        base_ms = api.estimate(model, target).latency_ms
+        found = unseeded_curves(runs, model_name, target, s.greedy_trials, s.seeds, numbers, WORKERS,
+                                f", greedy, {s.greedy_trials}", algorithm="greedy")
+        if isinstance(found, str):
+            return not_available(found)
+        curves, sizes, walls = found
+        best = min(min(c) for cs in curves.values() for c in cs)
+        numbers.add(f"convergence-greedy/{target}/{model_name}/best_ms", best, "deterministic")
+        rows += convergence_rows("greedy descent from the baseline", target, curves, base_ms, sizes)
+        plot_data[target] = {space: [[1 - v / base_ms for v in c] for c in cs] for space, cs in curves.items()}
+        for space, cs in curves.items():
+            ends = [len(c) for c in cs]
+            cs = [c + [c[-1]] * (s.greedy_trials - len(c)) for c in cs]  # a stopped descent has converged
+            checkpoint_rows.append([target, space, fmt(best, ".3f"), pct(1 - best / base_ms),
+                                    *[mean_at(cs, k, base_ms) for k in GREEDY_CHECKPOINTS],
+                                    " ".join(map(str, ends)), fmt(statistics.mean(walls[space]), ".0f"),
+                                    fmt(sum(ends) / sum(walls[space]), ".1f")])
+        log(f"convergence-greedy {target}: best {best:.4f} ms ({1 - best / base_ms:.2%})")
+    plot = plot_convergence(plot_data, model_name, s.plots, "convergence_greedy.png", "greedy from the baseline")
+    text = [
+        f"Zoo {model_name}; hwnas's greedy descent (`algorithm='greedy'`: coordinate descent, every other choice "
+        f"of one decision at a time, the best kept, sweeps until one changes nothing) over the exact decisions "
+        f"(alignment, depthwise regrouping, linear fusion) of `build_space(..., curated=True/False)`, from the "
+        f"baseline alone, the decisions in an order shuffled with the seed (seeds 0–{s.seeds - 1}), at most "
+        f"{s.greedy_trials} candidates per run, scored by the target's shipped estimator. A run stops early "
+        f"when a whole sweep finds nothing better. Evaluations to 1 % = the first evaluation whose best-so-far "
+        f"latency is within {WITHIN:.0%} of the best any run of this section found on the target; a run that never gets there "
+        f"counts as its whole length and the mean is then marked \"≥\".",
+        "",
+        table(["target", "search", "space", "decisions", "space size", "runs", "mean final reduction",
+               "best final reduction", "mean evaluations to 1 % of the best", "runs that got there", "per seed"], rows),
+        "",
+        "Mean best-so-far latency reduction after n evaluations (a finished run keeps its final value); "
+        "evaluations: where each run stopped.",
+        "",
+        table(["target", "space", "best ms", "best reduction", *[f"@{k}" for k in GREEDY_CHECKPOINTS],
+               "evaluations per seed", "search s per run", "candidates/s"], checkpoint_rows),
+    ]
+    if plot:
+        text += ["", f"![best-so-far latency reduction vs evaluations, greedy descent, curated vs uncurated]({plot})"]
     return "\n".join(text)
 
 
@@ -998,12 +1058,13 @@ SECTIONS = {
     "algorithms": algorithms_markdown,
     "convergence": convergence_markdown,
     "convergence-long": convergence_long_markdown,
+    "convergence-greedy": convergence_greedy_markdown,
     "drift-search": drift_search_markdown,
     "detector": detector_markdown,
     "segmenter": segmenter_markdown,
     "cost": lambda runs, _s, _n: cost_markdown(runs),
 }
-LONG_SECTIONS = ("convergence-long", "drift-search")
+LONG_SECTIONS = ("convergence-long", "convergence-greedy", "drift-search")
 
 
 def main() -> None:
@@ -1016,6 +1077,7 @@ def main() -> None:
     parser.add_argument("--drift-budget", type=float, help="max drift (1 − cosine) of the drift-search section")
     parser.add_argument("--long-trials", type=int, help="evaluations per unseeded run of convergence-long")
     parser.add_argument("--long-seeded-trials", type=int, help="evaluations per expert-seeded run of convergence-long")
+    parser.add_argument("--greedy-trials", type=int, help="evaluations per run of convergence-greedy (at most)")
     parser.add_argument("--numbers-out", type=Path, help="write the sections' numbers (JSON) here")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS),
                         default=[k for k in SECTIONS if k not in LONG_SECTIONS],
@@ -1025,7 +1087,7 @@ def main() -> None:
     s = dataclasses.replace(s, **{k: v for k, v in (
         ("trials", args.trials), ("seeds", args.seeds), ("plots", args.plots), ("drift_trials", args.drift_trials),
         ("drift_budget", args.drift_budget), ("long_trials", args.long_trials),
-        ("long_seeded_trials", args.long_seeded_trials)) if v is not None})
+        ("long_seeded_trials", args.long_seeded_trials), ("greedy_trials", args.greedy_trials)) if v is not None})
     runs, numbers = Runs(), Numbers()
     print(f"`{command_line()}`\n")
     print(versions_block())

@@ -318,7 +318,7 @@ def optimize(
     model: ModelLike,
     target: str | Target = "npu-32x32",
     *,
-    exact: bool = True,
+    exact: bool | None = None,
     max_drift: float | None = None,
     calibration: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Shape] | None = None,
@@ -343,9 +343,9 @@ def optimize(
 ) -> OptimizeResult:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
 
-    `exact=True` (default) allows only exact passes; `max_drift=X` allows reconstructed ones while the
-    output cosine on the calibration inputs stays >= 1 - X (random inputs, with a warning, if none are
-    given). Memory limits are bytes. `journal` keeps every score so that an interrupted search resumes.
+    Exact passes only unless `max_drift=X` is given: that allows reconstructed ones while the output
+    cosine on the calibration inputs stays >= 1 - X (random inputs, with a warning, if none are given).
+    `exact=True` says so explicitly and then refuses `max_drift`; `exact=False` needs it. Memory limits are bytes. `journal` keeps every score so that an interrupted search resumes.
 
     For models that will be trained after the search, `algorithm="zero-shot"` scores candidates with the
     NASWOT trainability proxy and `evaluate_cmd="CMD {model}"` with the command's score (higher is
@@ -375,7 +375,13 @@ def optimize(
     latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
     warnings: list[str] = []
     retrain = algorithm == "zero-shot" or evaluate_cmd is not None
-    drift_allowed = max_drift if (max_drift is not None and not (exact and max_drift is None)) else None
+    if exact and (max_drift is not None or retrain):
+        raise BadInputError("exact=True (--exact) allows only exact passes: it cannot be combined with "
+                            + ("a drift budget (max_drift / --max-drift)" if max_drift is not None else
+                               "a search for models to retrain (zero-shot, --evaluate-cmd), which may change the function"))
+    if exact is False and max_drift is None and not retrain:
+        raise BadInputError("exact=False allows reconstructed passes: give the drift budget too (max_drift / --max-drift X)")
+    drift_allowed = max_drift
     if retrain:  # the candidates will be trained: any function will do, ORT must still run it
         drift_allowed = ANY_DRIFT
     if drift_allowed is not None and calibration is None:

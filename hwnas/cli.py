@@ -351,7 +351,7 @@ def cmd_optimize(args) -> int:
 
     with tqdm(total=trials, desc="searching", unit="cand", disable=args.quiet or args.json or None) as bar:
         result = api.optimize(
-            model, args.target, exact=args.max_drift is None, max_drift=args.max_drift, calibration=calibration,
+            model, args.target, exact=args.exact or None, max_drift=args.max_drift, calibration=calibration,
             input_shapes=parse_input_shapes(args.input_shape), algorithm=args.algorithm, space=args.space,
             trials=trials, time_budget=time_budget, seed=args.seed, workers=args.workers,
             memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,

@@ -102,6 +102,13 @@ def test_bad_options_are_bad_input(small_mnv2):
         api.optimize(small_mnv2, "npu-32x32", algorithm="annealing")
     with pytest.raises(BadInputError, match="space"):
         api.optimize(small_mnv2, "npu-32x32", space="huge")
+    # exact=True used to be overridden silently by a drift budget: a contradiction is refused instead
+    with pytest.raises(BadInputError, match="cannot be combined with a drift budget"):
+        api.optimize(small_mnv2, "npu-32x32", exact=True, max_drift=0.05, trials=2, workers=1)
+    with pytest.raises(BadInputError, match="cannot be combined with a search for models to retrain"):
+        api.optimize(small_mnv2, "npu-32x32", exact=True, algorithm="zero-shot", trials=2, workers=1)
+    with pytest.raises(BadInputError, match="give the drift budget"):
+        api.optimize(small_mnv2, "npu-32x32", exact=False, trials=2, workers=1)
 
 
 def test_optimize_cli_writes_model_report_and_recipe(tmp_path, capsys, small_mnv2):
