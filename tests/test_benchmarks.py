@@ -84,3 +84,27 @@ def test_quick_run_matches_committed_numbers(tmp_path):
         if not close(committed[k]["kind"], fresh[k]["value"], committed[k]["value"])
     ]
     assert not wrong, f"{len(wrong)} of {len(compared)} shared numbers differ:\n" + "\n".join(wrong)
+
+
+def test_greedy_study_visits_the_decisions_in_a_seeded_order():
+    """convergence-greedy's seeds differ only by the order greedy descent visits the decisions in."""
+    import search_npu
+
+    from hwnas.models import build
+
+    model = build("mobilenetv2", width=0.35, resolution=64)
+
+    def run(order_seed):
+        return search_npu.subspace_search(model, "npu-32x32", search_npu.EXACT_KINDS, 6, expert=False,
+                                          algorithm="greedy", workers=1, order_seed=order_seed)
+
+    plain, first, second = run(None), run(0), run(1)
+    orders = [[d.key for d in s.space.decisions] for s in (plain, first, second)]
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2]) and orders[1] != orders[2]
+    assert [d.kind for d in plain.space.decisions] == sorted((d.kind for d in plain.space.decisions),
+                                                             key=search_npu.EXACT_KINDS.index)
+    assert run(1).trials[1].candidate == second.trials[1].candidate  # the same seed, the same order
+    for sub in (first, second):
+        assert sub.trials[0].pipeline == ""  # the baseline first, then the first decision's alternatives
+        changed = [key for key, choice in sub.trials[1].candidate.items() if choice != search_npu.KEEP]
+        assert changed == [sub.space.decisions[0].key]
