@@ -345,7 +345,8 @@ def optimize(
 
     Exact passes only unless `max_drift=X` is given: that allows reconstructed ones while the output
     cosine on the calibration inputs stays >= 1 - X (random inputs, with a warning, if none are given).
-    `exact=True` says so explicitly and then refuses `max_drift`; `exact=False` needs it. Memory limits are bytes. `journal` keeps every score so that an interrupted search resumes.
+    `exact=True` says so explicitly and then refuses `max_drift`; `exact=False` needs it. Memory limits
+    are bytes. `journal` keeps every score so that an interrupted search resumes.
 
     For models that will be trained after the search, `algorithm="zero-shot"` scores candidates with the
     NASWOT trainability proxy and `evaluate_cmd="CMD {model}"` with the command's score (higher is
