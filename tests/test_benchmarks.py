@@ -108,3 +108,19 @@ def test_greedy_study_visits_the_decisions_in_a_seeded_order():
         assert sub.trials[0].pipeline == ""  # the baseline first, then the first decision's alternatives
         changed = [key for key, choice in sub.trials[1].candidate.items() if choice != search_npu.KEEP]
         assert changed == [sub.space.decisions[0].key]
+
+
+def test_estimator_kernels_compares_each_kernel_in_context():
+    import estimator_kernels
+
+    from hwnas.graph.shapes import resolve_input_shapes
+    from hwnas.models import build
+
+    model = build("mobilenetv2", width=0.35, resolution=64)
+    text = estimator_kernels.kernel_errors(model, resolve_input_shapes(model), worst=3)
+    head, kinds, worst = text.split("\n\n")
+    measured = float(head.split("kernels measured in context ")[1].split(" ms")[0])
+    rows = [line.split(" | ") for line in kinds.splitlines()[2:]]
+    assert {"conv", "dwconv", "gemm"} <= {row[0].strip("| ") for row in rows}
+    assert sum(float(row[3]) for row in rows) == pytest.approx(measured, abs=0.002 * len(rows))
+    assert len(worst.splitlines()) == 2 + 3
