@@ -17,8 +17,8 @@ prints a "not available: <why>" line instead of stopping the run):
 - align         align-channels pad vs input on ORT CPU (benchmarks/align_cpu.py)
 - reconstruction  Fused-MBConv least squares vs composition (benchmarks/reconstruction.py)
 - proxy         the NASWOT zero-shot proxy's rank correlation with held-out drift (benchmarks/proxy_drift.py)
-- studies       the long search studies in benchmarks/results/ (curated vs uncurated over 300 evaluations,
-                evolution vs random with reconstructed passes), included as their own commands wrote them
+- studies       the long search studies in benchmarks/results/ (curated vs uncurated under evolution and
+                under greedy descent, evolution vs random with reconstructed passes), included as written
 - cost          search wall time and candidates/s vs the reference's "up to 2,000 GPU-days"
 
 BENCHMARKS.md ends with the tables' numbers as JSON in an HTML comment: tests/test_benchmarks.py runs

@@ -31,7 +31,7 @@ reproduce exactly on any machine); only wall times and candidates/s are measured
    `--long-seeded-trials`, default 100, `optimize`'s expert-seeded default), seeds 0..S−1, every candidate
    scored in one process; evaluations to 1 % of the group's best and of one shared best (every run on the
    target).
-5. **Greedy convergence** (`--sections convergence-greedy`, not in the default run: ~25 min): section 2
+5. **Greedy convergence** (`--sections convergence-greedy`, not in the default run: ~15 min): section 2
    with hwnas's greedy descent instead of evolution, from the baseline, the decisions in an order shuffled
    with the seed, up to `--greedy-trials` (800) candidates per run, seeds 0..S−1.
 6. **Evolution vs random with reconstructed passes** (`--sections drift-search`, not in the default run:
@@ -76,7 +76,7 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.registry import all_passes
-from hwnas.search.algorithms import Limits, Trial, best_feasible_curve, search
+from hwnas.search.algorithms import Limits, Trial, best_feasible_curve, population_size, search
 from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import expert_candidate, expert_seeds
 from hwnas.search.space import CURATED_MULTIPLIERS, KEEP, PREFIX, SpaceOptions, build_space
@@ -150,8 +150,8 @@ class Runs:
 
     def get(self, target: str, model: str, algorithm: str = "evolution", space: str = "curated", seed: int = 0,
             trials: int = 60, workers: int = WORKERS) -> dict:
-        # workers is not part of the key: the batch size is max(8, 2·workers) = 8 for 1 or 2 workers, so the
-        # search (its trials and scores) is the same; only the wall time differs
+        # workers is not part of the key: the search's batch does not depend on it, so its trials and scores
+        # are the same; only the wall time differs
         key = (target, model, algorithm, space, seed, trials)
         if key not in self.reports:
             result = api.optimize(self.model(model), target, exact=True, algorithm=algorithm, space=space,
@@ -236,12 +236,7 @@ class Subsearch:
         return sum(1 for d in self.space.decisions if d.kind == "mbconv" and trial.candidate.get(d.key, KEEP) != KEEP)
 
     def curve(self) -> list[float]:
-        best, out = float("inf"), []
-        for t in self.trials:
-            if t.score.error is None:
-                best = min(best, t.score.latency_ms)
-            out.append(best)
-        return out
+        return best_feasible_curve(self.trials, Limits())  # scores are latency only: feasible = no error
 
     def path(self) -> list[Trial]:
         """The trials that improved on the best so far, in order: ever faster (for greedy descent, each one
@@ -269,8 +264,8 @@ def subspace_search(model: onnx.ModelProto, target: str, kinds: Iterable[str], t
     """hwnas's search over only the decisions of `kinds`, scored on estimated latency (composed weights).
 
     Decisions are ordered as `kinds` lists them (greedy descent visits them in that order), or shuffled
-    with `order_seed`. `expert=False` starts from the baseline alone. A string says why there is nothing to search. `workers=1` scores in
-    this process (the same search: the batch size stays max(8, 2·WORKERS)).
+    with `order_seed`. `expert=False` starts from the baseline alone. A string says why there is nothing
+    to search. `workers=1` scores in this process (the same search: the batch does not depend on workers).
     """
     kinds = tuple(kinds)
     the_target = get_target(target)
@@ -298,7 +293,7 @@ def subspace_search(model: onnx.ModelProto, target: str, kinds: Iterable[str], t
             return [scores[p] for p in pipelines]
 
         seeds = [space.baseline()] + ([expert_candidate(space)] if expert else [])
-        history = search(space, score_batch, algorithm, trials, Limits(), seed, seeds, batch_size=max(8, 2 * WORKERS))
+        history = search(space, score_batch, algorithm, trials, Limits(), seed, seeds)
     return Subsearch(kinds, history, space, time.monotonic() - start)
 
 
@@ -923,7 +918,7 @@ def drift_search_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
                 return [scores[p] for p in pipelines]
 
             base_ms = score_batch([""])[0].latency_ms
-            population = max(8, min(40, len(space.decisions) * 2))  # as hwnas.search.algorithms._optuna
+            population = population_size(space)
             seeds = expert_seeds(space)  # as run_search (no memory limit here)
             done: dict[str, list[DriftRun]] = {a: [] for a in algorithms}
             started = time.monotonic()
@@ -931,8 +926,7 @@ def drift_search_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
                 for algorithm in algorithms:
                     known = set(scores)
                     begun = time.monotonic()
-                    history = search(space, score_batch, algorithm, s.drift_trials, limits, seed, seeds,
-                                     batch_size=max(8, 2 * 1))
+                    history = search(space, score_batch, algorithm, s.drift_trials, limits, seed, seeds)
                     new = [p for p in dict.fromkeys(t.pipeline for t in history) if p not in known]
                     run = DriftRun(algorithm, seed, history, best_feasible_curve(history, limits), time.monotonic() - begun,
                                    len(new), sum(seconds[p] for p in new))

@@ -150,7 +150,7 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     two_objectives = limits.max_drift > 0 or limits.min_quality is not None
     if algorithm in ("evolution", "zero-shot"):
-        population = max(8, min(40, len(space.decisions) * 2))
+        population = population_size(space)
         sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -175,6 +175,11 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
             for i, violation in enumerate(limits.violations(score)):
                 optuna_trial.set_constraint(f"limit{i}", violation)
             study.tell(optuna_trial, [score.latency_ms, score.fidelity_loss] if two_objectives else score.latency_ms)
+
+
+def population_size(space: SearchSpace) -> int:
+    """NSGA-II's generation: two candidates per decision, 8 to 40 (its first generation is the warm start)."""
+    return max(8, min(40, len(space.decisions) * 2))
 
 
 def neighbours(space: SearchSpace, center: Mapping[str, str], count: int, seed: int) -> list[dict[str, str]]:
