@@ -9,7 +9,7 @@ kernel (e.g. depthwise convs at high resolution, or a classifier whose weights l
 model) shows here, where `estimator_accuracy.py` only shows the total.
 
     python benchmarks/estimator_kernels.py mobilenetv2 --width 1.0 --resolution 192
-    python benchmarks/estimator_kernels.py --model M.onnx [--input-shape x=1,3,224,224] [--estimator DIR/cpu.json]
+    python benchmarks/estimator_kernels.py --model M.onnx [--input-shape x:1x3x224x224] [--estimator DIR/cpu.json]
 
 Run it on a quiet machine: a neighbour on the other core slows memory-bound kernels.
 """
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--divisor", type=int)
     parser.add_argument("--model", help="an ONNX file instead of a zoo model")
-    parser.add_argument("--input-shape", action="append", default=[], help="NAME=D0,D1,... for dynamic inputs")
+    parser.add_argument("--input-shape", action="append", default=[], help="NAME:D0xD1x... for dynamic inputs")
     parser.add_argument("--estimator", help="a cpu estimator file (default: the shipped one)")
     parser.add_argument("--worst", type=int, default=12, help="kernels listed with the largest errors")
     args = parser.parse_args()
