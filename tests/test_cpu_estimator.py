@@ -48,7 +48,7 @@ from hwnas.estimator.profile import (
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.targets import get_target
-from hwnas.targets.measure import MeasureSettings, NodeTiming
+from hwnas.targets.measure import MeasureSettings, NodeTiming, measure_model
 from hwnas.verify.runtime import make_session, random_feeds, run
 from tests.graphs import const, make_model, tensor
 
@@ -188,6 +188,20 @@ def test_kernels_timed_in_context_add_up_to_the_run():
     assert sum(profile.latency_ms) == pytest.approx(profile.total_ms, rel=1e-9)
 
 
+def test_kernels_are_timed_in_models_whose_nodes_are_not_named_like_their_outputs():
+    """ORT names a blocked-layout node after the tensor it writes (`<output>_nchwc`); exported models (Paddle,
+    PyTorch) name nodes otherwise, or not at all, and their kernels must still get their own nodes' time."""
+    target = get_target(FAST)
+    model, _ = build_network(EVERY_BLOCK)
+    shapes = {"x": (1, 3, 64, 64)}
+    for i, node in enumerate(model.graph.node):
+        node.name = f"node{i}" if i % 2 else ""
+    profile = measure_in_context(model, shapes, target.rules, FAST_SETTINGS, target.providers)
+    assert profile.dropped == ()
+    assert len(profile.kernels) == sum(k.kind != "free" for k in decompose(model, shapes, target.rules))
+    assert sum(profile.latency_ms) == pytest.approx(profile.nodes_ms, rel=0.5)
+
+
 def test_an_activation_after_a_residual_add_is_timed_inside_the_conv_kernel():
     """ORT runs conv + residual Add + Relu as one node: with `residual_epilogue` that is one kernel, timed."""
     target = get_target("cpu")
@@ -303,6 +317,18 @@ def test_held_out_families_of_the_accuracy_benchmark_are_valid():
         assert any(k.kind == "conv" for k in decompose(model, shapes, rules))
     kinds = {k.op for k in decompose(script.shufflenet(0.5, 64), {}, rules)}
     assert {"Split", "Concat"} <= kinds  # its channel split runs as a kernel of its own
+
+
+def test_the_oracle_sums_each_models_kernels_timed_in_context():
+    """The accuracy benchmark's ceiling row: a model's in-context kernels add up to about its latency
+    (within 2x: a unit or attribution slip would be off by orders of magnitude)."""
+    script = _accuracy_script()
+    models = [script.HeldOut("resnet", script.resnet(0.25, 128), {}), script.HeldOut("shufflenet", script.shufflenet(0.5, 128), {})]
+    sums = script.in_context_sums(models)
+    assert set(sums) == {"resnet", "shufflenet"}
+    for m in models:
+        measured = measure_model(m.model, {}, MeasureSettings(warmup=10, repeats=30, threads=1)).latency_ms
+        assert 0.5 * measured < sums[m.name] < 2 * measured
 
 
 def test_the_shipped_cpu_estimator_names_its_machine_and_predicts():

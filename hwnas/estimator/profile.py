@@ -757,10 +757,14 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
 
     def direct(name: str) -> int | None:
         """The kernel of the original node this ORT node is named after: `X`, `X_nchwc`, `fused X`,
-        `X/QuickGeluFusion/`..."""
+        `X/QuickGeluFusion/`... X is a node name, or for a blocked-layout node (`X_nchwc`) the name of the
+        tensor it writes: ORT names those after their output, which only models whose nodes are named
+        like their outputs (the profiling networks, the zoo) cannot tell apart."""
+        blocked = name.endswith("_nchwc")
         name = name.removeprefix("fused ").removesuffix("_nchwc")
-        if name in owner:
-            return owner[name]
+        for names in ((original_producer, owner) if blocked else (owner, original_producer)):
+            if name in names:
+                return names[name]
         cuts = [i for i, ch in enumerate(name) if ch in "/_:"]
         return next((owner[name[:i]] for i in reversed(cuts) if name[:i] in owner), None)
 
