@@ -281,8 +281,8 @@ def peers_markdown(specs: list[str], repeats: int, trials: int = 60, numbers: Nu
         "the blocked layout without layout copies; it buys that with the padded channels' MACs. Where the widths are "
         "far from the block the layout wins by much (width 1.3); where they are misaligned by a few channels and the "
         "padding costs a sixth more compute (MobileNetV2 w0.9 d1: its 22-channel bottlenecks become 32), the padded "
-        "model runs about 0.77–0.79 of the input, 1.27–1.30× the best peer over repeated quiet runs. That is ORT's floor, "
-        "not the padding's: its blocked convs compute whole blocks whatever count the model has, so padding to 4 "
+        "model runs about 0.76–0.79 of the input, 1.27–1.31× the best peer over repeated quiet runs (2026-11-28): either "
+        "side of 1.3× by run-to-run noise. That is ORT's floor, not the padding's: its blocked convs compute whole blocks whatever count the model has, so padding to 4 "
         "or 8 instead measures the same, and no exact rewrite removes the MACs of a padded channel "
         "(docs/measurement.md, `cpu`).",
         "",

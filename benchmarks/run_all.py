@@ -19,6 +19,8 @@ prints a "not available: <why>" line instead of stopping the run):
 - proxy         the NASWOT zero-shot proxy's rank correlation with held-out drift (benchmarks/proxy_drift.py)
 - studies       the long search studies in benchmarks/results/ (curated vs uncurated under evolution and
                 under greedy descent, evolution vs random with reconstructed passes), included as written
+- estimator     latency estimator accuracy on held-out models (benchmarks/estimator_accuracy.py --oracle, run alone
+                on an idle machine into benchmarks/results/estimator/), included as written
 - cost          search wall time and candidates/s vs the reference's "up to 2,000 GPU-days"
 
 BENCHMARKS.md ends with the tables' numbers as JSON in an HTML comment: tests/test_benchmarks.py runs
@@ -214,19 +216,35 @@ def section_proxy(ctx: Context) -> str:
     return f"`{shown}`\n\n{out}"
 
 
-RESULTS = HERE / "results"  # long studies, made by the command each file starts with (not rerun here)
+RESULTS = HERE / "results"  # results made by the command each file starts with (not rerun here)
+
+
+def _included(folder: Path, preface: str, missing: str) -> str:
+    """Every markdown file of `folder`, as it was written, after `preface`."""
+    files = sorted(folder.glob("*.md"))
+    if not files:
+        return not_available(missing)
+    parts = [preface]
+    for path in files:
+        parts += [f"#### {path.stem} (`{path.relative_to(ROOT)}`)", path.read_text(encoding="utf-8").strip()]
+    return "\n\n".join(parts)
 
 
 def section_studies(ctx: Context) -> str:
-    files = sorted(RESULTS.glob("*.md"))
-    if not files:
-        return not_available("no study results in benchmarks/results/ (see benchmarks/search_npu.py LONG_SECTIONS)")
-    parts = ["Longer than this run's 30 minutes, so each was run on its own with the command it starts with "
-             "(`python benchmarks/search_npu.py --sections NAME > benchmarks/results/NAME.md`) and is included "
-             "here as it was written; the quick regeneration test does not cover them."]
-    for path in files:
-        parts += [f"#### {path.stem} (`benchmarks/results/{path.name}`)", path.read_text(encoding="utf-8").strip()]
-    return "\n\n".join(parts)
+    return _included(
+        RESULTS, "Longer than this run's 30 minutes, so each was run on its own with the command it starts with "
+        "(`python benchmarks/search_npu.py --sections NAME > benchmarks/results/NAME.md`) and is included "
+        "here as it was written; the quick regeneration test does not cover them.",
+        "no study results in benchmarks/results/ (see benchmarks/search_npu.py LONG_SECTIONS)")
+
+
+def section_estimator(ctx: Context) -> str:
+    return _included(
+        RESULTS / "estimator", "The cpu rows need an idle machine (a neighbour on the other core moves a model's "
+        "latency by up to 13 %), which this run's other sections are not, so the benchmark is run on its own with "
+        "the command its file starts with and included here as it was written; the quick regeneration test does "
+        "not cover it. docs/estimator.md explains the method and what was tried.",
+        "no results in benchmarks/results/estimator/ (python benchmarks/estimator_accuracy.py --oracle)")
 
 
 def section_cost(ctx: Context) -> str:
@@ -244,6 +262,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Context], str]]] = {
     "reconstruction": ("Fused-MBConv reconstruction", section_reconstruction),
     "proxy": ("Zero-shot proxy vs calibrated drift", section_proxy),
     "studies": ("Search studies: convergence and reconstructed search (long runs)", section_studies),
+    "estimator": ("Latency estimator accuracy on held-out models", section_estimator),
     "cost": ("Search cost", section_cost),
 }
 
