@@ -27,6 +27,7 @@ kernel measurements the estimator was fitted on. Prints markdown tables for BENC
     python benchmarks/estimator_accuracy.py --targets cpu --profile-modes context kernel --budget 3000
     python benchmarks/estimator_accuracy.py --quick               # a few small models, a smoke test
     python benchmarks/estimator_accuracy.py --targets cpu --oracle # + the ceiling of summing in-context kernels
+    python benchmarks/estimator_accuracy.py --targets cpu --development --cpu-estimator NEW/cpu.json  # judge a change
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ import onnx
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
 from hwnas.estimator.kernels import decompose
-from hwnas.estimator.profile import GraphBuilder, measure_in_context, measure_node_overheads, profile_target
+from hwnas.estimator.profile import (
+    GraphBuilder,
+    build_network,
+    measure_in_context,
+    measure_node_overheads,
+    profile_target,
+    random_network,
+)
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
 from hwnas.models import build
@@ -72,6 +80,16 @@ ZOO = [
 ]
 FAMILIES = [("resnet", 0.5, 224), ("resnet", 0.25, 160), ("resnet", 1.0, 128),
             ("shufflenet", 1.0, 224), ("shufflenet", 0.5, 160), ("shufflenet", 1.5, 128)]
+# A development set for judging a change to the estimator before the held-out set sees it: zoo variants at
+# sizes the held-out set does not use, and random networks of the profiling kind from a seed of their own.
+DEVELOPMENT_ZOO = [
+    ("mobilenetv2", dict(width=0.35, resolution=160)), ("mobilenetv2", dict(width=0.6, divisor=1)),
+    ("mobilenetv2", dict(width=1.1, divisor=1, resolution=160)), ("mobilenetv2", dict(width=1.4, resolution=128)),
+    ("ibn-detector", dict(width=0.35)), ("ibn-detector", dict(width=1.0, resolution=256)),
+    ("ibn-detector", dict(width=0.6, divisor=1, resolution=224)), ("segmenter", dict(width=0.35, resolution=384)),
+    ("segmenter", dict(width=0.8, resolution=256)), ("segmenter", dict(width=1.0, divisor=1, resolution=192)),
+]
+DEVELOPMENT_NETWORKS, DEVELOPMENT_SEED = 10, 12345
 QUICK_ZOO = [("mobilenetv2", dict(width=0.5, resolution=96)), ("segmenter", dict(width=0.5, resolution=128))]
 QUICK_FAMILIES = [("resnet", 0.25, 96), ("shufflenet", 0.5, 96)]
 
@@ -172,12 +190,19 @@ def shufflenet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
 FAMILY_BUILDERS = {"resnet": resnet, "shufflenet": shufflenet}
 
 
+def _zoo(variants: list[tuple[str, dict]]) -> list[HeldOut]:
+    return [_static(name + "".join(f" {k}={v}" for k, v in options.items()), build(name, **options), None)
+            for name, options in variants]
+
+
+def development_models() -> list[HeldOut]:
+    rng = np.random.default_rng(DEVELOPMENT_SEED)
+    networks = [_static(f"random network {i}", build_network(random_network(rng))[0], None) for i in range(DEVELOPMENT_NETWORKS)]
+    return _zoo(DEVELOPMENT_ZOO) + networks
+
+
 def held_out_models(quick: bool = False) -> list[HeldOut]:
-    out = []
-    for name, options in (QUICK_ZOO if quick else ZOO):
-        model = build(name, **options)
-        label = name + "".join(f" {k}={v}" for k, v in options.items())
-        out.append(_static(label, model, None))
+    out = _zoo(QUICK_ZOO if quick else ZOO)
     for family, width, resolution in (QUICK_FAMILIES if quick else FAMILIES):
         out.append(_static(f"{family} width={width} resolution={resolution}", FAMILY_BUILDERS[family](width, resolution), None))
     if not quick:
@@ -297,14 +322,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="cpu: timed runs per model and round, at least (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="cpu: rounds over all models (default 3)")
     parser.add_argument("--quick", action="store_true", help="a few small held-out models (a smoke test)")
+    parser.add_argument("--development", action="store_true",
+                        help="score on the development set (zoo variants at other sizes, random networks) instead of "
+                             "the held-out models: where a change to the estimator is judged before the held-out set")
     parser.add_argument("--oracle", action="store_true",
                         help="cpu: also score each model's own kernels timed in context and summed (the best any "
                              "per-kernel regressor trained in context could do)")
     args = parser.parse_args()
 
-    models = held_out_models(args.quick)
+    models = development_models() if args.development else held_out_models(args.quick)
     env = environment()
-    print(f"{len(models)} held-out models; ORT {env['onnxruntime']}, {env['cpu']}, {env['logical_cpus']} logical CPUs; "
+    print(f"{len(models)} {'development' if args.development else 'held-out'} models; ORT {env['onnxruntime']}, {env['cpu']}, {env['logical_cpus']} logical CPUs; "
           f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     rows, details = [], []
     for target_name in args.targets:

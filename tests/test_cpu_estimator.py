@@ -319,6 +319,16 @@ def test_held_out_families_of_the_accuracy_benchmark_are_valid():
     assert {"Split", "Concat"} <= kinds  # its channel split runs as a kernel of its own
 
 
+def test_the_development_set_shares_no_model_with_the_held_out_set():
+    script = _accuracy_script()
+    assert not {repr(v) for v in script.DEVELOPMENT_ZOO} & {repr(v) for v in script.ZOO}
+    models = script.development_models()
+    assert len(models) == len(script.DEVELOPMENT_ZOO) + script.DEVELOPMENT_NETWORKS
+    assert len({m.name for m in models}) == len(models)
+    for m in models:  # static inputs, as the held-out models: estimated and measured without --input-shape
+        assert all(isinstance(d, int) and d > 0 for shape in m.shapes.values() for d in shape)
+
+
 def test_the_oracle_sums_each_models_kernels_timed_in_context():
     """The accuracy benchmark's ceiling row: a model's in-context kernels add up to about its latency
     (within 2x: a unit or attribution slip would be off by orders of magnitude)."""
