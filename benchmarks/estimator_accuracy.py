@@ -197,8 +197,8 @@ def _zoo(variants: list[tuple[str, dict]]) -> list[HeldOut]:
 
 def development_models() -> list[HeldOut]:
     rng = np.random.default_rng(DEVELOPMENT_SEED)
-    networks = [_static(f"random network {i}", build_network(random_network(rng))[0], None) for i in range(DEVELOPMENT_NETWORKS)]
-    return _zoo(DEVELOPMENT_ZOO) + networks
+    networks = [build_network(random_network(rng))[0] for _ in range(DEVELOPMENT_NETWORKS)]
+    return _zoo(DEVELOPMENT_ZOO) + [_static(f"random network {i}", n, None) for i, n in enumerate(networks)]
 
 
 def held_out_models(quick: bool = False) -> list[HeldOut]:
@@ -270,8 +270,10 @@ def in_context_sums(models: list[HeldOut]) -> dict[str, float]:
     target = get_target("cpu")
     rules = estimator_for(target).rules
     overheads = measure_node_overheads(target.settings, target.providers)
-    return {m.name: sum(measure_in_context(m.model, m.shapes, rules, target.settings, target.providers, overheads).latency_ms)
-            for m in models}
+    def summed(m: HeldOut) -> float:
+        return sum(measure_in_context(m.model, m.shapes, rules, target.settings, target.providers, overheads).latency_ms)
+
+    return {m.name: summed(m) for m in models}
 
 
 SUMMARY_HEADER = ("| target | estimator | models | within ±5 % | within ±10 % | MAPE | RMSPE | Spearman ρ | measurements | note |\n"
@@ -332,7 +334,8 @@ def main() -> None:
 
     models = development_models() if args.development else held_out_models(args.quick)
     env = environment()
-    print(f"{len(models)} {'development' if args.development else 'held-out'} models; ORT {env['onnxruntime']}, {env['cpu']}, {env['logical_cpus']} logical CPUs; "
+    kind = "development" if args.development else "held-out"
+    print(f"{len(models)} {kind} models; ORT {env['onnxruntime']}, {env['cpu']}, {env['logical_cpus']} logical CPUs; "
           f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     rows, details = [], []
     for target_name in args.targets:
@@ -350,8 +353,8 @@ def main() -> None:
                                         note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")))
             if args.oracle:
                 predicted_by["oracle"] = in_context_sums(models)
-                rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed", predicted_by["oracle"],
-                                        measured, "–", note))
+                rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed",
+                                        predicted_by["oracle"], measured, "–", note))
             details.append(per_model_table("cpu", predicted_by, measured, spread))
             continue
         estimator = estimator_for(target)
