@@ -62,8 +62,8 @@ from _common import (
 from hwnas import api
 from hwnas.errors import HwnasError
 from hwnas.estimator.defaults import shipped_estimators
-from hwnas.graph.flops import count_macs
-from hwnas.graph.shapes import resolve_input_shapes, tensor_shapes
+from hwnas.graph.shapes import resolve_input_shapes
+from hwnas.graph.summary import summarize
 from hwnas.models import build
 from hwnas.targets.measure import MeasureSettings
 from hwnas.verify import verify_equivalence
@@ -236,13 +236,8 @@ def _macs_change(subject: Subject, outcomes: Mapping[str, Outcome]) -> str:
     mine = outcomes.get(HWNAS)
     if mine is None or mine.model is None:
         return "–"
-    try:
-        before = sum(count_macs(subject.model, tensor_shapes(subject.model, subject.shapes)).values())
-        after = sum(count_macs(mine.model, tensor_shapes(mine.model, subject.shapes)).values())
-    except ValueError:  # a shape the count needs is not static
-        return "–"
-    return f"{after / before - 1:+.1%}"
-
+    before, after = (summarize(m, subject.shapes).macs for m in (subject.model, mine.model))
+    return "–" if before is None or after is None else f"{after / before - 1:+.1%}"
 
 
 def peers_markdown(specs: list[str], repeats: int, trials: int = 60, numbers: Numbers | None = None) -> str:
@@ -278,13 +273,12 @@ def peers_markdown(specs: list[str], repeats: int, trials: int = 60, numbers: Nu
         "hwnas vs best peer: the fastest equivalent model of the other tools divided by hwnas's (higher is better). "
         "hwnas MACs: its model's multiply-accumulates against the input's. On ORT CPU the one rewrite of hwnas that "
         "changes the time is zero-padding channel groups to the NCHWc block (the cpu PF), so that every conv runs in "
-        "the blocked layout without layout copies; it buys that with the padded channels' MACs. Where the widths are "
-        "far from the block the layout wins by much (width 1.3); where they are misaligned by a few channels and the "
-        "padding costs a sixth more compute (MobileNetV2 w0.9 d1: its 22-channel bottlenecks become 32), the padded "
-        "model runs about 0.76–0.79 of the input, 1.27–1.31× the best peer over repeated quiet runs (2026-11-28): either "
-        "side of 1.3× by run-to-run noise. That is ORT's floor, not the padding's: its blocked convs compute whole blocks whatever count the model has, so padding to 4 "
-        "or 8 instead measures the same, and no exact rewrite removes the MACs of a padded channel "
-        "(docs/measurement.md, `cpu`).",
+        "the blocked layout without layout copies; it pays with the padded channels' MACs. Where the widths are far "
+        "from the block the layout wins by much (width 1.3); where they are a few channels off it and padding adds a "
+        "sixth or so of compute (width 0.9), the ratio to the best peer is about 1.3× and moves either side of it from "
+        "run to run. That is ORT's floor, not the padding's: its blocked convs compute whole blocks whatever count "
+        "the model has, so padding to 4 or 8 instead measures the same, and no exact rewrite removes the MACs of a "
+        "padded channel (docs/measurement.md, `cpu`, has the measurement).",
         "",
         table(["model", "tool", "nodes", "max abs diff", "equivalent", "tool s"], details),
     ]
