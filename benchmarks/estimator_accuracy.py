@@ -276,6 +276,14 @@ def in_context_sums(models: list[HeldOut]) -> dict[str, float]:
     return {m.name: summed(m) for m in models}
 
 
+def disagreement_line(predicted_by: dict[str, dict], labels: list[str], models: list[HeldOut]) -> str:
+    """How far the estimators compared disagree on each model (their predictions' coefficient of variation)."""
+    cv = [float(np.std(v) / np.mean(v)) for v in ([predicted_by[label][m.name] for label in labels] for m in models)]
+    worst = models[int(np.argmax(cv))].name
+    return (f"The {len(labels)} cpu estimators disagree on a model by {np.median(cv):.1%} (median over the models of the "
+            f"coefficient of variation of their predictions), at most {max(cv):.1%} ({worst}).")
+
+
 SUMMARY_HEADER = ("| target | estimator | models | within ±5 % | within ±10 % | MAPE | RMSPE | Spearman ρ | measurements | note |\n"
                   "|---|---|---|---|---|---|---|---|---|---|")
 
@@ -298,15 +306,18 @@ def cpu_estimators(args) -> dict[str, LatencyEstimator]:
     for path, name in zip(args.cpu_estimator or [], names):
         # files of the same name (DIR/cpu.json, the way profiling writes them) are told apart by their folder
         out[f"{Path(path).parent.name}/{name}" if names.count(name) > 1 else name] = LatencyEstimator.load(path)
+    seeds = args.seeds or [args.seed]
     for mode in args.profile_modes or []:
-        start = time.perf_counter()
-        print(f"profiling cpu, {mode} mode, budget {args.budget} ...", file=sys.stderr, flush=True)
-        estimator, report = profile_target(target, args.budget, seed=args.seed, mode=mode)
-        print(f"  {report.measurements} measurements in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        if args.save_dir:
-            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-            estimator.save(Path(args.save_dir) / f"cpu-{mode}.json")
-        out[f"{mode} mode"] = estimator
+        for seed in seeds:
+            start = time.perf_counter()
+            print(f"profiling cpu, {mode} mode, budget {args.budget}, seed {seed} ...", file=sys.stderr, flush=True)
+            estimator, report = profile_target(target, args.budget, seed=seed, mode=mode)
+            print(f"  {report.measurements} measurements in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            suffix = f"-seed{seed}" if len(seeds) > 1 else ""
+            if args.save_dir:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                estimator.save(Path(args.save_dir) / f"cpu-{mode}{suffix}.json")
+            out[f"{mode} mode" + (f", seed {seed}" if len(seeds) > 1 else "")] = estimator
     if not out:
         out["shipped"] = estimator_for(target)
     return out
@@ -320,6 +331,9 @@ def main() -> None:
                         help="profile cpu estimators now, in these modes, and compare them")
     parser.add_argument("--budget", type=int, default=3000, help="measurements per profiled estimator (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="profile one estimator per seed (with --profile-modes): a profiling change is judged by "
+                             "how its profiles spread, since two profiles of the same code differ by several points")
     parser.add_argument("--save-dir", help="write the estimators profiled here")
     parser.add_argument("--repeats", type=int, default=20, help="cpu: timed runs per model and round, at least (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="cpu: rounds over all models (default 3)")
@@ -356,6 +370,8 @@ def main() -> None:
                 rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed",
                                         predicted_by["oracle"], measured, "–", note))
             details.append(per_model_table("cpu", predicted_by, measured, spread))
+            if len(estimators) > 1:
+                details.append(disagreement_line(predicted_by, list(estimators), models))
             continue
         estimator = estimator_for(target)
         simulated = {m.name: target.measure(m.model, m.shapes).latency_ms for m in models}

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +125,25 @@ def test_estimator_kernels_compares_each_kernel_in_context():
     assert {"conv", "dwconv", "gemm"} <= {row[0].strip("| ") for row in rows}
     assert sum(float(row[3]) for row in rows) == pytest.approx(measured, abs=0.002 * len(rows))
     assert len(worst.splitlines()) == 2 + 3
+
+
+def test_residency_probe_widens_only_the_classifier():
+    import residency_probe
+
+    from hwnas.estimator.kernels import decompose
+    from hwnas.graph.shapes import resolve_input_shapes
+    from hwnas.models import build
+    from hwnas.targets import get_target
+    from hwnas.verify.runtime import make_session, random_feeds, run
+
+    base = build("mobilenetv2", width=0.35, resolution=64)
+    shapes = resolve_input_shapes(base)
+    wide = residency_probe.with_classes(base, 3000)
+    rules = get_target("cpu").rules
+    before, after = decompose(base, shapes, rules), decompose(wide, shapes, rules)
+    changed = [(a.name, b.weight_elements - a.weight_elements) for a, b in zip(before, after) if a != b]
+    features = next(k.c_in for k in before if k.name == "logits")
+    assert changed == [("logits", 2000 * (features + 1))]  # the classifier alone (weights and bias), 1000 -> 3000 outputs
+    outputs = run(make_session(wide, optimized=True), random_feeds(wide, shapes, seed=0))
+    assert outputs[0].shape == (1, 3000) and np.isfinite(outputs[0]).all()
+    assert base.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1000  # the input model is untouched

@@ -329,6 +329,21 @@ def test_the_development_set_shares_no_model_with_the_held_out_set():
         assert all(isinstance(d, int) and d > 0 for shape in m.shapes.values() for d in shape)
 
 
+def test_the_accuracy_benchmark_profiles_one_estimator_per_seed_and_reports_their_disagreement(tmp_path, monkeypatch):
+    script = _accuracy_script()
+    monkeypatch.setattr(script, "get_target", lambda name: get_target(FAST))
+    args = script.argparse.Namespace(cpu_estimator=None, profile_modes=["context"], seeds=[1, 2], seed=0, budget=12,
+                                     save_dir=str(tmp_path))
+    estimators = script.cpu_estimators(args)
+    assert list(estimators) == ["context mode, seed 1", "context mode, seed 2"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["cpu-context-seed1.json", "cpu-context-seed2.json"]
+    models = [script.HeldOut("a", script.resnet(0.25, 64), {}), script.HeldOut("b", script.shufflenet(0.5, 64), {})]
+    predicted = {label: script.predict(e, models)[0] for label, e in estimators.items()}
+    cv = [np.std(v) / np.mean(v) for v in ([predicted[label][m.name] for label in predicted] for m in models)]
+    line = script.disagreement_line(predicted, list(estimators), models)
+    assert f"{np.median(cv):.1%}" in line and f"{max(cv):.1%}" in line and line.startswith("The 2 cpu estimators")
+
+
 def test_the_oracle_sums_each_models_kernels_timed_in_context():
     """The accuracy benchmark's ceiling row: a model's in-context kernels add up to about its latency
     (within 2x: a unit or attribution slip would be off by orders of magnitude)."""
