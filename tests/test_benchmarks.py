@@ -147,3 +147,19 @@ def test_residency_probe_widens_only_the_classifier():
     outputs = run(make_session(wide, optimized=True), random_feeds(wide, shapes, seed=0))
     assert outputs[0].shape == (1, 3000) and np.isfinite(outputs[0]).all()
     assert base.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1000  # the input model is untouched
+
+
+def test_machine_drift_measures_rounds_and_summarizes_them():
+    import machine_drift
+
+    from hwnas.targets.measure import MeasureSettings
+
+    assert machine_drift.parse_model("ibn-detector@0.5/256") == ("ibn-detector", 0.5, 256)
+    rounds, load = machine_drift.drift(["mobilenetv2@0.35/64"], 0.0, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
+    assert len(load) == 1 and len(rounds["mobilenetv2@0.35/64"]) == 1 and rounds["mobilenetv2@0.35/64"][0] > 0
+    table = machine_drift.markdown({"m": [1.0, 1.02, 0.9, 1.2]}, [0.5, 0.7, 0.6, 0.6])
+    row = table.splitlines()[-1]
+    # median 1.01: lowest 0.9 (-10.9 %), highest 1.2 (+18.8 %), 10th / 90th percentiles (numpy's linear
+    # interpolation) 0.93 / 1.146, two of four rounds within ±5 %
+    assert row == "| m | 1.010 | -10.9% | -7.9% | +13.5% | +18.8% | 50% |"
+    assert table.startswith("4 rounds; 1-minute load average 0.50–0.70")
