@@ -9,7 +9,7 @@ last-level cache and memory bandwidth are shared with other tenants of the host,
 here shows.
 
     python benchmarks/machine_drift.py                     # 5 minutes, three zoo models
-    python benchmarks/machine_drift.py --minutes 10 --models mobilenetv2@0.5/128 ibn-detector@1.0/384
+    python benchmarks/machine_drift.py --minutes 10 --models mobilenetv2:width=0.5,resolution=128 ibn-detector
 """
 
 from __future__ import annotations
@@ -24,20 +24,35 @@ from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.targets.measure import MeasureSettings, measure_model
 
-DEFAULT_MODELS = ("mobilenetv2@0.5/128", "mobilenetv2@1.0/192", "ibn-detector@1.0/384")
+DEFAULT_MODELS = ("mobilenetv2:width=0.5,resolution=128", "mobilenetv2:resolution=192", "ibn-detector:resolution=384")
+_OPTION_TYPES = {"width": float, "resolution": int, "divisor": int}
 
 
-def parse_model(spec: str) -> tuple[str, float, int]:
-    """`name@width/resolution` → (name, width, resolution)."""
-    name, _, rest = spec.partition("@")
-    width, _, resolution = rest.partition("/")
-    return name, float(width or 1.0), int(resolution or 224)
+def parse_model(spec: str) -> tuple[str, dict]:
+    """`NAME[:key=value,...]` (width, resolution, divisor; as a target's options are written) → (name, options)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _OPTION_TYPES or not value:
+            raise ValueError(f"{item!r} is not one of {', '.join(k + '=...' for k in _OPTION_TYPES)}")
+        options[key] = _OPTION_TYPES[key](value)
+    return name, options
+
+
+def _model_spec(spec: str) -> str:
+    """argparse check: a spec `parse_model` reads and the zoo knows."""
+    try:
+        name, options = parse_model(spec)
+        build(name, **options)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {e} (expected NAME[:width=W,resolution=R,divisor=D])") from None
+    return spec
 
 
 def drift(specs: list[str], minutes: float, settings: MeasureSettings) -> tuple[dict[str, list[float]], list[float]]:
     """Each model's latency (ms) per round, and the 1-minute load average before each round."""
-    models = {spec: build(name, width=width, resolution=resolution) for spec, (name, width, resolution)
-              in ((s, parse_model(s)) for s in specs)}
+    models = {spec: build(name, **options) for spec, (name, options) in ((s, parse_model(s)) for s in specs)}
     shapes = {spec: resolve_input_shapes(model) for spec, model in models.items()}
     rounds: dict[str, list[float]] = {spec: [] for spec in specs}
     load: list[float] = []
@@ -66,7 +81,8 @@ def markdown(rounds: dict[str, list[float]], load: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="zoo models as name@width/resolution")
+    parser.add_argument("--models", nargs="+", type=_model_spec, default=list(DEFAULT_MODELS),
+                        help="zoo models as NAME[:width=W,resolution=R,divisor=D]")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per model and round, at least (default 20)")
     args = parser.parse_args()

@@ -154,9 +154,14 @@ def test_machine_drift_measures_rounds_and_summarizes_them():
 
     from hwnas.targets.measure import MeasureSettings
 
-    assert machine_drift.parse_model("ibn-detector@0.5/256") == ("ibn-detector", 0.5, 256)
-    rounds, load = machine_drift.drift(["mobilenetv2@0.35/64"], 0.0, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
-    assert len(load) == 1 and len(rounds["mobilenetv2@0.35/64"]) == 1 and rounds["mobilenetv2@0.35/64"][0] > 0
+    spec = machine_drift.parse_model("ibn-detector:width=0.5,resolution=256")
+    assert spec == ("ibn-detector", {"width": 0.5, "resolution": 256})
+    assert machine_drift.parse_model("segmenter") == ("segmenter", {})
+    with pytest.raises(ValueError, match="depth=2"):
+        machine_drift.parse_model("mobilenetv2:depth=2")
+    spec = "mobilenetv2:width=0.35,resolution=64"
+    rounds, load = machine_drift.drift([spec], 0.0, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
+    assert len(load) == 1 and len(rounds[spec]) == 1 and rounds[spec][0] > 0
     table = machine_drift.markdown({"m": [1.0, 1.02, 0.9, 1.2]}, [0.5, 0.7, 0.6, 0.6])
     row = table.splitlines()[-1]
     # median 1.01: lowest 0.9 (-10.9 %), highest 1.2 (+18.8 %), 10th / 90th percentiles (numpy's linear
