@@ -268,7 +268,7 @@ def in_context_sums(models: list[HeldOut]) -> dict[str, float]:
     profiler, attributed to kernels), summed: what an estimator with perfect per-kernel regressors would
     predict, so the ceiling of adding up kernels measured in context."""
     target = get_target("cpu")
-    rules = estimator_for(target).rules
+    rules = target.rules
     overheads = measure_node_overheads(target.settings, target.providers)
     def summed(m: HeldOut) -> float:
         return sum(measure_in_context(m.model, m.shapes, rules, target.settings, target.providers, overheads).latency_ms)
@@ -306,7 +306,7 @@ def cpu_estimators(args) -> dict[str, LatencyEstimator]:
     for path, name in zip(args.cpu_estimator or [], names):
         # files of the same name (DIR/cpu.json, the way profiling writes them) are told apart by their folder
         out[f"{Path(path).parent.name}/{name}" if names.count(name) > 1 else name] = LatencyEstimator.load(path)
-    seeds = args.seeds or [args.seed]
+    seeds = args.seeds
     for mode in args.profile_modes or []:
         for seed in seeds:
             start = time.perf_counter()
@@ -330,10 +330,10 @@ def main() -> None:
     parser.add_argument("--profile-modes", nargs="+", choices=["context", "kernel"],
                         help="profile cpu estimators now, in these modes, and compare them")
     parser.add_argument("--budget", type=int, default=3000, help="measurements per profiled estimator (default 3000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, nargs="+",
-                        help="profile one estimator per seed (with --profile-modes): a profiling change is judged by "
-                             "how its profiles spread, since two profiles of the same code differ by several points")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="profiling seeds (default 0), one estimator each (with --profile-modes): a profiling "
+                             "change is judged by how its profiles spread, since two profiles of the same code differ "
+                             "by several points")
     parser.add_argument("--save-dir", help="write the estimators profiled here")
     parser.add_argument("--repeats", type=int, default=20, help="cpu: timed runs per model and round, at least (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="cpu: rounds over all models (default 3)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from hwnas.estimator.profile import measure_in_context, measure_node_overheads
@@ -30,7 +31,9 @@ FOLLOWED = ("block14/expand/conv", "block14/project/conv", "block3/dw/conv", "la
 
 def with_classes(model, classes: int, seed: int = 0):
     """`model` (a copy) with its final Gemm producing `classes` outputs from He-scaled random weights."""
-    model = type(model).FromString(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = copy
     graph = model.graph
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     inits = {t.name: t for t in graph.initializer}

@@ -332,7 +332,7 @@ def test_the_development_set_shares_no_model_with_the_held_out_set():
 def test_the_accuracy_benchmark_profiles_one_estimator_per_seed_and_reports_their_disagreement(tmp_path, monkeypatch):
     script = _accuracy_script()
     monkeypatch.setattr(script, "get_target", lambda name: get_target(FAST))
-    args = script.argparse.Namespace(cpu_estimator=None, profile_modes=["context"], seeds=[1, 2], seed=0, budget=12,
+    args = script.argparse.Namespace(cpu_estimator=None, profile_modes=["context"], seeds=[1, 2], budget=12,
                                      save_dir=str(tmp_path))
     estimators = script.cpu_estimators(args)
     assert list(estimators) == ["context mode, seed 1", "context mode, seed 2"]
