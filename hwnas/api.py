@@ -98,12 +98,14 @@ def run(
     dry_run: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    strict_sites: bool = True,
 ) -> RunResult:
     """Apply a pipeline and check the result with ONNX Runtime.
 
     An exact pipeline must be equivalent at the tolerance; a reconstructed one must keep every output's
     cosine ≥ 1 − allow_drift. Otherwise CheckFailedError names the first pass that broke it. With
-    `verify=False` the model is returned unchecked and a warning says so.
+    `verify=False` the model is returned unchecked and a warning says so. A `sites=` selector that picks
+    nothing is a BadInputError unless `strict_sites=False` (pipelines the search compiled, recipes).
     """
     original = as_model(model)
     pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
@@ -120,7 +122,8 @@ def run(
         report = check(to_model(graph.copy(), original), exact=allow_drift is None)
         return _judge(report, exact=allow_drift is None, allow_drift=allow_drift)
 
-    manager = PassManager(pipe, set(disabled), step_verifier if verify_each and verify else None)
+    manager = PassManager(pipe, set(disabled), step_verifier if verify_each and verify else None,
+                          strict_sites=strict_sites)
     pipeline_run = manager.run(to_graph(original), ctx, progress)
     candidate = to_model(pipeline_run.graph, original)
     exactness = pipeline_run.exactness
@@ -155,7 +158,7 @@ def run(
         if not verify_each:
             # run again, verifying after every pass, to name the first pass that broke the model
             run(original, pipe, input_shapes=shapes, calibration=calibration, tolerance=tolerance,
-                allow_drift=allow_drift, disabled=disabled, verify_each=True, seed=seed)
+                allow_drift=allow_drift, disabled=disabled, verify_each=True, seed=seed, strict_sites=strict_sites)
         raise CheckFailedError(f"verification failed: {outcome.detail}")
     return result
 
@@ -402,7 +405,7 @@ def optimize(
 
     def accept(pipeline: str) -> RunResult:
         result = run(original, pipeline, input_shapes=shapes, calibration=calibration, allow_drift=drift_allowed,
-                     verify=verify, seed=seed)
+                     verify=verify, seed=seed, strict_sites=False)
         if not the_target.simulated:  # the estimator's word is not enough on real hardware: measure A/B
             timing = the_target.compare({"input": original, "optimized": result.model}, shapes)
             measured.update(input_ms=timing["input"].latency_ms, optimized_ms=timing["optimized"].latency_ms)

@@ -260,6 +260,7 @@ def cmd_run(args) -> int:
         verify_each=args.verify_each,
         dry_run=args.dry_run,
         seed=args.seed,
+        strict_sites=bool(args.passes),  # a transferred recipe may name sites this model lacks
     )
     if args.dry_run:
         _print_dry_run(result)

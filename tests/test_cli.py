@@ -212,3 +212,15 @@ def test_check_corrupt_model_exits_2_and_writes_nothing(capsys, tmp_path):
     code, _, err = run_cli(capsys, "check", str(bad), "--target", "npu-32x32", "--max-params", "1MB", "--junit", str(junit))
     assert_bad_input(code, err, "bad.onnx")
     assert not junit.exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--passes", "fold-bn{sites=@nosuchnode}"], ["--passes", "fold-bn{sites=7}"],
+     ["--passes", "fold-bn", "--disable-pass", "nosuchpass"]],
+)
+def test_selectors_and_disabled_passes_that_match_nothing_exit_2(capsys, model_path, tmp_path, extra):
+    out_path = tmp_path / "o.onnx"
+    code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(out_path), *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out_path.exists()

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from hwnas.errors import CheckFailedError
+from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.graph.gsgraph import release_weights, stable_toposort
 from hwnas.passes.base import Exactness, PassContext, Site
 from hwnas.passes.pipeline import Pipeline
+from hwnas.passes.registry import get_pass
 
 Verifier = Callable[[gs.Graph], "VerificationOutcome"]
 
@@ -86,12 +87,17 @@ class PassFailedVerification(CheckFailedError):
 
 class PassManager:
     def __init__(self, pipeline: Pipeline, disabled: set[str] | frozenset[str] = frozenset(),
-                 verify_each: Verifier | None = None, in_place: bool = False):
+                 verify_each: Verifier | None = None, in_place: bool = False, strict_sites: bool = False):
+        for name in disabled:
+            get_pass(name)  # an unknown name would disable nothing, silently
         self.pipeline = pipeline.without(set(disabled))
         self.verify_each = verify_each
         # in place: the caller hands over a graph it will throw away if a pass fails (the search does),
         # saving one graph copy per pass
         self.in_place = in_place
+        # strict: a `sites=` selector that picks nothing is a usage error (a user's pipeline); the search
+        # compiles `@node` selectors for sites an earlier step of the same candidate may have removed
+        self.strict_sites = strict_sites
 
     def run(self, graph: gs.Graph, ctx: PassContext, progress: Callable[[str], None] | None = None) -> PipelineRun:
         records: list[PassRecord] = []
@@ -105,6 +111,8 @@ class PassManager:
             sites = the_pass.match(work, ctx)
             selector = spec.sites
             applicable = [s for s in sites if s.applicable]
+            if self.strict_sites and selector is not None and (why := selector.unmatched(sites)):
+                raise BadInputError(f"pass {str(spec)!r}: {why} (`hwnas run --dry-run` lists the sites)")
             chosen = [s for i, s in enumerate(applicable) if selector is None or selector.selects(i, s.nodes)]
             result = the_pass.apply(work, chosen, ctx) if chosen else None
             if result is not None and result.modified:

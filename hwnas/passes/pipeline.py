@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from hwnas.errors import BadInputError
-from hwnas.passes.base import Pass
+from hwnas.passes.base import Pass, Site
 from hwnas.passes.registry import get_pass
 
 _NAME = re.compile(r"[a-z][a-z0-9-]*")
@@ -57,6 +57,24 @@ class SiteSelector:
     def selects(self, index: int, node_names: tuple[str, ...]) -> bool:
         in_range = any(lo <= index and (hi is None or index < hi) for lo, hi in self.ranges)
         return in_range or (bool(node_names) and node_names[0] in self.names)
+
+    def unmatched(self, sites: list[Site]) -> str | None:
+        """Why part of this selector picks nothing among `sites` (None when every part picks a site).
+
+        A user's `sites=` that matches nothing would otherwise run the pass as a silent no-op."""
+        applicable = [s for s in sites if s.applicable]
+        for lo, hi in self.ranges:
+            if lo >= len(applicable) or (hi is not None and hi <= lo):
+                span = f"{lo}" if hi == lo + 1 else f"{lo}:{'' if hi is None else hi}"
+                return f"site index {span} is out of range: the pass has {len(applicable)} applicable site(s)"
+        anchors = {s.nodes[0]: s for s in sites if s.nodes}
+        for name in sorted(self.names):
+            site = anchors.get(name)
+            if site is None:
+                return f"no site of this pass is anchored at node {name!r}"
+            if not site.applicable:
+                return f"the site at node {name!r} is not applicable: {site.reason}"
+        return None
 
 
 @dataclass(frozen=True)
