@@ -45,7 +45,6 @@ import onnx
 
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
-from hwnas.estimator.kernels import decompose
 from hwnas.estimator.profile import (
     GraphBuilder,
     build_network,
@@ -58,6 +57,7 @@ from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
 from hwnas.models import build
 from hwnas.targets import get_target
+from hwnas.targets.kernels import decompose
 from hwnas.targets.measure import MeasureSettings, environment, measure_model, summarize
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

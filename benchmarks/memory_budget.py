@@ -34,7 +34,7 @@ from _common import Numbers, command_line, mb, not_available, pct, real_model, t
 from hwnas import api
 from hwnas.errors import HwnasError
 from hwnas.estimator.memory import activation_sizes, footprint, peak_activation, steps_of
-from hwnas.graph.shapes import graph_inputs
+from hwnas.graph.io import graph_inputs
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.passes.schedule_memory import best_order

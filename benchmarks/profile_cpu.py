@@ -10,7 +10,7 @@ reported after), 1 intra-op thread:
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
-   and writes the rules to `hwnas/estimator/data/fusion_cpu.json` (the `cpu` target's rules). The
+   and writes the rules to `hwnas/targets/data/fusion_cpu.json` (the `cpu` target's rules). The
    profiling below then cuts kernels by the rules just found.
 2. Profiling (`hwnas/estimator/profile.py`, `context` mode unless `--mode kernel`): kernels measured
    inside random networks with ORT's per-node profiler, adaptive sampling, `--budget` kernel
@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from hwnas.errors import BadInputError
 from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
-from hwnas.estimator.fusion_rules import FusionRules
 from hwnas.estimator.profile import MODES, profile_target
 from hwnas.targets import get_target
+from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.measure import environment
 
-DATA = Path(__file__).resolve().parents[1] / "hwnas" / "estimator" / "data"
+PACKAGE = Path(__file__).resolve().parents[1] / "hwnas"
 
 
 def detect(target, criterion: str, out: Path) -> FusionRules:
@@ -67,11 +67,11 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=3000, help="kernel measurements (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=MODES, default="context", help="how kernels are measured (default: context)")
-    parser.add_argument("-o", "--output", default=str(DATA / "estimators"), help="directory for cpu.json (default: the shipped one)")
+    parser.add_argument("-o", "--output", default=str(PACKAGE / "estimator" / "data" / "estimators"), help="directory for cpu.json (default: the shipped one)")
     parser.add_argument("--detect-fusion", action="store_true", help="detect and write the fusion rules first")
     parser.add_argument("--criterion", choices=CRITERIA, default="latency_or_node",
                         help="fusion criterion (default latency_or_node: what context profiling needs)")
-    parser.add_argument("--fusion-out", default=str(DATA / "fusion_cpu.json"))
+    parser.add_argument("--fusion-out", default=str(PACKAGE / "targets" / "data" / "fusion_cpu.json"))
     parser.add_argument("--rules", help="cut kernels by the fusion rules in this JSON file, not the target's")
     parser.add_argument("--max-load", type=float, default=1.0, help="refuse to start above this 1-minute load average")
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine (the numbers will say so)")

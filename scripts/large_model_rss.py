@@ -139,13 +139,13 @@ reset()
 import onnxruntime, onnx_graphsurgeon, hwnas.api
 from hwnas.graph.gsgraph import to_graph, to_model
 from hwnas.graph.io import load_model, save_model
+from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.graph.summary import summarize
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.verify import verify_equivalence
-from hwnas.verify.runtime import make_session, random_feeds, run
 phase("python + imports")
 source, out = sys.argv[1], sys.argv[2]
 original = load_model(source)

@@ -130,11 +130,11 @@ def test_estimator_kernels_compares_each_kernel_in_context():
 def test_residency_probe_widens_only_the_classifier():
     import residency_probe
 
-    from hwnas.estimator.kernels import decompose
+    from hwnas.targets.kernels import decompose
     from hwnas.graph.shapes import resolve_input_shapes
     from hwnas.models import build
     from hwnas.targets import get_target
-    from hwnas.verify.runtime import make_session, random_feeds, run
+    from hwnas.graph.session import make_session, random_feeds, run
 
     base = build("mobilenetv2", width=0.35, resolution=64)
     shapes = resolve_input_shapes(base)

@@ -30,8 +30,6 @@ from hwnas.estimator.cpu_fusion import (
     rules_from_verdicts,
 )
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.fusion_rules import FusionRules, builtin_rules
-from hwnas.estimator.kernels import decompose
 from hwnas.estimator.profile import (
     BlockConfig,
     NetworkConfig,
@@ -45,11 +43,13 @@ from hwnas.estimator.profile import (
     profile_target,
     random_network,
 )
+from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.targets import get_target
+from hwnas.targets.fusion_rules import FusionRules, builtin_rules
+from hwnas.targets.kernels import decompose
 from hwnas.targets.measure import MeasureSettings, NodeTiming, measure_model
-from hwnas.verify.runtime import make_session, random_feeds, run
 from tests.graphs import const, make_model, tensor
 
 FAST = "cpu:warmup=1,repeats=3,min_seconds=0"

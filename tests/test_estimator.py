@@ -86,7 +86,7 @@ def test_save_load_round_trip_and_refit_on_version_change(tmp_path):
 
 def test_kernel_offset_and_networks_round_trip_and_the_offset_comes_off_each_kernel(tmp_path):
     from hwnas.estimator.estimator import Sample
-    from hwnas.estimator.kernels import decompose
+    from hwnas.targets.kernels import decompose
     from hwnas.estimator.profile import per_kernel_offset
 
     target = get_target("npu-16x16")

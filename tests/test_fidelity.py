@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import helper
 
+from hwnas.graph.session import make_session
 from hwnas.verify.fidelity import measure_fidelity
-from hwnas.verify.runtime import make_session
 from tests.conftest import real_model_path
 from tests.graphs import const, make_model, tensor
 

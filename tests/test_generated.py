@@ -17,7 +17,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from hwnas.verify.runtime import make_session, random_feeds
+from hwnas.graph.session import make_session, random_feeds
 from tests.strategies import (
     ACTIVATIONS,
     OPSETS,

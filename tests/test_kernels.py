@@ -11,11 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.fusion_rules import FusionRules, builtin_rules
-from hwnas.estimator.kernels import GemmShape, decompose, node_keys
 from hwnas.graph.flops import count_macs
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import tensor_shapes, with_static_inputs
+from hwnas.targets.fusion_rules import FusionRules, builtin_rules
+from hwnas.targets.kernels import GemmShape, decompose, node_keys
 
 NPU = builtin_rules("npu")
 RNG = np.random.default_rng(0)

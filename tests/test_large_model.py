@@ -24,11 +24,11 @@ from hwnas.errors import BadInputError
 from hwnas.graph import io as graph_io
 from hwnas.graph.gsgraph import ExternalValues, const_value, to_graph, to_model
 from hwnas.graph.io import external_refs, load_model, save_model
+from hwnas.graph.session import MappedSession, make_session, random_feeds
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
-from hwnas.verify.runtime import MappedSession, make_session, random_feeds
 from scripts.large_model_rss import available_memory, check_output, hwnas, measure, write_large_model
 
 CHANNELS, BLOCKS, SPATIAL = 256, 3, 4  # 256 KiB per conv weight: above INLINE_BYTES, so kept on disk

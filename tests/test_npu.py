@@ -9,9 +9,9 @@ from onnx import helper
 from test_kernels import conv, conv_model, make_model
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.kernels import GemmShape, decompose, node_keys
 from hwnas.graph.io import load_model
 from hwnas.targets import get_target
+from hwnas.targets.kernels import GemmShape, decompose, node_keys
 from hwnas.targets.npu import NpuConfig, NpuTarget, array_cycles
 
 NPU32 = NpuTarget(NpuConfig(name="npu-32x32"))

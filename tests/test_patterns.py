@@ -20,7 +20,7 @@ from hwnas.graph.patterns import (
     find_ibn_blocks,
     find_ibn_candidates,
 )
-from hwnas.verify.runtime import make_session
+from hwnas.graph.session import make_session
 from tests.conftest import real_model_path
 from tests.graphs import bn_params, const, make_model, tensor
 

@@ -18,10 +18,10 @@ from scipy.stats import spearmanr
 
 from hwnas import api
 from hwnas.errors import BadInputError
+from hwnas.graph.session import random_feeds
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.search.proxy import architecture_only, naswot_score
-from hwnas.verify.runtime import random_feeds
 
 # (width, resolution) -> published top-1 (%)
 TOP1 = {

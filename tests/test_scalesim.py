@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_kernels import conv_model
 
-from hwnas.estimator.kernels import decompose
+from hwnas.targets.kernels import decompose
 from hwnas.targets.npu import NpuConfig, NpuTarget
 
 ORACLE = Path(__file__).with_name("scalesim_oracle.py")

@@ -162,7 +162,7 @@ def test_depth_scaled_graph_is_reused_and_scores_stay_the_same(small_mnv2):
     from hwnas.search.space import PREFIX
     from hwnas.targets import get_target
     from hwnas.verify import random_calibration
-    from hwnas.verify.runtime import make_session, run_per_sample
+    from hwnas.graph.session import make_session, run_per_sample
 
     shapes = resolve_input_shapes(small_mnv2, None)
     calibration = random_calibration(small_mnv2, shapes, samples=2, seed=0)

@@ -1,1 +1,2 @@
-"""Latency and memory estimation: graph → kernels (`kernels`), fusion rules per target (`fusion_rules`)."""
+"""Latency and memory estimation over the kernels a target runs (cut by `hwnas.targets.kernels` under
+the target's fusion rules): per-kernel regressors (`estimator`), features, profiling, memory footprint."""

@@ -42,7 +42,7 @@ inside the conv's node but that still cost a pass over its output (Clip, Sigmoid
 one node.
 
 `detect_fusion_rules(target)` returns the rules and the table of measurements; `rules_document` is what
-`benchmarks/profile_cpu.py --detect-fusion` writes to `hwnas/estimator/data/fusion_cpu.json`.
+`benchmarks/profile_cpu.py --detect-fusion` writes to `hwnas/targets/data/fusion_cpu.json`.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from hwnas.estimator.fusion_rules import FusionRules
 from hwnas.estimator.profile import GraphBuilder, overhead_model
 from hwnas.targets.base import Target
+from hwnas.targets.fusion_rules import FusionRules
 
 SAVING_THRESHOLD = 0.5  # nn-Meter: fused when T1 + T2 - T12 > 0.5 * min(T1, T2)
 # (channels, spatial size) of the pair's input: small 1x1 convs, so that T1 and T2 are comparable

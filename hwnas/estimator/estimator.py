@@ -29,11 +29,11 @@ import sklearn
 
 from hwnas.errors import BadInputError
 from hwnas.estimator.features import WORK_FEATURES, feature_matrix
-from hwnas.estimator.fusion_rules import FusionRules
-from hwnas.estimator.kernels import GemmShape, Kernel, decompose
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.graph.shapes import Shape
 from hwnas.report.json_report import read_json
+from hwnas.targets.fusion_rules import FusionRules
+from hwnas.targets.kernels import GemmShape, Kernel, decompose
 
 FORMAT = "hwnas-estimator"
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from hwnas.estimator.kernels import Kernel
+from hwnas.targets.kernels import Kernel
 
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "one")
 

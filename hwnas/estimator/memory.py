@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 
 from hwnas.graph.constants import constant_node_signature, is_liftable
-from hwnas.graph.shapes import Shape, graph_inputs, infer_tensors
+from hwnas.graph.io import graph_inputs
+from hwnas.graph.shapes import Shape, infer_tensors
 
 _DEFAULT_ITEMSIZE = 4  # tensors whose type inference cannot name are assumed float32
 

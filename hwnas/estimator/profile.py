@@ -44,10 +44,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
-from hwnas.estimator.fusion_rules import FusionRules
-from hwnas.estimator.kernels import Kernel, decompose, node_keys
 from hwnas.graph.shapes import Shape
 from hwnas.targets.base import Target
+from hwnas.targets.fusion_rules import FusionRules
+from hwnas.targets.kernels import Kernel, decompose, node_keys
 
 KINDS = ("conv", "pointwise", "dwconv", "grouped", "deconv", "gemm", "elementwise", "pool", "resize", "concat", "other")
 _KIND_WEIGHTS = (0.2, 0.2, 0.2, 0.06, 0.03, 0.05, 0.1, 0.05, 0.04, 0.04, 0.03)
@@ -705,7 +705,7 @@ def _profile_and_time(model: onnx.ModelProto, shapes: Mapping[str, Shape], setti
     alternation would leave each run the other's caches: 20-50 % slower on a 1 ms model)."""
     from hwnas.graph.shapes import resolve_input_shapes
     from hwnas.targets.measure import interleave, node_timings, profiling_session
-    from hwnas.verify.runtime import make_session, random_feeds, run
+    from hwnas.graph.session import make_session, random_feeds, run
 
     feeds = random_feeds(model, resolve_input_shapes(model, shapes), seed=0)
     with tempfile.TemporaryDirectory(prefix="hwnas-context-") as tmp:

@@ -241,6 +241,17 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 
 
+def private_constant(graph: gs.Graph, tensor: gs.Tensor, owner: gs.Node) -> str | None:
+    """Why `tensor` cannot be rewritten in place as `owner`'s weight, or None when it can."""
+    if const_value(tensor) is None:
+        return f"{tensor.name} is not a constant"
+    if any(user is not owner for user in tensor.outputs):
+        return f"weight {tensor.name} is shared with another node"
+    if is_graph_output(graph, tensor):
+        return f"weight {tensor.name} is a graph output"
+    return None
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
     if base not in taken:

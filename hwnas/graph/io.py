@@ -9,7 +9,7 @@ leaves its big tensors where they are: each keeps its external-data reference, w
 absolute (`external_ref`), and is read only when something needs its values — memory-mapped, one
 tensor at a time (`map_external`). ONNX and ONNX Runtime refuse absolute locations, so such a *lazy*
 model goes through hwnas: `save_model` streams every tensor into the new data file (never building the
-whole model in memory), and `hwnas.verify.runtime.make_session` hands ONNX Runtime the model with
+whole model in memory), and `hwnas.graph.session.make_session` hands ONNX Runtime the model with
 locations relative to a folder (`with_relative_refs`), which ORT memory-maps. Models under the limit are
 loaded whole, as before. docs/large-models.md has the memory this costs.
 """
@@ -77,6 +77,23 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx
         _attach_external_data(model, p)
     validate_model(model, str(p))
     return model
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not also initializers (IR < 4 lists weights as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def as_model(model: ModelLike) -> onnx.ModelProto:
+    """A validated model: a ModelProto as given, a path loaded (lazily for large external data)."""
+    if isinstance(model, onnx.ModelProto):
+        validate_model(model)
+        return model
+    return load_model(model)
 
 
 def validate_model(model: onnx.ModelProto, origin: str = "model") -> None:

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from hwnas.graph.activations import ActivationMatch, match_activation, self_contained
-from hwnas.graph.gsgraph import const_value, is_graph_output, producer
-from hwnas.passes.fold_bn import private_constant
+from hwnas.graph.gsgraph import const_value, is_graph_output, private_constant, producer
 
 _AFFINE_EITHER_SIDE = ("Mul", "Add", "Sub")  # x·c, c·x, x+c, c+x, x−c, c−x
 _AFFINE_LEFT = ("Div",)  # x/c only: c/x is not linear in x

@@ -19,6 +19,8 @@ import onnx
 from onnx import helper
 
 from hwnas.errors import BadInputError
+from hwnas.graph.io import graph_inputs
+from hwnas.graph.session import make_session, random_feeds
 
 Shape = tuple[int, ...]
 _SHAPE_RE = re.compile(r"^(?:(?P<name>.+):)?(?P<dims>\d+(?:x\d+)*)$")
@@ -36,12 +38,6 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, Shape]:
             raise BadInputError(f"bad --input-shape {spec!r}: dims must be positive")
         shapes[m["name"] or ""] = dims
     return shapes
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Real inputs: graph inputs that are not also initializers (IR < 4 lists weights as inputs)."""
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
 
 
 def declared_dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -166,8 +162,6 @@ def tensor_shapes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[s
 
 
 def _shapes_from_ort(model: onnx.ModelProto, shapes: Mapping[str, Shape], names: list[str]) -> dict[str, Shape]:
-    from hwnas.verify.runtime import make_session, random_feeds  # runtime imports graph; import here
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from hwnas.verify.runtime import make_session
+from hwnas.graph.session import make_session
 
 MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
 MAX_FEATURES = 8192  # F above this: the normal matrix alone would exceed 512 MiB (float64)

@@ -20,22 +20,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from hwnas.graph.gsgraph import const_value, is_graph_output, producer, unique_name
+from hwnas.graph.gsgraph import const_value, is_graph_output, private_constant, producer, unique_name
 from hwnas.passes.base import Pass, PassContext, PassResult, Site
 from hwnas.passes.registry import register_pass
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
-
-
-def private_constant(graph: gs.Graph, tensor: gs.Tensor, owner: gs.Node) -> str | None:
-    """Why `tensor` cannot be rewritten in place as `owner`'s weight, or None when it can."""
-    if const_value(tensor) is None:
-        return f"{tensor.name} is not a constant"
-    if any(user is not owner for user in tensor.outputs):
-        return f"weight {tensor.name} is shared with another node"
-    if is_graph_output(graph, tensor):
-        return f"weight {tensor.name} is a graph output"
-    return None
 
 
 def output_channel_axis(node: gs.Node) -> int | None:

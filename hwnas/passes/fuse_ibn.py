@@ -70,11 +70,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from hwnas.errors import BadInputError
-from hwnas.graph.gsgraph import const_value, is_graph_output, producer, to_model, unique_name
+from hwnas.graph.gsgraph import const_value, is_graph_output, private_constant, producer, to_model, unique_name
 from hwnas.graph.patterns import PatternMatch, find_expand_candidates, match_squeeze_excite
 from hwnas.passes import _reconstruct as ls
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
-from hwnas.passes.fold_bn import absorb_output, check_linear_producer, private_constant
+from hwnas.passes.fold_bn import absorb_output, check_linear_producer
 from hwnas.passes.registry import register_pass
 from hwnas.passes.replace_conv import is_depthwise, regroup_weight
 from hwnas.verify.calibration import random_calibration

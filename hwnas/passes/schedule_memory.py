@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from hwnas.estimator.memory import Step, activation_sizes, peak_activation
 from hwnas.graph.gsgraph import to_model
-from hwnas.graph.shapes import graph_inputs
+from hwnas.graph.io import graph_inputs
 from hwnas.passes.base import Pass, PassContext, PassResult, Site
 from hwnas.passes.registry import register_pass
 

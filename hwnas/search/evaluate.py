@@ -29,12 +29,12 @@ from hwnas.errors import HwnasError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.memory import footprint
 from hwnas.graph.gsgraph import to_model
+from hwnas.graph.session import make_session, run_per_sample
 from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager, PipelineRun
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
 from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import cosine
-from hwnas.verify.runtime import make_session, run_per_sample
 
 
 _SCALED_CACHE = 4  # depth-scaled graphs kept: the curated space's multipliers

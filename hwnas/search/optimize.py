@@ -28,6 +28,7 @@ import onnx
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.graph.session import make_session, run_per_sample
 from hwnas.graph.shapes import Shape
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
@@ -40,7 +41,6 @@ from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
 from hwnas.search.space import KEEP, PREFIX, SearchSpace, SpaceOptions, build_space
 from hwnas.targets.base import Target
-from hwnas.verify.runtime import make_session, run_per_sample
 
 
 @dataclass(frozen=True)

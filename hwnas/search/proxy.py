@@ -41,9 +41,9 @@ import onnx_graphsurgeon as gs
 from hwnas.errors import BadInputError
 from hwnas.graph.activations import match_activation
 from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.graph.shapes import Shape
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
-from hwnas.verify.runtime import make_session, random_feeds, run
 
 # Activation kinds (hwnas.graph.activations) whose output is positive exactly where their input is.
 SIGN_PRESERVING = frozenset({

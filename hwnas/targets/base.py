@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from hwnas.estimator.fusion_rules import FusionRules, builtin_rules
 from hwnas.graph.shapes import Shape
+from hwnas.targets.fusion_rules import FusionRules, builtin_rules
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ import onnxruntime as ort
 
 from hwnas.errors import BadInputError, CheckFailedError, HwnasError
 from hwnas.graph.io import load_model, save_model
+from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.targets.base import Measurement
-from hwnas.verify.runtime import make_session, random_feeds, run
 
 # ORT's `providers` argument: provider names, or (name, {option: value}) pairs; the first one is the target.
 Providers = Sequence[str | tuple[str, Mapping[str, str]]]

@@ -1,6 +1,6 @@
 """`npu-RxC`: a simulated systolic-array accelerator whose compute model matches SCALE-Sim exactly.
 
-A model is cut into kernels by `hwnas.estimator.kernels.decompose` under the npu's fusion rules
+A model is cut into kernels by `hwnas.targets.kernels.decompose` under the npu's fusion rules
 (`fusion_npu.json`: BN, activations, per-channel affine ops, swish/hard-swish and a residual Add ride
 free in the conv before them). Each kernel then costs
 
@@ -45,10 +45,10 @@ from types import MappingProxyType
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.fusion_rules import FusionRules, builtin_rules
-from hwnas.estimator.kernels import GemmShape, Kernel, decompose
 from hwnas.graph.shapes import Shape
 from hwnas.targets.base import Measurement, Target
+from hwnas.targets.fusion_rules import FusionRules, builtin_rules
+from hwnas.targets.kernels import GemmShape, Kernel, decompose
 
 _SPEC_RE = re.compile(r"^npu-(?P<rows>\d+)x(?P<cols>\d+)(?::(?P<options>.*))?$")
 _OPTION_ALIASES = MappingProxyType({"df": "dataflow", "dw": "depthwise"})

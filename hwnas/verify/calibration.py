@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.graph.shapes import Shape, declared_dims, graph_inputs
-from hwnas.verify.runtime import random_feeds
+from hwnas.graph.io import graph_inputs
+from hwnas.graph.session import random_feeds
+from hwnas.graph.shapes import Shape, declared_dims
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 
 from hwnas.errors import CheckFailedError
-from hwnas.graph.shapes import Shape, declared_dims, graph_inputs
-from hwnas.verify.runtime import make_session, random_feeds, run
+from hwnas.graph.io import graph_inputs
+from hwnas.graph.session import make_session, random_feeds, run
+from hwnas.graph.shapes import Shape, declared_dims
 
 
 @dataclass(frozen=True)

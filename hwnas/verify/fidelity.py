@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
+from hwnas.graph.session import make_session, run
 from hwnas.verify.equivalence import cosine
-from hwnas.verify.runtime import make_session, run
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,8 @@ class FusionRules:
 
 
 def builtin_rules(target_kind: str) -> FusionRules:
-    """The rules shipped for a target kind (`npu`), from `hwnas/estimator/data/fusion_<kind>.json`."""
-    resource = resources.files("hwnas.estimator") / "data" / f"fusion_{target_kind}.json"
+    """The rules shipped for a target kind (`npu`), from `hwnas/targets/data/fusion_<kind>.json`."""
+    resource = resources.files("hwnas.targets") / "data" / f"fusion_{target_kind}.json"
     if not resource.is_file():
         raise BadInputError(f"no built-in fusion rules for target kind {target_kind!r}")
     return FusionRules.from_dict(json.loads(resource.read_text()), origin=f"fusion_{target_kind}.json")

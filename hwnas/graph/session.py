@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions and inputs for verification and calibration.
+"""ONNX Runtime sessions and inputs: for verification, calibration, measurement and shape inference.
+
+It sits in the graph layer, the bottom floor, because `hwnas.graph.shapes` asks ORT for the shapes
+that ONNX shape inference leaves open; everything above imports it, it imports only `hwnas.graph.io`.
 
 The reference is the model as written, run with every graph optimization off, so that ORT's own
 rewrites cannot hide (or cause) a difference.
@@ -23,8 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from hwnas.errors import CheckFailedError
-from hwnas.graph.io import with_relative_refs
-from hwnas.graph.shapes import Shape, graph_inputs
+from hwnas.graph.io import graph_inputs, with_relative_refs
 
 _SESSION_BYTES_LIMIT = 1 << 30  # beyond this hand ORT a file, not serialized bytes
 
@@ -128,7 +130,7 @@ _NP_DTYPES = {
 }
 
 
-def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Shape], seed: int) -> dict[str, np.ndarray]:
+def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs: standard normal for floats, small non-negative integers for ints, random bools."""
     rng = np.random.default_rng(seed)
     feeds = {}

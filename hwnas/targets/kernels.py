@@ -40,8 +40,8 @@ from types import MappingProxyType
 import onnx
 from onnx import helper
 
-from hwnas.estimator.fusion_rules import FusionRules
 from hwnas.graph.shapes import Shape, resolve_input_shapes, tensor_shapes
+from hwnas.targets.fusion_rules import FusionRules
 
 _KINDS_BY_OP = MappingProxyType(
     {

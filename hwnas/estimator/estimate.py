@@ -1,0 +1,114 @@
+"""A model's estimated latency, memory footprint and lane warnings on a target.
+
+What `hwnas estimate` prints and what the gate's latency and regression budgets compare; `hwnas.api`
+re-exports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from hwnas.estimator.defaults import estimator_for
+from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
+from hwnas.estimator.memory import MemoryFootprint, footprint
+from hwnas.graph.io import ModelLike, as_model
+from hwnas.graph.shapes import Shape, resolve_input_shapes
+from hwnas.targets import Target, get_target
+from hwnas.targets.kernels import decompose
+from hwnas.targets.npu import LaneUse
+
+
+@dataclass
+class EstimateResult:
+    """Estimated latency on a target, per kernel, with the memory footprint and advice-worthy warnings."""
+
+    target: dict
+    latency_ms: float
+    cycles: int | None
+    kernels: list[KernelEstimate]
+    memory: MemoryFootprint
+    warnings: list[str]
+    measured_ms: float | None = None
+
+    @property
+    def params_bytes(self) -> int:
+        return self.memory.params_bytes
+
+    @property
+    def peak_activation_bytes(self) -> int:
+        return self.memory.peak_activation_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target["name"],
+            "target_config": self.target,
+            "latency_ms": self.latency_ms,
+            "cycles": self.cycles,
+            "measured_ms": self.measured_ms,
+            "params_bytes": self.params_bytes,
+            "peak_activation_bytes": self.peak_activation_bytes,
+            "memory": self.memory.to_dict(),
+            "kernels": [
+                {"name": k.name, "op": k.op, "kind": k.kind, "nodes": list(k.nodes), "latency_ms": k.latency_ms,
+                 "fallback": k.fallback}
+                for k in self.kernels
+            ],
+            "warnings": self.warnings,
+        }
+
+
+def estimate(
+    model: ModelLike,
+    target: str | Target = "npu-32x32",
+    *,
+    input_shapes: Mapping[str, Shape] | None = None,
+    estimator: str | os.PathLike | LatencyEstimator | None = None,
+    measure: bool = False,
+) -> EstimateResult:
+    """Latency from the target's subgraph estimator (not the target itself), plus memory footprint.
+
+    `measure=True` also measures the model on the target, for comparison.
+    """
+    onnx_model = as_model(model)
+    the_target = get_target(target) if isinstance(target, str) else target
+    shapes = resolve_input_shapes(onnx_model, input_shapes)
+    latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
+    result = latency_model.estimate(onnx_model, shapes)
+    clock = the_target.describe().get("config", {}).get("clock_ghz")
+    return EstimateResult(
+        target=the_target.describe(),
+        latency_ms=result.latency_ms,
+        cycles=round(result.latency_ms * clock * 1e6) if clock else None,
+        kernels=result.kernels,
+        memory=footprint(onnx_model, shapes),
+        warnings=result.warnings + lane_warnings(the_target, onnx_model, shapes),
+        measured_ms=the_target.measure(onnx_model, shapes).latency_ms if measure else None,
+    )
+
+
+def lane_warnings(target: Target, model: onnx.ModelProto, shapes: Mapping[str, Shape], limit: int = 12) -> list[str]:
+    """Kernels whose channel counts leave lanes idle on the target, the most wasted MACs first.
+
+    Targets that know how they spread a kernel over lanes (`lane_use`, the npu) say so; for the others the
+    output channels (per group) are compared with the parallelism factor.
+    """
+    wasted = []
+    for k in decompose(model, shapes, target.rules):
+        if k.gemm is None or k.kind == "free":
+            continue
+        # targets without their own lane model (cpu, ort:) block depthwise convs by channel, like ORT's NCHWc
+        size, what = (k.c_out, "channels") if k.kind == "dwconv" else (
+            k.gemm.n, "output channels" + (" per group" if k.gemm.groups > 1 else ""))
+        use = target.lane_use(k) if hasattr(target, "lane_use") else LaneUse(
+            k.name, k.kind, what, size, target.parallelism_factor)
+        if use is not None and use.idle_in_last_fold:
+            wasted.append(((1 - use.utilization) * k.macs, use.message()))
+    wasted.sort(key=lambda item: -item[0])
+    messages = [m for _, m in wasted[:limit]]
+    if len(wasted) > limit:
+        messages.append(f"... and {len(wasted) - limit} more kernels that leave lanes idle")
+    return messages
