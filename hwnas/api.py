@@ -31,7 +31,9 @@ from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager, PassRecord, VerificationOutcome
 from hwnas.passes.pipeline import Pipeline, parse_pipeline
 from hwnas.targets import Target, get_target
-from hwnas.verify import Tolerance, VerificationReport, verify_equivalence
+from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify_equivalence
+from hwnas.verify.fidelity import FidelityReport
+from hwnas.verify.runtime import random_feeds
 
 # cosine ≥ −1 always holds: a model that will be trained must load and run in ORT; its function may change
 ANY_DRIFT = 2.0
@@ -50,6 +52,9 @@ class RunResult:
     optimized: ModelSummary
     verification: VerificationReport | None
     warnings: list[str] = field(default_factory=list)
+    # a result that is not exact: its drift against the original on the calibration inputs and, when
+    # given, on held-out inputs ("calibration", "holdout"), every sample and output
+    drift: dict[str, FidelityReport] = field(default_factory=dict)
 
     @property
     def verified(self) -> bool:
@@ -70,8 +75,13 @@ class RunResult:
             "passes": [r.to_dict() for r in self.records],
             "verification": self.verification.to_dict() if self.verification else None,
             "verified": self.verified,
+            "drift": {k: {"samples": _samples_of(v), **v.to_dict()} for k, v in self.drift.items()},
             "warnings": self.warnings,
         }
+
+
+def _samples_of(report: FidelityReport) -> int:
+    return min((o.samples for o in report.outputs), default=0)
 
 
 def run(
@@ -80,6 +90,7 @@ def run(
     *,
     input_shapes: Mapping[str, Shape] | None = None,
     calibration: Mapping[str, np.ndarray] | None = None,
+    holdout: Mapping[str, np.ndarray] | None = None,
     tolerance: Tolerance = Tolerance(),
     allow_drift: float | None = None,
     disabled: Iterable[str] = (),
@@ -96,11 +107,15 @@ def run(
     cosine ≥ 1 − allow_drift. Otherwise CheckFailedError names the first pass that broke it. With
     `verify=False` the model is returned unchecked and a warning says so. A `sites=` selector that picks
     nothing is a BadInputError unless `strict_sites=False` (pipelines the search compiled, recipes).
+
+    A result that is not exact (reconstructed, or lossy: quantized) is never reported equivalent; its
+    `drift` is measured on every calibration sample and, when `holdout` inputs are given, on those
+    (cosine, max abs, top-1 agreement for class scores). The budget is judged on the calibration inputs.
     """
     original = as_model(model)
     pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     shapes = resolve_input_shapes(original, input_shapes)
-    ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=seed)
+    ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=seed, dry_run=dry_run)
     baseline = summarize(original, shapes)
 
     def check(candidate: onnx.ModelProto, exact: bool) -> VerificationReport:
@@ -143,6 +158,13 @@ def run(
     except CheckFailedError as e:
         raise CheckFailedError(f"{e}; use --no-verify to write the model unchecked") from None
     result.verification = report
+    if exactness is not Exactness.EXACT:
+        report.equivalent = False  # whatever the tolerance says: the function was changed on purpose
+        report.notes.append(f"a {exactness.value} result is judged by its drift, never reported equivalent")
+        feeds = calibration if calibration is not None else random_feeds(original, shapes, seed)
+        result.drift["calibration"] = measure_fidelity(original, candidate, feeds)
+        if holdout is not None:
+            result.drift["holdout"] = measure_fidelity(original, candidate, holdout)
     outcome = _judge(report, exact=exactness is Exactness.EXACT, allow_drift=allow_drift)
     if not outcome.ok:
         if not verify_each:
@@ -265,7 +287,6 @@ def optimize(
     )
     from hwnas.search.recipe import make_recipe
     from hwnas.verify import random_calibration
-    from hwnas.verify.fidelity import measure_fidelity
 
     if space not in ("curated", "uncurated"):
         raise BadInputError(f"--space must be curated or uncurated, not {space!r}")

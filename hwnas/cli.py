@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", help="a recipe from 'hwnas optimize --recipe-out' (replayed, or transferred to this model)")
     _add_shape_args(r)
     r.add_argument("--calib", help="calibration/verification inputs (.npz, one array per input, samples first)")
+    r.add_argument("--holdout", metavar="NPZ", help="held-out inputs (.npz): a result that is not exact also gets "
+                   "its drift on them (cosine, max abs, top-1 agreement)")
     r.add_argument("--rtol", type=float, default=Tolerance.rtol, help=f"relative tolerance (default {Tolerance.rtol:g})")
     r.add_argument("--atol", type=float, default=Tolerance.atol, help=f"absolute tolerance (default {Tolerance.atol:g})")
     r.add_argument("--allow-drift", type=float, default=None, metavar="X",
@@ -176,8 +178,17 @@ def _print_run(result: api.RunResult) -> None:
     if result.verification is not None:
         v = result.verification
         sizes = ", ".join("x".join(map(str, next(iter(s.values())))) for s in v.input_shapes)
-        verdict = "equivalent" if v.equivalent else "NOT equivalent"
+        if result.exactness is api.Exactness.EXACT:
+            verdict = "equivalent" if v.equivalent else "NOT equivalent"
+        else:
+            verdict = f"{result.exactness.value}, within the drift budget"
         print(f"verification: {verdict} (max abs {v.max_abs:.3g}, cosine {v.cosine:.8f}; inputs {sizes})")
+    for data, fidelity in result.drift.items():
+        samples = min(o.samples for o in fidelity.outputs)
+        for o in fidelity.outputs:
+            top1 = "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3f}"
+            print(f"drift on {data} ({samples} samples), output {o.name}: cosine {o.cosine:.6f} "
+                  f"(worst sample {o.min_sample_cosine:.6f}), max abs {o.max_abs:.3g}{top1}")
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
 
@@ -246,6 +257,7 @@ def cmd_run(args) -> int:
         check_output_path(args.report)
     model = api.as_model(args.input)
     calibration = load_calibration(args.calib, model) if args.calib else None
+    holdout = load_calibration(args.holdout, model) if args.holdout else None
     shapes = parse_input_shapes(args.input_shape)
     pipeline = args.passes or api.recipe_pipeline(model, load_recipe(args.recipe), shapes)
     result = api.run(
@@ -253,6 +265,7 @@ def cmd_run(args) -> int:
         pipeline,
         input_shapes=shapes,
         calibration=calibration,
+        holdout=holdout,
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol),
         allow_drift=args.allow_drift,
         disabled=args.disable_pass,

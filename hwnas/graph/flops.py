@@ -88,13 +88,18 @@ def _constant_elements(node: onnx.NodeProto) -> int:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of the float initializers that nodes use, plus float Constant-node tensors.
+    """Elements of the float initializers that nodes use, plus float Constant-node tensors, plus the
+    quantized weights of a QDQ model (the integer initializers DequantizeLinear reads).
 
-    A tensor shared by several nodes counts once. Integer tensors (shapes, sizes, indices) are not
-    parameters. Only the top-level graph is inspected.
+    A tensor shared by several nodes counts once. Other integer tensors (shapes, sizes, indices) and
+    quantization scales and zero points are not parameters. Only the top-level graph is inspected.
     """
     graph = model.graph
-    used = {name for node in graph.node for name in node.input}
-    weights = [init for init in graph.initializer if init.name in used and init.data_type in _FLOAT_TYPES]
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    quant_params = {name for n in qdq for name in n.input[1:]}
+    quantized = {n.input[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    used = {name for node in graph.node for name in node.input} - quant_params
+    weights = [init for init in graph.initializer
+               if init.name in used and (init.data_type in _FLOAT_TYPES or init.name in quantized)]
     constants = [node for node in graph.node if node.op_type == "Constant"]
     return sum(math.prod(init.dims) for init in weights) + sum(map(_constant_elements, constants))

@@ -198,9 +198,11 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     stable_toposort(graph.cleanup(remove_unused_graph_inputs=False))
     release_weights(graph)
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = template.ir_version
+    opsets = _merged_opsets(template, model)
     del model.opset_import[:]
-    model.opset_import.extend(template.opset_import)
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
+    # the template's IR version, unless a raised opset (quantize raises it to 13) needs a newer one
+    model.ir_version = max(template.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, field, getattr(template, field))
     del model.metadata_props[:]
@@ -212,6 +214,21 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
                 value.CopyFrom(declared[value.name])
     del model.graph.value_info[:]
     return model
+
+
+def _merged_opsets(template: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, int]:
+    """The template's opset imports, raised where a pass raised them (quantize: opset 13) and with the
+    domains a pass added (com.microsoft for 16-bit Q/DQ); the graph's own default-domain version is
+    only ever the template's or one a pass set on purpose."""
+    def key(domain: str) -> str:
+        return "" if domain == "ai.onnx" else domain
+
+    opsets = {key(o.domain): o.version for o in template.opset_import}
+    for o in model.opset_import:
+        if key(o.domain) in opsets and key(o.domain) != "":
+            continue
+        opsets[key(o.domain)] = max(o.version, opsets.get(key(o.domain), 0))
+    return opsets
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:

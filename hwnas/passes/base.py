@@ -59,6 +59,7 @@ class PassContext:
     calibration: Mapping[str, np.ndarray] | None = None
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False  # `hwnas run --dry-run`: passes that need data they lack may list sites only
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:

@@ -1,0 +1,222 @@
+"""quantize: static int8 QDQ quantization by ONNX Runtime's own quantizer (lossy).
+
+Before → After (preset=cpu)::
+
+    x ─► Conv(W, b) ─► Relu ─► y
+    x ─► Q ─► DQ ─► Conv(DQ(W_int8), DQ(b_int32)) ─► Q ─► DQ ─► y
+
+What it computes: each quantized tensor t becomes DQ(Q(t)) = s·(clamp(round(t/s) + z, qmin, qmax) − z),
+with the activation scale s and zero point z chosen from the ranges the tensor takes on the
+calibration inputs (`calibration=minmax`: min/max; `entropy`, `percentile`: ORT's histogram methods),
+and the weights' from their values (per output channel with `per_channel=true`). ORT's CPU provider
+fuses DQ → Conv → Q into an int8 kernel; a runtime without those kernels runs the same arithmetic in
+float. The function changes, so the result is judged by drift (cosine, max abs, top-1 agreement)
+against the float model, never as equivalent.
+
+Nothing here quantizes by itself: the model goes through `onnxruntime.quantization.quant_pre_process`
+(ONNX shape inference and ORT's basic graph optimizations: Conv + BatchNormalization fused, HardSwish
+split into HardSigmoid · x) and `quantize_static` in QDQ format with a
+`CalibrationDataReader` over the calibration samples (`--calib`; required). Models below opset 13 are
+converted first with onnx's version converter (per-channel DequantizeLinear needs its `axis`
+attribute, opset 13; PP-OCRv4 det is opset 12 and fails without it). The model stays drop-in: graph
+input and output names, float dtypes and dynamic dims are the original's.
+
+Presets (what each runtime runs fastest or at all):
+- `cpu`: uint8 activations, int8 weights per channel (ORT's x86 form: with AVX-512 VNNI about 2× the
+  float speed; int8 *signed* activations measured slower than float).
+- `qnn`: uint8 activations, uint8 weights per tensor, as the Qualcomm QNN execution provider documents
+  (`activations=uint16` for its 16-bit mode; 16-bit Q/DQ below opset 21 uses the com.microsoft domain).
+- `npu`: int8 activations and weights, both symmetric (zero point 0), weights per channel.
+`activations=`, `weights=`, `per_channel=` and `calibration=` override the preset's values.
+
+Sites are the nodes: one ORT's quantizer has a QDQ form for is applicable; the others stay float,
+each with the reason (`hwnas run --dry-run` lists them). A `sites=` selector quantizes the chosen
+nodes only.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from hwnas.errors import BadInputError, CheckFailedError
+from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
+from hwnas.passes.registry import register_pass
+
+MIN_OPSET = 13  # per-channel DequantizeLinear (its axis attribute)
+TYPES = ("uint8", "int8", "uint16", "int16")
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    activations: str
+    weights: str
+    per_channel: bool
+    symmetric: bool = False  # activations and weights with zero point 0
+    calibration: str = "minmax"
+
+
+PRESETS = {
+    "cpu": QuantSettings("uint8", "int8", per_channel=True),
+    "qnn": QuantSettings("uint8", "uint8", per_channel=False),
+    "npu": QuantSettings("int8", "int8", per_channel=True, symmetric=True),
+}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    preset: str = option("cpu", "target form: cpu (u8 act, s8 per-channel weights), qnn (u8/u8), npu (s8 symmetric)",
+                         tuple(PRESETS))
+    activations: str | None = option(None, "activation type, overrides the preset", TYPES)
+    weights: str | None = option(None, "weight type, overrides the preset", ("uint8", "int8"))
+    per_channel: bool | None = option(None, "weights per output channel, overrides the preset")
+    calibration: str | None = option(None, "activation ranges from: minmax (every preset's), entropy, percentile",
+                                     CALIBRATIONS)
+
+    def __post_init__(self):
+        s = self.settings()
+        if s.activations.startswith("int") and s.weights.startswith("uint"):
+            raise BadInputError(f"pass 'quantize': activations={s.activations} with weights={s.weights} is a form "
+                                "ONNX Runtime's quantizer does not make (signed activations need signed weights)")
+
+    def settings(self) -> QuantSettings:
+        base = PRESETS[self.preset]
+        return replace(
+            base,
+            activations=self.activations or base.activations,
+            weights=self.weights or base.weights,
+            per_channel=base.per_channel if self.per_channel is None else self.per_channel,
+            calibration=self.calibration or base.calibration,
+        )
+
+
+def quantizable_ops() -> frozenset[str]:
+    """The op types `quantize_static` quantizes by default in QDQ format (its own registries)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
+
+
+class _Samples:
+    """ORT's CalibrationDataReader over calibration arrays (samples on axis 0), one sample per run."""
+
+    def __init__(self, calibration: Mapping[str, np.ndarray]):
+        self._calibration = calibration
+        self._iter = self._samples()
+
+    def _samples(self) -> Iterator[dict[str, np.ndarray]]:
+        count = len(next(iter(self._calibration.values())))
+        for i in range(count):
+            yield {k: np.ascontiguousarray(v[i : i + 1]) for k, v in self._calibration.items()}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = self._samples()
+
+
+def raise_opset(model: onnx.ModelProto, version: int = MIN_OPSET) -> onnx.ModelProto:
+    """The model at default-domain opset ≥ `version` (onnx's version converter), unchanged if already."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if current >= version:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as e:  # the converter raises bare RuntimeErrors for ops it cannot adapt
+        raise CheckFailedError(f"quantize: cannot raise the opset from {current} to {version}: {e}") from None
+    return converted
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    calibration: Mapping[str, np.ndarray],
+    settings: QuantSettings = PRESETS["cpu"],
+    exclude: tuple[str, ...] = (),
+) -> onnx.ModelProto:
+    """`model` quantized by ONNX Runtime (QDQ), calibrated on `calibration`; nodes named in `exclude` stay float.
+
+    The graph inputs and outputs are not re-declared here: `to_model` restores the original's.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "uint16": QuantType.QUInt16, "int16": QuantType.QInt16}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    model = raise_opset(model)
+    with tempfile.TemporaryDirectory(prefix="hwnas-quantize-") as tmp:
+        source, prepared, quantized = (Path(tmp) / f"{step}.onnx" for step in ("source", "prepared", "quantized"))
+        onnx.save_model(model, str(source))  # a path: given a ModelProto, pre-processing rewrites its weights
+        try:
+            # ONNX's shape inference, not ORT's symbolic one: that one is for transformers, needs sympy and
+            # gives up on PP-OCRv4 det's dynamic H and W ("Incomplete symbolic shape inference")
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            excluded = _renamed(model, onnx.load(str(prepared), load_external_data=False), exclude)
+            quantize_static(
+                str(prepared), str(quantized), _Samples(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                activation_type=types[settings.activations],
+                weight_type=types[settings.weights],
+                nodes_to_exclude=excluded,
+                calibrate_method=methods[settings.calibration],
+                extra_options={"ActivationSymmetric": settings.symmetric, "WeightSymmetric": settings.symmetric},
+            )
+        except Exception as e:  # ORT's own exception types (Fail, InvalidGraph...) besides ValueError/RuntimeError
+            raise CheckFailedError(f"quantize: ONNX Runtime's quantizer failed: {str(e).strip().splitlines()[-1]}") from None
+        return onnx.load(str(quantized))
+
+
+def _renamed(original: onnx.ModelProto, prepared: onnx.ModelProto, exclude: tuple[str, ...]) -> list[str]:
+    """The names in `prepared` of the nodes named `exclude` in `original`: pre-processing renames the
+    nodes its optimizer fuses (Conv + BatchNormalization, HardSwish → HardSigmoid · x), but the fused
+    node still writes one of the original nodes' output tensors, so a node is matched by name or by an
+    output it shares with an excluded one."""
+    names = set(exclude)
+    outputs = {t for n in original.graph.node if n.name in names for t in n.output}
+    return [n.name for n in prepared.graph.node if n.name in names or outputs.intersection(n.output)]
+
+
+@register_pass
+class Quantize(Pass):
+    name = "quantize"
+    summary = "static int8 QDQ quantization by ONNX Runtime's quantizer (presets cpu, qnn, npu; needs --calib)"
+    Options = QuantizeOptions
+    default_exactness = Exactness.LOSSY
+
+    def match(self, graph: gs.Graph, ctx: PassContext) -> list[Site]:
+        ops = quantizable_ops()
+        sites = []
+        for node in graph.nodes:
+            if node.op in ("QuantizeLinear", "DequantizeLinear"):
+                reason = "already a quantization node"
+            elif node.op not in ops:
+                reason = f"ONNX Runtime's quantizer has no QDQ form for {node.op}: stays float"
+            else:
+                reason = None
+            sites.append(Site((node.name,), f"{node.op} {node.name}", reason))
+        return sites
+
+    def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            if ctx.dry_run:  # the sites are listed as chosen; quantizing them needs the data
+                ctx.warnings.append("quantize: no --calib, so the dry run lists the sites it would quantize without "
+                                    "quantizing them (later passes see the float graph)")
+                return PassResult(graph, True)
+            raise BadInputError("pass 'quantize' needs calibration inputs (--calib DATA.npz)")
+        chosen = {s.nodes[0] for s in sites}
+        exclude = tuple(n.name for n in graph.nodes if n.name not in chosen)
+        quantized = quantize_model(to_model(graph, ctx.template), ctx.calibration, self.options.settings(), exclude)
+        new_graph = to_graph(quantized)
+        counts = {op: sum(n.op == op for n in new_graph.nodes) for op in ("QuantizeLinear", "DequantizeLinear")}
+        return PassResult(new_graph, True, {"quantized_nodes": len(chosen), "quantize_nodes": counts["QuantizeLinear"],
+                                            "dequantize_nodes": counts["DequantizeLinear"]})
