@@ -33,7 +33,7 @@ from hwnas.passes.pipeline import Pipeline, parse_pipeline
 from hwnas.targets import Target, get_target
 from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify_equivalence
 from hwnas.verify.fidelity import FidelityReport
-from hwnas.verify.runtime import random_feeds
+from hwnas.graph.session import random_feeds
 
 # cosine ≥ −1 always holds: a model that will be trained must load and run in ORT; its function may change
 ANY_DRIFT = 2.0

@@ -14,7 +14,7 @@ from hwnas.cli import main
 from hwnas.errors import BadInputError
 from hwnas.graph.flops import count_params
 from hwnas.passes.base import Exactness
-from hwnas.verify.runtime import make_session
+from hwnas.graph.session import make_session
 from tests.conftest import REAL_MODELS, real_model_path
 from tests.graphs import const, make_model, tensor
 
