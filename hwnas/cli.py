@@ -34,18 +34,27 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
                    help="concrete shape for a dynamic input, for analysis and verification only (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hwnas", description="Accelerator-aware optimizer for trained ONNX models.")
-    parser.add_argument("--version", action="version", version=f"hwnas {version('hwnas')}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand: `summary` is its line in `hwnas --help`, and its own --help ends with `example`
+    (tests/test_cli.py checks that every command has one)."""
+    return sub.add_parser(name, help=summary, description=summary, epilog=f"example: {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p = sub.add_parser("passes", help="list the passes with their options and exactness class")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hwnas", description="Accelerator-aware optimizer for trained ONNX models.",
+                     epilog="'hwnas COMMAND --help' shows a command's options and an example.",
+                     formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=14, width=100))
+    parser.add_argument("--version", action="version", version=f"hwnas {version('hwnas')}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, title="commands", metavar="COMMAND")
+
+    p = _command(sub, "passes", "list the passes with their options and exactness class", "hwnas passes --json")
     p.add_argument("--json", action="store_true", help="print JSON only")
 
-    zoo = sub.add_parser("zoo", help="the built-in reference models")
+    zoo = _command(sub, "zoo", "list or export the built-in reference models", "hwnas zoo export ibn-detector -o detector.onnx")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
-    zsub.add_parser("list", help="list the zoo models with MACs, params and block counts")
-    zexp = zsub.add_parser("export", help="write a zoo model as ONNX")
+    _command(zsub, "list", "list the zoo models with MACs, params and block counts", "hwnas zoo list")
+    zexp = _command(zsub, "export", "write a zoo model as ONNX", "hwnas zoo export mobilenetv2 --width 0.5 --resolution 160 -o mbv2.onnx")
     zexp.add_argument("name")
     zexp.add_argument("-o", "--output", required=True)
     zexp.add_argument("--width", type=float, default=1.0, help="width (depth) multiplier (default 1.0)")
@@ -53,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     zexp.add_argument("--divisor", type=int, default=8, help="round channel counts to this (1 = unrounded)")
     zexp.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 
-    r = sub.add_parser("run", help="apply a pass pipeline, verify with ONNX Runtime, write the model")
+    r = _command(sub, "run", "apply a pass pipeline, verify it in ONNX Runtime, write the model",
+                 "hwnas run detector.onnx -o detector.fold.onnx --passes fold-bn,fold-constants")
     r.add_argument("input")
     r.add_argument("-o", "--output")
     r.add_argument("--passes", help="pipeline, e.g. 'fold-bn,fold-constants'")
@@ -74,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     r.add_argument("--seed", type=int, default=0)
 
-    e = sub.add_parser("estimate", help="estimated latency per kernel on a target, params and peak activation memory")
+    e = _command(sub, "estimate", "estimated latency per kernel, params and peak memory on a target",
+                 "hwnas estimate detector.onnx --target npu-32x32")
     e.add_argument("input")
     e.add_argument("--target", required=True, help="cpu, cpu:threads=N, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
     _add_shape_args(e)
@@ -83,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
     e.add_argument("--json", action="store_true", help="print JSON only")
 
-    o = sub.add_parser("optimize", help="search pass sequences for the fastest verified model on a target")
+    o = _command(sub, "optimize", "search pass sequences for the fastest verified model on a target",
+                 "hwnas optimize detector.onnx -o detector.opt.onnx --target npu-32x32 --report detector.html")
     o.add_argument("input")
     o.add_argument("-o", "--output", required=True)
     o.add_argument("--target", required=True)
@@ -123,14 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    h = sub.add_parser("hints", help="per-layer advice from the target's estimator: what to regroup, fuse, align, and the saving")
+    h = _command(sub, "hints", "per-layer advice: what to regroup, fuse or align, and the saving",
+                 "hwnas hints detector.onnx --target npu-32x32")
     h.add_argument("input")
     h.add_argument("--target", required=True, help="cpu, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
     _add_shape_args(h)
     h.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
     h.add_argument("--json", action="store_true", help="print JSON only")
 
-    c = sub.add_parser("check", help="CI gate: budgets on estimated latency, memory and channel alignment (exit 1 if one fails)")
+    c = _command(sub, "check", "CI gate: latency, memory and channel budgets (exit 1 if one fails)",
+                 "hwnas check detector.onnx --target npu-32x32 --max-latency-ms 12 --max-params 4MB")
     c.add_argument("input")
     c.add_argument("--target", required=True, help="cpu, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
     c.add_argument("--max-latency-ms", type=float, metavar="X", help="estimated latency on the target at most X ms")
@@ -144,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
     c.add_argument("--json", action="store_true", help="print JSON only")
 
-    pr = sub.add_parser("profile", help="measure sampled kernels on a target and fit its latency estimator")
+    pr = _command(sub, "profile", "measure sampled kernels on a target and fit its latency estimator",
+                  "hwnas profile --target cpu --budget 2000 -o estimators/")
     pr.add_argument("--target", required=True)
     pr.add_argument("--budget", type=int, default=2000, help="kernel measurements (default 2000)")
     pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")

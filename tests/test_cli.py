@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 
-from hwnas.cli import main
+from hwnas.cli import build_parser, main
 from tests.conftest import real_model_path
-from tests.graphs import conv_bn_model
+from tests.graphs import conv_bn_model, tensor
 
 
 @pytest.fixture
@@ -150,6 +153,73 @@ def test_dynamic_dims_need_input_shape(capsys, tmp_path):
     assert_bad_input(code, err, "input 'x'", "--input-shape x:")
 
 
+def _unchecked_model(nodes, initializers) -> onnx.ModelProto:
+    """x[1,4] -> ... -> y[1,4], built without onnx.checker (which refuses these models too)."""
+    graph = helper.make_graph(nodes, "bad", [tensor("x", [1, 4])], [tensor("y", [1, 4])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def cyclic_model() -> onnx.ModelProto:
+    return _unchecked_model([
+        helper.make_node("Add", ["x", "back"], ["t"], name="add"),
+        helper.make_node("Relu", ["t"], ["back"], name="loop"),
+        helper.make_node("Relu", ["t"], ["y"], name="out"),
+    ], [])
+
+
+def short_raw_data_model() -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    weight.raw_data = weight.raw_data[:20]  # 20 bytes where 4x4 floats need 64
+    return _unchecked_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [weight])
+
+
+def huge_constant_model() -> onnx.ModelProto:
+    """A ConstantOfShape of 120000x1000x1000 floats: 480 GB, more than any machine this runs on."""
+    fill = helper.make_tensor("fill", onnx.TensorProto.FLOAT, [1], [1.0])
+    return _unchecked_model([
+        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=fill),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Add", ["x", "total"], ["y"]),
+    ], [numpy_helper.from_array(np.array([120000, 1000, 1000], np.int64), "shape")])
+
+
+@pytest.mark.parametrize(
+    "build, fragment",
+    [(cyclic_model, "the graph has a cycle (through node 'add')"), (short_raw_data_model, "the file is corrupt")],
+    ids=["cycle", "raw-data-size"],
+)
+def test_malformed_graphs_are_bad_input_at_load(capsys, tmp_path, build, fragment):
+    """Found by hand: a cycle was an internal error (exit 3), short raw_data a failed check suggesting
+    --no-verify (exit 1): both are bad files, refused when loaded, by every command."""
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(build().SerializeToString())
+    out_path = tmp_path / "o.onnx"
+    for argv in (["run", "--passes", "fold-bn", "-o", str(out_path)], ["run", "--passes", "fold-bn", "--no-verify", "-o", str(out_path)],
+                 ["optimize", "--target", "cpu", "-o", str(out_path)], ["estimate", "--target", "cpu"],
+                 ["check", "--target", "cpu", "--max-params", "1MB"]):
+        code, _, err = run_cli(capsys, argv[0], str(path), *argv[1:])
+        assert_bad_input(code, err, fragment)
+        assert "--no-verify" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_a_model_that_needs_more_memory_than_the_machine_has_is_one_quiet_line(tmp_path):
+    """ORT printed several coloured log lines (its own, and from onnx-graphsurgeon's constant folding)
+    before hwnas's line; it runs as a subprocess because ORT writes to the file descriptor, not sys.stderr."""
+    path = tmp_path / "huge.onnx"
+    path.write_bytes(huge_constant_model().SerializeToString())
+    out_path = tmp_path / "o.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hwnas", "run", str(path), "-o", str(out_path), "--passes", "fold-constants,fold-bn"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "the model asks for more memory than this machine has" in proc.stderr and "480 GB" in proc.stderr
+    assert proc.stdout == ""
+    assert not out_path.exists()
+
+
 def test_console_script_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hwnas", "run", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--passes", "fold-bn"],
@@ -224,3 +294,25 @@ def test_selectors_and_disabled_passes_that_match_nothing_exit_2(capsys, model_p
     code, _, err = run_cli(capsys, "run", str(model_path), "-o", str(out_path), *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out_path.exists()
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser) of every command and sub-command, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _subcommands(sub, (*path, name))
+
+
+def test_every_command_has_an_example_and_one_line_in_the_overview():
+    parser = build_parser()
+    commands = list(_subcommands(parser))
+    assert {"run", "optimize", "check", "zoo export"} <= {" ".join(path) for path, _ in commands}
+    for path, sub in commands:
+        example = [line for line in sub.format_help().splitlines() if line.startswith("example: ")]
+        assert len(example) == 1 and example[0].startswith(f"example: hwnas {path[0]}"), (path, sub.format_help())
+    overview = parser.format_help().split("commands:\n")[1].split("\n\n")[0].splitlines()[1:]  # after "COMMAND"
+    top = [path[0] for path, _ in commands if len(path) == 1]
+    assert [line.split()[0] for line in overview] == top, overview  # one line each: no wrapped summaries
+    assert all(len(line.split()) > 2 for line in overview)

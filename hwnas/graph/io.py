@@ -107,6 +107,45 @@ def validate_model(model: onnx.ModelProto, origin: str = "model") -> None:
             f"{origin} uses ai.onnx opset {opset}; supported: "
             f"{SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}"
         )
+    _check_acyclic(model.graph, origin)
+    _check_tensor_sizes(model, origin)
+
+
+def _check_acyclic(graph: onnx.GraphProto, origin: str) -> None:
+    """A node that (through others) consumes its own output makes the model unrunnable: bad input."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    users: list[list[int]] = [[] for _ in graph.node]
+    waiting = []
+    for i, node in enumerate(graph.node):
+        deps = {producer[name] for name in node.input if name in producer}
+        waiting.append(len(deps))
+        for d in deps:
+            users[d].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    done = 0
+    while ready:
+        done += 1
+        for user in users[ready.pop()]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                ready.append(user)
+    if done < len(graph.node):
+        stuck = next(node for node, count in zip(graph.node, waiting) if count)
+        raise BadInputError(f"{origin}: the graph has a cycle (through node {stuck.name or stuck.op_type!r}); "
+                            "an ONNX graph must be acyclic")
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, origin: str) -> None:
+    """Inline data must be as long as the tensor's dims say; a corrupt file is bad input, not a model to write."""
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+            continue
+        expected = _expected_bytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise BadInputError(
+                f"{origin}: tensor {tensor.name!r} holds {len(tensor.raw_data)} bytes of data but its dims "
+                f"{list(tensor.dims)} need {expected}: the file is corrupt"
+            )
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

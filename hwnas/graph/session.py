@@ -17,6 +17,7 @@ candidate never hold both sets of weights at once. docs/large-models.md has the 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +26,32 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hwnas.errors import CheckFailedError
+from hwnas.errors import BadInputError, CheckFailedError, HwnasError
 from hwnas.graph.io import graph_inputs, with_relative_refs
 
 _SESSION_BYTES_LIMIT = 1 << 30  # beyond this hand ORT a file, not serialized bytes
+# ORT's own log lines (several, coloured, per failure) would come before hwnas's one-line error, which
+# carries ORT's message already: only fatal ones are printed.
+ORT_LOG_SEVERITY = 4
+_ALLOCATION_FAILED = re.compile(r"Failed to allocate memory for requested buffer of size (\d+)")
+
+
+def quiet_ort() -> None:
+    """Quiet ORT's default logger: the graph optimizers, and sessions made by onnx-graphsurgeon, log to it."""
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+
+
+def session_options(optimized: bool, threads: int) -> ort.SessionOptions:
+    """ORT's options for every hwnas session: all graph optimizations or none, quiet logging."""
+    quiet_ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = ORT_LOG_SEVERITY
+    return opts
 
 
 def make_session(
@@ -37,13 +60,7 @@ def make_session(
     threads: int = 1,
     providers: list | None = None,
 ) -> ort.InferenceSession | MappedSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts = session_options(optimized, threads)
     providers = providers or ["CPUExecutionProvider"]
     shell, folder = with_relative_refs(model)
     if folder:  # weights on disk: ORT reads them from `folder`
@@ -61,14 +78,14 @@ def make_session(
             onnx.external_data_helper.load_external_data_for_model(model, tmp)
             return ort.InferenceSession(path, opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
-        raise CheckFailedError(f"cannot verify: ONNX Runtime cannot load the model ({_first_line(e)})") from None
+        raise ort_failure(e, "cannot load the model") from None
 
 
 def _open(model: bytes, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(model, opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
-        raise CheckFailedError(f"cannot verify: ONNX Runtime cannot load the model ({_first_line(e)})") from None
+        raise ort_failure(e, "cannot load the model") from None
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,21 @@ class MappedSession:
             del session
 
 
+def ort_failure(e: BaseException, what: str) -> HwnasError:
+    """The one-line error for an ORT failure: bad input when the model needs more memory than there is."""
+    allocation = _ALLOCATION_FAILED.search(str(e))
+    if allocation:
+        return BadInputError(
+            f"the model asks for more memory than this machine has: ONNX Runtime could not allocate "
+            f"{int(allocation[1]) / 1e9:.3g} GB for one tensor (the machine has {_physical_memory() / 1e9:.3g} GB)"
+        )
+    return CheckFailedError(f"cannot verify: ONNX Runtime {what} ({_first_line(e)})")
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[-1] if text else type(e).__name__
@@ -152,8 +184,8 @@ def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     try:
         return session.run(None, dict(feeds))
-    except Exception as e:
-        raise CheckFailedError(f"cannot verify: ONNX Runtime failed to run the model ({_first_line(e)})") from None
+    except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
+        raise ort_failure(e, "failed to run the model") from None
 
 
 def run_per_sample(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

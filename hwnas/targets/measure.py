@@ -37,7 +37,7 @@ import onnxruntime as ort
 
 from hwnas.errors import BadInputError, CheckFailedError, HwnasError
 from hwnas.graph.io import load_model, save_model
-from hwnas.graph.session import make_session, random_feeds, run
+from hwnas.graph.session import make_session, random_feeds, run, session_options
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.targets.base import Measurement
 
@@ -289,11 +289,7 @@ def profiling_session(
 ) -> ort.InferenceSession:
     """A session that writes ORT's per-node trace (and, if asked, the graph as ORT optimized it)."""
     # make_session has no profiling switch, and profiling can only be turned on when a session is made.
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = settings.threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts = session_options(optimized=True, threads=settings.threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = prefix
     if optimized_model_path:
