@@ -81,14 +81,14 @@ def _candidates(x: gs.Tensor) -> Iterator[tuple[list[gs.Node], str]]:
 
 def _single_node_kind(node: gs.Node) -> str | None:
     if node.op == "Clip":
-        bounds = _clip_bounds(node)
+        bounds = clip_bounds(node)
         if bounds is None:
             return None
         return "relu6" if bounds == (0.0, 6.0) else "clip"
     return _SINGLE_NODE.get(node.op)
 
 
-def _clip_bounds(node: gs.Node) -> tuple[float | None, float | None] | None:
+def clip_bounds(node: gs.Node) -> tuple[float | None, float | None] | None:
     """(min, max) of a Clip, None for a missing side; None when a bound is computed at run time."""
     if "min" in node.attrs or "max" in node.attrs:  # opset < 11
         return node.attrs.get("min"), node.attrs.get("max")
@@ -123,7 +123,7 @@ def _decomposed_hardswish(x: gs.Tensor) -> Iterator[tuple[list[gs.Node], str]]:
         if add.op != "Add" or _other_scalar(add, x) != 3.0:
             continue
         for clip in add.outputs[0].outputs:
-            if clip.op != "Clip" or clip.inputs[0] is not add.outputs[0] or _clip_bounds(clip) != (0.0, 6.0):
+            if clip.op != "Clip" or clip.inputs[0] is not add.outputs[0] or clip_bounds(clip) != (0.0, 6.0):
                 continue
             relu6 = clip.outputs[0]
             for mul in _muls_of(x, relu6):
