@@ -48,14 +48,14 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=16)
     args = parser.parse_args()
     quantize = f"quantize{{preset=cpu,per_channel={'true' if args.per_channel else 'false'}}}"
-    print("| model | equalize sites | drift (1 − cosine) without | with equalize | with equalize{balance=activations} "
-          "| top-1 without / with / with activations |")
+    print("| model | equalize sites | drift (1 − cosine) without | balance=weights "
+          "| balance=activations (the default with --calib) | top-1 without / weights / activations |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         model, shapes, fit, held = data(name, args.fit, args.held_out)
         row = []
         sites = "-"
-        for steps in ("fold-bn,fold-affine", "fold-bn,fold-affine,equalize",
+        for steps in ("fold-bn,fold-affine", "fold-bn,fold-affine,equalize{balance=weights}",
                       "fold-bn,fold-affine,equalize{balance=activations}"):
             result = api.run(model, f"{steps},{quantize}", input_shapes=shapes, calibration=fit, holdout=held,
                              allow_drift=1.0)

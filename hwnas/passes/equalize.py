@@ -58,8 +58,9 @@ class _Pair:
 
 @dataclass(frozen=True)
 class EqualizeOptions:
-    balance: str = option("weights", "weights: the weight ranges meet (Nagel, data-free); activations: the range "
-                          "between the convs (on --calib) counts on the first side too", ("weights", "activations"))
+    balance: str = option("auto", "weights: the weight ranges meet (Nagel, data-free); activations: the range "
+                          "between the convs (on --calib) counts on the first side too; auto: activations when "
+                          "calibration inputs are given, else weights", ("auto", "weights", "activations"))
 
 
 def _input_channel_view(weight: np.ndarray, group: int) -> np.ndarray:
@@ -144,9 +145,11 @@ class Equalize(Pass):
                 if len(node.inputs) > 2 and node.inputs[2].name:
                     biases.setdefault(node.name, const_value(node.inputs[2]).astype(np.float64))
             pairs.append(_Pair(first, second, activation, np.ones(weights[first.name].shape[0])))
-        if self.options.balance == "activations":
+        if self.options.balance != "weights":
             if ctx.calibration is None:
-                ctx.warnings.append("equalize{balance=activations}: no --calib, so the weight ranges alone were balanced")
+                if self.options.balance == "activations":
+                    ctx.warnings.append("equalize{balance=activations}: no --calib, so the weight ranges alone were "
+                                        "balanced")
             else:
                 for pair, (low, high) in zip(pairs, _activation_ranges(graph, ctx, pairs)):
                     pair.activation_range = np.maximum(np.abs(low), np.abs(high))
@@ -181,7 +184,8 @@ class Equalize(Pass):
         for pair in pairs:
             if pair.activation is not None and pair.activation.kind in CLIPS:
                 _per_channel_clip(graph, pair)
-        return PassResult(graph, bool(pairs), {"pairs": len(pairs), "rounds": rounds,
+        with_activations = any(p.activation_range is not None for p in pairs)
+        return PassResult(graph, bool(pairs), {"pairs": len(pairs), "rounds": rounds, "activations": with_activations,
                                                "max_factor": float(max((np.abs(np.log(p.scale)).max() for p in pairs), default=0.0))})
 
 
