@@ -263,6 +263,8 @@ def optimize(
     quality_tolerance: float = 0.01,
     storage: str | None = None,
     holdout: Mapping[str, np.ndarray] | None = None,
+    quantize: str | None = None,
+    quantize_preset: str | None = None,
 ) -> OptimizeResult:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
 
@@ -280,6 +282,12 @@ def optimize(
     `holdout`: inputs the search never saw (one array per input, samples first); the report's "holdout"
     gives the chosen model's drift on them (cosine, top-1 agreement), the figure to trust over the
     calibration drift the search was judged by.
+
+    `quantize="int8"` (needs `max_drift`): every candidate is scored as the int8 model it becomes (ONNX
+    Runtime's quantizer with `quantize_preset`: cpu, qnn or npu, by default the target's; drift of the
+    quantized candidate against the float input), the search may add `equalize`, and the winner is written
+    quantized and verified. On a measured target it must not be more than 3 % slower than the input
+    quantized alone (measured interleaved). Reconstructed passes stay out: the budget is the quantizer's.
     """
     from hwnas.search.algorithms import Limits, best_feasible_curve
     from hwnas.search.optimize import (
@@ -304,17 +312,19 @@ def optimize(
                                "a search for models to retrain (zero-shot, --evaluate-cmd), which may change the function"))
     if exact is False and max_drift is None and not retrain:
         raise BadInputError("exact=False allows reconstructed passes: give the drift budget too (max_drift / --max-drift X)")
+    quantize_spec, quant_settings = _quantize_request(quantize, quantize_preset, the_target, max_drift, retrain)
     drift_allowed = max_drift
     if retrain:  # the candidates will be trained: any function will do, ORT must still run it
         drift_allowed = ANY_DRIFT
     if drift_allowed is not None and calibration is None:
         calibration = random_calibration(original, shapes, samples=4, seed=seed)
         judged = "" if retrain else " and judged"
-        warnings.append(f"no calibration data (--calib): reconstructed passes were fitted{judged} on random inputs")
+        what = "the candidates were quantized and judged" if quantize_spec else f"reconstructed passes were fitted{judged}"
+        warnings.append(f"no calibration data (--calib): {what} on random inputs")
     limits = Limits(0.0 if retrain else drift_allowed or 0.0, memory_budget, max_params, max_peak_act)
     settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
                               None if journal is None else str(journal), evaluate_cmd, evaluate_timeout,
-                              quality_tolerance, storage)
+                              quality_tolerance, storage, quant_settings)
     outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress)
     limits = outcome.limits  # with the quality floor the search set
     candidates = ranked_pipelines(outcome, limits)
@@ -323,20 +333,32 @@ def optimize(
     measured: dict[str, float] = {}
 
     def accept(pipeline: str) -> RunResult:
-        result = run(original, pipeline, input_shapes=shapes, calibration=calibration, allow_drift=drift_allowed,
-                     verify=verify, seed=seed, strict_sites=False)
+        result = run(original, _then(pipeline, quantize_spec), input_shapes=shapes, calibration=calibration,
+                     holdout=holdout if quantize_spec else None, allow_drift=drift_allowed, verify=verify, seed=seed,
+                     strict_sites=False)
         if not the_target.simulated:  # the estimator's word is not enough on real hardware: measure A/B
-            timing = the_target.compare({"input": original, "optimized": result.model}, shapes)
-            measured.update(input_ms=timing["input"].latency_ms, optimized_ms=timing["optimized"].latency_ms)
-            if measured["optimized_ms"] > 1.03 * measured["input_ms"]:
+            models = {"input": original, "optimized": result.model}
+            if quantize_spec:  # the peer: the input quantized alone, same quantizer and calibration
+                models["input_quantized"] = run(original, quantize_spec, input_shapes=shapes,
+                                                calibration=calibration, allow_drift=1.0, seed=seed).model
+            timing = the_target.compare(models, shapes)
+            measured.update({f"{k}_ms": m.latency_ms for k, m in timing.items()})
+            reference = "input_quantized" if quantize_spec else "input"
+            if measured["optimized_ms"] > 1.03 * measured[f"{reference}_ms"]:
                 raise CheckFailedError(f"measured {measured['optimized_ms']:.3f} ms on {the_target.name}, "
-                                       f"more than 3% over the input's {measured['input_ms']:.3f} ms")
+                                       f"more than 3% over the {reference.replace('_', ' ')}'s "
+                                       f"{measured[f'{reference}_ms']:.3f} ms")
         return result
 
     fallbacks = [] if outcome.baseline in candidates[:5] else [outcome.baseline]
     chosen, run_result = verify_in_order(candidates[:5] + fallbacks, accept)
     baseline_estimate = estimate(original, the_target, input_shapes=shapes, estimator=latency_model)
-    optimized_estimate = estimate(run_result.model, the_target, input_shapes=shapes, estimator=latency_model)
+    # a quantized winner is estimated as its float graph, as the search scored it (the estimators do not
+    # time int8 kernels yet)
+    float_winner = run_result.model if not quantize_spec else run(
+        original, run_result.pipeline.removesuffix("," + quantize_spec), input_shapes=shapes, verify=False,
+        strict_sites=False).model
+    optimized_estimate = estimate(float_winner, the_target, input_shapes=shapes, estimator=latency_model)
     recipe = make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(original), the_target.name)
     reduction = 1 - optimized_estimate.latency_ms / baseline_estimate.latency_ms if baseline_estimate.latency_ms else 0.0
     report = {
@@ -351,7 +373,13 @@ def optimize(
         "verified": run_result.verified,
         "measured": measured or None,
         "holdout": None if holdout is None else {
-            "samples": _samples(holdout), **measure_fidelity(original, run_result.model, holdout).to_dict()},
+            "samples": _samples(holdout),
+            **(run_result.drift.get("holdout") or measure_fidelity(original, run_result.model, holdout)).to_dict()},
+        "precision": "int8" if quantize_spec else "float",
+        "quantization": None if quant_settings is None else {
+            "preset": quantize_preset or _default_preset(the_target), **vars(quant_settings),
+            "latency_scored_as": "the float graph (the estimators do not time int8 kernels yet)"},
+        "drift": run_result.to_dict()["drift"],
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
@@ -395,6 +423,37 @@ def recipe_pipeline(model: ModelLike, recipe: Mapping, input_shapes: Mapping[str
         raise BadInputError("recipe has no valid parallelism_factor") from None
     space = build_space(prepared, ctx, SpaceOptions(pf, curated=False))
     return full_pipeline(space.compile(transfer(recipe, space)))
+
+
+def _default_preset(target: Target) -> str:
+    """The quantize preset a target runs: npu targets int8 symmetric, QNN its uint8 form, else ORT CPU's."""
+    name = target.name.lower()
+    return "npu" if name.startswith("npu") else "qnn" if "qnn" in name else "cpu"
+
+
+def _quantize_request(quantize: str | None, preset: str | None, target: Target, max_drift: float | None,
+                      retrain: bool):
+    """(the quantize step's pipeline text, its settings) for `optimize --quantize`, or (None, None)."""
+    from hwnas.passes.quantize import PRESETS, Quantize
+
+    if quantize is None:
+        if preset is not None:
+            raise BadInputError("--quantize-preset applies with --quantize int8")
+        return None, None
+    if quantize != "int8":
+        raise BadInputError(f"--quantize {quantize!r}: the one precision offered is int8")
+    if preset is not None and preset not in PRESETS:
+        raise BadInputError(f"--quantize-preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if retrain:
+        raise BadInputError("--quantize int8 judges candidates by their drift: it cannot search models to retrain")
+    if max_drift is None:
+        raise BadInputError("--quantize int8 changes the function: give the drift budget too (--max-drift X)")
+    spec = f"quantize{{preset={preset or _default_preset(target)}}}"
+    return spec, Quantize(preset=preset or _default_preset(target)).options.settings()
+
+
+def _then(pipeline: str, step: str | None) -> str:
+    return ",".join(p for p in (pipeline, step) if p)
 
 
 def _samples(feeds: Mapping[str, np.ndarray]) -> int:

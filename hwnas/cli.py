@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calib", help="calibration inputs (.npz) for reconstructed passes and drift")
     o.add_argument("--holdout", metavar="NPZ", help="held-out inputs (.npz, never used by the search): the chosen "
                    "model's drift on them (cosine, top-1 agreement) goes into the report")
+    o.add_argument("--quantize", choices=("int8",), help="score every candidate as the int8 model it becomes and write "
+                   "the winner quantized (ONNX Runtime's quantizer; needs --max-drift, best with --calib)")
+    o.add_argument("--quantize-preset", choices=("cpu", "qnn", "npu"),
+                   help="the quantized form (default: the target's; docs/quantization.md)")
     _add_shape_args(o)
     o.add_argument("--algorithm", default="evolution",
                    help="evolution (default), random, greedy, or zero-shot (for models you will train: "
@@ -389,6 +393,7 @@ def cmd_optimize(args) -> int:
             estimator=args.estimator, journal=journal, verify=not args.no_verify, progress=progress,
             evaluate_cmd=args.evaluate_cmd, evaluate_timeout=args.evaluate_timeout,
             quality_tolerance=args.quality_tolerance, storage=args.storage, holdout=holdout,
+            quantize=args.quantize, quantize_preset=args.quantize_preset,
         )
     save_model(result.model, args.output)
     report = {"input": str(args.input), "output": str(args.output), **result.report}
@@ -414,6 +419,17 @@ def cmd_optimize(args) -> int:
     v = report["verification"]
     if v:
         print(f"verification: {'equivalent' if v['equivalent'] else 'drift'} (max abs {v['max_abs']:.3g}, cosine {v['cosine']:.8f})")
+    if q := report["quantization"]:
+        print(f"precision: {report['precision']}, preset {q['preset']} (activations {q['activations']}, weights "
+              f"{q['weights']}{', per channel' if q['per_channel'] else ''}); latency scored as {q['latency_scored_as']}")
+        for data, fidelity in report["drift"].items():
+            for o in fidelity["outputs"]:
+                top1 = "" if o["top1_agreement"] is None else f", top-1 agreement {o['top1_agreement']:.3f}"
+                print(f"drift on {data} ({o['samples']} samples), output {o['name']}: cosine {o['cosine']:.6f}, "
+                      f"max abs {o['max_abs']:.3g}{top1}")
+    if m := report["measured"]:
+        print("measured on the target: " + ", ".join(f"{k.removesuffix('_ms').replace('_', ' ')} {v:.3f} ms"
+                                                     for k, v in m.items()))
     if h := report["holdout"]:
         top1 = "" if h["top1_agreement"] is None else f", top-1 agreement {h['top1_agreement']:.3f}"
         print(f"held-out drift: cosine {h['cosine']:.6f}{top1} ({h['samples']} samples)")

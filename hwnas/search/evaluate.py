@@ -5,6 +5,13 @@ candidates have zero drift by construction (the winner is verified with ONNX Run
 written); reconstructed ones are run in ONNX Runtime on the calibration inputs and compared with the
 original's outputs: drift = 1 − the smallest output cosine.
 
+Candidates that will be quantized (`optimize --quantize int8`) are scored as what they become: each is
+quantized by ONNX Runtime (hwnas.passes.quantize, on the calibration inputs) and its drift is that of
+the int8 model against the float original, whatever the passes' class. Their latency is the
+estimator's for the float graph: the estimators do not time int8 kernels yet, and ORT's int8 kernels
+speed convs up about evenly (2× on this machine), so the ranking holds; the winner is measured on a
+real target against the quantized input before it is accepted.
+
 Candidates that will be trained (zero-shot, --evaluate-cmd) are judged by a *quality* instead, higher
 is better: the zero-shot trainability proxy (hwnas.search.proxy) or the user's score after fine-tuning
 (hwnas.search.external). Their drift is not measured: the weights they are written with are a start.
@@ -33,6 +40,7 @@ from hwnas.graph.session import make_session, run_per_sample
 from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager, PipelineRun
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
+from hwnas.passes.quantize import QuantSettings, quantize_model
 from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import cosine
 
@@ -65,7 +73,8 @@ class CandidateEvaluator:
 
     def __init__(self, base: onnx.ModelProto, graph: gs.Graph, ctx: PassContext, estimator: LatencyEstimator,
                  reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True,
-                 quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True):
+                 quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True,
+                 quantize: QuantSettings | None = None):
         self.base = base
         self.graph = graph
         self.ctx = ctx
@@ -74,6 +83,7 @@ class CandidateEvaluator:
         self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
         self.quality = quality
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
+        self.quantize = quantize  # every candidate is judged as the int8 model it becomes
         self._scaled: dict[str, PipelineRun] = {}  # first step → its result, for the global depth multiplier
 
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
@@ -99,8 +109,11 @@ class CandidateEvaluator:
             model, exactness = self.build(pipeline)
             latency = self.estimator.estimate(model, self.ctx.input_shapes).latency_ms
             memory = footprint(model, self.ctx.input_shapes) if self.count_memory else None
-            exact = exactness is Exactness.EXACT
-            drift = 0.0 if exact or self.quality is not None else self.drift(model)
+            exact = exactness is Exactness.EXACT and self.quantize is None
+            if self.quantize is not None:
+                drift = self.drift(quantize_model(model, self.ctx.calibration, self.quantize))
+            else:
+                drift = 0.0 if exact or self.quality is not None else self.drift(model)
             quality = self.quality(model) if self.quality is not None else None
         except (HwnasError, ValueError, RuntimeError) as e:  # a candidate that cannot be built is a bad candidate
             return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}")

@@ -33,6 +33,7 @@ from hwnas.graph.shapes import Shape
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
+from hwnas.passes.quantize import QuantSettings
 from hwnas.search.algorithms import ALGORITHMS, Limits, Trial, pareto_front, rank_key, search
 from hwnas.search.distributed import StorageWorkers
 from hwnas.search.evaluate import CandidateEvaluator, Journal, Score
@@ -57,6 +58,7 @@ class SearchSettings:
     evaluate_timeout: float = DEFAULT_TIMEOUT_S
     quality_tolerance: float = 0.01  # zero-shot / evaluate_cmd: how far below the original's quality, as a fraction
     storage: str | None = None  # an SQLAlchemy URL: evaluate in `workers` processes through an Optuna storage
+    quantize: QuantSettings | None = None  # candidates are scored as the int8 models they become
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -170,20 +172,23 @@ def run_search(
     progress: Callable[[int, Trial], None] | None = None,
 ) -> SearchOutcome:
     start = time.monotonic()
-    allow_reconstructed = settings.limits.max_drift > 0 or settings.retrain
+    allow_reconstructed = (settings.limits.max_drift > 0 and settings.quantize is None) or settings.retrain
     ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=settings.seed)
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
     base = to_model(prepared.copy(), original)
-    space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed))
+    space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
+                                                    quantized=settings.quantize is not None))
     reference = run_per_sample(make_session(original), calibration) if settings.limits.max_drift > 0 and calibration else None
     limits = settings.limits
     needs_memory = any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
     evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=needs_memory,
-                                   quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot")
+                                   quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot",
+                                   quantize=settings.quantize)
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
         "curated": settings.curated, "limits": vars(settings.limits), "shapes": {k: list(v) for k, v in shapes.items()},
         "evaluate_cmd": settings.evaluate_cmd, "quality_tolerance": settings.quality_tolerance,
+        "quantize": None if settings.quantize is None else vars(settings.quantize),
     })
     workers = settings.workers or multiprocessing.cpu_count()
     with contextlib.ExitStack() as stack:

@@ -4,8 +4,9 @@ The reference work's central lesson is curation: on an accelerator the cost land
 curated space offers only choices aligned to the target's parallelism factor (PF) — depthwise convs
 kept, regrouped with PF or PF/2 channels per group, or made dense; channel groups padded to a
 multiple of PF or left; each exact fusion taken or not; Fused-MBConv per expand pattern when drift is
-allowed. The uncurated space offers every group size that divides the channel count and every
-power-of-two multiple for padding, for comparison.
+allowed; cross-layer equalization (one global choice) when the candidates will be quantized. The
+uncurated space offers every group size that divides the channel count and every power-of-two multiple
+for padding, for comparison.
 
 A candidate is one choice per decision (the first choice of each decision changes nothing). It
 compiles to a pipeline string whose site selectors name the anchor node of each site (`sites=@name`),
@@ -39,7 +40,7 @@ class Decision:
     """One site and what may be done there. `choices[0]` is always "keep" (leave the site as it is)."""
 
     key: str
-    kind: str  # "depth" (global multiplier), "dw", "align", "fuse", "mbconv"
+    kind: str  # "depth" (global multiplier), "dw", "align", "fuse", "mbconv", "equalize" (global)
     anchor: str
     choices: tuple[str, ...]
     channels: int = 0
@@ -52,6 +53,7 @@ class SpaceOptions:
     parallelism_factor: int
     curated: bool = True
     allow_reconstructed: bool = False
+    quantized: bool = False  # every candidate will be quantized: equalization becomes a choice
 
 
 @dataclass
@@ -94,15 +96,18 @@ def _step_for(kind: str, choice: str) -> str:
         return "fuse-ibn{mode=linear}"
     if kind == "mbconv":
         return "fuse-ibn{mode=mbconv}"
+    if kind == "equalize":
+        return "equalize"
     if choice == "dense":
         return "replace-conv{mode=dense}"
     return f"replace-conv{{mode=grouped,group_size={choice.removeprefix('g')}}}"
 
 
 def _step_order(step: str) -> tuple:
-    """Pad first (regrouping needs the padded counts; grouped convs block channel groups), then fuse, then regroup."""
+    """Pad first (regrouping needs the padded counts; grouped convs block channel groups), then fuse, then
+    regroup; equalize last, on the convs as they will be quantized."""
     rank = {"scale-depth": -1, "align-channels": 0, "fuse-ibn{mode=linear": 1, "fuse-ibn{mode=mbconv": 2,
-            "replace-conv": 3}
+            "replace-conv": 3, "equalize": 4}
     return next(v for k, v in rank.items() if step.startswith(k)), step
 
 
@@ -143,6 +148,8 @@ def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions) -> Sea
     if options.allow_reconstructed and _offers(graph, ctx, "fuse-ibn", mode="mbconv"):
         mb_sites = _applicable(graph, ctx, "fuse-ibn", mode="mbconv")
         _add(space, "mbconv", mb_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
+    if options.quantized and _applicable(graph, ctx, "equalize"):
+        space.decisions.append(Decision("equalize:model", "equalize", "", (KEEP, "equalize")))
     return space
 
 

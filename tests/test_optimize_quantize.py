@@ -1,0 +1,51 @@
+"""optimize --quantize int8: candidates scored as int8 models, equalize offered, winner quantized and verified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hwnas import api
+from hwnas.cli import main
+from hwnas.errors import BadInputError
+from hwnas.models import build
+from hwnas.verify.calib_data import scene_batch
+
+
+@pytest.fixture(scope="module")
+def small_mnv2():
+    return build("mobilenetv2", resolution=64, width=0.5)
+
+
+def scenes(seed: int, count: int = 4) -> dict[str, np.ndarray]:
+    return {"input": scene_batch(np.random.default_rng(seed), count, (64, 64))[0]}
+
+
+def test_search_scores_int8_candidates_and_writes_the_winner_quantized(small_mnv2, tmp_path):
+    result = api.optimize(small_mnv2, "npu-16x16", quantize="int8", max_drift=0.05, calibration=scenes(0),
+                          holdout=scenes(1), trials=8, seed=0, workers=1, journal=tmp_path / "j.jsonl")
+    report = result.report
+    assert report["precision"] == "int8" and report["quantization"]["preset"] == "npu"  # the target's form
+    assert report["quantization"]["activations"] == "int8" and report["quantization"]["symmetric"]
+    assert not report["exact"] and report["verified"] and not report["verification"]["equivalent"]
+    assert report["pipeline"].endswith("quantize{preset=npu}")
+    assert any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
+    assert 0.95 < report["drift"]["holdout"]["cosine"] < 1.0 and report["drift"]["holdout"]["samples"] == 4
+    assert "equalize" in {r["kind"] for r in result.recipe["rules"]}  # the search may add equalize
+    # every candidate, the float baseline included, was judged by its quantized drift
+    assert report["pareto"] and all(p["drift"] > 0 for p in report["pareto"])
+
+
+def test_quantize_needs_a_drift_budget_and_a_known_precision(small_mnv2):
+    with pytest.raises(BadInputError, match="--max-drift"):
+        api.optimize(small_mnv2, "npu-16x16", quantize="int8", trials=2, workers=1)
+    with pytest.raises(BadInputError, match="int8"):
+        api.optimize(small_mnv2, "npu-16x16", quantize="int4", max_drift=0.05, trials=2, workers=1)
+    with pytest.raises(BadInputError, match="--quantize int8"):
+        api.optimize(small_mnv2, "npu-16x16", quantize_preset="cpu", trials=2, workers=1)
+
+
+def test_cli_refuses_an_unknown_precision(capsys, tmp_path):
+    code = main(["optimize", "m.onnx", "-o", str(tmp_path / "o.onnx"), "--target", "cpu", "--quantize", "fp4"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
