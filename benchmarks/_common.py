@@ -7,7 +7,8 @@ warm-up, interleaved rounds, medians); nothing here re-implements it.
 setting they depend on (`search/npu-32x32/ibn-detector/evolution/curated/seed0/best_ms@16`), with a kind:
 `deterministic` (simulated npu latencies, seeded searches, byte counts: compared tightly) or `measured`
 (ratios of ORT CPU timings: compared loosely). run_all.py
-embeds them in BENCHMARKS.md so that tests/test_benchmarks.py can check a `--quick` run against them.
+writes them to benchmarks/results/run_all/numbers.json so that tests/test_benchmarks.py can check a
+`--quick` run against them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +37,6 @@ REAL_MODELS = {
 }
 PACKAGES = ("hwnas", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxsim", "onnxslim", "onnxoptimizer", "numpy",
             "scikit-learn", "optuna", "matplotlib")
-NUMBERS_TAG = "hwnas-benchmark-numbers"
 
 
 # ---------------------------------------------------------------- environment
@@ -165,16 +164,6 @@ class Numbers:
 
     def to_json(self) -> str:
         return json.dumps(self.values, indent=1, sort_keys=True)
-
-
-def embed_numbers(numbers: Numbers) -> str:
-    """The numbers as an HTML comment (invisible in rendered markdown) at the end of BENCHMARKS.md."""
-    return f"<!-- {NUMBERS_TAG}\n{numbers.to_json()}\n-->\n"
-
-
-def read_embedded_numbers(markdown: str) -> dict[str, dict] | None:
-    match = re.search(rf"<!-- {NUMBERS_TAG}\n(.*?)\n-->", markdown, re.S)
-    return json.loads(match.group(1)) if match else None
 
 
 # Tolerances the regression test applies (stated here so BENCHMARKS.md can print them too).

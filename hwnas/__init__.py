@@ -2,7 +2,7 @@
 
     import hwnas
     result = hwnas.optimize("model.onnx", target="npu-32x32")
-    onnx.save(result.model, "model.opt.onnx")
+    print(result.report["latency_reduction"])
 
 The functions and result types here are `hwnas.api`'s (docs/api.md). They are imported on first use,
 so `import hwnas` (and with it `hwnas --help`) does not load ONNX Runtime and the estimators.

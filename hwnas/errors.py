@@ -1,4 +1,4 @@
-"""Exceptions that map onto the CLI's exit codes (DESIGN.md, "Command line").
+"""Exceptions that map onto the CLI's exit codes (docs/design.md, "Layers").
 
 `BadInputError` is exit code 2 (usage error or bad input), `CheckFailedError` is exit code 1
 (verification or a budget failed). Anything else escaping the CLI is a bug.

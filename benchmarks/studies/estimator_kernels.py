@@ -8,8 +8,8 @@ op, and the kernels with the largest absolute errors. A whole-model error that c
 kernel (e.g. depthwise convs at high resolution, or a classifier whose weights leave the cache in a big
 model) shows here, where `estimator_accuracy.py` only shows the total.
 
-    python benchmarks/estimator_kernels.py mobilenetv2 --width 1.0 --resolution 192
-    python benchmarks/estimator_kernels.py --model M.onnx [--input-shape x:1x3x224x224] [--estimator DIR/cpu.json]
+    python benchmarks/studies/estimator_kernels.py mobilenetv2 --width 1.0 --resolution 192
+    python benchmarks/studies/estimator_kernels.py --model M.onnx [--input-shape x:1x3x224x224] [--estimator DIR/cpu.json]
 
 Run it on a quiet machine: a neighbour on the other core slows memory-bound kernels.
 """

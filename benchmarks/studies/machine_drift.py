@@ -8,8 +8,8 @@ reading much into a ±5 % score (docs/estimator.md, "Where this leaves the cpu g
 last-level cache and memory bandwidth are shared with other tenants of the host, whose load no `uptime`
 here shows.
 
-    python benchmarks/machine_drift.py                     # 5 minutes, three zoo models
-    python benchmarks/machine_drift.py --minutes 10 --models mobilenetv2:width=0.5,resolution=128 ibn-detector
+    python benchmarks/studies/machine_drift.py                     # 5 minutes, three zoo models
+    python benchmarks/studies/machine_drift.py --minutes 10 --models mobilenetv2:width=0.5,resolution=128 ibn-detector
 """
 
 from __future__ import annotations

