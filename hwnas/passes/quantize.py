@@ -214,7 +214,9 @@ class Quantize(Pass):
                 return PassResult(graph, True)
             raise BadInputError("pass 'quantize' needs calibration inputs (--calib DATA.npz)")
         chosen = {s.nodes[0] for s in sites}
-        exclude = tuple(n.name for n in graph.nodes if n.name not in chosen)
+        # only what a selector left out: a node without a QDQ form of its own may become one ORT quantizes
+        # after pre-processing (HardSwish → HardSigmoid · x), and excluding it would keep that float
+        exclude = tuple(s.nodes[0] for s in self.match(graph, ctx) if s.applicable and s.nodes[0] not in chosen)
         quantized = quantize_model(to_model(graph, ctx.template), ctx.calibration, self.options.settings(), exclude)
         new_graph = to_graph(quantized)
         counts = {op: sum(n.op == op for n in new_graph.nodes) for op in ("QuantizeLinear", "DequantizeLinear")}
