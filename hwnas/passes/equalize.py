@@ -21,6 +21,12 @@ Per-tensor weight quantization then wastes less of its range on small channels. 
 again when its other pair is equalized, so the pairs are equalized in turn until no factor moves by
 more than 0.1 % (at most 50 rounds), as Nagel et al. do.
 
+`balance=activations` (what `auto`, the default, does when calibration inputs are given): the tensor
+between the convs is quantized per tensor too and moves with the first conv's outputs (÷ s), so the
+first side's range of channel i is the larger of r1_i / max r1 and a_i / max a, a_i its calibrated
+range. Weight ranges alone raised per-tensor int8 drift on MobileNetV2 and PP-OCR cls; this lowers it
+there and on PP-OCRv4 det (docs/quantization.md has the numbers, and the model where neither helps).
+
 Skipped, with the reason: weights or bias not constant or shared with another node, a tensor between
 the convs that another node reads or that is a graph output (it must keep its value), an activation
 that is not positive-homogeneous, and a channel count the second conv does not read as input
