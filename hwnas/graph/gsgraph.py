@@ -269,11 +269,49 @@ def private_constant(graph: gs.Graph, tensor: gs.Tensor, owner: gs.Node) -> str 
     return None
 
 
+class _TakenNames:
+    """The names a graph's nodes and tensors use, kept per graph so that minting a name is O(1).
+
+    Rebuilding them per call (`Graph.tensors()` walks every node) made a pass that names one tensor per
+    site quadratic in the graph's size. The set is a superset of the names in use: names `unique_name`
+    hands out are added, names of nodes appended to `graph.nodes` are picked up on the next call, and a
+    new `graph.nodes` list (cleanup, toposort, an assignment) rebuilds it. Names that leave the graph stay
+    taken, which only changes the suffix a later name gets.
+
+    What it cannot see is a name put into the graph some other way without appending a node (a new
+    tensor named by hand on an existing node): hwnas names every new tensor and node with `unique_name`.
+    """
+
+    def __init__(self, graph: gs.Graph):
+        self.nodes = graph.nodes
+        self.scanned = 0
+        self.taken: set[str] = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+        self.counters: dict[str, int] = {}
+
+    def refresh(self, graph: gs.Graph) -> None:
+        nodes = graph.nodes
+        if len(nodes) < self.scanned:
+            self.scanned = len(nodes)  # removed nodes' names stay taken; appends after this are scanned
+        for node in nodes[self.scanned:]:
+            self.taken.add(node.name)
+            self.taken.update(t.name for t in node.inputs)
+            self.taken.update(t.name for t in node.outputs)
+        self.scanned = len(nodes)
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
-    taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+    """`base`, or `base_1`, `base_2`, ... : the first name no node or tensor of the graph uses."""
+    names = graph.__dict__.get("_hwnas_taken_names")
+    if names is None or names.nodes is not graph.nodes:
+        names = _TakenNames(graph)
+        graph.__dict__["_hwnas_taken_names"] = names
+    names.refresh(graph)
+    name = base
+    if name in names.taken:
+        i = names.counters.get(base, 0) + 1
+        while f"{base}_{i}" in names.taken:
+            i += 1
+        names.counters[base] = i
+        name = f"{base}_{i}"
+    names.taken.add(name)
+    return name

@@ -99,9 +99,15 @@ class PruneSettings:
 # -- sites --------------------------------------------------------------------------------------------
 
 
-def concatenations_of(groups: Sequence[ChannelGroup], group: ChannelGroup) -> tuple[ChannelGroup, ...]:
-    """The concatenated groups `group` is a segment of."""
-    return tuple(g for g in groups if g.concatenated and any(s.group == group.id for s in g.segments))
+def concatenations(groups: Sequence[ChannelGroup]) -> dict[int, tuple[ChannelGroup, ...]]:
+    """Group id → the concatenated groups it is a segment of (absent: none). One index per match, so
+    that looking up every group's concatenations stays linear in the number of groups."""
+    within: dict[int, list[ChannelGroup]] = {}
+    for g in groups:
+        if g.concatenated:
+            for segment_group in dict.fromkeys(s.group for s in g.segments):
+                within.setdefault(segment_group, []).append(g)
+    return {k: tuple(v) for k, v in within.items()}
 
 
 def site_nodes(group: ChannelGroup) -> tuple[str, ...]:
@@ -140,6 +146,7 @@ def pruning_sites(graph: gs.Graph, groups: Sequence[ChannelGroup], targets: Targ
     """One site per plain group that `targets` gives a (count, reason) for; blocked groups and groups
     whose consumers cannot be refitted carry their reason."""
     nodes = node_labels(graph)
+    concats = concatenations(groups)
     sites = []
     for group in groups:
         if group.concatenated or not (group.producers or group.consumers):
@@ -148,7 +155,7 @@ def pruning_sites(graph: gs.Graph, groups: Sequence[ChannelGroup], targets: Targ
         if found is None:
             continue
         target, reason = found
-        within = concatenations_of(groups, group)
+        within = concats.get(group.id, ())
         readers = [label for g in (group, *within) for label in g.consumers]
         problems = (refit_problem(nodes[label], label) for label in readers) if refit and not group.blocked else ()
         reason = group.blocked_reason or reason or next((p for p in problems if p), None)

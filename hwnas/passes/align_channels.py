@@ -138,13 +138,14 @@ class AlignChannels(Pass):
         groups = channel_groups(graph, ctx)
         if self.options.mode == "trim":
             return _pruning.pruning_sites(graph, groups, self._trim_target, refit=True)
+        concats = _pruning.concatenations(groups)
         sites = []
         for group in groups:
             if group.concatenated or group.channels % self.options.multiple == 0:
                 continue
             if not (group.producers or group.consumers):
                 continue  # no weight is indexed by these channels: nothing to align (e.g. after a Transpose)
-            widens = _pruning.concatenations_of(groups, group)
+            widens = concats.get(group.id, ())
             target = aligned(group.channels, self.options.multiple)
             description = _pruning.describe(group, target, widens)
             sites.append(Site(_pruning.site_nodes(group), description, group.blocked_reason, Padding(group, widens)))
