@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hwnas import api
 from hwnas.passes.base import Exactness
 from hwnas.passes.registry import all_passes
-from hwnas.verify.runtime import make_session
+from hwnas.graph.session import make_session
 
 CHANNELS = 8
 SIDE = 8
