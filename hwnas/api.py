@@ -127,8 +127,10 @@ def run(
         report = check(to_model(graph.copy(), original), exact=allow_drift is None)
         return _judge(report, exact=allow_drift is None, allow_drift=allow_drift)
 
+    # in place: the graph is this call's own, dropped if a pass raises (a copy per pass doubled a long
+    # chain's pass time)
     manager = PassManager(pipe, set(disabled), step_verifier if verify_each and verify else None,
-                          strict_sites=strict_sites)
+                          in_place=True, strict_sites=strict_sites)
     pipeline_run = manager.run(to_graph(original), ctx, progress)
     candidate = to_model(pipeline_run.graph, original)
     exactness = pipeline_run.exactness

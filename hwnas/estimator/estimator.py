@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -25,13 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import sklearn
 
 from hwnas.errors import BadInputError
 from hwnas.estimator.features import WORK_FEATURES, feature_matrix
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.graph.shapes import Shape
 from hwnas.report.json_report import read_json
+
+# the version the fitted arrays are tied to, read without importing scikit-learn (a second of start-up
+# that only fitting needs)
+_SKLEARN_VERSION = importlib.metadata.version("scikit-learn")
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.kernels import GemmShape, Kernel, decompose
 
@@ -154,7 +158,7 @@ class LatencyEstimator:
             "random_state": self.random_state,
             # written only when used, so that estimators without one keep their files unchanged
             **({"kernel_offset_ms": self.kernel_offset_ms} if self.kernel_offset_ms else {}),
-            "fitted_with": {"scikit-learn": sklearn.__version__},
+            "fitted_with": {"scikit-learn": _SKLEARN_VERSION},
             "samples": [_sample_to_dict(s) for s in self.samples_],
         }
 
@@ -165,7 +169,7 @@ class LatencyEstimator:
         data = self.to_dict()
         write_json(path, data)
         arrays = {f"{kind}/{key}": value for kind, reg in self.regressors_.items() for key, value in reg.to_arrays().items()}
-        meta = {"scikit-learn": sklearn.__version__, "samples_sha256": _samples_digest(data["samples"])}
+        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(data["samples"])}
         np.savez_compressed(_fitted_path(path), meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
@@ -232,7 +236,7 @@ def _fitted_matches(fitted: Mapping[str, np.ndarray], samples: list) -> bool:
         meta = json.loads(str(fitted["meta"]))
     except (KeyError, ValueError):
         return False
-    return meta.get("scikit-learn") == sklearn.__version__ and meta.get("samples_sha256") == _samples_digest(samples)
+    return meta.get("scikit-learn") == _SKLEARN_VERSION and meta.get("samples_sha256") == _samples_digest(samples)
 
 
 def _fallback(regressors: Mapping[str, KernelRegressor], samples: Sequence[Sample]) -> KernelRegressor | None:

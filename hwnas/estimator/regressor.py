@@ -17,11 +17,12 @@ refitted from its measurements when the stored arrays came from another scikit-l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingRegressor
-from sklearn.linear_model import LinearRegression
-from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import HistGradientBoostingRegressor
 
 _MIN_SAMPLES_FOR_BOOSTING = 24
 _FLOOR = 1e-9  # latencies are positive; keeps logs finite
@@ -82,6 +83,11 @@ class KernelRegressor:
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> KernelRegressor:
+        # imported here: estimating with a fitted regressor needs no scikit-learn (a second of start-up)
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        from sklearn.linear_model import LinearRegression
+        from threadpoolctl import threadpool_limits
+
         X, y = np.asarray(X, dtype=np.float64), np.maximum(np.asarray(y, dtype=np.float64), _FLOOR)
         work = X[:, : self.n_work]
         # relative error matters, not absolute: weight each sample by 1/y² so large kernels don't dominate

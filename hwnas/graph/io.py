@@ -16,6 +16,8 @@ loaded whole, as before. docs/large-models.md has the memory this costs.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 import tempfile
@@ -250,7 +252,12 @@ def lazy_bytes(model: onnx.ModelProto) -> int:
 def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
     if tensor.data_type not in MAPPABLE_TYPES:
         return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return math.prod(tensor.dims) * _itemsize(tensor.data_type)
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
 def _resolve(tensor: onnx.TensorProto, base: str, origin: str) -> ExternalRef:
