@@ -10,7 +10,9 @@ The last column is the growth from the smallest to the largest chain against the
 linear, a quadratic cost shows as the node ratio itself.
 
 ONNX Runtime's own session build grows faster than linearly on long chains (about 10× from 4k to 16k nodes
-at every optimization level on this machine, with ORT 1.32); the "session" rows time it alone.
+at every optimization level on this machine, with ORT 1.32); the "session" row times it alone. `quantize`
+is ONNX Runtime's static quantizer (onnxruntime.quantization), whose node and initializer look-ups are
+linear scans per node: quadratic, outside hwnas.
 
     python benchmarks/graph_scale.py [--nodes 1000 4000 16000] [--trials 16]
 
@@ -21,6 +23,7 @@ run, not across runs.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 
@@ -29,8 +32,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hwnas import api
+from hwnas.errors import HwnasError
+from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.passes.base import Exactness
 from hwnas.passes.registry import all_passes
+from hwnas.verify import random_calibration
 from hwnas.graph.session import make_session
 
 CHANNELS = 8
@@ -72,14 +78,20 @@ def timed(work: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def measure(blocks: int, trials: int) -> dict[str, float]:
-    """Seconds per row name for one chain."""
+def measure(blocks: int, trials: int) -> dict[str, float | None]:
+    """Seconds per row name for one chain; None where the step cannot run on a chain (says why on stderr)."""
     model = conv_bn_relu_chain(blocks)
-    row: dict[str, float] = {}
+    calibration = random_calibration(model, resolve_input_shapes(model, None), samples=4, seed=0)
+    row: dict[str, float | None] = {}
     row["ORT session (no optimizations)"] = timed(lambda: make_session(model))[0]
     for name, cls in all_passes().items():
         drift = None if cls.default_exactness is Exactness.EXACT else RECONSTRUCTED_DRIFT
-        seconds, result = timed(lambda: api.run(model, name, allow_drift=drift))
+        try:
+            seconds, result = timed(lambda: api.run(model, name, allow_drift=drift, calibration=calibration))
+        except HwnasError as e:
+            print(f"{name} on {3 * blocks} nodes: {e}", file=sys.stderr)
+            row[f"run {name}"] = row[f"  pass {name}"] = None
+            continue
         row[f"run {name}"] = seconds
         row[f"  pass {name}"] = result.records[0].seconds
     for target in ("npu-32x32", "cpu"):
@@ -99,8 +111,10 @@ def markdown(nodes: list[int], trials: int) -> str:
     head = ["step"] + [f"{3 * b:,} nodes (s)" for b in sizes] + [f"growth ÷ {growth:.0f}× nodes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, seconds in rows.items():
-        ratio = seconds[-1] / seconds[0] / growth if seconds[0] > 0 else float("nan")
-        lines.append(f"| {name} | " + " | ".join(f"{s:.2f}" for s in seconds) + f" | {ratio:.2f} |")
+        ok = seconds[0] and seconds[-1] is not None
+        ratio = f"{seconds[-1] / seconds[0] / growth:.2f}" if ok else "–"
+        cells = " | ".join("n/a" if s is None else f"{s:.2f}" for s in seconds)
+        lines.append(f"| {name} | {cells} | {ratio} |")
     return "\n".join(lines)
 
 
