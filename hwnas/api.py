@@ -8,6 +8,7 @@ failed); the CLI maps them to exit codes 2 and 1.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -353,7 +354,9 @@ def optimize(
         return result
 
     fallbacks = [] if outcome.baseline in candidates[:5] else [outcome.baseline]
+    verify_start = time.monotonic()
     chosen, run_result = verify_in_order(candidates[:5] + fallbacks, accept)
+    verify_s = time.monotonic() - verify_start
     baseline_estimate = estimate(original, the_target, input_shapes=shapes, estimator=latency_model)
     # a quantized winner is estimated as its float graph, as the search scored it (the estimators do not
     # time int8 kernels yet)
@@ -385,7 +388,9 @@ def optimize(
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
+            "candidates_scored": outcome.scored,
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
+            "seconds": {**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(verify_s, 3)},
             "best_so_far": best_feasible_curve(outcome.trials, limits),
             "quality": None if limits.min_quality is None else {
                 "kind": "evaluate-cmd" if evaluate_cmd else "naswot", "original": outcome.baseline.score.quality,

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--space", default="curated", help="curated (default: PF-aligned choices) or uncurated")
     o.add_argument("--trials", type=int, help=f"candidates to evaluate (default {DEFAULT_TRIALS}; with neither "
                    f"--trials nor --time-budget the search also stops after {DEFAULT_TIME_BUDGET:g} s)")
-    o.add_argument("--time-budget", type=float, metavar="S", help="stop the search after S seconds")
+    o.add_argument("--time-budget", type=float, metavar="S", help="stop the search after S seconds (within one candidate's time)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--workers", type=int, default=0, help="evaluation processes (default: one per core)")
     o.add_argument("--storage", metavar="URL",
@@ -416,6 +416,10 @@ def cmd_optimize(args) -> int:
     s = report["search"]
     print(f"search: {s['algorithm']} over {s['decisions']} decisions ({s['space']}), {s['candidates_evaluated']} "
           f"candidates in {s['wall_s']:.1f} s")
+    t = s["seconds"]
+    print(f"time: setup {t['setup']:.1f} s, search {t['search']:.1f} s ({s['candidates_scored']} scored here; summed over "
+          f"workers: passes and calibration {t['candidates_build']:.1f} s, estimation {t['candidates_estimate']:.1f} s, "
+          f"drift {t['candidates_drift']:.1f} s), verifying the chosen model {t['verify_chosen']:.1f} s")
     v = report["verification"]
     if v:
         print(f"verification: {'equivalent' if v['equivalent'] else 'drift'} (max abs {v['max_abs']:.3g}, cosine {v['cosine']:.8f})")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -30,7 +30,9 @@ from hwnas.search.evaluate import Score
 from hwnas.search.space import SearchSpace
 
 ALGORITHMS = ("evolution", "random", "greedy", "zero-shot")
-ScoreBatch = Callable[[list[str]], list[Score]]
+# scores in the order asked; an iterator may compute them lazily, so that a search past its deadline
+# stops consuming (and so evaluating) after the candidate that crossed it
+ScoreBatch = Callable[[list[str]], Iterable[Score]]
 
 
 @dataclass(frozen=True)
@@ -116,28 +118,34 @@ def search(
     batch_size: int = 8,
     progress: Callable[[int, Trial], None] | None = None,
 ) -> list[Trial]:
-    """Run `algorithm` for up to `trials` evaluations (or until `time_budget` seconds), seeds first."""
+    """Run `algorithm` for up to `trials` evaluations (or until `time_budget` seconds), seeds first.
+
+    The time budget holds within one candidate: the search stops after the candidate during which it ran
+    out, even in the middle of a batch (the rest of the batch is not scored)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     deadline = time.monotonic() + time_budget if time_budget else None
     history: list[Trial] = []
 
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     def evaluate(candidates: list[dict[str, str]]) -> list[Trial]:
+        """Trials for a prefix of `candidates`: all of them unless the time budget ran out on the way."""
         pipelines = [space.compile(c) for c in candidates]
-        scores = score_batch(pipelines)
         made = []
-        for c, p, s in zip(candidates, pipelines, scores):
+        for c, p, s in zip(candidates, pipelines, score_batch(pipelines)):
             trial = Trial(len(history), c, p, s)
             history.append(trial)
             made.append(trial)
             if progress:
                 progress(1, trial)
+            if out_of_time():
+                break
         return made
 
     def budget_left() -> int:
-        if deadline is not None and time.monotonic() > deadline:
-            return 0
-        return trials - len(history)
+        return 0 if out_of_time() else trials - len(history)
 
     if algorithm == "greedy":
         _greedy(space, evaluate, limits, list(seeds) or [space.baseline()], budget_left)

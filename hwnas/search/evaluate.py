@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ class Score:
         return -self.quality if self.quality is not None else self.drift
 
 
+# where a candidate's time goes, in order: its passes (calibration and least-squares refits included),
+# latency and memory estimation, and drift or quality (ONNX Runtime on the calibration inputs, the quantizer)
+PHASES = ("build", "estimate", "drift")
+
+
+def _phases(marks: list[float]) -> dict[str, float]:
+    now = time.perf_counter()
+    ends = marks[1:] + [now] if len(marks) <= len(PHASES) else marks[1:]
+    return {phase: end - begin for phase, begin, end in zip(PHASES, marks, ends)}
+
+
 class CandidateEvaluator:
     """Scores pipelines on one prepared graph. Picklable state only, so worker processes can hold one."""
 
@@ -105,10 +117,17 @@ class CandidateEvaluator:
         return self._scaled[key]
 
     def evaluate(self, pipeline: str) -> Score:
+        return self.evaluate_timed(pipeline)[0]
+
+    def evaluate_timed(self, pipeline: str) -> tuple[Score, dict[str, float]]:
+        """The score and where its time went (seconds per `PHASES` entry reached)."""
+        marks = [time.perf_counter()]
         try:
             model, exactness = self.build(pipeline)
+            marks.append(time.perf_counter())
             latency = self.estimator.estimate(model, self.ctx.input_shapes).latency_ms
             memory = footprint(model, self.ctx.input_shapes) if self.count_memory else None
+            marks.append(time.perf_counter())
             exact = exactness is Exactness.EXACT and self.quantize is None
             if self.quantize is not None:
                 drift = self.drift(quantize_model(model, self.ctx.calibration, self.quantize))
@@ -116,9 +135,10 @@ class CandidateEvaluator:
                 drift = 0.0 if exact or self.quality is not None else self.drift(model)
             quality = self.quality(model) if self.quality is not None else None
         except (HwnasError, ValueError, RuntimeError) as e:  # a candidate that cannot be built is a bad candidate
-            return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}")
+            return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}"), _phases(marks)
+        marks.append(time.perf_counter())
         params, peak = (memory.params_bytes, memory.peak_activation_bytes) if memory else (0, 0)
-        return Score(latency, params, peak, drift, exact, quality=quality)
+        return Score(latency, params, peak, drift, exact, quality=quality), _phases(marks)
 
     def drift(self, model: onnx.ModelProto) -> float:
         if self.reference_outputs is None or self.ctx.calibration is None:

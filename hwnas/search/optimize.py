@@ -19,7 +19,8 @@ import contextlib
 import hashlib
 import multiprocessing
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -36,7 +37,7 @@ from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.quantize import QuantSettings
 from hwnas.search.algorithms import ALGORITHMS, Limits, Trial, pareto_front, rank_key, search
 from hwnas.search.distributed import StorageWorkers
-from hwnas.search.evaluate import CandidateEvaluator, Journal, Score
+from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score
 from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
 from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
@@ -86,6 +87,10 @@ class SearchOutcome:
     wall_s: float
     limits: Limits  # the settings' limits, with the quality floor set from the original's score
     pareto: list[Trial] = field(default_factory=list)
+    # where the time went: setup (prefix, space, reference outputs), search (evaluating and choosing), and
+    # per evaluation phase summed over the candidates scored here (over all workers: CPU seconds)
+    seconds: dict[str, float] = field(default_factory=dict)
+    scored: int = 0  # candidates scored by this search (not read from its journal)
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
@@ -132,8 +137,8 @@ def _init_worker(evaluator: CandidateEvaluator) -> None:
     _WORKER = evaluator
 
 
-def _evaluate_in_worker(pipeline: str) -> Score:
-    return _WORKER.evaluate(pipeline)
+def _evaluate_in_worker(pipeline: str) -> tuple[Score, dict[str, float]]:
+    return _WORKER.evaluate_timed(pipeline)
 
 
 def _quality(settings: SearchSettings, shapes: Mapping[str, Shape]) -> Callable[[onnx.ModelProto], float] | None:
@@ -151,14 +156,22 @@ def _quality_floor(original: Score, tolerance: float) -> float:
     return original.quality - tolerance * abs(original.quality)
 
 
+Timed = tuple[Score, dict[str, float]]
+
+
 def _evaluate_many(stack: contextlib.ExitStack, settings: SearchSettings, evaluator: CandidateEvaluator,
-                   workers: int) -> Callable[[list[str]], list[Score]] | None:
-    """How a batch is scored in parallel: storage workers, a process pool, or None (here, one by one)."""
+                   workers: int) -> Callable[[list[str]], Iterable[Timed]] | None:
+    """How a batch is scored in parallel: storage workers, a process pool, or None (here, one by one).
+
+    The pool hands scores back in order as they are done (`imap`), so that a search past its time budget
+    stops after the candidate that crossed it instead of waiting for the whole batch; the pool's exit
+    stops the rest."""
     if settings.storage:
-        return stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers)).map
+        storage = stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers))
+        return lambda pipelines: ((score, {}) for score in storage.map(pipelines))  # timed in the workers only
     if workers > 1:
         pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
-        return lambda pipelines: pool.map(_evaluate_in_worker, pipelines)
+        return lambda pipelines: pool.imap(_evaluate_in_worker, pipelines)
     return None
 
 
@@ -191,26 +204,37 @@ def run_search(
         "quantize": None if settings.quantize is None else vars(settings.quantize),
     })
     workers = settings.workers or multiprocessing.cpu_count()
+    spent: Counter[str] = Counter()  # seconds per evaluation phase summed over candidates (and workers); their count
+    setup_s = time.monotonic() - start
     with contextlib.ExitStack() as stack:
         evaluate_many = _evaluate_many(stack, settings, evaluator, workers)
 
-        def score_batch(pipelines: list[str]) -> list[Score]:
+        def score_batch(pipelines: list[str]) -> Iterator[Score]:
+            """Scores in order, each as soon as it is known (the search may stop consuming mid-batch)."""
             todo = list(dict.fromkeys(p for p in pipelines if p not in journal.scores))
-            fresh = evaluate_many(todo) if evaluate_many and len(todo) > 1 else [evaluator.evaluate(p) for p in todo]
-            for pipeline, score in zip(todo, fresh):
-                journal.record(pipeline, score)
-            return [journal.scores[p] for p in pipelines]
+            fresh = zip(todo, evaluate_many(todo) if evaluate_many and len(todo) > 1
+                        else (evaluator.evaluate_timed(p) for p in todo))
+            for pipeline in pipelines:
+                if pipeline not in journal.scores:  # the next one of `todo`: same order
+                    done, (score, seconds) = next(fresh)
+                    journal.record(done, score)
+                    spent.update(seconds)
+                    spent["candidates"] += 1
+                yield journal.scores[pipeline]
 
         if evaluator.quality is not None and limits.min_quality is None:
-            limits = replace(limits, min_quality=_quality_floor(score_batch([""])[0], settings.quality_tolerance))
+            original_score = next(score_batch([""]))
+            limits = replace(limits, min_quality=_quality_floor(original_score, settings.quality_tolerance))
         seeds = expert_seeds(space, memory_limited=needs_memory)
         # the default batch, not one per core: a seed must give the same search on any machine (resume elsewhere)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
                         seeds, settings.time_budget, progress=progress)
     baseline = next(t for t in trials if t.pipeline == "")
     ranked = sorted(trials, key=rank_key(limits))
-    return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), time.monotonic() - start,
-                         limits, pareto_front(trials))
+    wall = time.monotonic() - start
+    seconds = {"setup": setup_s, "search": wall - setup_s, **{f"candidates_{k}": spent[k] for k in PHASES}}
+    return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), wall,
+                         limits, pareto_front(trials), seconds, int(spent["candidates"]))
 
 
 def ranked_pipelines(outcome: SearchOutcome, limits: Limits) -> list[Trial]:

@@ -1,0 +1,72 @@
+"""The time budget holds within one candidate (issue 18): the search stops after the candidate during
+which the budget ran out, mid-batch included, and the report says where the time went."""
+
+from __future__ import annotations
+
+import pytest
+
+from hwnas import api
+from hwnas.models import build
+from hwnas.search import algorithms
+from hwnas.search.algorithms import Limits, search
+from hwnas.search.evaluate import Score
+from hwnas.search.space import Decision, SearchSpace, SpaceOptions
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def space() -> SearchSpace:
+    decisions = [Decision(f"d{i}", "align", f"n{i}", ("keep", "8", "16")) for i in range(4)]
+    return SearchSpace(decisions, SpaceOptions(32))
+
+
+@pytest.mark.parametrize("algorithm", ["evolution", "random", "greedy"])
+def test_search_stops_within_one_candidate_of_its_budget_mid_batch(monkeypatch, algorithm):
+    clock = FakeClock()
+    monkeypatch.setattr(algorithms.time, "monotonic", clock.monotonic)
+    scored = []
+
+    def score_batch(pipelines):  # lazily, as optimize's is: 10 s per candidate
+        for p in pipelines:
+            clock.now += 10.0
+            scored.append(p)
+            yield Score(float(len(p)), 0, 0, 0.0, True)
+
+    trials = search(space(), score_batch, algorithm, trials=100, limits=Limits(), seed=0, time_budget=25.0,
+                    batch_size=8)
+    # 10, 20, 30 s: the third candidate crossed the 25 s budget, the other five of the first batch never ran
+    assert len(trials) == len(scored) == 3
+    assert clock.now <= 25.0 + 10.0
+
+
+def test_a_list_of_scores_still_works_and_stops_recording_at_the_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(algorithms.time, "monotonic", clock.monotonic)
+
+    def score_batch(pipelines):  # scored all at once (the benchmarks' scorers): nothing to save, no harm
+        clock.now += 10.0 * len(pipelines)
+        return [Score(1.0, 0, 0, 0.0, True) for _ in pipelines]
+
+    trials = search(space(), score_batch, "random", trials=100, limits=Limits(), seed=0, time_budget=25.0)
+    assert len(trials) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
+    model = build("mobilenetv2", resolution=64)
+    report = api.optimize(model, "npu-32x32", trials=16, seed=0, workers=workers).report
+    search_report = report["search"]
+    seconds = search_report["seconds"]
+    assert search_report["candidates_evaluated"] == 16
+    assert 0 < search_report["candidates_scored"] <= 16
+    assert set(seconds) == {"setup", "search", "candidates_build", "candidates_estimate", "candidates_drift",
+                            "verify_chosen"}
+    assert seconds["candidates_build"] > 0 and seconds["candidates_estimate"] > 0
+    assert seconds["candidates_drift"] == pytest.approx(0, abs=0.05)  # exact candidates are not run
+    assert seconds["setup"] + seconds["search"] == pytest.approx(search_report["wall_s"], abs=2e-3)  # rounded to ms
