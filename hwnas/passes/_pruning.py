@@ -52,12 +52,20 @@ patches; Gemm and MatMul consumers fit their [N, K] input rows (Gemm's alpha and
 B and C; MatMul has no bias, so none is fitted). ConvTranspose consumers cannot be refitted: such a
 group is a site with that reason.
 
+Cost: one pass over the calibration samples, not one per consumer. The original runs once per sample
+with every consumer's output requested, keeping only the rows each fit samples (`reference_targets`);
+the pruned graph runs segment by segment (`_reconstruct.SequentialRun`), each segment up to the next
+consumer after the consumers before it were refitted, keeping only the tensors later nodes read. The
+fits are the same as refitting each consumer on a fresh run of the pruned prefix (same rows, same
+numbers: bitwise on the zoo models), at O(layers) forward work instead of O(layers²).
+
 Calibration: the pipeline's calibration samples (at most the first 32), or else 8 seeded
 standard-normal samples at the analysis shapes, with a warning.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -67,7 +75,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from hwnas.graph.channels import ChannelGroup, ChannelParam, Segment, node_labels
-from hwnas.graph.gsgraph import const_value, to_model, unique_name
+from hwnas.graph.gsgraph import const_value, stable_toposort, to_model, unique_name
 from hwnas.passes import _reconstruct as ls
 from hwnas.passes.base import PassContext, Site
 from hwnas.passes.fold_bn import output_channel_axis
@@ -348,18 +356,59 @@ def set_weights(graph: gs.Graph, node: gs.Node, weight: np.ndarray, bias: np.nda
 Feeds = Sequence[Mapping[str, np.ndarray]]
 
 
-def refit_conv(
-    graph: gs.Graph, conv: gs.Node, pruned: onnx.ModelProto, reference: onnx.ModelProto, feeds: Feeds,
-    seed: tuple[int, int], out_keep: np.ndarray | None,
-) -> Refit:  # fmt: skip
+@dataclass
+class _Targets:
+    """What the original computes at one consumer's output, on the rows its fit uses: per sample, for a
+    conv one (rows, cols, Y (R, M)) per image at sampled positions, for a Gemm/MatMul the whole [N, M]."""
+
+    node: gs.Node
+    index: int  # in graph order among the consumers refitted: seeds its position sampling
+    keep: np.ndarray | None
+    per_sample: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
+def _features(conv: gs.Node) -> int:
+    return int(np.prod(const_value(conv.inputs[1]).shape[1:]))
+
+
+def reference_targets(
+    reference: onnx.ModelProto, consumers: Sequence[gs.Node], out_keep: Mapping[str, np.ndarray], feeds: Feeds,
+    seed: int,
+) -> list[_Targets]:  # fmt: skip
+    """Every consumer's fit targets in one run of the original per sample, keeping only the sampled rows
+    (a conv's positions are drawn as `ls.fit_conv` draws them: the same fit, without a run per consumer)."""
+    plans = [_Targets(n, i, out_keep.get(n.outputs[0].name), []) for i, n in enumerate(consumers)]
+    rngs = [np.random.default_rng((seed, p.index)) for p in plans]
+    names = list(dict.fromkeys(p.node.outputs[0].name for p in plans))
+    for values in ls.iter_activations(reference, names, feeds):
+        for plan, rng in zip(plans, rngs):
+            y = values[plan.node.outputs[0].name]
+            y = y if plan.keep is None else y[:, plan.keep]
+            if plan.node.op != "Conv":
+                plan.per_sample.append([(np.empty(0), np.empty(0), y)])
+                continue
+            per_sample = math.ceil(ls.fit_rows(_features(plan.node) + 1) / max(len(feeds), 1))
+            images = []
+            for yi in y:  # one image of the batch at a time
+                rows, cols = ls.sample_positions(*yi.shape[1:], per_sample, rng)
+                images.append((rows, cols, yi[:, rows, cols].T))
+            plan.per_sample.append(images)
+    return plans
+
+
+def refit_conv(graph: gs.Graph, conv: gs.Node, inputs: list[np.ndarray], plan: _Targets) -> Refit:
     weight = const_value(conv.inputs[1])
     has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
     bias = const_value(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0])
     geometry = ls.ConvGeometry.from_attrs(conv.attrs, tuple(weight.shape[2:]))
-    fit = ls.fit_conv(
-        pruned, conv.inputs[0].name, reference, conv.outputs[0].name, geometry,
-        weight.astype(np.float64), bias.astype(np.float64), feeds, DEFAULT_RIDGE, seed, out_keep,
-    )  # fmt: skip
+    features = _features(conv)
+    equations = ls.NormalEquations(features, weight.shape[0])
+    for x, images in zip(inputs, plan.per_sample):
+        for xi, (rows, cols, y) in zip(x, images):
+            full = (y.shape[1], *geometry.output_size(*xi.shape[1:]))
+            ls.conv_fit_checks(conv.inputs[0].name, conv.outputs[0].name, geometry, xi, full, weight.shape[0], features)
+            equations.add(ls.im2col_rows(xi, geometry, rows, cols), y)
+    fit = ls.solved_conv(equations, DEFAULT_RIDGE, weight.astype(np.float64), bias.astype(np.float64))
     set_weights(graph, conv, fit.weight, fit.bias)
     return Refit(conv.name, fit.residual, fit.prior_residual)
 
@@ -375,18 +424,12 @@ def matrix_prior(node: gs.Node) -> tuple[np.ndarray, bool]:
     return np.vstack([b, bias[None]]), True
 
 
-def refit_matrix(
-    graph: gs.Graph, node: gs.Node, pruned: onnx.ModelProto, reference: onnx.ModelProto, feeds: Feeds,
-    out_keep: np.ndarray | None,
-) -> Refit:  # fmt: skip
+def refit_matrix(graph: gs.Graph, node: gs.Node, inputs: list[np.ndarray], plan: _Targets) -> Refit:
     """Gemm/MatMul reading [N, K]: every row of every sample is a row of the system."""
     prior, has_bias = matrix_prior(node)
     equations = ls.NormalEquations(prior.shape[0] - 1, prior.shape[1])
-    source, target = node.inputs[0].name, node.outputs[0].name
-    pairs = zip(ls.iter_activations(pruned, [source], feeds), ls.iter_activations(reference, [target], feeds))
-    for got, want in pairs:
-        y = want[target] if out_keep is None else want[target][:, out_keep]
-        equations.add(got[source].astype(np.float64), y)
+    for x, ((_, _, y),) in zip(inputs, plan.per_sample):
+        equations.add(x.astype(np.float64), y)
     theta = equations.solve(DEFAULT_RIDGE, prior, bias=has_bias)
     if node.op == "MatMul":
         dtype = const_value(node.inputs[1]).dtype
@@ -405,18 +448,22 @@ def refit_consumers(
     feeds: Feeds,
     ctx: PassContext,
 ) -> list[Refit]:
-    """Refit each consumer in graph order, reading the pruned graph as it is then (module docstring).
+    """Refit each consumer in graph order, reading the pruned graph as it is then (module docstring), in
+    one sequential pass: the original runs once per sample for every consumer's targets, and the pruned
+    graph runs segment by segment up to each consumer after the ones before it were refitted.
 
     `out_keep`: output tensor → the kept channels, for consumers whose own output group was pruned."""
+    stable_toposort(graph)
     position = {id(n): i for i, n in enumerate(graph.nodes)}
+    ordered = sorted(consumers, key=lambda n: position[id(n)])
+    plans = reference_targets(reference, ordered, out_keep, feeds, ctx.seed)
+    pruned = ls.SequentialRun(graph, ctx.template, feeds)
     done = []
-    for index, node in enumerate(sorted(consumers, key=lambda n: position[id(n)])):
-        pruned = to_model(graph.copy(), ctx.template)
-        keep = out_keep.get(node.outputs[0].name)
-        if node.op == "Conv":
-            done.append(refit_conv(graph, node, pruned, reference, feeds, (ctx.seed, index), keep))
-        else:
-            done.append(refit_matrix(graph, node, pruned, reference, feeds, keep))
+    for node, plan in zip(ordered, plans):
+        inputs = [values[node.inputs[0].name] for values in pruned.advance(node)]
+        refit = refit_conv if node.op == "Conv" else refit_matrix
+        done.append(refit(graph, node, inputs, plan))
+        plan.per_sample.clear()  # its rows are used: free them
     return done
 
 

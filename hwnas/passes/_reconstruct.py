@@ -13,6 +13,9 @@ inputs, the conv's output matches a tensor of a reference model. The pieces:
   column for the bias), so memory is F² + F·M floats (F = C·kh·kw + 1 inputs per output channel,
   M output channels) whatever the number of rows.
 - `fit_conv`: the whole fit of one group-1 conv from a tensor of one model to a tensor of another.
+- `SequentialRun`: runs a graph that is being refitted segment by segment, one sample at a time, keeping
+  only the tensors later nodes read: fitting L layers one after the other (each reading what the layers
+  before it compute *after* their refits) costs one forward pass in all, not one per layer.
 
 The solve is ridge regression towards a prior (the weights we would use without data):
 
@@ -34,7 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from hwnas.graph.session import make_session
 
@@ -243,6 +248,28 @@ class ConvFit:
     prior_residual: float  # the same for the prior (the weights before fitting)
 
 
+def conv_fit_checks(source: str, target: str, geometry: ConvGeometry, xi: np.ndarray, yi_shape: tuple[int, ...],
+                    out_channels: int, features: int) -> None:
+    """Raise ValueError unless a conv of `geometry` reading one image `xi` (C, H, W) gives `yi_shape`."""
+    expected = geometry.output_size(*xi.shape[1:])
+    conv_like = expected == tuple(yi_shape[1:]) and yi_shape[0] == out_channels
+    if not conv_like or xi.shape[0] * np.prod(geometry.kernel) != features:
+        raise ValueError(
+            f"fit {source} → {target}: shapes do not match a conv "
+            f"({xi.shape} → {tuple(yi_shape)}, weight ({out_channels}, {features}))"
+        )
+
+
+def solved_conv(equations: NormalEquations, ridge: float, prior_weight: np.ndarray, prior_bias: np.ndarray) -> ConvFit:
+    prior = stack(prior_weight, prior_bias)
+    theta = equations.solve(ridge, prior)
+    weight, bias = unstack(theta, prior_weight.shape)
+    return ConvFit(
+        weight.astype(np.float32), bias.astype(np.float32), equations.rows, equations.residual(theta),
+        equations.residual(prior),
+    )
+
+
 def fit_conv(
     source: onnx.ModelProto,
     source_tensor: str,
@@ -270,22 +297,72 @@ def fit_conv(
         x, y = got[source_tensor], want[target_tensor]
         y = y if target_channels is None else y[:, target_channels]
         for xi, yi in zip(x, y):  # one image of the batch at a time
-            expected = geometry.output_size(*xi.shape[1:])
-            conv_like = expected == yi.shape[1:] and yi.shape[0] == out_channels
-            if not conv_like or xi.shape[0] * np.prod(geometry.kernel) != features:
-                raise ValueError(
-                    f"fit {source_tensor} → {target_tensor}: shapes do not match a conv "
-                    f"({xi.shape} → {yi.shape}, weight {prior_weight.shape})"
-                )
+            conv_fit_checks(source_tensor, target_tensor, geometry, xi, yi.shape, out_channels, features)
             rows, cols = sample_positions(*yi.shape[1:], per_sample, rng)
             equations.add(im2col_rows(xi, geometry, rows, cols), yi[:, rows, cols].T)
-    prior = stack(prior_weight, prior_bias)
-    theta = equations.solve(ridge, prior)
-    weight, bias = unstack(theta, prior_weight.shape)
-    return ConvFit(
-        weight.astype(np.float32),
-        bias.astype(np.float32),
-        equations.rows,
-        equations.residual(theta),
-        equations.residual(prior),
-    )
+    return solved_conv(equations, ridge, prior_weight, prior_bias)
+
+
+# -- one forward pass for many fits -------------------------------------------------------------------
+
+
+class SequentialRun:
+    """The tensors of a graph on each calibration sample, computed segment by segment as the graph changes.
+
+    `advance(node)` runs the nodes from where the last call stopped up to (not including) `node`, as they
+    are now, and returns each sample's values of the tensors computed so far; `node` itself runs in the next
+    segment, so its weights may change in between. Values no node at or after the position reads any more
+    are dropped. Every node runs once per sample in all. `graph.nodes` must be in topological order and
+    stay the same list of nodes (their weights may change).
+    """
+
+    def __init__(self, graph: gs.Graph, template: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]):
+        self.graph = graph
+        self.template = template
+        self.position = {id(n): i for i, n in enumerate(graph.nodes)}
+        self.last_use: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for t in self._reads(node):
+                self.last_use[t] = i
+        self.values = [dict(feed) for feed in feeds]
+        self.done = 0  # nodes [0, done) have run
+
+    @staticmethod
+    def _reads(node: gs.Node) -> list[str]:
+        names = [t.name for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+        for sub in node.attrs.values():  # an If/Loop body may read outer tensors
+            if isinstance(sub, gs.Graph):
+                names += [n for n, t in sub._foreign_tensors().items() if not isinstance(t, gs.Constant)]
+        return names
+
+    def advance(self, node: gs.Node) -> list[dict[str, np.ndarray]]:
+        end = self.position[id(node)]
+        segment = self.graph.nodes[self.done : end]
+        model, inputs, outputs = self._segment_model(segment, end)
+        if outputs:  # else nothing from `end` on reads what the segment computes
+            session = make_session(model)
+            for values in self.values:
+                computed = session.run(outputs, {name: values[name] for name in inputs})
+                values.update(zip(outputs, computed))
+                for name in [n for n in values if self.last_use.get(n, -1) < end]:
+                    del values[name]  # nothing from `end` on reads it
+        self.done = end
+        return self.values
+
+    def _segment_model(self, segment: list[gs.Node], end: int) -> tuple[onnx.ModelProto, list[str], list[str]]:
+        produced = {t.name for n in segment for t in n.outputs if t.name}
+        inputs = list(dict.fromkeys(t for n in segment for t in self._reads(n) if t not in produced))
+        outputs = [t for t in dict.fromkeys(t.name for n in segment for t in n.outputs if t.name)
+                   if self.last_use.get(t, -1) >= end]
+        constants = {t.name: t for n in segment for t in n.inputs if isinstance(t, gs.Constant)}
+        sample = self.values[0]
+        graph = helper.make_graph(
+            [OnnxExporter.export_node(n) for n in segment], "segment",
+            [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(sample[name].dtype), None)
+             for name in inputs],
+            [helper.make_empty_tensor_value_info(name) for name in outputs],
+            [OnnxExporter.export_tensor_proto(t) for t in constants.values()],
+        )
+        model = helper.make_model(graph, opset_imports=list(self.template.opset_import))
+        model.ir_version = self.template.ir_version
+        return model, inputs, outputs
