@@ -218,14 +218,23 @@ def check(
     max_regression_pct: float | None = None,
     input_shapes: Mapping[str, Shape] | None = None,
     estimator: str | os.PathLike | LatencyEstimator | None = None,
+    require_npu: bool = False,
+    max_drift: float | None = None,
+    reference: ModelLike | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    feeds_label: str = "calibration",
 ) -> CheckResult:
     """Check a model against deployment budgets on a target (see hwnas.gate): one CheckItem per budget given.
+
+    On `qnn-htp`, `require_npu` and `max_drift` compile the model with Qualcomm's backend (needs
+    onnxruntime-qnn) and measure the NPU's drift against `reference` on `feeds` (hwnas.targets.qnn_htp).
 
     A failed budget is `result.passed == False`, not an exception (the CLI exits 1); bad input raises
     BadInputError. Sizes are bytes or text with a unit ("512KB", "3.5MiB").
     """
-    budgets = Budgets(max_latency_ms, max_params, max_peak_act, require_multiple, baseline, max_regression_pct)
-    return check_budgets(model, target, budgets, input_shapes, estimator)
+    budgets = Budgets(max_latency_ms, max_params, max_peak_act, require_multiple, baseline, max_regression_pct,
+                      require_npu, max_drift, reference)
+    return check_budgets(model, target, budgets, input_shapes, estimator, feeds, feeds_label)
 
 
 @dataclass

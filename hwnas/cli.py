@@ -148,15 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true", help="print JSON only")
 
     c = _command(sub, "check", "CI gate: latency, memory and channel budgets (exit 1 if one fails)",
-                 "hwnas check detector.onnx --target npu-32x32 --max-latency-ms 12 --max-params 4MB")
+                 "hwnas check detector.onnx --target npu-32x32 --max-latency-ms 12 --max-params 4MB\n"
+                 "  hwnas check m.int8.onnx --target qnn-htp --require-npu --max-drift 0.02 --reference m.onnx --holdout held.npz")
     c.add_argument("input")
-    c.add_argument("--target", required=True, help="cpu, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>")
+    c.add_argument("--target", required=True, help="cpu, npu-32x32, npu-16x16, NPU.json, ort:<EP>, cmd:<...>, qnn-htp")
     c.add_argument("--max-latency-ms", type=float, metavar="X", help="estimated latency on the target at most X ms")
     c.add_argument("--max-params", metavar="SIZE", help="parameter bytes at most SIZE (bytes, 512KB, 4MB, 3.5MiB)")
     c.add_argument("--max-peak-act", metavar="SIZE", help="peak activation bytes at most SIZE")
     c.add_argument("--require-multiple", type=int, metavar="N", help="every Conv's input/output channel count a multiple of N")
     c.add_argument("--baseline", metavar="REF.onnx", help="reference model for --max-regression")
     c.add_argument("--max-regression", type=float, metavar="PCT", help="estimated latency at most PCT %% above the baseline's")
+    c.add_argument("--require-npu", action="store_true",
+                   help="qnn-htp: the model compiles for the NPU with every node on it (needs onnxruntime-qnn)")
+    c.add_argument("--max-drift", type=float, metavar="X", help="qnn-htp: the NPU's output cosine >= 1 - X")
+    c.add_argument("--reference", metavar="FLOAT.onnx", help="qnn-htp: the float model --max-drift compares with "
+                   "(default: the same model on ORT's CPU)")
+    c.add_argument("--calib", help="qnn-htp: inputs (.npz) to measure the NPU's drift on")
+    c.add_argument("--holdout", help="qnn-htp: held-out inputs (.npz) to measure the drift on (preferred over --calib)")
     c.add_argument("--junit", metavar="FILE", help="write JUnit XML here (one test case per budget)")
     _add_shape_args(c)
     c.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
@@ -456,6 +464,14 @@ def cmd_hints(args) -> int:
     return 0
 
 
+def _drift_feeds(args) -> dict:
+    """The inputs `check` measures NPU drift on: --holdout, else --calib, else none (seeded random)."""
+    path, label = (args.holdout, "held-out") if args.holdout else (args.calib, "calibration")
+    if path is None:
+        return {}
+    return {"feeds": load_calibration(path, api.as_model(args.input)), "feeds_label": label}
+
+
 def cmd_check(args) -> int:
     from hwnas.report.junit import write_junit
 
@@ -465,7 +481,8 @@ def cmd_check(args) -> int:
         args.input, args.target, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
         max_peak_act=args.max_peak_act, require_multiple=args.require_multiple, baseline=args.baseline,
         max_regression_pct=args.max_regression, input_shapes=parse_input_shapes(args.input_shape),
-        estimator=args.estimator,
+        estimator=args.estimator, require_npu=args.require_npu, max_drift=args.max_drift, reference=args.reference,
+        **_drift_feeds(args),
     )
     if args.junit:
         write_junit(args.junit, result, model=str(args.input))
@@ -474,6 +491,10 @@ def cmd_check(args) -> int:
     else:
         for item in result.items:
             print(f"{'PASS' if item.passed else 'FAIL'}  {item.message}")
+            if item.name.startswith("qnn-htp"):  # the nodes off the NPU, the culprit's quantization
+                print("".join(f"      {d}\n" for d in item.details[:40]), end="")
+        for warning in result.warnings if result.deploy is not None else ():
+            print(f"note: {warning}")
         failed = [i.name for i in result.failed]
         print(f"{args.input}: {len(failed)} of {len(result.items)} budgets failed ({', '.join(failed)})" if failed
               else f"{args.input}: all {len(result.items)} budgets pass on {result.target}")

@@ -15,6 +15,15 @@ Budgets (each optional; at least one must be given):
     max-regression     (IN − REF) / REF · 100 ≤ PCT, for the estimated latencies of IN and of the
                        baseline model REF on the same target and estimator.
 
+On the `qnn-htp` target (hwnas.targets.qnn_htp: Qualcomm's NPU backend, needs onnxruntime-qnn), two
+more, both from compiling the model with the backend rather than from an estimate:
+
+    require-npu        the graph compiles for the NPU with every node on it (JUnit/JSON name
+                       `qnn-htp-placement`); a failure names each node off the NPU with the backend's
+                       reason, or the backend's error and the bisected culprit nodes.
+    max-drift          the NPU's outputs keep cosine ≥ 1 − X against `reference` (the float model;
+                       default: the same model on ORT's CPU) on the given inputs (`qnn-htp-drift`).
+
 SIZE is bytes or a number with a unit: KB/MB/GB are decimal (1000), KiB/MiB/GiB binary (1024).
 `check` returns a `CheckResult` with one `CheckItem` per requested budget and never raises for a
 failed budget: the CLI turns `passed=False` into exit code 1. Bad input (an unreadable model, an
@@ -49,6 +58,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 # names of the budgets, as the CLI spells their options; JUnit test cases and JSON items use them too
 LATENCY, PARAMS, PEAK_ACT, MULTIPLE, REGRESSION = (
     "max-latency-ms", "max-params", "max-peak-act", "require-multiple", "max-regression")
+PLACEMENT, DRIFT = "qnn-htp-placement", "qnn-htp-drift"  # the qnn-htp target's (--require-npu, --max-drift)
 
 
 def parse_size(text: str | int) -> int:
@@ -92,6 +102,9 @@ class Budgets:
     require_multiple: int | None = None
     baseline: str | os.PathLike | onnx.ModelProto | None = None  # the reference model for max_regression_pct
     max_regression_pct: float | None = None
+    require_npu: bool = False
+    max_drift: float | None = None
+    reference: str | os.PathLike | onnx.ModelProto | None = None  # the float model the NPU's drift is against
 
     def __post_init__(self):
         for name in ("max_params_bytes", "max_peak_act_bytes"):
@@ -109,6 +122,11 @@ class Budgets:
                 isinstance(self.require_multiple, bool) or not isinstance(self.require_multiple, int)
                 or self.require_multiple < 1):
             raise BadInputError(f"--{MULTIPLE} must be a positive integer, not {self.require_multiple!r}")
+        if self.max_drift is not None and (isinstance(self.max_drift, bool) or not isinstance(self.max_drift, (int, float))
+                                           or not 0 < self.max_drift < 1):
+            raise BadInputError(f"--max-drift must be a number in (0, 1) (cosine >= 1 - X), not {self.max_drift!r}")
+        if self.reference is not None and self.max_drift is None:
+            raise BadInputError("--reference FLOAT.onnx is what --max-drift X compares against: give --max-drift too")
         if (self.baseline is None) != (self.max_regression_pct is None):
             raise BadInputError("--baseline REF.onnx and --max-regression PCT go together: give both or neither")
 
@@ -117,7 +135,8 @@ class Budgets:
         """The budgets to check, by name, in report order."""
         given = [(LATENCY, self.max_latency_ms), (PARAMS, self.max_params_bytes),
                  (PEAK_ACT, self.max_peak_act_bytes), (MULTIPLE, self.require_multiple),
-                 (REGRESSION, self.max_regression_pct)]
+                 (REGRESSION, self.max_regression_pct), (PLACEMENT, self.require_npu or None),
+                 (DRIFT, self.max_drift)]
         return [name for name, value in given if value is not None]
 
 
@@ -148,6 +167,7 @@ class CheckResult:
     items: list[CheckItem]
     input_shapes: dict[str, Shape] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    deploy: dict | None = None  # the qnn-htp deployability check (DeployCheck.to_dict), when one ran
 
     @property
     def passed(self) -> bool:
@@ -165,6 +185,7 @@ class CheckResult:
             "checks": [item.to_dict() for item in self.items],
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "warnings": self.warnings,
+            **({"deploy": self.deploy} if self.deploy is not None else {}),
         }
 
 
@@ -174,8 +195,13 @@ def check(
     budgets: Budgets,
     input_shapes: Mapping[str, Shape] | None = None,
     estimator=None,
+    feeds=None,
+    feeds_label: str = "calibration",
 ) -> CheckResult:
     """Check `model` (path or ModelProto) against `budgets` on `target` (name or Target).
+
+    `feeds` (input name -> samples) are the inputs the qnn-htp drift is measured on (`feeds_label` says
+    which set they are); None: seeded random ones, with a warning.
 
     `estimator` is an estimator file (or LatencyEstimator) for the target; default: the shipped one.
     The latency estimator is loaded only when a latency or regression budget asks for it, so a
@@ -185,7 +211,7 @@ def check(
     names = budgets.requested
     if not names:
         raise BadInputError("check: give at least one budget (--max-latency-ms, --max-params, --max-peak-act, "
-                            "--require-multiple, --baseline with --max-regression)")
+                            "--require-multiple, --baseline with --max-regression, --require-npu, --max-drift)")
     onnx_model = as_model(model)
     the_target = get_target(target) if isinstance(target, str) else target
     if names == [MULTIPLE] and not input_shapes:
@@ -219,7 +245,61 @@ def check(
         items.append(_multiple_item(onnx_model, shapes, budgets.require_multiple))
     if REGRESSION in names:
         items.append(_regression_item(est, budgets, the_target, input_shapes, estimator, where))
-    return CheckResult(the_target.name, items, dict(shapes or {}), list(est.warnings) if est is not None else [])
+    deploy = None
+    if PLACEMENT in names or DRIFT in names:
+        deploy = _deploy_items(onnx_model, the_target, budgets, shapes, feeds, feeds_label, items)
+    warnings = (list(est.warnings) if est is not None else []) + (list(deploy.warnings) if deploy else [])
+    return CheckResult(the_target.name, items, dict(shapes or {}), warnings,
+                       deploy.to_dict() if deploy is not None else None)
+
+
+def _deploy_items(model: onnx.ModelProto, target, budgets: Budgets, shapes, feeds, feeds_label: str,
+                  items: list[CheckItem]):
+    """Compile on the qnn-htp backend; append the placement and/or drift verdicts to `items`."""
+    from hwnas.targets.qnn_htp import NAME, QnnHtpTarget, deploy_check
+
+    if not isinstance(target, QnnHtpTarget):
+        raise BadInputError(f"--require-npu and --max-drift compile the model on a real NPU backend: use --target {NAME} "
+                            f"(not {target.name})")
+    reference = None
+    if budgets.reference is not None:
+        try:
+            reference = as_model(budgets.reference)
+        except BadInputError as e:
+            raise BadInputError(f"--reference {_label(budgets.reference)}: {e}") from None
+    result = deploy_check(model, shapes, feeds, reference, feeds_label, drift=budgets.max_drift is not None)
+    if budgets.require_npu:
+        off = result.off_npu
+        if result.compiled:
+            message = f"{PLACEMENT}: compiled for the NPU, all {result.on_npu} nodes on the NPU"
+        elif off:
+            shown = "; ".join(f"{p.node} ({p.op_type}): {p.reason or 'no reason logged'}" for p in off[:5])
+            more = f"; ... and {len(off) - 5} more" if len(off) > 5 else ""
+            message = (f"{PLACEMENT}: {len(off)} of {len(result.placement)} nodes fall off the NPU: {shown}{more}")
+        else:
+            message = f"{PLACEMENT}: does NOT compile for the NPU: {result.error}"
+            if result.culprit:
+                c = result.culprit
+                message += (f"; bisection: the smallest failing part is {len(c.nodes)} node(s) "
+                            f"{', '.join(f'{n} ({o})' for n, o in zip(c.nodes, c.ops))}")
+        details = tuple(f"{p.node} ({p.op_type}) on {p.device}: {p.reason or 'no reason logged'}" for p in off)
+        details += tuple(result.culprit.quantization) if result.culprit else ()
+        items.append(CheckItem(PLACEMENT, result.compiled, len(off), 0, message, "nodes off the NPU", details))
+    if budgets.max_drift is not None:
+        d = result.drift
+        if d is None:
+            items.append(CheckItem(DRIFT, False, None, budgets.max_drift,
+                                   f"{DRIFT}: not measured: the model does not compile for the NPU", "1 - cosine"))
+        else:
+            drift = 1 - d.cosine
+            ok = drift <= budgets.max_drift
+            top1 = f", top-1 agreement {d.top1_agreement:.3f}" if d.top1_agreement is not None else ""
+            items.append(CheckItem(
+                DRIFT, ok, drift, budgets.max_drift,
+                f"{DRIFT}: NPU outputs vs {d.reference} on {d.samples} {d.inputs} sample(s): cosine {d.cosine:.5f} "
+                f"(worst sample {d.min_sample_cosine:.5f}), max abs {d.max_abs:.4g}{top1}; "
+                f"{'within' if ok else 'EXCEEDS'} the budget of cosine >= {1 - budgets.max_drift:g}", "1 - cosine"))
+    return result
 
 
 def _at_most(name: str, value, limit, unit: str, what: str, limit_text: str) -> CheckItem:

@@ -37,8 +37,8 @@ def estimator_for(target: Target, path: str | Path | None = None) -> LatencyEsti
         if estimator.target != target.name:
             raise BadInputError(f"estimator {path} was profiled on {estimator.target!r}, not on target {target.name!r}")
         return estimator
-    if target.name in shipped_estimators():
-        return _load_shipped(target.name)
+    if target.estimator_name in shipped_estimators():
+        return _load_shipped(target.estimator_name)
     raise BadInputError(
         f"no estimator ships for target {target.name!r} (shipped: {', '.join(shipped_estimators()) or 'none'}); "
         f"run 'hwnas profile --target {target.name} -o DIR' and pass --estimator DIR/{target.name}.json"

@@ -26,6 +26,8 @@ Presets (what each runtime runs fastest or at all):
   float speed; int8 *signed* activations measured slower than float).
 - `qnn`: uint8 activations, uint8 weights per tensor, as the Qualcomm QNN execution provider documents
   (`activations=uint16` for its 16-bit mode; 16-bit Q/DQ below opset 21 uses the com.microsoft domain).
+  It runs `div-to-mul` first (exact): a Div by a constant has no QDQ form, stays float, and stops the
+  HTP backend from finalizing the graph (PP-OCRv4 det).
 - `npu`: int8 activations and weights, both symmetric (zero point 0), weights per channel.
 `activations=`, `weights=`, `per_channel=` and `calibration=` override the preset's values.
 
@@ -217,8 +219,17 @@ class Quantize(Pass):
         # only what a selector left out: a node without a QDQ form of its own may become one ORT quantizes
         # after pre-processing (HardSwish → HardSigmoid · x), and excluding it would keep that float
         exclude = tuple(s.nodes[0] for s in self.match(graph, ctx) if s.applicable and s.nodes[0] not in chosen)
+        divisions = 0
+        if self.options.preset == "qnn":  # a float Div left unquantized stops QNN's HTP from finalizing the graph
+            from hwnas.passes.div_to_mul import DivToMul
+
+            div_to_mul = DivToMul()
+            div_sites = [s for s in div_to_mul.match(graph, ctx) if s.applicable]
+            graph = div_to_mul.apply(graph, div_sites, ctx).model
+            divisions = len(div_sites)
         quantized = quantize_model(to_model(graph, ctx.template), ctx.calibration, self.options.settings(), exclude)
         new_graph = to_graph(quantized)
         counts = {op: sum(n.op == op for n in new_graph.nodes) for op in ("QuantizeLinear", "DequantizeLinear")}
         return PassResult(new_graph, True, {"quantized_nodes": len(chosen), "quantize_nodes": counts["QuantizeLinear"],
-                                            "dequantize_nodes": counts["DequantizeLinear"]})
+                                            "dequantize_nodes": counts["DequantizeLinear"],
+                                            "div_to_mul": divisions})

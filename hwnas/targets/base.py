@@ -32,6 +32,12 @@ class Target(abc.ABC):
     name: str
     parallelism_factor: int
     simulated: bool = False  # a simulator gives the same number every time; measured targets are noisy
+    latency_note: str = ""  # where a target's latency comes from when not from itself (every estimate says it)
+
+    @property
+    def estimator_name(self) -> str:
+        """The shipped estimator this target's latency comes from: its own, unless it has no latency model."""
+        return self.name
 
     def compare(self, models: Mapping[str, onnx.ModelProto], input_shapes: Mapping[str, Shape]) -> dict[str, Measurement]:
         """Measure several models for an A/B comparison (measured targets interleave them, sharing the noise)."""

@@ -97,20 +97,26 @@ def measure_fidelity(
         for n, r, c in zip(names, run(ref_session, sample), run(cand_session, sample)):
             refs[n].append(r)
             cands[n].append(c)
+    return compare_samples(reference, refs, cands)
+
+
+def compare_samples(reference: onnx.ModelProto, refs: Mapping[str, list[np.ndarray]],
+                    cands: Mapping[str, list[np.ndarray]]) -> FidelityReport:
+    """Compare per-sample outputs (output name -> one array per sample) of a candidate with the reference's."""
     outputs = []
-    for n in names:
-        ref, cand = np.concatenate(refs[n]), np.concatenate(cands[n])
+    for n, ref_samples in refs.items():
+        ref, cand = np.concatenate(ref_samples), np.concatenate(cands[n])
         diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
         axis = class_axis(reference, n, ref.ndim) if ref.ndim >= 2 else None
         outputs.append(
             OutputFidelity(
                 name=n,
                 cosine=cosine(ref, cand),
-                min_sample_cosine=min(cosine(r, c) for r, c in zip(refs[n], cands[n])),
+                min_sample_cosine=min(cosine(r, c) for r, c in zip(ref_samples, cands[n])),
                 max_abs=float(diff.max(initial=0.0)),
                 mean_abs=float(diff.mean()) if diff.size else 0.0,
                 top1_agreement=top1_agreement(ref, cand, axis) if axis is not None and ref.shape[axis] > 1 else None,
-                samples=count,
+                samples=len(ref_samples),
             )
         )
     return FidelityReport(tuple(outputs))
