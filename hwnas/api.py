@@ -277,6 +277,7 @@ def optimize(
     holdout: Mapping[str, np.ndarray] | None = None,
     quantize: str | None = None,
     quantize_preset: str | None = None,
+    deploy_check: str | None = None,
 ) -> OptimizeResult:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
 
@@ -300,6 +301,12 @@ def optimize(
     quantized candidate against the float input), the search may add `equalize`, and the winner is written
     quantized and verified. On a measured target it must not be more than 3 % slower than the input
     quantized alone (measured interleaved). Reconstructed passes stay out: the budget is the quantizer's.
+
+    `deploy_check="qnn-htp"` (with `quantize="int8"`; preset qnn by default): each candidate in the
+    verification order is also compiled by Qualcomm's HTP backend (hwnas.targets.qnn_htp) at the
+    analysis input shapes; one that does not compile with every node on the NPU is never chosen, the
+    next verified one is, and the report's "deploy_check" says why each was passed over and gives the
+    chosen model's placement and NPU drift (on `holdout`, else the calibration inputs).
     """
     from hwnas.search.algorithms import Limits, best_feasible_curve
     from hwnas.search.optimize import (
@@ -324,6 +331,15 @@ def optimize(
                                "a search for models to retrain (zero-shot, --evaluate-cmd), which may change the function"))
     if exact is False and max_drift is None and not retrain:
         raise BadInputError("exact=False allows reconstructed passes: give the drift budget too (max_drift / --max-drift X)")
+    if deploy_check is not None:
+        from hwnas.targets.qnn_htp import NAME as QNN_HTP, require_qnn
+
+        if deploy_check != QNN_HTP:
+            raise BadInputError(f"--deploy-check {deploy_check!r}: the one backend offered is {QNN_HTP}")
+        if quantize is None:
+            raise BadInputError(f"--deploy-check {QNN_HTP} compiles the int8 winner: give --quantize int8 too")
+        require_qnn()
+        quantize_preset = quantize_preset or "qnn"
     quantize_spec, quant_settings = _quantize_request(quantize, quantize_preset, the_target, max_drift, retrain)
     drift_allowed = max_drift
     if retrain:  # the candidates will be trained: any function will do, ORT must still run it
@@ -343,6 +359,7 @@ def optimize(
     if not candidates:
         raise CheckFailedError(no_feasible_message(outcome, limits))
     measured: dict[str, float] = {}
+    deployed: dict = {}  # the deploy check of the chosen candidate, and the candidates it turned down
 
     def accept(pipeline: str) -> RunResult:
         result = run(original, _then(pipeline, quantize_spec), input_shapes=shapes, calibration=calibration,
@@ -360,6 +377,9 @@ def optimize(
                 raise CheckFailedError(f"measured {measured['optimized_ms']:.3f} ms on {the_target.name}, "
                                        f"more than 3% over the {reference.replace('_', ' ')}'s "
                                        f"{measured[f'{reference}_ms']:.3f} ms")
+        if deploy_check is not None:
+            _deploy_or_reject(result, pipeline, shapes, holdout if holdout is not None else calibration,
+                              "held-out" if holdout is not None else "calibration", original, deployed)
         return result
 
     fallbacks = [] if outcome.baseline in candidates[:5] else [outcome.baseline]
@@ -394,6 +414,7 @@ def optimize(
             "preset": quantize_preset or _default_preset(the_target), **vars(quant_settings),
             "latency_scored_as": "the float graph (the estimators do not time int8 kernels yet)"},
         "drift": run_result.to_dict()["drift"],
+        "deploy_check": None if deploy_check is None else {"target": deploy_check, **deployed},
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
@@ -466,6 +487,24 @@ def _quantize_request(quantize: str | None, preset: str | None, target: Target, 
         raise BadInputError("--quantize int8 changes the function: give the drift budget too (--max-drift X)")
     spec = f"quantize{{preset={preset or _default_preset(target)}}}"
     return spec, Quantize(preset=preset or _default_preset(target)).options.settings()
+
+
+def _deploy_or_reject(result: RunResult, pipeline: str, shapes: Mapping[str, Shape], feeds, label: str,
+                      original: onnx.ModelProto, deployed: dict) -> None:
+    """Compile a verified candidate on qnn-htp; record the result in `deployed`, or raise CheckFailedError
+    (the next candidate is tried) when it does not compile with every node on the NPU."""
+    from hwnas.targets.qnn_htp import deploy_check as compile_on_npu, shape_text
+
+    check = compile_on_npu(result.model, shapes, feeds, original, label)
+    if not check.compiled:
+        off = "; ".join(f"{p.node} ({p.op_type}): {p.reason or 'no reason logged'}" for p in check.off_npu[:3])
+        why = f"{len(check.off_npu)} node(s) off the NPU: {off}" if check.off_npu else f"does not compile: {check.error}"
+        if check.culprit:
+            why += f" (bisection: {', '.join(f'{n} ({o})' for n, o in zip(check.culprit.nodes, check.culprit.ops))})"
+        deployed.setdefault("rejected", []).append({"pipeline": pipeline, "reason": why})
+        raise CheckFailedError(f"qnn-htp: {why}")
+    deployed["chosen"] = check.to_dict()
+    deployed["note"] = f"checked at {shape_text(shapes)} (HTP needs static shapes; the written model keeps the input's dims)"
 
 
 def _then(pipeline: str, step: str | None) -> str:

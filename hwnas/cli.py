@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the winner quantized (ONNX Runtime's quantizer; needs --max-drift, best with --calib)")
     o.add_argument("--quantize-preset", choices=("cpu", "qnn", "npu"),
                    help="the quantized form (default: the target's; docs/quantization.md)")
+    o.add_argument("--deploy-check", choices=("qnn-htp",),
+                   help="compile the int8 winner on Qualcomm's HTP backend (needs onnxruntime-qnn); one that does "
+                        "not compile with every node on the NPU is passed over for the next (docs/targets.md)")
     _add_shape_args(o)
     o.add_argument("--algorithm", default="evolution",
                    help="evolution (default), random, greedy, or zero-shot (for models you will train: "
@@ -401,7 +404,7 @@ def cmd_optimize(args) -> int:
             estimator=args.estimator, journal=journal, verify=not args.no_verify, progress=progress,
             evaluate_cmd=args.evaluate_cmd, evaluate_timeout=args.evaluate_timeout,
             quality_tolerance=args.quality_tolerance, storage=args.storage, holdout=holdout,
-            quantize=args.quantize, quantize_preset=args.quantize_preset,
+            quantize=args.quantize, quantize_preset=args.quantize_preset, deploy_check=args.deploy_check,
         )
     save_model(result.model, args.output)
     report = {"input": str(args.input), "output": str(args.output), **result.report}
@@ -445,6 +448,14 @@ def cmd_optimize(args) -> int:
     if h := report["holdout"]:
         top1 = "" if h["top1_agreement"] is None else f", top-1 agreement {h['top1_agreement']:.3f}"
         print(f"held-out drift: cosine {h['cosine']:.6f}{top1} ({h['samples']} samples)")
+    if d := report["deploy_check"]:
+        for r in d.get("rejected", []):
+            print(f"{d['target']}: passed over {r['pipeline'] or '(no passes)'}: {r['reason']}")
+        c = d["chosen"]
+        drift = c["drift"]
+        top1 = "" if drift["top1_agreement"] is None else f", top-1 agreement {drift['top1_agreement']:.3f}"
+        print(f"{d['target']}: the written model compiles with all {c['nodes_on_npu']} nodes on the NPU, {d['note']}; "
+              f"NPU drift vs the input on {drift['samples']} {drift['inputs']} sample(s): cosine {drift['cosine']:.5f}{top1}")
     print(f"pipeline: {report['pipeline']}")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)

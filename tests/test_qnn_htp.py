@@ -167,3 +167,44 @@ def test_drift_over_budget_fails_the_drift_item(tmp_path, capsys):
     assert drift.value > 1e-6 and "EXCEEDS" in drift.message
     assert result.deploy["drift"]["inputs"] == "seeded random"
     assert any("seeded random" in w for w in result.warnings)
+
+
+@needs_qnn
+@pytest.mark.slow
+def test_optimize_passes_over_a_winner_that_does_not_compile(monkeypatch, tmp_path):
+    """The first candidate to verify is turned down by the (real) deploy check made to fail once; the next
+    verified one is written, compiled for real, with the reason for the first in the report."""
+    from hwnas.models import build
+    from hwnas.verify.calib_data import scene_batch
+
+    real = qnn_htp.deploy_check
+    calls = []
+
+    def fail_first(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return qnn_htp.DeployCheck(False, "Failed to finalize QNN graph. Error: QNN_COMMON_ERROR_MEM_ALLOC", [], {})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(qnn_htp, "deploy_check", fail_first)
+    model = build("mobilenetv2", resolution=64, width=0.5)
+    feeds = {"input": scene_batch(np.random.default_rng(0), 4, (64, 64))[0]}
+    result = api.optimize(model, "npu-16x16", quantize="int8", deploy_check="qnn-htp", max_drift=0.1,
+                          calibration=feeds, trials=6, seed=0, workers=1, journal=tmp_path / "j.jsonl")
+    report = result.report
+    assert report["quantization"]["preset"] == "qnn"  # the backend's form, not the npu target's
+    deploy = report["deploy_check"]
+    assert len(deploy["rejected"]) == 1 and "MEM_ALLOC" in deploy["rejected"][0]["reason"]
+    assert deploy["rejected"][0]["pipeline"] != report["pipeline"]
+    assert deploy["chosen"]["compiled"] and deploy["chosen"]["nodes_off_npu"] == 0
+    assert 0.9 < deploy["chosen"]["drift"]["cosine"] <= 1.0
+    assert "checked at input:1x3x64x64" in deploy["note"]
+
+
+def test_deploy_check_needs_int8(monkeypatch):
+    from hwnas.errors import BadInputError
+    from hwnas.models import build
+
+    with pytest.raises(BadInputError, match="--quantize int8"):
+        api.optimize(build("mobilenetv2", resolution=64, width=0.5), "npu-16x16", deploy_check="qnn-htp",
+                     max_drift=0.1, trials=2, workers=1)

@@ -205,7 +205,7 @@ def deploy_check(
     static = with_static_inputs(model, shapes)
     notes = []
     if any(not isinstance(d, int) for v in graph_inputs(model) for d in declared_dims(v)):
-        notes.append(f"HTP needs static shapes: checked at {_shape_text(shapes)} (the model keeps its dynamic dims)")
+        notes.append(f"HTP needs static shapes: checked at {shape_text(shapes)} (the model keeps its dynamic dims)")
     if feeds is None and drift:
         from hwnas.verify.calibration import random_calibration
 
@@ -228,7 +228,7 @@ def deploy_check(
     return result
 
 
-def _shape_text(shapes: Mapping[str, Shape]) -> str:
+def shape_text(shapes: Mapping[str, Shape]) -> str:
     return ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
@@ -265,23 +265,37 @@ def _drift(reference: onnx.ModelProto, npu_outputs: Mapping[str, np.ndarray], fe
 
 
 def find_culprit(static: onnx.ModelProto, shapes: Mapping[str, Shape]) -> Culprit | None:
-    """The smallest contiguous run of nodes that fails to prepare on its own (None: no part fails alone).
+    """The smallest contiguous run of nodes that fails to prepare on its own with the model's own error
+    (None: no part fails alone).
 
-    Assumes failure is monotone in the prefix (a prefix that contains the culprit fails): binary search
-    for the shortest failing prefix [0, k), then for the latest start j with [j, k) still failing.
+    Nodes computed from weights alone (the weights' DequantizeLinear) are not bisected: each window
+    takes along those it reads, so a window's weights stay quantized as in the model. Assumes failure is
+    monotone in the prefix: binary search for the shortest failing prefix [0, k) of the other nodes, then
+    for the latest start j with [j, k) still failing.
     """
     lifted = lift_constants(static)
-    nodes = list(lifted.graph.node)
+    weight_names = {t.name for t in lifted.graph.initializer}
+    weight_nodes: dict[str, onnx.NodeProto] = {}
+    nodes = []
+    for node in lifted.graph.node:
+        if all(i in weight_names or i in weight_nodes or not i for i in node.input):
+            weight_nodes.update({o: node for o in node.output})
+        else:
+            nodes.append(node)
     tensors, types = infer_tensors(lifted, shapes)
     tried = 0
+    full_error = None
 
     def fails(start: int, stop: int) -> str | None:
         nonlocal tried
         tried += 1
-        run = _compile(_window(lifted, nodes, start, stop, tensors, types), strict=False)
-        return run.error if not run.compiled else None
+        run = _compile(_window(lifted, nodes, weight_nodes, start, stop, tensors, types), strict=False)
+        if run.compiled or (full_error is not None and run.error != full_error):
+            return None
+        return run.error
 
-    if fails(0, len(nodes)) is None:
+    full_error = fails(0, len(nodes))
+    if full_error is None:
         return None
     lo, hi = 1, len(nodes)  # [0, hi) fails
     while lo < hi:
@@ -298,24 +312,31 @@ def find_culprit(static: onnx.ModelProto, shapes: Mapping[str, Shape]) -> Culpri
             lo = mid
         else:
             hi = mid - 1
-    start = lo
-    error = fails(start, stop) or ""
-    window = nodes[start:stop]
+    window = nodes[lo:stop]
     return Culprit(
-        nodes=[n.name for n in window], ops=[n.op_type for n in window], error=error,
+        nodes=[n.name for n in window], ops=[n.op_type for n in window], error=full_error,
         shapes={t: list(tensors[t]) for n in window for t in [*n.input, *n.output] if t in tensors},
         quantization=_quantization(lifted, window), compiles_tried=tried,
     )
 
 
-def _window(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], start: int, stop: int,
-            tensors: Mapping[str, Shape], types: Mapping[str, int]) -> onnx.ModelProto:
-    """Nodes [start, stop) as a model of their own: outside tensors they read become inputs, tensors read later
-    (or the graph's outputs) become outputs; the weights they read come along."""
+def _window(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], weight_nodes: Mapping[str, onnx.NodeProto],
+            start: int, stop: int, tensors: Mapping[str, Shape], types: Mapping[str, int]) -> onnx.ModelProto:
+    """Nodes [start, stop) as a model of their own, with the weight nodes they read: outside tensors they read
+    become inputs, tensors read later (or the graph's outputs) become outputs; the weights come along."""
     part = nodes[start:stop]
-    produced = {o for n in part for o in n.output if o}
     weights = {t.name: t for t in model.graph.initializer}
-    read = [i for n in part for i in n.input if i]
+    needed: dict[int, onnx.NodeProto] = {}
+    pending = [i for n in part for i in n.input if i in weight_nodes]
+    while pending:  # the weight nodes the window reads, and the weight nodes those read
+        node = weight_nodes[pending.pop()]
+        if id(node) not in needed:
+            needed[id(node)] = node
+            pending += [i for i in node.input if i in weight_nodes]
+    order = {id(n): k for k, n in enumerate(model.graph.node)}
+    carried = sorted(needed.values(), key=lambda n: order[id(n)])
+    produced = {o for n in [*carried, *part] for o in n.output if o}
+    read = [i for n in [*carried, *part] for i in n.input if i]
     inputs = list(dict.fromkeys(i for i in read if i not in produced and i not in weights))
     later = {i for n in nodes[stop:] for i in n.input} | {o.name for o in model.graph.output}
     outputs = [o for n in part for o in n.output if o in later] or [o for o in part[-1].output if o]
@@ -323,7 +344,7 @@ def _window(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], start: int,
     def info(name: str) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), list(tensors.get(name, ())) or None)
 
-    graph = helper.make_graph(part, "window", [info(i) for i in inputs], [info(o) for o in outputs],
+    graph = helper.make_graph([*carried, *part], "window", [info(i) for i in inputs], [info(o) for o in outputs],
                               [weights[i] for i in dict.fromkeys(read) if i in weights])
     out = helper.make_model(graph, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
