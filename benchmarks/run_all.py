@@ -202,6 +202,12 @@ def section_reconstruction(ctx: Context) -> str:
     return f"`{shown}`\n\n{out}"
 
 
+def section_graph_scale(ctx: Context) -> str:
+    args = ["benchmarks/graph_scale.py"] + (["--nodes", "300", "1200", "--trials", "4"] if ctx.quick else [])
+    shown, out = _script(ctx, args, timeout=3600)
+    return f"`{shown}`\n\n{out}"
+
+
 def section_proxy(ctx: Context) -> str:
     if ctx.quick:
         return not_available("skipped with --quick (refits take minutes)")
@@ -297,6 +303,7 @@ SECTIONS: list[Section] = [
     Section("reconstruction", "Fused-MBConv reconstruction", section_reconstruction),
     Section("proxy", "Zero-shot proxy vs calibrated drift", section_proxy),
     Section("cost", "Search cost", section_cost, tables=0),
+    Section("graph-scale", "Cost against the graph's size", section_graph_scale),
     Section("studies", "Long studies", section_studies),
     Section("environment", "Environment", section_environment),
 ]
