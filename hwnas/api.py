@@ -418,7 +418,7 @@ def optimize(
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
-            "candidates_scored": outcome.scored,
+            "candidates_scored": outcome.scored, "depth_cache": outcome.depth_cache,
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
             "seconds": {**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(verify_s, 3)},
             "best_so_far": best_feasible_curve(outcome.trials, limits),

@@ -69,4 +69,13 @@ def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
                             "verify_chosen"}
     assert seconds["candidates_build"] > 0 and seconds["candidates_estimate"] > 0
     assert seconds["candidates_drift"] == pytest.approx(0, abs=0.05)  # exact candidates are not run
+    assert search_report["depth_cache"] == {"depth_cache_lookups": 0, "depth_cache_hits": 0}
     assert seconds["setup"] + seconds["search"] == pytest.approx(search_report["wall_s"], abs=2e-3)  # rounded to ms
+
+
+def test_depth_cache_use_is_counted_over_the_candidates_scored():
+    model = build("mobilenetv2", resolution=64)
+    search_report = api.optimize(model, "npu-32x32", max_drift=0.2, trials=16, seed=0, workers=1).report["search"]
+    use = search_report["depth_cache"]
+    assert 0 < use["depth_cache_hits"] < use["depth_cache_lookups"] <= search_report["candidates_scored"]
+    assert search_report["seconds"]["candidates_drift"] > 0  # reconstructed candidates are run

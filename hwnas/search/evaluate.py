@@ -97,6 +97,7 @@ class CandidateEvaluator:
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
         self.quantize = quantize  # every candidate is judged as the int8 model it becomes
         self._scaled: dict[str, PipelineRun] = {}  # first step → its result, for the global depth multiplier
+        self.cache_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
 
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
         if not pipeline:
@@ -110,6 +111,8 @@ class CandidateEvaluator:
 
     def _first_step(self, spec: PassSpec) -> PipelineRun:
         key = str(spec)
+        self.cache_use["depth_cache_lookups"] += 1
+        self.cache_use["depth_cache_hits"] += key in self._scaled
         if key not in self._scaled:
             if len(self._scaled) >= _SCALED_CACHE:
                 self._scaled.pop(next(iter(self._scaled)))

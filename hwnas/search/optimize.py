@@ -91,6 +91,7 @@ class SearchOutcome:
     # per evaluation phase summed over the candidates scored here (over all workers: CPU seconds)
     seconds: dict[str, float] = field(default_factory=dict)
     scored: int = 0  # candidates scored by this search (not read from its journal)
+    depth_cache: dict[str, int] = field(default_factory=dict)  # lookups and hits of the depth-scaled graph cache
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
@@ -138,7 +139,15 @@ def _init_worker(evaluator: CandidateEvaluator) -> None:
 
 
 def _evaluate_in_worker(pipeline: str) -> tuple[Score, dict[str, float]]:
-    return _WORKER.evaluate_timed(pipeline)
+    return _timed_with_cache_use(_WORKER, pipeline)
+
+
+def _timed_with_cache_use(evaluator: CandidateEvaluator, pipeline: str) -> tuple[Score, dict[str, float]]:
+    """The score, the seconds per phase, and the depth cache's lookups and hits it made (each process
+    has its own cache: the search sums them)."""
+    before = dict(evaluator.cache_use)
+    score, seconds = evaluator.evaluate_timed(pipeline)
+    return score, {**seconds, **{k: v - before[k] for k, v in evaluator.cache_use.items()}}
 
 
 def _quality(settings: SearchSettings, shapes: Mapping[str, Shape]) -> Callable[[onnx.ModelProto], float] | None:
@@ -213,7 +222,7 @@ def run_search(
             """Scores in order, each as soon as it is known (the search may stop consuming mid-batch)."""
             todo = list(dict.fromkeys(p for p in pipelines if p not in journal.scores))
             fresh = zip(todo, evaluate_many(todo) if evaluate_many and len(todo) > 1
-                        else (evaluator.evaluate_timed(p) for p in todo))
+                        else (_timed_with_cache_use(evaluator, p) for p in todo))
             for pipeline in pipelines:
                 if pipeline not in journal.scores:  # the next one of `todo`: same order
                     done, (score, seconds) = next(fresh)
@@ -234,7 +243,8 @@ def run_search(
     wall = time.monotonic() - start
     seconds = {"setup": setup_s, "search": wall - setup_s, **{f"candidates_{k}": spent[k] for k in PHASES}}
     return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), wall,
-                         limits, pareto_front(trials), seconds, int(spent["candidates"]))
+                         limits, pareto_front(trials), seconds, int(spent["candidates"]),
+                         {k: int(spent[k]) for k in ("depth_cache_lookups", "depth_cache_hits")})
 
 
 def ranked_pipelines(outcome: SearchOutcome, limits: Limits) -> list[Trial]:
