@@ -75,3 +75,22 @@ def test_fold_bn_on_a_long_chain_folds_every_bn_with_unique_names():
     assert result.verification.equivalent
     names = [t.name for t in result.model.graph.initializer]
     assert len(names) == len(set(names))
+
+
+def test_sequential_run_computes_what_the_whole_model_computes_keeping_only_live_tensors():
+    from hwnas.passes._reconstruct import SequentialRun, collect_activations
+    from hwnas.verify import random_calibration
+
+    model = conv_bn_relu_chain(6)
+    graph = to_graph(model)
+    samples = random_calibration(model, {"x": (1, 8, 8, 8)}, samples=3, seed=0)["x"]
+    feeds = [{"x": x[None]} for x in samples]
+    run = SequentialRun(graph, model, feeds)
+    nodes = {n.name: n for n in graph.nodes}
+    at_conv3 = run.advance(nodes["conv3"])
+    assert all(set(values) == {"relu2"} for values in at_conv3)  # conv3's input; everything before it is dropped
+    whole = collect_activations(model, ["relu2"], feeds)["relu2"]
+    assert all((values["relu2"] == whole[i : i + 1]).all() for i, values in enumerate(at_conv3))
+    at_relu5 = run.advance(nodes["relu5"])  # from conv3 on
+    assert all((values["bn5"] == collect_activations(model, ["bn5"], [feed])["bn5"]).all()
+               for values, feed in zip(at_relu5, feeds))
