@@ -1,7 +1,7 @@
 """Latency estimator accuracy on held-out models: predicted vs measured (`cpu`) or simulated (`npu-RxC`).
 
 Held out means never seen while profiling: the estimators are trained on random single kernels (npu) or
-kernels inside random networks (cpu, `hwnas/estimator/profile.py`), never on these models:
+kernels inside random networks (cpu, `hwnas/estimator/networks.py`), never on these models:
 
 - zoo variants at widths, divisors and resolutions of their own (MobileNetV2, the IBN detector, the
   MobileNetV3 + LR-ASPP segmenter);
@@ -45,14 +45,9 @@ import onnx
 
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
-from hwnas.estimator.profile import (
-    GraphBuilder,
-    build_network,
-    measure_in_context,
-    measure_node_overheads,
-    profile_target,
-    random_network,
-)
+from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
+from hwnas.estimator.networks import NetworkBuilder, build_network, random_network
+from hwnas.estimator.profile import profile_target
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
 from hwnas.models import build
@@ -101,10 +96,10 @@ class HeldOut:
     shapes: dict
 
 
-# ---- held-out families, written with onnx.helper (via profile.GraphBuilder) -------------------------
+# ---- held-out families, written with onnx.helper (via profile.NetworkBuilder) -------------------------
 
 
-def _conv_bn(b: GraphBuilder, x: str, c_out: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> str:
+def _conv_bn(b: NetworkBuilder, x: str, c_out: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> str:
     n, c, h, w = b.shapes[x]
     pad = k // 2
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
@@ -116,12 +111,12 @@ def _conv_bn(b: GraphBuilder, x: str, c_out: int, k: int, stride: int = 1, group
     return b.node("Relu", [y], b.shapes[y]) if relu else y
 
 
-def _maxpool(b: GraphBuilder, x: str) -> str:
+def _maxpool(b: NetworkBuilder, x: str) -> str:
     n, c, h, w = b.shapes[x]
     return b.node("MaxPool", [x], (n, c, (h + 1) // 2, (w + 1) // 2), kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
 
 
-def _classifier(b: GraphBuilder, x: str, classes: int = 1000) -> str:
+def _classifier(b: NetworkBuilder, x: str, classes: int = 1000) -> str:
     n, c, _, _ = b.shapes[x]
     pooled = b.node("GlobalAveragePool", [x], (n, c, 1, 1))
     flat = b.node("Flatten", [pooled], (n, c), axis=1)
@@ -130,7 +125,7 @@ def _classifier(b: GraphBuilder, x: str, classes: int = 1000) -> str:
 
 def resnet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
     """ResNet-18-like: basic blocks (3×3 conv-BN-Relu, 3×3 conv-BN, + shortcut, Relu), two per stage."""
-    b = GraphBuilder(seed)
+    b = NetworkBuilder(seed)
     x = b.input("x", (1, 3, resolution, resolution))
     chans = [max(8, int(round(c * width / 8)) * 8) for c in (64, 128, 256, 512)]
     b.scope = "stem"
@@ -146,14 +141,14 @@ def resnet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
     return b.model([_classifier(b, x)])
 
 
-def _shuffle(b: GraphBuilder, x: str) -> str:
+def _shuffle(b: NetworkBuilder, x: str) -> str:
     n, c, h, w = b.shapes[x]
     grouped = b.node("Reshape", [x, b.const(np.array([n, 2, c // 2, h, w], np.int64))], (n, 2, c // 2, h, w))
     swapped = b.node("Transpose", [grouped], (n, c // 2, 2, h, w), perm=[0, 2, 1, 3, 4])
     return b.node("Reshape", [swapped, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
 
 
-def _shuffle_unit(b: GraphBuilder, x: str, c_out: int, stride: int) -> str:
+def _shuffle_unit(b: NetworkBuilder, x: str, c_out: int, stride: int) -> str:
     n, c, h, w = b.shapes[x]
     half = c_out // 2
     if stride == 1:
@@ -173,7 +168,7 @@ def _shuffle_unit(b: GraphBuilder, x: str, c_out: int, stride: int) -> str:
 
 def shufflenet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
     """ShuffleNetV2-like: stride-2 units with two branches, stride-1 units with a channel Split; shuffles."""
-    b = GraphBuilder(seed)
+    b = NetworkBuilder(seed)
     x = b.input("x", (1, 3, resolution, resolution))
     chans = [max(8, int(round(c * width / 4)) * 4) for c in (116, 232, 464)]
     b.scope = "stem"

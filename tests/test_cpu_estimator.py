@@ -30,19 +30,17 @@ from hwnas.estimator.cpu_fusion import (
     rules_from_verdicts,
 )
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.profile import (
+from hwnas.estimator.attribution import attribute, measure_in_context
+from hwnas.estimator.networks import (
     BlockConfig,
     NetworkConfig,
-    attribute,
     block_of,
     build_network,
-    default_mode,
-    measure_in_context,
     network_around,
     perturb_block,
-    profile_target,
     random_network,
 )
+from hwnas.estimator.profile import default_mode, profile_target
 from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build

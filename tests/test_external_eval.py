@@ -11,7 +11,7 @@ import pytest
 
 from hwnas import api
 from hwnas.errors import BadInputError, CheckFailedError
-from hwnas.models._builder import GraphBuilder
+from hwnas.models._builder import ZooBuilder
 from hwnas.search.external import ExternalEvaluator, parse_score
 
 SCORER = Path(__file__).parent / "data" / "score_candidate.py"
@@ -25,12 +25,12 @@ def scorer(*options: str) -> str:
 def separable_net() -> onnx.ModelProto:
     """Stem, then two depthwise-separable layers at 48²: 32 channels (a group of the PF: no depth multiplier
     applies), no IBN expand pattern (no Fused-MBConv), so the only choices are how to regroup each depthwise conv."""
-    b = GraphBuilder(0)
-    h = b.conv_bn_act(b.input("input", 3, 96, 96), "stem", 32, "relu", kernel=3, stride=2)
+    b = ZooBuilder(0)
+    h = b.conv_bn_act(b.image("input", 3, 96, 96), "stem", 32, "relu", kernel=3, stride=2)
     h = b.conv_bn_act(h, "dw1", 32, "relu", kernel=3, groups=32)
     h = b.conv_bn_act(h, "pw1", 32, None)
     h = b.conv_bn_act(h, "dw2", 32, "relu", kernel=3, groups=32)
-    return b.model("separable", [b.conv_bn_act(h, "pw2", 16, None)])
+    return b.model([b.conv_bn_act(h, "pw2", 16, None)], graph_name="separable")
 
 
 @pytest.fixture(scope="module")

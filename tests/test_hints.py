@@ -17,7 +17,7 @@ from hwnas.cli import main
 from hwnas.estimator.defaults import estimator_for
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
-from hwnas.models._builder import GraphBuilder
+from hwnas.models._builder import ZooBuilder
 from hwnas.models.mobilenetv2 import Block, inverted_residual
 from hwnas.search.proxy import architecture_only
 from hwnas.search.recipe import full_pipeline
@@ -29,11 +29,11 @@ NPU = get_target("npu-32x32")
 
 def ibn_net() -> onnx.ModelProto:
     """A stem and five IBN blocks, from 48² and 32 channels down to 3² and 960 expanded channels."""
-    b = GraphBuilder(0)
-    h = b.conv_bn_act(b.input("input", 3, 96, 96), "stem", 32, "relu6", kernel=3, stride=2)
+    b = ZooBuilder(0)
+    h = b.conv_bn_act(b.image("input", 3, 96, 96), "stem", 32, "relu6", kernel=3, stride=2)
     for i, block in enumerate([Block(6, 24, 2), Block(6, 64, 2), Block(6, 160, 2), Block(6, 160, 2), Block(6, 160, 1)]):
         h = inverted_residual(b, h, f"block{i}", block)
-    return b.model("ibn_net", [h])
+    return b.model([h], graph_name="ibn_net")
 
 
 def advise(model: onnx.ModelProto, **kwargs):

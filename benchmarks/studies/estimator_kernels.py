@@ -1,6 +1,6 @@
 """Where the cpu estimator is wrong inside one model: every kernel timed in context against its prediction.
 
-The model is run the way profiling runs its random networks (`hwnas.estimator.profile.measure_in_context`:
+The model is run the way profiling runs its random networks (`hwnas.estimator.attribution.measure_in_context`:
 ORT's per-node profiler, warm, 1 thread, each node's time attributed to its kernel, the measured per-node
 overheads corrected), so each kernel's measured time is what a profiling sample of it would have been.
 Printed: the model's plain run, the kernels' measured and predicted sums, errors summed by kernel kind and
@@ -21,7 +21,7 @@ from collections import defaultdict
 
 from hwnas.cli import parse_input_shapes
 from hwnas.estimator.defaults import estimator_for
-from hwnas.estimator.profile import measure_in_context, measure_node_overheads
+from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build

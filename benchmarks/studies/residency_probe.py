@@ -3,7 +3,7 @@
 The classifier is the model's last op and reads each of its weights once per run, so widening it (10, 1000,
 4000, 8000 classes) changes nothing else in the graph — only how many bytes a run reads besides every other
 kernel's. Each variant is timed in context as profiling times its random networks
-(`hwnas.estimator.profile.measure_in_context`), and a few kernels are followed across the variants: once
+(`hwnas.estimator.attribution.measure_in_context`), and a few kernels are followed across the variants: once
 the model's weights outgrow the last-level cache, each run reads them afresh from memory and the same
 convolutions slow down (docs/estimator.md, "The model around a kernel, measured directly").
 
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hwnas.estimator.profile import measure_in_context, measure_node_overheads
+from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.targets import get_target

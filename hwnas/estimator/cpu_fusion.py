@@ -36,7 +36,7 @@ says how many nodes op 2 added to the pair (0: ORT ran it inside op 1's node). `
 nn-Meter's test alone; `criterion="latency_or_node"` also counts a pair as fused when ORT merges op 2
 (runs it in fewer nodes than it has ops: inside op 1's node, like Conv → Clip, or its own ops into one,
 like x·Sigmoid(x) → QuickGelu), whatever the timing says, and a self-gate when either form is merged.
-The latter is what in-context profiling (`profile.py`, `context` mode) needs: a kernel can only be
+The latter is what in-context profiling (`attribution.py`, `context` mode) needs: a kernel can only be
 timed inside a model if no ORT node straddles two kernels. The two differ for activations that ORT runs
 inside the conv's node but that still cost a pass over its output (Clip, Sigmoid, Tanh...): no saving,
 one node.
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from hwnas.estimator.profile import GraphBuilder, overhead_model
+from hwnas.estimator.networks import NetworkBuilder, overhead_model
 from hwnas.targets.base import Target
 from hwnas.targets.fusion_rules import FusionRules
 
@@ -109,31 +109,31 @@ class PairMeasurement:
 # ---- the candidate pairs, as tiny ONNX models ------------------------------------------------------
 
 # An op applied to tensor `x` inside builder `b` (shapes are kept); returns the output tensor.
-Step = Callable[[GraphBuilder, str], str]
+Step = Callable[[NetworkBuilder, str], str]
 
 
-def _conv(b: GraphBuilder, x: str) -> str:
+def _conv(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     return b.node("Conv", [x, b.weight([c, c, 1, 1], c), b.const(np.zeros(c, np.float32))], b.shapes[x])
 
 
-def _dwconv(b: GraphBuilder, x: str) -> str:
+def _dwconv(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     return b.node("Conv", [x, b.weight([c, 1, 3, 3], 9), b.const(np.zeros(c, np.float32))], b.shapes[x], group=c,
                   pads=[1, 1, 1, 1])
 
 
-def _deconv(b: GraphBuilder, x: str) -> str:
+def _deconv(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     return b.node("ConvTranspose", [x, b.weight([c, c, 1, 1], c), b.const(np.zeros(c, np.float32))], b.shapes[x])
 
 
-def _gemm(b: GraphBuilder, x: str) -> str:
+def _gemm(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     return b.node("Gemm", [x, b.weight([c, c], c), b.const(np.zeros(c, np.float32))], b.shapes[x], transB=1)
 
 
-def _matmul(b: GraphBuilder, x: str) -> str:
+def _matmul(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     return b.node("MatMul", [x, b.weight([c, c], c)], b.shapes[x])
 
@@ -142,49 +142,49 @@ def _unary(op: str, **attrs) -> Step:
     return lambda b, x: b.node(op, [x], b.shapes[x], **attrs)
 
 
-def _clip(b: GraphBuilder, x: str) -> str:
+def _clip(b: NetworkBuilder, x: str) -> str:
     return b.node("Clip", [x, b.scalar(0.0), b.scalar(6.0)], b.shapes[x])
 
 
-def _bn(b: GraphBuilder, x: str) -> str:
+def _bn(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     params = [b.const(b.rng.uniform(0.5, 1.5, c).astype(np.float32)) for _ in range(4)]
     return b.node("BatchNormalization", [x, *params], b.shapes[x])
 
 
 def _channel_const(op: str) -> Step:
-    def step(b: GraphBuilder, x: str) -> str:
+    def step(b: NetworkBuilder, x: str) -> str:
         c = b.shapes[x][1]
         return b.node(op, [x, b.const(b.rng.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32))], b.shapes[x])
     return step
 
 
-def _bias(b: GraphBuilder, x: str) -> str:
+def _bias(b: NetworkBuilder, x: str) -> str:
     """Add of a constant vector along the last axis: the bias after a MatMul."""
     return b.node("Add", [x, b.const(b.rng.normal(0, 0.1, b.shapes[x][-1]).astype(np.float32))], b.shapes[x])
 
 
-def _to_nhwc(b: GraphBuilder, x: str) -> str:
+def _to_nhwc(b: NetworkBuilder, x: str) -> str:
     n, c, h, w = b.shapes[x]
     return b.node("Transpose", [x], (n, h, w, c), perm=[0, 2, 3, 1])
 
 
-def _prelu(b: GraphBuilder, x: str) -> str:
+def _prelu(b: NetworkBuilder, x: str) -> str:
     return b.node("PRelu", [x, b.const(np.full((b.shapes[x][1], 1, 1), 0.1, np.float32))], b.shapes[x])
 
 
-def _swish(b: GraphBuilder, x: str) -> str:
+def _swish(b: NetworkBuilder, x: str) -> str:
     return b.node("Mul", [x, b.node("Sigmoid", [x], b.shapes[x])], b.shapes[x])
 
 
-def _hardswish_decomposed(b: GraphBuilder, x: str) -> str:
+def _hardswish_decomposed(b: NetworkBuilder, x: str) -> str:
     """Paddle's export of hard-swish: x · Clip(x + 3, 0, 6) / 6."""
     shape = b.shapes[x]
     gate = b.node("Clip", [b.node("Add", [x, b.scalar(3.0)], shape), b.scalar(0.0), b.scalar(6.0)], shape)
     return b.node("Div", [b.node("Mul", [x, gate], shape), b.scalar(6.0)], shape)
 
 
-def _residual(b: GraphBuilder, x: str) -> str:
+def _residual(b: NetworkBuilder, x: str) -> str:
     """Add of a tensor computed elsewhere: the pair's input (a second model input when op 2 runs alone)."""
     other = b.skip if b.skip != x else b.input("skip", b.shapes[x])
     return b.node("Add", [x, other], b.shapes[x])
@@ -237,7 +237,7 @@ CASES: tuple[PairCase, ...] = (
 
 def _chain(lead: bool, tail: bool, steps: Sequence[Step], shape: tuple[int, ...], seed: int) -> onnx.ModelProto:
     """`steps` on a model input, after a 1×1 conv (`lead`) and before one (`tail`)."""
-    b = GraphBuilder(seed)
+    b = NetworkBuilder(seed)
     x = b.input("x", shape)
     if lead:
         x = _conv(b, x)

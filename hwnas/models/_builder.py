@@ -1,4 +1,4 @@
-"""A small ONNX graph builder shared by the model zoo.
+"""The model zoo's layers on the shared graph builder (`hwnas.graph.builder`).
 
 Every node's output tensor carries the node's name, so a name such as `block3/dw/conv` identifies
 both. The builder tracks each tensor's static shape (batch fixed to 1) so that callers can ask for
@@ -17,11 +17,9 @@ and the segmenter's logits reach a std of ~2.5e3; with the estimate they stay wi
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
-IR_VERSION = 8
+from hwnas.graph.builder import GraphBuilder
+
 BN_EPSILON = 1e-5
 
 # Mean square of a rectifier's output relative to its zero-mean input (half the mass survives).
@@ -40,60 +38,48 @@ def make_divisible(value: float, divisor: int, min_value: int | None = None) -> 
     return rounded
 
 
-class GraphBuilder:
-    """Appends nodes and initializers; `model()` returns the finished ModelProto."""
+class ZooBuilder(GraphBuilder):
+    """Named layers; each tensor also carries an estimate of its mean square (its "power")."""
+
+    producer = "hwnas.models"
 
     def __init__(self, seed: int) -> None:
-        self._rng = np.random.default_rng(seed)
-        self._nodes: list[onnx.NodeProto] = []
-        self._initializers: list[onnx.TensorProto] = []
-        self._inputs: list[onnx.ValueInfoProto] = []
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        super().__init__(seed)
         self._power: dict[str, float] = {}
         self._constants: set[str] = set()
 
     def channels(self, x: str) -> int:
-        return self._shapes[x][1]
+        return self.shapes[x][1]
 
     def spatial(self, x: str) -> tuple[int, int]:
-        _, _, height, width = self._shapes[x]
+        _, _, height, width = self.shapes[x]
         return height, width
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def input(self, name: str, channels: int, height: int, width: int) -> str:
+    def image(self, name: str, channels: int, height: int, width: int) -> str:
         """A standard-normal image input (power 1)."""
-        shape = (1, channels, height, width)
-        self._inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-        self._shapes[name] = shape
         self._power[name] = 1.0
-        return name
+        return self.input(name, (1, channels, height, width))
 
     def _node(
         self, op: str, name: str, inputs: list[str], shape: tuple[int, ...], power: float, **attrs
     ) -> str:
-        if name in self._shapes:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        self._nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
-        self._shapes[name] = shape
+        self.node(op, inputs, shape, name=name, **attrs)
         self._power[name] = power
-        return name
-
-    def _initializer(self, name: str, array: np.ndarray) -> str:
-        self._initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def _constant(self, name: str, array: np.ndarray) -> str:
         """A shared constant initializer, created on first use."""
         if name not in self._constants:
-            self._constants.add(self._initializer(name, array))
+            self._constants.add(self.initializer(name, array))
         return name
 
     def _normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:
-        return (self._rng.standard_normal(shape) * std).astype(np.float32)
+        return (self.rng.standard_normal(shape) * std).astype(np.float32)
 
     def _uniform(self, size: int, low: float, high: float) -> np.ndarray:
-        return self._rng.uniform(low, high, size).astype(np.float32)
+        return self.rng.uniform(low, high, size).astype(np.float32)
 
     # -- layers -------------------------------------------------------------------------------
 
@@ -109,12 +95,12 @@ class GraphBuilder:
         bias: bool = False,
     ) -> str:
         """Conv with "same"-style padding (k - 1) // 2 * dilation, as torchvision's models use."""
-        _, in_channels, height, width = self._shapes[x]
+        _, in_channels, height, width = self.shapes[x]
         fan_in = in_channels // groups * kernel * kernel
         weight = self._normal((out_channels, in_channels // groups, kernel, kernel), np.sqrt(2.0 / fan_in))
-        inputs = [x, self._initializer(f"{name}/weight", weight)]
+        inputs = [x, self.initializer(f"{name}/weight", weight)]
         if bias:
-            inputs.append(self._initializer(f"{name}/bias", self._normal((out_channels,), 0.01)))
+            inputs.append(self.initializer(f"{name}/bias", self._normal((out_channels,), 0.01)))
         pad = (kernel - 1) // 2 * dilation
         extent = dilation * (kernel - 1) + 1
         out_h = (height + 2 * pad - extent) // stride + 1
@@ -135,12 +121,12 @@ class GraphBuilder:
             "mean": self._uniform(channels, -0.2, 0.2) * np.float32(scale),
             "var": self._uniform(channels, 0.5, 1.5) * np.float32(scale * scale),
         }
-        inputs = [x] + [self._initializer(f"{name}/{key}", value) for key, value in params.items()]
-        return self._node("BatchNormalization", name, inputs, self._shapes[x], 1.0, epsilon=BN_EPSILON)
+        inputs = [x] + [self.initializer(f"{name}/{key}", value) for key, value in params.items()]
+        return self._node("BatchNormalization", name, inputs, self.shapes[x], 1.0, epsilon=BN_EPSILON)
 
     def act(self, x: str, name: str, kind: str) -> str:
         """`kind` is relu, relu6, hardswish, hardsigmoid or sigmoid; the node is named `name`."""
-        shape = self._shapes[x]
+        shape = self.shapes[x]
         power = 0.5 * self._power[x] if kind in _RECTIFIERS else _GATE_POWER
         if kind == "relu":
             return self._node("Relu", name, [x], shape, power)
@@ -164,11 +150,11 @@ class GraphBuilder:
         return y if act is None else self.act(y, f"{scope}/{act}", act)
 
     def add(self, a: str, b: str, name: str) -> str:
-        return self._node("Add", name, [a, b], self._shapes[a], self._power[a] + self._power[b])
+        return self._node("Add", name, [a, b], self.shapes[a], self._power[a] + self._power[b])
 
     def mul(self, x: str, gate: str, name: str) -> str:
         """x * gate, where gate may broadcast (e.g. [1, C, 1, 1])."""
-        return self._node("Mul", name, [x, gate], self._shapes[x], self._power[x] * self._power[gate])
+        return self._node("Mul", name, [x, gate], self.shapes[x], self._power[x] * self._power[gate])
 
     def global_avg_pool(self, x: str, name: str) -> str:
         # The mean square of a spatial mean is at most the input's; the bound is close enough here.
@@ -177,55 +163,38 @@ class GraphBuilder:
     def resize(self, x: str, name: str, height: int, width: int) -> str:
         """Bilinear resize as PyTorch's interpolate(mode="bilinear", align_corners=False)."""
         shape = (1, self.channels(x), height, width)
-        sizes = self._initializer(f"{name}/sizes", np.array(shape, np.int64))
+        sizes = self.initializer(f"{name}/sizes", np.array(shape, np.int64))
         return self._node(
             "Resize", name, [x, "", "", sizes], shape, self._power[x],
             mode="linear", coordinate_transformation_mode="half_pixel",
         )  # fmt: skip
 
     def flatten(self, x: str, name: str) -> str:
-        shape = (1, int(np.prod(self._shapes[x][1:])))
+        shape = (1, int(np.prod(self.shapes[x][1:])))
         return self._node("Flatten", name, [x], shape, self._power[x])
 
     def gemm(self, x: str, name: str, out_features: int) -> str:
         """Fully connected layer with LeCun-normal weights (it feeds no rectifier)."""
-        in_features = self._shapes[x][1]
+        in_features = self.shapes[x][1]
         weight = self._normal((out_features, in_features), np.sqrt(1.0 / in_features))
         inputs = [
             x,
-            self._initializer(f"{name}/weight", weight),
-            self._initializer(f"{name}/bias", self._normal((out_features,), 0.01)),
+            self.initializer(f"{name}/weight", weight),
+            self.initializer(f"{name}/bias", self._normal((out_features,), 0.01)),
         ]
         return self._node("Gemm", name, inputs, (1, out_features), self._power[x], transB=1)
 
     def rows(self, x: str, scope: str, row_length: int) -> str:
         """[1, A*k, H, W] -> [1, H*W*A, k]: one row per anchor, in (y, x, anchor) order."""
-        _, channels, height, width = self._shapes[x]
+        _, channels, height, width = self.shapes[x]
         nhwc_shape = (1, height, width, channels)
         power = self._power[x]
         nhwc = self._node("Transpose", f"{scope}/transpose", [x], nhwc_shape, power, perm=[0, 2, 3, 1])
         shape = (1, height * width * channels // row_length, row_length)
-        target = self._initializer(f"{scope}/reshape/shape", np.array(shape, np.int64))
+        target = self.initializer(f"{scope}/reshape/shape", np.array(shape, np.int64))
         return self._node("Reshape", f"{scope}/reshape", [nhwc, target], shape, power)
 
     def concat(self, xs: list[str], name: str, axis: int) -> str:
-        shape = list(self._shapes[xs[0]])
-        shape[axis] = sum(self._shapes[x][axis] for x in xs)
+        shape = list(self.shapes[xs[0]])
+        shape[axis] = sum(self.shapes[x][axis] for x in xs)
         return self._node("Concat", name, xs, tuple(shape), max(self._power[x] for x in xs), axis=axis)
-
-    # -- result -------------------------------------------------------------------------------
-
-    def model(self, graph_name: str, outputs: list[str]) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self._nodes,
-            graph_name,
-            self._inputs,
-            [helper.make_tensor_value_info(y, TensorProto.FLOAT, self._shapes[y]) for y in outputs],
-            initializer=self._initializers,
-        )
-        return helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            ir_version=IR_VERSION,
-            producer_name="hwnas.models",
-        )

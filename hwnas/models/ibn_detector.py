@@ -33,7 +33,7 @@ from __future__ import annotations
 import onnx
 
 from hwnas.models import mobilenetv2
-from hwnas.models._builder import GraphBuilder, make_divisible
+from hwnas.models._builder import ZooBuilder, make_divisible
 
 EXTRA_CHANNELS = (512, 256, 256, 128)
 ANCHORS = (3, 6, 6, 6, 6, 6)
@@ -42,13 +42,13 @@ BOX_CODE = 4
 DEFAULT_RESOLUTION = 320
 
 
-def extra_layer(b: GraphBuilder, x: str, scope: str, out_channels: int) -> str:
+def extra_layer(b: ZooBuilder, x: str, scope: str, out_channels: int) -> str:
     h = b.conv_bn_act(x, f"{scope}/reduce", out_channels // 2, "relu6")
     h = b.conv_bn_act(h, f"{scope}/dw", b.channels(h), "relu6", kernel=3, stride=2, groups=b.channels(h))
     return b.conv_bn_act(h, f"{scope}/pw", out_channels, "relu6")
 
 
-def prediction(b: GraphBuilder, x: str, scope: str, anchors: int, code: int) -> str:
+def prediction(b: ZooBuilder, x: str, scope: str, anchors: int, code: int) -> str:
     """Depthwise-separable head, reshaped to [1, cells · anchors, code]."""
     channels = b.channels(x)
     h = b.conv_bn_act(x, f"{scope}/dw", channels, "relu6", kernel=3, groups=channels)
@@ -57,8 +57,8 @@ def prediction(b: GraphBuilder, x: str, scope: str, anchors: int, code: int) -> 
 
 
 def build(width: float, resolution: int, divisor: int, seed: int) -> onnx.ModelProto:
-    b = GraphBuilder(seed)
-    x = b.input("input", 3, resolution, resolution)
+    b = ZooBuilder(seed)
+    x = b.image("input", 3, resolution, resolution)
     maps = [mobilenetv2.C4_EXPANSION, mobilenetv2.features(b, x, width, divisor)]
     for i, channels in enumerate(EXTRA_CHANNELS):
         maps.append(extra_layer(b, maps[-1], f"extra{i}", make_divisible(channels * width, divisor)))
@@ -66,4 +66,4 @@ def build(width: float, resolution: int, divisor: int, seed: int) -> onnx.ModelP
     scores = [prediction(b, f, f"head{i}/cls", a, NUM_CLASSES) for i, (f, a) in enumerate(zip(maps, ANCHORS))]
     b.concat(boxes, "boxes", axis=1)
     b.concat(scores, "scores", axis=1)
-    return b.model("ibn-detector", ["boxes", "scores"])
+    return b.model(["boxes", "scores"], graph_name="ibn-detector")

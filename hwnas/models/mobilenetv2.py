@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import onnx
 
-from hwnas.models._builder import GraphBuilder, make_divisible
+from hwnas.models._builder import ZooBuilder, make_divisible
 
 # (t, c, n, s) rows of Table 2.
 SETTINGS = (
@@ -62,7 +62,7 @@ def blocks(width: float, divisor: int) -> list[Block]:
     ]
 
 
-def inverted_residual(b: GraphBuilder, x: str, scope: str, block: Block) -> str:
+def inverted_residual(b: ZooBuilder, x: str, scope: str, block: Block) -> str:
     in_channels = b.channels(x)
     # torchvision sizes the hidden layer round(in × t) without the divisor: it is only as aligned
     # as the block input.
@@ -77,7 +77,7 @@ def inverted_residual(b: GraphBuilder, x: str, scope: str, block: Block) -> str:
     return h
 
 
-def features(b: GraphBuilder, x: str, width: float, divisor: int) -> str:
+def features(b: ZooBuilder, x: str, width: float, divisor: int) -> str:
     """Stem, the 17 blocks and the 1×1 conv to 1280 (scaled up, never down, by the width)."""
     h = b.conv_bn_act(x, "stem", make_divisible(STEM_CHANNELS * width, divisor), "relu6", kernel=3, stride=2)
     for i, block in enumerate(blocks(width, divisor)):
@@ -86,9 +86,9 @@ def features(b: GraphBuilder, x: str, width: float, divisor: int) -> str:
 
 
 def build(width: float, resolution: int, divisor: int, seed: int) -> onnx.ModelProto:
-    b = GraphBuilder(seed)
-    x = b.input("input", 3, resolution, resolution)
+    b = ZooBuilder(seed)
+    x = b.image("input", 3, resolution, resolution)
     h = features(b, x, width, divisor)
     h = b.flatten(b.global_avg_pool(h, "classifier/pool"), "classifier/flatten")
     logits = b.gemm(h, "logits", NUM_CLASSES)
-    return b.model("mobilenetv2", [logits])
+    return b.model([logits], graph_name="mobilenetv2")

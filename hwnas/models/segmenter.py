@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import onnx
 
-from hwnas.models._builder import GraphBuilder, make_divisible
+from hwnas.models._builder import ZooBuilder, make_divisible
 
 
 class Bneck(NamedTuple):
@@ -87,7 +87,7 @@ NUM_CLASSES = 21
 DEFAULT_RESOLUTION = 512
 
 
-def squeeze_excite(b: GraphBuilder, x: str, scope: str, divisor: int) -> str:
+def squeeze_excite(b: ZooBuilder, x: str, scope: str, divisor: int) -> str:
     squeezed = make_divisible(b.channels(x) // 4, divisor)
     s = b.global_avg_pool(x, f"{scope}/pool")
     s = b.act(b.conv(s, f"{scope}/fc1", squeezed, bias=True), f"{scope}/relu", "relu")
@@ -95,7 +95,7 @@ def squeeze_excite(b: GraphBuilder, x: str, scope: str, divisor: int) -> str:
     return b.mul(x, s, f"{scope}/mul")
 
 
-def bneck(b: GraphBuilder, x: str, scope: str, cfg: Bneck, width: float, divisor: int) -> str:
+def bneck(b: ZooBuilder, x: str, scope: str, cfg: Bneck, width: float, divisor: int) -> str:
     in_channels = b.channels(x)
     expanded = make_divisible(cfg.expanded * width, divisor)
     h = x
@@ -113,7 +113,7 @@ def bneck(b: GraphBuilder, x: str, scope: str, cfg: Bneck, width: float, divisor
     return h
 
 
-def backbone(b: GraphBuilder, x: str, width: float, divisor: int) -> tuple[str, str]:
+def backbone(b: ZooBuilder, x: str, width: float, divisor: int) -> tuple[str, str]:
     """Returns the (stride-8 low-level, stride-16 high-level) feature tensors."""
     h = b.conv_bn_act(x, "stem", make_divisible(STEM_CHANNELS * width, divisor), HS, kernel=3, stride=2)
     outputs = []
@@ -123,7 +123,7 @@ def backbone(b: GraphBuilder, x: str, width: float, divisor: int) -> tuple[str, 
     return outputs[LOW_LEVEL_BLOCK], b.conv_bn_act(h, "last", 6 * b.channels(h), HS)
 
 
-def lraspp(b: GraphBuilder, low: str, high: str, resolution: int) -> str:
+def lraspp(b: ZooBuilder, low: str, high: str, resolution: int) -> str:
     h = b.conv_bn_act(high, "lraspp/cbr", HEAD_CHANNELS, "relu")
     s = b.global_avg_pool(high, "lraspp/scale/pool")
     s = b.act(b.conv(s, "lraspp/scale/conv", HEAD_CHANNELS), "lraspp/scale/sigmoid", "sigmoid")
@@ -137,8 +137,8 @@ def lraspp(b: GraphBuilder, low: str, high: str, resolution: int) -> str:
 
 
 def build(width: float, resolution: int, divisor: int, seed: int) -> onnx.ModelProto:
-    b = GraphBuilder(seed)
-    x = b.input("input", 3, resolution, resolution)
+    b = ZooBuilder(seed)
+    x = b.image("input", 3, resolution, resolution)
     low, high = backbone(b, x, width, divisor)
     logits = lraspp(b, low, high, resolution)
-    return b.model("segmenter", [logits])
+    return b.model([logits], graph_name="segmenter")

@@ -1,0 +1,579 @@
+"""The profiling samples: one-kernel models (`kernel` mode) and random mobile-CNN-like networks (`context` mode).
+
+One-kernel models: a conv with its epilogue, a depthwise conv, a GEMM, an elementwise op, a pool, a
+resize or a concat, with random but realistic hyper-parameters (channel counts and spatial sizes
+log-uniform over what mobile CNNs use, aligned and misaligned alike). Random networks: stems, IBN and
+depthwise-separable blocks, fused-IBN, grouped convs, SE gates, pools, branches, channel splits and
+shuffles, upsampling, heads; activations from Relu to decomposed hard-swish. `perturb`/`perturb_block`
+move a configuration a little (channel counts ±1…±PF, sizes ±25 %): what adaptive sampling
+(`hwnas.estimator.profile`) draws around the worst-predicted samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from hwnas.graph.builder import GraphBuilder
+from hwnas.targets.kernels import Kernel
+
+KINDS = ("conv", "pointwise", "dwconv", "grouped", "deconv", "gemm", "elementwise", "pool", "resize", "concat", "other")
+_KIND_WEIGHTS = (0.2, 0.2, 0.2, 0.06, 0.03, 0.05, 0.1, 0.05, 0.04, 0.04, 0.03)
+_EPILOGUES = ("none", "bn", "relu", "relu6", "hardswish", "bn_relu", "residual")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kind: str
+    c_in: int
+    c_out: int
+    size: int  # input height = width
+    kernel: int = 1
+    stride: int = 1
+    group_size: int = 1  # channels per group for grouped convs
+    dilation: int = 1
+    epilogue: str = "none"
+    op: str = ""  # elementwise / pool / resize flavour
+    seed: int = 0
+
+
+def _log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def random_config(rng: np.random.Generator, pf: int) -> KernelConfig:
+    kind = str(rng.choice(KINDS, p=np.array(_KIND_WEIGHTS) / sum(_KIND_WEIGHTS)))
+    c_in, c_out = _log_uniform(rng, 3, 1280), _log_uniform(rng, 3, 1280)
+    if rng.random() < 0.4:  # aligned counts are common in real models: make sure both sides of a cliff are seen
+        c_in, c_out = max(pf, c_in // pf * pf), max(pf, c_out // pf * pf)
+    size = _log_uniform(rng, 1, 160)
+    seed = int(rng.integers(1 << 31))
+    epilogue = str(rng.choice(_EPILOGUES))
+    if kind in ("conv", "pointwise"):
+        kernel = 1 if kind == "pointwise" else int(rng.choice([3, 5, 7]))
+        c_in, c_out = min(c_in, 512 if kernel > 1 else 1280), c_out
+        return KernelConfig("conv", c_in, c_out, max(size, kernel // 2 + 1), kernel, int(rng.choice([1, 1, 2])),
+                            1, int(rng.choice([1, 1, 1, 2])) if kernel == 3 else 1, epilogue, seed=seed)
+    if kind == "dwconv":
+        kernel = int(rng.choice([3, 3, 5, 7]))
+        return KernelConfig("dwconv", c_in, c_in, max(size, 2), kernel, int(rng.choice([1, 1, 2])), 1,
+                            int(rng.choice([1, 1, 1, 2])) if kernel == 3 else 1, epilogue, seed=seed)
+    if kind == "grouped":
+        group = int(rng.choice([2, 4, 8, 16, 32, 64]))
+        channels = max(group, c_in // group * group)
+        return KernelConfig("grouped", channels, channels, max(size, 2), int(rng.choice([3, 5])), int(rng.choice([1, 2])),
+                            group, 1, epilogue, seed=seed)
+    if kind == "deconv":
+        kernel = int(rng.choice([2, 3, 4]))
+        return KernelConfig("deconv", min(c_in, 512), min(c_out, 512), max(1, size // 2), kernel, 2, seed=seed,
+                            epilogue=str(rng.choice(["none", "bn", "relu", "bn_relu"])))
+    if kind == "other":
+        return KernelConfig("other", c_in, c_in, size, op=str(rng.choice(["Transpose", "Softmax"])), seed=seed)
+    if kind == "gemm":
+        return KernelConfig("gemm", c_in, c_out, 1, seed=seed, epilogue=str(rng.choice(["none", "relu"])))
+    if kind == "elementwise":
+        op = str(rng.choice(["Add", "Mul", "Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid"]))
+        return KernelConfig("elementwise", c_in, c_in, size, op=op, seed=seed)
+    if kind == "pool":
+        op = str(rng.choice(["GlobalAveragePool", "MaxPool", "AveragePool"]))
+        return KernelConfig("pool", c_in, c_in, max(size, 3), op=op, seed=seed)
+    if kind == "resize":
+        return KernelConfig("resize", c_in, c_in, max(1, size // 2), op=str(rng.choice(["nearest", "linear"])), seed=seed)
+    return KernelConfig("concat", c_in, c_in + c_out, size, seed=seed)
+
+
+def perturb(config: KernelConfig, rng: np.random.Generator, pf: int) -> KernelConfig:
+    """A neighbour of `config`: channel counts moved across nearby lane boundaries, size ±25 %."""
+    def move(c: int) -> int:
+        return max(1, c + int(rng.integers(-pf, pf + 1)))
+
+    size = max(1, int(round(config.size * rng.uniform(0.75, 1.25))))
+    c_in = move(config.c_in)
+    if config.kind == "grouped":
+        c_in = max(config.group_size, c_in // config.group_size * config.group_size)
+    c_out = c_in if config.kind in ("dwconv", "grouped", "elementwise", "pool", "resize", "other") else move(config.c_out)
+    if config.kind == "concat":
+        c_out = c_in + max(1, config.c_out - config.c_in + int(rng.integers(-pf, pf + 1)))
+    size = max(size, config.kernel // 2 + 1) if config.kind in ("conv", "dwconv", "grouped") else size
+    return dataclasses.replace(config, c_in=c_in, c_out=c_out, size=size, seed=int(rng.integers(1 << 31)))
+
+
+def build_kernel_model(config: KernelConfig, residual_allowed: bool = True) -> onnx.ModelProto:
+    """A one-kernel ONNX model (opset 17) for `config`; weights are random, values do not matter."""
+    rng = np.random.default_rng(config.seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def weight(name: str, shape) -> str:
+        inits.append(numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1), name))
+        return name
+
+    h = config.size
+    x_shape = [1, config.c_in, h, h] if config.kind != "gemm" else [1, config.c_in]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    out = "x"
+    if config.kind in ("conv", "dwconv", "grouped"):
+        groups = {"conv": 1, "dwconv": config.c_in, "grouped": config.c_in // config.group_size}[config.kind]
+        pad = config.dilation * (config.kernel // 2)
+        w = weight("w", [config.c_out, config.c_in // groups, config.kernel, config.kernel])
+        nodes.append(helper.make_node("Conv", ["x", w, weight("b", [config.c_out])], ["conv"], name="kernel", group=groups,
+                                      kernel_shape=[config.kernel] * 2, strides=[config.stride] * 2,
+                                      pads=[pad] * 4, dilations=[config.dilation] * 2))
+        out = _epilogue(config, nodes, weight, "conv", inputs, residual_allowed)
+    elif config.kind == "deconv":
+        w = weight("w", [config.c_in, config.c_out, config.kernel, config.kernel])
+        nodes.append(helper.make_node("ConvTranspose", ["x", w, weight("b", [config.c_out])], ["deconv"], name="kernel",
+                                      kernel_shape=[config.kernel] * 2, strides=[config.stride] * 2))
+        out = _epilogue(config, nodes, weight, "deconv", inputs, residual_allowed)
+    elif config.kind == "other":
+        attrs = {"perm": [0, 2, 3, 1]} if config.op == "Transpose" else {"axis": 1}
+        nodes.append(helper.make_node(config.op, ["x"], ["other"], name="kernel", **attrs))
+        out = "other"
+    elif config.kind == "gemm":
+        nodes.append(helper.make_node("Gemm", ["x", weight("w", [config.c_out, config.c_in]), weight("b", [config.c_out])],
+                                      ["gemm"], name="kernel", transB=1))
+        out = "gemm"
+        if config.epilogue == "relu":
+            nodes.append(helper.make_node("Relu", [out], ["act"], name="act"))
+            out = "act"
+    elif config.kind == "elementwise":
+        out = _elementwise(config, nodes, inputs, x_shape)
+    elif config.kind == "pool":
+        attrs = {} if config.op == "GlobalAveragePool" else {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        nodes.append(helper.make_node(config.op, ["x"], ["pool"], name="kernel", **attrs))
+        out = "pool"
+    elif config.kind == "resize":
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+        nodes.append(helper.make_node("Resize", ["x", "", "scales"], ["resize"], name="kernel", mode=config.op))
+        out = "resize"
+    else:
+        other = config.c_out - config.c_in
+        inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, other, h, h]))
+        nodes.append(helper.make_node("Concat", ["x", "x2"], ["concat"], name="kernel", axis=1))
+        out = "concat"
+    graph = helper.make_graph(nodes, "kernel", inputs, [helper.make_empty_tensor_value_info(out)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(model)
+    del model.graph.output[:]
+    model.graph.output.extend([v for v in inferred.graph.output])
+    return model
+
+
+def _epilogue(config, nodes, weight, out, inputs, residual_allowed) -> str:
+    c = config.c_out
+    steps = {"bn": ["bn"], "relu": ["relu"], "relu6": ["relu6"], "hardswish": ["hardswish"],
+             "bn_relu": ["bn", "relu"], "residual": ["residual"], "none": []}[config.epilogue]
+    for step in steps:
+        if step == "bn":
+            params = [weight(f"bn_{p}", [c]) for p in ("scale", "bias", "mean")]
+            var = weight("bn_var", [c])
+            nodes.append(helper.make_node("Abs", [var], ["bn_var_pos"], name="bn_var_abs"))  # constant-foldable
+            nodes.append(helper.make_node("BatchNormalization", [out, *params, "bn_var_pos"], ["bn"], name="bn"))
+            out = "bn"
+        elif step == "relu":
+            nodes.append(helper.make_node("Relu", [out], ["relu"], name="relu"))
+            out = "relu"
+        elif step == "relu6":
+            nodes.append(helper.make_node("Clip", [out, weight("lo", []), weight("hi", [])], ["relu6"], name="relu6"))
+            out = "relu6"
+        elif step == "hardswish":
+            nodes.append(helper.make_node("HardSwish", [out], ["hswish"], name="hswish"))
+            out = "hswish"
+        elif step == "residual" and residual_allowed and config.stride == 1 and config.c_in == config.c_out:
+            nodes.append(helper.make_node("Add", [out, "x"], ["residual"], name="residual"))
+            out = "residual"
+    return out
+
+
+def _elementwise(config, nodes, inputs, x_shape) -> str:
+    if config.op in ("Add", "Mul"):
+        inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, x_shape))
+        nodes.append(helper.make_node(config.op, ["x", "x2"], ["y"], name="kernel"))
+    else:
+        nodes.append(helper.make_node(config.op, ["x"], ["y"], name="kernel"))
+    return "y"
+
+
+
+
+def overhead_model() -> onnx.ModelProto:
+    """What a run costs when it computes (almost) nothing: a Relu on 16 numbers."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "empty", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+class NetworkBuilder(GraphBuilder):
+    """A random network under construction: weights are initializers named by scope, MACs are counted.
+
+    Weights are He-scaled and batch norms near identity, so activations stay O(1) through a deep random
+    network: denormal floats would slow a CPU down and distort the timings.
+    """
+
+    def __init__(self, seed: int = 0, dry: bool = False):
+        super().__init__(seed)
+        self.dry = dry  # shapes and MACs only: no weights are drawn
+        self.macs = 0
+        self.skip = ""  # a tensor a later op may add back (residual); set by whoever builds the graph
+
+    def const(self, array: np.ndarray) -> str:
+        return self.initializer(f"{self.scope}/w{len(self.initializers)}", array)
+
+    def weight(self, shape: Sequence[int], fan_in: int) -> str:
+        if self.dry:
+            return self.const(np.zeros(0, np.float32))
+        return self.const((self.rng.standard_normal(shape) * math.sqrt(2.0 / max(fan_in, 1))).astype(np.float32))
+
+    def scalar(self, value: float) -> str:
+        return self.const(np.array(value, np.float32))
+
+
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "hardswish_decomposed", "hardsigmoid", "sigmoid", "swish",
+               "leakyrelu")
+_ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06)
+BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat", "upsample", "deconv", "affine",
+          "split", "shuffle")
+_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04)
+HEADS = ("classifier", "transpose", "softmax", "sigmoid")
+_MAX_NETWORK_MACS = 400e6  # ~10-20 ms on one core: a network is run ~50 times
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One block of a random network; what it builds depends on the channels it receives."""
+
+    kind: str  # BLOCKS, or "head"
+    c_out: int
+    kernel: int = 3
+    stride: int = 1
+    hidden: int = 0  # ibn/fused-ibn expansion, se squeeze, concat first branch, split bypass
+    group_size: int = 1  # grouped: channels per group; classifier head: width of the 1x1 conv before the pool
+    act: str = "relu"
+    bn: bool = True
+    residual: bool = False  # ibn/fused-ibn: skip connection when shapes allow; upsample: concat a skip
+    se: bool = False
+    op: str = ""  # flavour: pool type, resize mode, head type, affine form; ibn: "post_act" after the residual
+    groups: int = 2  # shuffle: channel groups
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    c_in: int
+    size: int  # input height = width
+    blocks: tuple[BlockConfig, ...]
+    seed: int = 0
+
+
+def _act(b: NetworkBuilder, x: str, act: str) -> str:
+    shape = b.shapes[x]
+    if act == "none":
+        return x
+    if act == "relu6":
+        return b.node("Clip", [x, b.scalar(0.0), b.scalar(6.0)], shape)
+    if act == "hardswish_decomposed":  # Paddle's export: x · Clip(x + 3, 0, 6) / 6
+        gate = b.node("Clip", [b.node("Add", [x, b.scalar(3.0)], shape), b.scalar(0.0), b.scalar(6.0)], shape)
+        return b.node("Div", [b.node("Mul", [x, gate], shape), b.scalar(6.0)], shape)
+    if act == "swish":
+        return b.node("Mul", [x, b.node("Sigmoid", [x], shape)], shape)
+    op, attrs = {"relu": ("Relu", {}), "hardswish": ("HardSwish", {}), "sigmoid": ("Sigmoid", {}),
+                 "hardsigmoid": ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
+                 "leakyrelu": ("LeakyRelu", {"alpha": 0.1})}[act]
+    return b.node(op, [x], shape, **attrs)
+
+
+def _bn(b: NetworkBuilder, x: str) -> str:
+    c = b.shapes[x][1]
+    params = [b.const(b.rng.uniform(0.5, 1.5, c).astype(np.float32)), b.const(b.rng.normal(0, 0.1, c).astype(np.float32)),
+              b.const(b.rng.normal(0, 0.1, c).astype(np.float32)), b.const(b.rng.uniform(0.5, 1.5, c).astype(np.float32))]
+    return b.node("BatchNormalization", [x, *params], b.shapes[x])
+
+
+def _conv(b: NetworkBuilder, x: str, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1, bn: bool = True,
+          act: str = "none") -> str:
+    n, c, h, w = b.shapes[x]
+    pad = kernel // 2
+    ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    fan_in = c // groups * kernel * kernel
+    inputs = [x, b.weight([c_out, c // groups, kernel, kernel], fan_in)]
+    if not bn:
+        inputs.append(b.const(b.rng.normal(0, 0.1, c_out).astype(np.float32)))
+    y = b.node("Conv", inputs, (n, c_out, ho, wo), kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[pad] * 4,
+               group=groups)
+    b.macs += n * c_out * ho * wo * fan_in
+    return _act(b, _bn(b, y) if bn else y, act)
+
+
+def _se(b: NetworkBuilder, x: str, squeeze: int, gate: str) -> str:
+    n, c, _, _ = b.shapes[x]
+    pooled = b.node("GlobalAveragePool", [x], (n, c, 1, 1))
+    s = _conv(b, pooled, squeeze, bn=False, act="relu")
+    g = _conv(b, s, c, bn=False, act=gate)
+    return b.node("Mul", [x, g], b.shapes[x])
+
+
+def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int, str]) -> str:
+    n, c, h, w = b.shapes[x]
+    kind = blk.kind
+    if kind == "conv":
+        return _conv(b, x, blk.c_out, blk.kernel, blk.stride, 1, blk.bn, blk.act)
+    if kind == "affine":  # conv, BN, then a learnable scalar or per-channel affine (PP-LCNetV3), then act
+        y = _conv(b, x, blk.c_out, blk.kernel, blk.stride, 1, blk.bn)
+        shape = (blk.c_out, 1, 1) if blk.op == "channel" else ()
+        scale = b.const(b.rng.uniform(0.8, 1.2, shape).astype(np.float32))
+        shift = b.const(b.rng.normal(0, 0.1, shape).astype(np.float32))
+        y = b.node("Add", [b.node("Mul", [y, scale], b.shapes[y]), shift], b.shapes[y])
+        return _act(b, y, blk.act)
+    if kind == "dwsep":
+        y = _conv(b, x, c, blk.kernel, blk.stride, c, True, blk.act)
+        if blk.se:
+            y = _se(b, y, max(4, c // 4), "hardsigmoid")
+        return _conv(b, y, blk.c_out, act=blk.act if blk.op == "act" else "none")
+    if kind in ("ibn", "fused_ibn"):
+        hidden = max(blk.hidden, 1)
+        if kind == "ibn":
+            y = _conv(b, x, hidden, act=blk.act) if hidden != c else x
+            y = _conv(b, y, hidden, blk.kernel, blk.stride, hidden, True, blk.act)
+        else:
+            y = _conv(b, x, hidden, blk.kernel, blk.stride, 1, True, blk.act)
+        if blk.se:
+            y = _se(b, y, max(4, hidden // 4), "hardsigmoid" if blk.act.startswith("hard") else "sigmoid")
+        y = _conv(b, y, blk.c_out)
+        if blk.residual and b.shapes[y] == b.shapes[x]:
+            y = b.node("Add", [y, x], b.shapes[y])
+            if blk.op == "post_act":  # an activation after the sum (ResNet's Add → Relu)
+                y = _act(b, y, blk.act)
+        return y
+    if kind == "grouped":
+        groups = c // blk.group_size if c % blk.group_size == 0 else math.gcd(c, blk.c_out)
+        c_out = max(groups, blk.c_out // groups * groups)
+        return _conv(b, x, c_out, blk.kernel, blk.stride, groups, True, blk.act)
+    if kind == "se":
+        return _se(b, x, max(4, blk.hidden), blk.op or "hardsigmoid")
+    if kind == "pool":
+        ho, wo = (h + 1) // 2, (w + 1) // 2
+        attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        return b.node(blk.op or "MaxPool", [x], (n, c, ho, wo), **attrs)
+    if kind == "concat":
+        first = max(1, min(blk.hidden, blk.c_out - 1))
+        left = _conv(b, x, first, 1, blk.stride, act=blk.act)
+        right = _conv(b, x, blk.c_out - first, 3, blk.stride, act=blk.act)
+        return b.node("Concat", [left, right], (n, blk.c_out, *b.shapes[left][2:]), axis=1)
+    if kind == "upsample":
+        scales = b.const(np.array([1, 1, 2, 2], np.float32))
+        y = b.node("Resize", [x, "", scales], (n, c, 2 * h, 2 * w), mode=blk.op or "nearest")
+        skip = skips.get(2 * h)
+        if blk.residual and skip is not None and b.shapes[skip][3] == 2 * w:
+            y = b.node("Concat", [y, skip], (n, c + b.shapes[skip][1], 2 * h, 2 * w), axis=1)
+        return _conv(b, y, blk.c_out, 1, act=blk.act)
+    if kind == "deconv":
+        k = blk.kernel
+        pads, out_pad = {2: (0, 0), 3: (1, 1), 4: (1, 0)}[k]
+        w_ = b.weight([c, blk.c_out, k, k], c * k * k)
+        y = b.node("ConvTranspose", [x, w_, b.const(np.zeros(blk.c_out, np.float32))], (n, blk.c_out, 2 * h, 2 * w),
+                   kernel_shape=[k, k], strides=[2, 2], pads=[pads] * 4, output_padding=[out_pad] * 2)
+        b.macs += n * c * h * w * blk.c_out * k * k
+        return _act(b, _bn(b, y) if blk.bn else y, blk.act)
+    if kind == "split":  # part of the channels bypass, the rest go through a conv, then concat
+        if c < 2:
+            return x
+        first = max(1, min(c - 1, blk.hidden or c // 2))
+        a, rest = f"{b.scope}/split{len(b.nodes)}_a", f"{b.scope}/split{len(b.nodes)}_b"
+        b.nodes.append(helper.make_node("Split", [x, b.const(np.array([first, c - first], np.int64))], [a, rest],
+                                        name=f"{b.scope}/split{len(b.nodes)}", axis=1))
+        b.shapes[a], b.shapes[rest] = (n, first, h, w), (n, c - first, h, w)
+        y = _conv(b, rest, c - first, blk.kernel, 1, (c - first) if blk.op == "depthwise" else 1, True, blk.act)
+        return b.node("Concat", [a, y], (n, c, h, w), axis=1)
+    if kind == "shuffle":  # channel shuffle: Reshape to groups, swap, Reshape back
+        g = blk.groups if c % blk.groups == 0 else 1
+        grouped = b.node("Reshape", [x, b.const(np.array([n, g, c // g, h, w], np.int64))], (n, g, c // g, h, w))
+        swapped = b.node("Transpose", [grouped], (n, c // g, g, h, w), perm=[0, 2, 1, 3, 4])
+        return b.node("Reshape", [swapped, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
+    if kind == "head":
+        return _head(b, x, blk)
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
+    n, c, h, w = b.shapes[x]
+    if blk.op == "classifier":
+        if blk.group_size > 1:  # a wide 1x1 conv first, as MobileNet's 1280 and ShuffleNet's 1024 before the pool
+            x = _conv(b, x, blk.group_size, act=blk.act)
+            c = blk.group_size
+        pooled = b.node("GlobalAveragePool", [x], (n, c, 1, 1))
+        flat = b.node("Flatten", [pooled], (n, c), axis=1)
+        y = b.node("Gemm", [flat, b.weight([blk.c_out, c], c), b.const(np.zeros(blk.c_out, np.float32))], (n, blk.c_out),
+                   transB=1)
+        b.macs += n * c * blk.c_out
+        if blk.hidden:
+            y = _act(b, y, "relu" if blk.act == "none" else blk.act)
+            y = b.node("Gemm", [y, b.weight([blk.hidden, blk.c_out], blk.c_out), b.const(np.zeros(blk.hidden, np.float32))],
+                       (n, blk.hidden), transB=1)
+            b.macs += n * blk.c_out * blk.hidden
+        return y
+    y = _conv(b, x, blk.c_out, 1, bn=False)
+    if blk.op == "transpose":
+        t = b.node("Transpose", [y], (n, h, w, blk.c_out), perm=[0, 2, 3, 1])
+        return b.node("Reshape", [t, b.const(np.array([n, -1, blk.c_out], np.int64))], (n, h * w, blk.c_out))
+    if blk.op == "softmax":
+        return b.node("Softmax", [y], b.shapes[y], axis=1)
+    return b.node("Sigmoid", [y], b.shapes[y])
+
+
+def _apply(b: NetworkBuilder, x: str, index: int, blk: BlockConfig, skips: dict[int, str]) -> str:
+    b.scope = f"b{index}"
+    y = _build_block(b, x, blk, skips)
+    if len(b.shapes[y]) == 4:
+        skips[b.shapes[y][2]] = y  # the latest map of each size: what an upsample block may concat
+    return y
+
+
+def build_network(config: NetworkConfig) -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
+    """The network's ONNX model and each block's input (channels, size); node names start `b<block>/`."""
+    b = NetworkBuilder(config.seed)
+    x = b.input("x", (1, config.c_in, config.size, config.size))
+    skips: dict[int, str] = {}
+    block_inputs = []
+    for i, blk in enumerate(config.blocks):
+        block_inputs.append((b.shapes[x][1], b.shapes[x][2]))
+        x = _apply(b, x, i, blk, skips)
+    return b.model([x]), block_inputs
+
+
+def block_of(kernel: Kernel) -> int:
+    """The index of the block a kernel of `build_network`'s model came from."""
+    return int(kernel.nodes[0].split("/", 1)[0][1:])
+
+
+def _channels(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """Log-uniform in [lo, hi]; mostly rounded to 8 or 16 as real models are, often not."""
+    c = _log_uniform(rng, lo, max(lo, hi))
+    r = rng.random()
+    multiple = 8 if r < 0.4 else 16 if r < 0.55 else 4 if r < 0.65 else 1
+    return max(lo, c // multiple * multiple) if multiple <= c else c
+
+
+def _act_choice(rng: np.random.Generator) -> str:
+    return str(rng.choice(ACTIVATIONS, p=np.array(_ACT_WEIGHTS) / sum(_ACT_WEIGHTS)))
+
+
+def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
+    """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows)."""
+    kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k in ("upsample", "deconv") and not 2 <= h <= 160)
+             and not (k == "split" and c < 2)]
+    weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
+    kind = str(rng.choice(kinds, p=weights / weights.sum()))
+    hi = int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide layers only where the maps are small
+    c_out = _channels(rng, 4, hi)
+    stride = int(rng.choice([1, 1, 2])) if h >= 4 else 1
+    act = _act_choice(rng)
+    if kind == "conv":
+        kernel = int(rng.choice([1, 1, 3, 3, 3, 5, 7]))
+        return BlockConfig("conv", min(c_out, 512) if kernel > 1 else c_out, kernel, stride, act=act,
+                           bn=bool(rng.random() < 0.85))
+    if kind == "affine":
+        return BlockConfig("affine", c_out, int(rng.choice([1, 3])), stride, act=act, op=str(rng.choice(["scalar", "channel"])))
+    if kind == "dwsep":
+        return BlockConfig("dwsep", c_out, int(rng.choice([3, 3, 5])), stride, act=act, se=bool(rng.random() < 0.2),
+                           op=str(rng.choice(["act", "linear"])))
+    if kind in ("ibn", "fused_ibn"):
+        residual = stride == 1 and rng.random() < 0.5
+        hidden = _channels(rng, max(4, c), max(4, c * 6)) if rng.random() < 0.85 else c
+        return BlockConfig(kind, c if residual else c_out, int(rng.choice([3, 3, 5, 7])) if kind == "ibn" else 3, stride,
+                           hidden=min(hidden, 1280), act=act, residual=residual, se=bool(rng.random() < 0.25),
+                           op="post_act" if residual and rng.random() < 0.3 else "")
+    if kind == "grouped":
+        return BlockConfig("grouped", c_out, int(rng.choice([3, 5])), stride, group_size=int(rng.choice([2, 4, 8, 16, 32])), act=act)
+    if kind == "se":
+        return BlockConfig("se", c, hidden=max(4, c // int(rng.choice([4, 8]))), op=str(rng.choice(["hardsigmoid", "sigmoid"])))
+    if kind == "pool":
+        return BlockConfig("pool", c, op=str(rng.choice(["MaxPool", "AveragePool"])))
+    if kind == "concat":
+        return BlockConfig("concat", max(c_out, 2), stride=stride, hidden=max(1, c_out // 2), act=act)
+    if kind == "split":
+        return BlockConfig("split", c, int(rng.choice([1, 3])), hidden=max(1, int(c * rng.uniform(0.25, 0.75))), act=act,
+                           op=str(rng.choice(["dense", "depthwise"])))
+    if kind == "shuffle":
+        return BlockConfig("shuffle", c, groups=int(rng.choice([2, 2, 3, 4])))
+    if kind == "upsample":
+        return BlockConfig("upsample", c_out, op=str(rng.choice(["nearest", "linear"])), act=act, residual=bool(rng.random() < 0.6))
+    return BlockConfig("deconv", min(c_out, 256), int(rng.choice([2, 3, 4])), 2, act=act, bn=bool(rng.random() < 0.5))
+
+
+def random_head(rng: np.random.Generator, c: int, h: int = 1) -> BlockConfig:
+    op = str(rng.choice(HEADS, p=[0.6, 0.15, 0.125, 0.125]))
+    if op == "classifier":  # ImageNet's 1000 classes often, after a wide 1x1 conv half the time
+        classes = 1000 if rng.random() < 0.4 else _channels(rng, 8, 1280)
+        widen = _channels(rng, 256, 1280) if rng.random() < 0.5 else 1
+        widen = widen if c * widen * h * h <= 100e6 else 1  # not a conv of billions of MACs on a big map
+        return BlockConfig("head", classes, op=op, hidden=_channels(rng, 2, 1000) if rng.random() < 0.3 else 0,
+                           act=_act_choice(rng), group_size=widen)
+    return BlockConfig("head", _channels(rng, 1, 128), op=op)
+
+
+def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Sequence[BlockConfig] = ()) -> NetworkConfig:
+    """`given` blocks, then up to `count` random ones while the network stays under the MAC budget."""
+    b = NetworkBuilder(dry=True)
+    x = b.input("x", (1, c_in, size, size))
+    skips: dict[int, str] = {}
+    blocks = list(given)
+    for i, blk in enumerate(blocks):
+        x = _apply(b, x, i, blk, skips)
+    for _ in range(count):
+        if len(b.shapes[x]) != 4:  # a head ended the network
+            break
+        _, c, h, _ = b.shapes[x]
+        blk = random_block(rng, c, h)
+        y = _apply(b, x, len(blocks), blk, skips)
+        if b.macs > _MAX_NETWORK_MACS:
+            break
+        blocks.append(blk)
+        x = y
+    if rng.random() < 0.5 and len(b.shapes[x]) == 4:
+        blocks.append(random_head(rng, b.shapes[x][1], b.shapes[x][2]))
+    return NetworkConfig(c_in, size, tuple(blocks), seed=int(rng.integers(1 << 31)))
+
+
+def random_network(rng: np.random.Generator) -> NetworkConfig:
+    """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a head."""
+    size = _log_uniform(rng, 16, 320) if rng.random() < 0.9 else int(rng.choice([448, 512, 640]))
+    c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256)
+    stem = []
+    if c_in == 3 and size >= 32:
+        stem.append(BlockConfig("conv", _channels(rng, 8, 48), 3, 2, act=_act_choice(rng)))
+    return _grow(rng, c_in, size, int(rng.integers(3, 12)), stem)
+
+
+def network_around(rng: np.random.Generator, block: BlockConfig, c: int, h: int) -> NetworkConfig:
+    """A network whose second block is `block` at input `c`×`h`×`h` (a 1×1 conv from an image leads in)."""
+    lead = BlockConfig("conv", c, 1, act=_act_choice(rng))
+    return _grow(rng, 3, h, int(rng.integers(1, 4)), (lead, block))
+
+
+def perturb_block(block: BlockConfig, c: int, h: int, rng: np.random.Generator, pf: int) -> tuple[BlockConfig, int, int]:
+    """A neighbour of a block and its input: channel counts moved across nearby lane boundaries, size ±25 %."""
+    def move(v: int) -> int:
+        return max(1, v + int(rng.integers(-pf, pf + 1)))
+
+    c2 = move(c)
+    h2 = max(1, int(round(h * rng.uniform(0.75, 1.25))))
+    if block.kind in ("upsample", "deconv"):
+        h2 = min(max(h2, 2), 160)
+    if block.kind == "pool" or block.stride > 1:
+        h2 = max(h2, 4)
+    if block.kind == "split":
+        c2 = max(c2, 2)
+    same = block.kind in ("se", "pool", "split", "shuffle") or block.residual and block.kind in ("ibn", "fused_ibn")
+    c_out = c2 if same else max(2 if block.kind == "concat" else 1, move(block.c_out))
+    hidden = move(block.hidden) if block.hidden else 0
+    return dataclasses.replace(block, c_out=c_out, hidden=hidden), c2, h2
+
