@@ -145,8 +145,9 @@ class DeployCheck:
         return {
             "compiled": self.compiled,
             "error": self.error,
-            "nodes_on_npu": self.on_npu,
-            "nodes_off_npu": len(self.off_npu),
+            # None: the backend failed before placing anything (a failed finalize fails with fallback allowed too)
+            "nodes_on_npu": self.on_npu if self.placement else None,
+            "nodes_off_npu": len(self.off_npu) if self.placement else None,
             "off_npu": [asdict(p) for p in self.off_npu],
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "drift": asdict(self.drift) if self.drift else None,
@@ -156,8 +157,8 @@ class DeployCheck:
 
     def summary(self) -> str:
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.input_shapes.items())
-        head = (f"{NAME}: {'compiled' if self.compiled else 'did NOT compile'} at {shapes}; "
-                f"{self.on_npu} nodes on the NPU, {len(self.off_npu)} elsewhere")
+        placed = f"{self.on_npu} nodes on the NPU, {len(self.off_npu)} elsewhere" if self.placement else "nothing placed"
+        head = f"{NAME}: {'compiled' if self.compiled else 'did NOT compile'} at {shapes}; {placed}"
         lines = [head] + [f"  note: {w}" for w in self.warnings]
         if self.error:
             lines.append(f"  backend error: {self.error}")
