@@ -84,7 +84,7 @@ def estimate(
         latency_ms=result.latency_ms,
         cycles=round(result.latency_ms * clock * 1e6) if clock else None,
         kernels=result.kernels,
-        memory=footprint(onnx_model, shapes),
+        memory=footprint(result.inlined or onnx_model, shapes),
         warnings=[the_target.latency_note] * bool(the_target.latency_note) + result.warnings
         + lane_warnings(the_target, onnx_model, shapes),
         measured_ms=the_target.measure(onnx_model, shapes).latency_ms if measure else None,

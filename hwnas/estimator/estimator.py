@@ -30,6 +30,7 @@ import onnx
 from hwnas.errors import BadInputError
 from hwnas.estimator.features import WORK_FEATURES, feature_matrix
 from hwnas.estimator.regressor import KernelRegressor
+from hwnas.graph.control_flow import flatten_control_flow
 from hwnas.graph.shapes import Shape
 from hwnas.report.json_report import read_json
 
@@ -67,6 +68,7 @@ class LatencyEstimate:
     latency_ms: float
     kernels: list[KernelEstimate]
     warnings: list[str] = field(default_factory=list)
+    inlined: onnx.ModelProto | None = None  # the model as costed, where If/Loop bodies were inlined
 
     def to_dict(self) -> dict:
         return {
@@ -137,13 +139,21 @@ class LatencyEstimator:
         return out  # type: ignore[return-value]
 
     def estimate(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> LatencyEstimate:
-        kernels = decompose(model, input_shapes, self.rules)
-        estimates = self.predict_kernels(kernels)
-        warnings = [
+        """The model's latency, If/Loop bodies included (`hwnas.graph.control_flow`)."""
+        flat = flatten_control_flow(model, input_shapes, cost=lambda m: self._top_level_ms(m, input_shapes))
+        estimates = [
+            dataclasses.replace(e, latency_ms=e.latency_ms * flat.repeats[e.nodes[0]]) if e.nodes[0] in flat.repeats else e
+            for e in self.predict_kernels(decompose(flat.model, input_shapes, self.rules))
+        ]
+        warnings = flat.warnings + [
             f"{e.op} {e.name}: no {self.target} measurements of this op; fallback estimate {e.latency_ms:.4f} ms"
             for e in estimates if e.fallback
         ]
-        return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings)
+        return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings,
+                               flat.model if flat.model is not model else None)
+
+    def _top_level_ms(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> float:
+        return float(sum(e.latency_ms for e in self.predict_kernels(decompose(model, input_shapes, self.rules))))
 
     # ---- storage: measurements + settings, never a pickle ------------------------------------------
 
