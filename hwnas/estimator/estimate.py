@@ -54,7 +54,7 @@ class EstimateResult:
             "memory": self.memory.to_dict(),
             "kernels": [
                 {"name": k.name, "op": k.op, "kind": k.kind, "nodes": list(k.nodes), "latency_ms": k.latency_ms,
-                 "fallback": k.fallback}
+                 "fallback": k.fallback, "in_distribution": k.in_distribution}
                 for k in self.kernels
             ],
             "warnings": self.warnings,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.features import WORK_FEATURES, feature_matrix
+from hwnas.estimator.features import SHAPE_FEATURES, WORK_FEATURES, feature_matrix
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.graph.control_flow import flatten_control_flow
 from hwnas.graph.shapes import Shape
@@ -43,6 +43,12 @@ from hwnas.targets.kernels import GemmShape, Kernel, decompose
 FORMAT = "hwnas-estimator"
 FORMAT_VERSION = 1
 _VECTOR_KINDS = ("elementwise", "pool", "resize", "concat")
+# The size features a kernel must lie within, per kind, to be inside the profiled distribution (the
+# residues and ratios always are); the slack is ~5 % on the log features, none on the counts.
+_SIZE_FEATURES = ("log_fold_steps", "log_vector_steps", "log_elements", "log_macs", "log_weights", "log_p", "log_k",
+                  "log_n", "kernel_h", "kernel_w")
+_SIZE_COLUMNS = [SHAPE_FEATURES.index(f) for f in _SIZE_FEATURES]
+_RANGE_SLACK = np.array([0.05 if f.startswith("log_") else 0.0 for f in _SIZE_FEATURES])
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class KernelEstimate:
     nodes: tuple[str, ...]
     latency_ms: float
     fallback: bool = False
+    in_distribution: bool = True  # its op was measured and every size feature lies within its kind's profiled range
 
 
 @dataclass
@@ -74,8 +81,8 @@ class LatencyEstimate:
         return {
             "target": self.target,
             "latency_ms": self.latency_ms,
-            "kernels": [{"name": k.name, "op": k.op, "kind": k.kind, "latency_ms": k.latency_ms, "fallback": k.fallback}
-                        for k in self.kernels],
+            "kernels": [{"name": k.name, "op": k.op, "kind": k.kind, "latency_ms": k.latency_ms, "fallback": k.fallback,
+                         "in_distribution": k.in_distribution} for k in self.kernels],
             "warnings": self.warnings,
         }
 
@@ -132,10 +139,13 @@ class LatencyEstimator:
             if kind != "free" and self.kernel_offset_ms:
                 # never more than half a kernel: the offset is a per-network average, not a floor every kernel has
                 values = np.maximum(values - self.kernel_offset_ms, 0.5 * values)
-            for i, k, v in zip(idx, group, values):
+            inside = self._in_range(kind, group)
+            for i, k, v, ok in zip(idx, group, values, inside):
                 # an op never measured under the catch-all kind is a guess however it was made: flag it
                 guessed = fallback or (kind == "other" and k.op not in self.measured_ops_)
-                out[i] = KernelEstimate(k.name, k.op, k.kind, k.nodes, float(max(v, 0.0)), guessed)
+                known_op = kind == "free" or k.op in self.measured_ops_
+                out[i] = KernelEstimate(k.name, k.op, k.kind, k.nodes, float(max(v, 0.0)), guessed,
+                                        bool(ok) and known_op and not guessed)
         return out  # type: ignore[return-value]
 
     def estimate(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> LatencyEstimate:
@@ -149,6 +159,11 @@ class LatencyEstimator:
             f"{e.op} {e.name}: no {self.target} measurements of this op; fallback estimate {e.latency_ms:.4f} ms"
             for e in estimates if e.fallback
         ]
+        outside = [e.name for e in estimates if not e.in_distribution and not e.fallback]
+        if outside:
+            shown = ", ".join(outside[:8]) + (f" and {len(outside) - 8} more" if len(outside) > 8 else "")
+            warnings.append(f"{len(outside)} kernel(s) outside the ops and sizes {self.target} was profiled at, "
+                            f"their estimates extrapolated: {shown}")
         return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings,
                                flat.model if flat.model is not model else None)
 
@@ -212,11 +227,32 @@ class LatencyEstimator:
         return self._derive()
 
     def _derive(self) -> LatencyEstimator:
-        """State that follows from the samples and regressors: fallbacks and the ops ever measured."""
+        """State that follows from the samples and regressors: fallbacks, the ops ever measured, the
+        profiled range of each kind's size features."""
         self.fallback_ = _fallback(self.regressors_, self.samples_)
         self.ms_per_element_ = _ms_per_element(self.samples_)
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
+        by_kind: dict[str, list[Kernel]] = {}
+        for s in self.samples_:
+            by_kind.setdefault(s.kernel.kind, []).append(s.kernel)
+        self.ranges_ = {}
+        for kind, kernels in by_kind.items():
+            sizes = self._sizes(kernels)
+            self.ranges_[kind] = (sizes.min(axis=0) - _RANGE_SLACK, sizes.max(axis=0) + _RANGE_SLACK)
         return self
+
+    def _sizes(self, kernels: Sequence[Kernel]) -> np.ndarray:
+        return feature_matrix(list(kernels), self.parallelism_factor)[1][:, _SIZE_COLUMNS]
+
+    def _in_range(self, kind: str, kernels: Sequence[Kernel]) -> np.ndarray:
+        """Per kernel: whether every size feature lies within the range its kind was profiled at."""
+        if kind == "free":
+            return np.ones(len(kernels), bool)
+        if kind not in self.ranges_:
+            return np.zeros(len(kernels), bool)
+        lo, hi = self.ranges_[kind]
+        sizes = self._sizes(kernels)
+        return np.all((sizes >= lo) & (sizes <= hi), axis=1)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyEstimator:
