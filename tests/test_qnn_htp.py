@@ -208,3 +208,30 @@ def test_deploy_check_needs_int8(monkeypatch):
     with pytest.raises(BadInputError, match="--quantize int8"):
         api.optimize(build("mobilenetv2", resolution=64, width=0.5), "npu-16x16", deploy_check="qnn-htp",
                      max_drift=0.1, trials=2, workers=1)
+
+
+@needs_qnn
+@pytest.mark.slow
+def test_a_float_div_stops_finalize_and_bisection_names_it():
+    """PP-OCR cls quantized in the qnn form but without div-to-mul does not finalize on the HTP; the
+    bisection names its first hard-swish Div, whose divisor 6 stayed a float constant. With div-to-mul
+    (the qnn preset) every node compiles onto the NPU."""
+    pytest.importorskip("PIL", reason="rendered text lines need pillow")
+    from hwnas.verify.calib_data import calibration_sets
+    from tests.conftest import real_model_path
+
+    path = real_model_path("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    calib = calibration_sets(path, fit_samples=4, held_out_samples=1).fit.inputs
+    shapes = {"x": (1, 3, 48, 192)}
+    # the qnn preset's settings (uint8 activations, uint8 weights per tensor), spelled without the preset
+    plain = api.run(str(path), "quantize{preset=cpu,weights=uint8,per_channel=false}", input_shapes=shapes,
+                    calibration=calib, allow_drift=1.0, verify=False).model
+    result = qnn_htp.deploy_check(plain, shapes, drift=False)
+    assert not result.compiled and "QNN_COMMON_ERROR_MEM_ALLOC" in result.error
+    culprit = result.culprit
+    assert culprit is not None and "Div" in culprit.ops and len(culprit.nodes) <= 8
+    assert any("(Div) input" in q and "float constant = 6" in q and "NOT quantized" in q for q in culprit.quantization)
+    fixed = api.run(str(path), "quantize{preset=qnn}", input_shapes=shapes, calibration=calib, allow_drift=1.0,
+                    verify=False).model
+    good = qnn_htp.deploy_check(fixed, shapes, drift=False)
+    assert good.compiled and not good.off_npu and good.on_npu > 500
