@@ -23,7 +23,9 @@ from hwnas.passes.base import Exactness, PassContext, Site
 from hwnas.passes.pipeline import Pipeline
 from hwnas.passes.registry import get_pass
 
-Verifier = Callable[[gs.Graph], "VerificationOutcome"]
+# (graph before the pass, graph after it, the pass's class) -> verdict: an exact step is judged against the
+# graph it was given, whatever steps came before it
+Verifier = Callable[[gs.Graph, gs.Graph, Exactness], "VerificationOutcome"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class PassManager:
             start = time.perf_counter()
             nodes_before = len(graph.nodes)
             work = graph if self.in_place else graph.copy()  # else a pass that raises leaves the graph as it was
+            before = graph.copy() if self.verify_each is not None else None  # weights are shared, not copied
             sites = the_pass.match(work, ctx)
             selector = spec.sites
             applicable = [s for s in sites if s.applicable]
@@ -132,7 +135,7 @@ class PassManager:
             )
             records.append(record)
             if self.verify_each is not None and record.modified:
-                outcome = self.verify_each(graph)
+                outcome = self.verify_each(before, graph, record.exactness)
                 record.verified = outcome.ok
                 if not outcome.ok:
                     raise PassFailedVerification(record.spec, [r.spec for r in records[:-1]], outcome.detail)
