@@ -34,11 +34,11 @@ def classifier(features: int, classes: int) -> onnx.ModelProto:
 def test_an_oversized_gemm_is_flagged_and_named(target):
     ordinary = estimate(classifier(256, 100), target)
     assert all(k.in_distribution for k in ordinary.kernels)
-    assert not any("outside the ops and sizes" in w for w in ordinary.warnings)
+    assert not any("outside the ops, precisions and sizes" in w for w in ordinary.warnings)
     big = estimate(classifier(2048, 20000), target)
     flags = {k.name: k.in_distribution for k in big.kernels if k.kind != "free"}
     assert flags["fc"] is False
-    assert [w for w in big.warnings if "outside the ops and sizes" in w and "fc" in w]
+    assert [w for w in big.warnings if "outside the ops, precisions and sizes" in w and "fc" in w]
     assert json.loads(json.dumps(big.to_dict()))["kernels"][-1]["in_distribution"] is False
 
 

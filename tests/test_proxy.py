@@ -94,7 +94,7 @@ def test_architecture_only_builds_the_same_architecture_without_fitting():
     unfitted = architecture_only(pipeline)
     assert unfitted == "fold-bn,fuse-ibn{mode=mbconv,sites=@block2/expand/conv,fit=compose},fuse-ibn{mode=linear}"
     fitted_model = api.run(model, pipeline, allow_drift=1.0, verify=False).model
-    assert weight_shapes(api.run(model, unfitted, verify=False).model) == weight_shapes(fitted_model)
+    assert weight_shapes(api.run(model, unfitted, allow_drift=1.0, verify=False).model) == weight_shapes(fitted_model)
     assert architecture_only("scale-depth{multiplier=0.5}") == "scale-depth{multiplier=0.5,importance=weight,refit=false}"
 
 

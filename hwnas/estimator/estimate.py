@@ -22,6 +22,10 @@ from hwnas.targets.kernels import decompose
 from hwnas.targets.npu import LaneUse
 
 
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                            "MatMulInteger"})
+
+
 @dataclass
 class EstimateResult:
     """Estimated latency on a target, per kernel, with the memory footprint and advice-worthy warnings."""
@@ -86,9 +90,19 @@ def estimate(
         kernels=result.kernels,
         memory=footprint(result.inlined or onnx_model, shapes),
         warnings=[the_target.latency_note] * bool(the_target.latency_note) + result.warnings
-        + lane_warnings(the_target, onnx_model, shapes),
+        + _precision_warnings(the_target, onnx_model) + lane_warnings(the_target, onnx_model, shapes),
         measured_ms=the_target.measure(onnx_model, shapes).latency_ms if measure else None,
     )
+
+
+def _precision_warnings(target: Target, model: onnx.ModelProto) -> list[str]:
+    """An npu of 1 byte per element computes in int8: a float model's estimate is that of its int8 form."""
+    if target.describe().get("config", {}).get("bytes_per_element") != 1:
+        return []
+    if any(n.op_type in _QUANTIZED_OPS for n in model.graph.node):
+        return []
+    return [f"the model is float: the estimate assumes int8 execution on {target.name} (1 byte per element); "
+            "quantize it (pass quantize, optimize --quantize int8) to deploy and verify what the chip runs"]
 
 
 def lane_warnings(target: Target, model: onnx.ModelProto, shapes: Mapping[str, Shape], limit: int = 12) -> list[str]:

@@ -66,7 +66,8 @@ class KernelEstimate:
     nodes: tuple[str, ...]
     latency_ms: float
     fallback: bool = False
-    in_distribution: bool = True  # its op was measured and every size feature lies within its kind's profiled range
+    # its op and precision (float, int8) were measured and every size feature lies within its kind's profiled range
+    in_distribution: bool = True
 
 
 @dataclass
@@ -162,8 +163,8 @@ class LatencyEstimator:
         outside = [e.name for e in estimates if not e.in_distribution and not e.fallback]
         if outside:
             shown = ", ".join(outside[:8]) + (f" and {len(outside) - 8} more" if len(outside) > 8 else "")
-            warnings.append(f"{len(outside)} kernel(s) outside the ops and sizes {self.target} was profiled at, "
-                            f"their estimates extrapolated: {shown}")
+            warnings.append(f"{len(outside)} kernel(s) outside the ops, precisions and sizes {self.target} was "
+                            f"profiled at, their estimates extrapolated: {shown}")
         return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings,
                                flat.model if flat.model is not model else None)
 
@@ -235,6 +236,10 @@ class LatencyEstimator:
         by_kind: dict[str, list[Kernel]] = {}
         for s in self.samples_:
             by_kind.setdefault(s.kernel.kind, []).append(s.kernel)
+        # an npu with 1 byte per element ran every profiled kernel as int8; elsewhere only int8 samples count
+        int8_everywhere = self.target_config.get("config", {}).get("bytes_per_element") == 1
+        self.int8_kinds_ = frozenset(by_kind) if int8_everywhere else frozenset(
+            s.kernel.kind for s in self.samples_ if s.kernel.int8)
         self.ranges_ = {}
         for kind, kernels in by_kind.items():
             sizes = self._sizes(kernels)
@@ -252,7 +257,8 @@ class LatencyEstimator:
             return np.zeros(len(kernels), bool)
         lo, hi = self.ranges_[kind]
         sizes = self._sizes(kernels)
-        return np.all((sizes >= lo) & (sizes <= hi), axis=1)
+        precision = np.array([kind in self.int8_kinds_ or not k.int8 for k in kernels], bool)
+        return np.all((sizes >= lo) & (sizes <= hi), axis=1) & precision
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyEstimator:

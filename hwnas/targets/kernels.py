@@ -16,9 +16,11 @@ Kinds (the op semantics, the same on every target):
     pool         pooling and reductions (each output reads a window of `window` inputs)
     resize       Resize, Upsample, DepthToSpace, SpaceToDepth
     concat       Concat
-    free         moves no data: Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout, and every node
+    free         moves no data: Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout, every node
                  computed from constants and shapes alone (Constant, Shape, the arithmetic that sizes a
-                 Reshape): a compiler resolves those before run time
+                 Reshape, a weight's DequantizeLinear): a compiler resolves those before run time; and a
+                 QuantizeLinear → DequantizeLinear pair between kernels: it marks the tensor as int8, which
+                 the kernels on either side read and write as such (ORT fuses DQ → Conv → Q into QLinearConv)
     other        anything else (Transpose, Slice, Softmax, custom ops...): kept, costed by a fallback
 
 Conv-like kernels also carry their GEMM view (`GemmShape`), the way a systolic array runs them:
@@ -106,6 +108,7 @@ class Kernel:
     output_elements: int = 0
     gemm: GemmShape | None = None
     residual: bool = False  # a residual Add is fused in
+    int8: bool = False  # an activation enters through a DequantizeLinear: the kernel runs quantized
 
     @property
     def fused_ops(self) -> tuple[str, ...]:
@@ -200,7 +203,7 @@ def _is_anchor(node: onnx.NodeProto, rules: FusionRules) -> bool:
 
 def _kind(graph: _Graph, i: int) -> str:
     node = graph.nodes[i]
-    if _is_static_node(graph, node):
+    if _is_static_node(graph, node) or _is_int8_boundary(graph, node):
         return "free"
     if node.domain not in _ONNX_DOMAINS:
         return "other"
@@ -209,6 +212,19 @@ def _kind(graph: _Graph, i: int) -> str:
         channels = graph.shapes[node.input[0]][1]
         return "dwconv" if groups == channels > 1 else "conv"
     return _KINDS_BY_OP.get(node.op_type, "other")
+
+
+def _is_int8_boundary(graph: _Graph, node: onnx.NodeProto) -> bool:
+    """A QuantizeLinear read only by DequantizeLinear nodes, or a DequantizeLinear of a QuantizeLinear."""
+    if node.domain not in _ONNX_DOMAINS:
+        return False
+    if node.op_type == "QuantizeLinear":
+        users = graph.consumers.get(node.output[0], ())
+        return bool(users) and all(graph.nodes[u].op_type == "DequantizeLinear" for u in users)
+    if node.op_type == "DequantizeLinear":
+        source = graph.producer.get(node.input[0])
+        return source is not None and graph.nodes[source].op_type == "QuantizeLinear"
+    return False
 
 
 # ---- fusion ------------------------------------------------------------------------------------
@@ -351,6 +367,8 @@ def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
         weight_elements=0 if kind == "free" else sum(math.prod(graph.shapes[n]) for n in weights),
         output_elements=sum(math.prod(graph.shapes[n]) for n in leaving),
         residual=residual,
+        int8=kind != "free" and any(graph.nodes[graph.producer[n]].op_type == "DequantizeLinear"
+                                    for n in activations if n in graph.producer),
         **_head_features(graph, head, kind),
     )
 

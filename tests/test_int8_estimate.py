@@ -1,0 +1,42 @@
+"""The estimators on quantized (QDQ) models: Q/DQ pairs are part of the kernels around them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hwnas.api as api
+from hwnas.estimator.estimate import estimate
+from hwnas.models import build
+
+
+@pytest.fixture(scope="module")
+def models():
+    model = build("mobilenetv2", resolution=96)
+    calibration = {"input": np.random.default_rng(0).standard_normal((4, 3, 96, 96)).astype(np.float32)}
+    float_model = api.run(model, "fold-bn").model
+    quantized = api.run(model, "fold-bn,quantize{preset=cpu}", calibration=calibration, allow_drift=0.5).model
+    return float_model, quantized
+
+
+def test_an_int8_npu_estimates_the_quantized_model_as_its_float_graph(models):
+    float_model, quantized = models
+    f, q = estimate(float_model, "npu-32x32"), estimate(quantized, "npu-32x32")
+    assert q.latency_ms == pytest.approx(f.latency_ms, rel=0.02)
+    convs = [k.name for k in f.kernels if k.op in ("Conv", "Gemm")]
+    assert [k.name for k in q.kernels if k.op in ("Conv", "Gemm")] == convs  # no Q/DQ kernel of their own
+    assert not [k for k in q.kernels if k.op in ("QuantizeLinear", "DequantizeLinear") and k.kind != "free"]
+
+
+def test_a_float_model_on_an_int8_npu_says_the_estimate_assumes_int8(models):
+    float_model, quantized = models
+    assert [w for w in estimate(float_model, "npu-32x32").warnings if "assumes int8" in w]
+    assert not [w for w in estimate(quantized, "npu-32x32").warnings if "assumes int8" in w]
+    assert not [w for w in estimate(float_model, "cpu").warnings if "assumes int8" in w]
+
+
+def test_the_cpu_estimator_flags_int8_kernels_it_never_measured(models):
+    float_model, quantized = models
+    convs = [k for k in estimate(quantized, "cpu").kernels if k.op == "Conv"]
+    assert convs and not any(k.in_distribution for k in convs)
+    assert all(k.in_distribution for k in estimate(float_model, "cpu").kernels if k.op == "Conv" and k.name != "logits")
