@@ -390,7 +390,11 @@ def optimize(
         return result
 
     # the input's own pipeline is the last resort, and only within every limit given: over one, nothing is written
-    fallbacks = [] if outcome.baseline in candidates[:5] or not limits.feasible(outcome.baseline.score) else [outcome.baseline]
+    # when the best reconstructed candidates fail verification, the best exact one (which verifies unless a
+    # pass is broken) comes before the baseline: it keeps what the exact passes alone found
+    best_exact = next((t for t in candidates if t.score.exact), None)
+    fallbacks = [t for t in (best_exact, outcome.baseline if outcome.baseline is not best_exact else None)
+                 if t is not None and t not in candidates[:5] and limits.feasible(t.score)]
     verify_start = time.monotonic()
     chosen, run_result = verify_in_order(candidates[:5] + fallbacks, accept)
     verify_s = time.monotonic() - verify_start

@@ -79,3 +79,28 @@ def test_depth_cache_use_is_counted_over_the_candidates_scored():
     use = search_report["depth_cache"]
     assert 0 < use["depth_cache_hits"] < use["depth_cache_lookups"] <= search_report["candidates_scored"]
     assert search_report["seconds"]["candidates_drift"] > 0  # reconstructed candidates are run
+
+
+def test_the_best_exact_candidate_is_verified_before_falling_back_to_the_input(monkeypatch):
+    """Reconstructed winners can fail verification; the exact passes' result must not be lost then."""
+    from hwnas.search import optimize as search_optimize
+
+    real = search_optimize.verify_in_order
+    tried = []
+
+    def every_reconstructed_one_fails(candidates, check):
+        tried.extend(candidates)
+
+        def strict(pipeline):
+            trial = next(t for t in candidates if search_optimize.full_pipeline(t.pipeline) == pipeline)
+            if not trial.score.exact:
+                raise search_optimize.CheckFailedError("drift over the budget (simulated)")
+            return check(pipeline)
+        return real(candidates, strict)
+
+    monkeypatch.setattr(search_optimize, "verify_in_order", every_reconstructed_one_fails)
+    model = build("mobilenetv2", resolution=64)
+    result = api.optimize(model, "npu-32x32", max_drift=0.2, trials=16, seed=0, workers=1)
+    exact_tried = [t for t in tried if t.score.exact]
+    assert exact_tried and exact_tried[0].pipeline  # not only the input's own pipeline
+    assert result.report["exact"] and result.report["latency_reduction"] > 0
