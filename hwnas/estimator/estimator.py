@@ -3,9 +3,10 @@
 Like the reference work's performance estimator and nn-Meter, it never deploys the model: it cuts it
 into the kernels the target runs fused (`kernels.decompose` under the target's fusion rules), predicts
 each kernel's latency with the regressor trained on measurements of that kernel kind on that target,
-and adds them up. Unlike nn-Meter it never counts an op as 0 ms silently: a kernel whose kind has no
-trained regressor gets a fallback estimate from the vector-op regressor (or the median time per
-element), and a warning that names it.
+and adds them up. Unlike nn-Meter it never counts an op as 0 ms silently, and it does not extrapolate
+blindly: a kernel whose kind has no trained regressor, or whose sizes lie beyond those its kind was
+profiled at, is costed by physical terms taken from the target's measurements (`roofline.py`), and
+flagged (`fallback`, `in_distribution`) with a warning that names it.
 
 Storage: an estimator is its measurements plus its settings, as JSON, and beside it (`*.fitted.npz`,
 plain arrays, loaded with `allow_pickle=False`) the fitted trees. Loading uses the arrays only when they
@@ -30,6 +31,7 @@ import onnx
 from hwnas.errors import BadInputError
 from hwnas.estimator.features import SHAPE_FEATURES, WORK_FEATURES, feature_matrix
 from hwnas.estimator.regressor import KernelRegressor
+from hwnas.estimator.roofline import Roofline
 from hwnas.graph.control_flow import flatten_control_flow
 from hwnas.graph.shapes import Shape
 from hwnas.report.json_report import read_json
@@ -42,11 +44,15 @@ from hwnas.targets.kernels import GemmShape, Kernel, decompose
 
 FORMAT = "hwnas-estimator"
 FORMAT_VERSION = 1
-_VECTOR_KINDS = ("elementwise", "pool", "resize", "concat")
 # The size features a kernel must lie within, per kind, to be inside the profiled distribution (the
 # residues and ratios always are); the slack is ~5 % on the log features, none on the counts.
 _SIZE_FEATURES = ("log_fold_steps", "log_vector_steps", "log_elements", "log_macs", "log_weights", "log_p", "log_k",
                   "log_n", "kernel_h", "kernel_w")
+# Beyond its profiled sizes a Gemm/MatMul takes the linear baseline of the conv kind: it is a 1x1 conv on
+# P pixels, and the conv kind was profiled over P, K and N alike, the gemm kind (classifier heads) only
+# at P = 1, so its baseline cannot tell MACs from rows (a 4096x768x768 MatMul: 93x the simulated
+# npu-32x32 time with the gemm kind's baseline).
+_BASELINE_KIND = {"gemm": "conv"}
 _SIZE_COLUMNS = [SHAPE_FEATURES.index(f) for f in _SIZE_FEATURES]
 _RANGE_SLACK = np.array([0.05 if f.startswith("log_") else 0.0 for f in _SIZE_FEATURES])
 
@@ -120,7 +126,8 @@ class LatencyEstimator:
         return np.hstack([work, shape])
 
     def predict_kernels(self, kernels: Sequence[Kernel]) -> list[KernelEstimate]:
-        """Latency of each kernel; kinds without a regressor get a flagged fallback estimate."""
+        """Latency of each kernel. Beyond the sizes its kind was profiled at, and for a kind never
+        profiled (flagged `fallback`), the physical terms instead of the regressor (`roofline.py`)."""
         out: list[KernelEstimate | None] = [None] * len(kernels)
         by_kind: dict[str, list[int]] = {}
         for i, k in enumerate(kernels):
@@ -128,25 +135,29 @@ class LatencyEstimator:
         for kind, idx in by_kind.items():
             group = [kernels[i] for i in idx]
             regressor = self.regressors_.get(kind)
+            # inside: a measured op at sizes its kind (its op, for the catch-all kind) was profiled at
+            inside = self._in_range(kind, group) & np.array([kind == "free" or k.op in self.measured_ops_ for k in group])
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)
             elif regressor is not None:
-                values, fallback = regressor.predict(self._features(group)), False
-            elif self.fallback_ is not None:
-                values, fallback = self.fallback_.predict(self._features(group)), True
+                X = self._features(group)
+                values, fallback = regressor.predict(X), False
+                if not inside.all():
+                    # the boosted correction holds its edge value out there: the larger physical term instead
+                    linear = self.regressors_.get(_BASELINE_KIND.get(kind, kind), regressor)
+                    beyond = np.maximum(linear.baseline(X), self.roofline_.predict(group))
+                    values = np.where(inside, values, beyond)
             else:
-                values = np.array([(k.input_elements + k.output_elements) * self.ms_per_element_ for k in group])
-                fallback = True
+                values, fallback = self.roofline_.predict(group), True
             if kind != "free" and self.kernel_offset_ms:
                 # never more than half a kernel: the offset is a per-network average, not a floor every kernel has
                 values = np.maximum(values - self.kernel_offset_ms, 0.5 * values)
-            inside = self._in_range(kind, group)
+            # an int8 kernel of a kind profiled in float only keeps the float estimate, flagged
+            inside &= self._precision_profiled(kind, group)
             for i, k, v, ok in zip(idx, group, values, inside):
                 # an op never measured under the catch-all kind is a guess however it was made: flag it
                 guessed = fallback or (kind == "other" and k.op not in self.measured_ops_)
-                known_op = kind == "free" or k.op in self.measured_ops_
-                out[i] = KernelEstimate(k.name, k.op, k.kind, k.nodes, float(max(v, 0.0)), guessed,
-                                        bool(ok) and known_op and not guessed)
+                out[i] = KernelEstimate(k.name, k.op, k.kind, k.nodes, float(max(v, 0.0)), guessed, bool(ok) and not guessed)
         return out  # type: ignore[return-value]
 
     def estimate(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> LatencyEstimate:
@@ -164,7 +175,8 @@ class LatencyEstimator:
         if outside:
             shown = ", ".join(outside[:8]) + (f" and {len(outside) - 8} more" if len(outside) > 8 else "")
             warnings.append(f"{len(outside)} kernel(s) outside the ops, precisions and sizes {self.target} was "
-                            f"profiled at, their estimates extrapolated: {shown}")
+                            f"profiled at (beyond the ops and sizes costed by the roofline fallback, an int8 kernel "
+                            f"profiled in float only by its float estimate): {shown}")
         return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings,
                                flat.model if flat.model is not model else None)
 
@@ -228,10 +240,10 @@ class LatencyEstimator:
         return self._derive()
 
     def _derive(self) -> LatencyEstimator:
-        """State that follows from the samples and regressors: fallbacks, the ops ever measured, the
+        """State that follows from the samples and regressors: the roofline, the ops ever measured, the
         profiled range of each kind's size features."""
-        self.fallback_ = _fallback(self.regressors_, self.samples_)
-        self.ms_per_element_ = _ms_per_element(self.samples_)
+        self.roofline_ = Roofline.from_measurements([s.kernel for s in self.samples_], [s.latency_ms for s in self.samples_],
+                                                    {kind: r.fixed_ms for kind, r in self.regressors_.items()})
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
         by_kind: dict[str, list[Kernel]] = {}
         for s in self.samples_:
@@ -242,23 +254,29 @@ class LatencyEstimator:
             s.kernel.kind for s in self.samples_ if s.kernel.int8)
         self.ranges_ = {}
         for kind, kernels in by_kind.items():
-            sizes = self._sizes(kernels)
-            self.ranges_[kind] = (sizes.min(axis=0) - _RANGE_SLACK, sizes.max(axis=0) + _RANGE_SLACK)
+            for key in {_range_key(k) for k in kernels}:
+                sizes = self._sizes([k for k in kernels if _range_key(k) == key])
+                self.ranges_[key] = (sizes.min(axis=0) - _RANGE_SLACK, sizes.max(axis=0) + _RANGE_SLACK)
         return self
 
     def _sizes(self, kernels: Sequence[Kernel]) -> np.ndarray:
         return feature_matrix(list(kernels), self.parallelism_factor)[1][:, _SIZE_COLUMNS]
 
     def _in_range(self, kind: str, kernels: Sequence[Kernel]) -> np.ndarray:
-        """Per kernel: whether every size feature lies within the range its kind was profiled at."""
+        """Per kernel: whether every size feature lies within the range its kind (`_range_key`) was profiled at."""
         if kind == "free":
             return np.ones(len(kernels), bool)
-        if kind not in self.ranges_:
-            return np.zeros(len(kernels), bool)
-        lo, hi = self.ranges_[kind]
         sizes = self._sizes(kernels)
-        precision = np.array([kind in self.int8_kinds_ or not k.int8 for k in kernels], bool)
-        return np.all((sizes >= lo) & (sizes <= hi), axis=1) & precision
+        inside = np.zeros(len(kernels), bool)
+        for i, k in enumerate(kernels):
+            if _range_key(k) in self.ranges_:
+                lo, hi = self.ranges_[_range_key(k)]
+                inside[i] = bool(np.all((sizes[i] >= lo) & (sizes[i] <= hi)))
+        return inside
+
+    def _precision_profiled(self, kind: str, kernels: Sequence[Kernel]) -> np.ndarray:
+        """Per kernel: whether its kind was profiled at its precision (int8 or float)."""
+        return np.array([kind == "free" or kind in self.int8_kinds_ or not k.int8 for k in kernels], bool)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyEstimator:
@@ -272,6 +290,12 @@ class LatencyEstimator:
             except (OSError, ValueError):
                 fitted = None  # unreadable arrays: refit from the measurements
         return cls.from_dict(data, origin=str(p), fitted=fitted)
+
+
+def _range_key(kernel: Kernel) -> str:
+    """What a profiled range is kept per: the kernel's kind; within the catch-all kind "other", which holds
+    unrelated ops (a Transpose's sizes say nothing about a Softmax's), its op."""
+    return f"other:{kernel.op}" if kernel.kind == "other" else kernel.kind
 
 
 def _fitted_path(path: str | Path) -> Path:
@@ -289,18 +313,6 @@ def _fitted_matches(fitted: Mapping[str, np.ndarray], samples: list) -> bool:
     except (KeyError, ValueError):
         return False
     return meta.get("scikit-learn") == _SKLEARN_VERSION and meta.get("samples_sha256") == _samples_digest(samples)
-
-
-def _fallback(regressors: Mapping[str, KernelRegressor], samples: Sequence[Sample]) -> KernelRegressor | None:
-    """Unknown kinds are costed like the vector-unit kind with the most measurements."""
-    counts = {kind: sum(s.kernel.kind == kind for s in samples) for kind in regressors if kind in _VECTOR_KINDS}
-    return regressors[max(counts, key=counts.get)] if counts else None
-
-
-def _ms_per_element(samples: Sequence[Sample]) -> float:
-    if not samples:
-        return 1e-6
-    return float(np.median([s.latency_ms / max(s.kernel.output_elements + s.kernel.input_elements, 1) for s in samples]))
 
 
 def _sample_to_dict(sample: Sample) -> dict:

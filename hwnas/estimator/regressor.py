@@ -107,6 +107,15 @@ class KernelRegressor:
     def _baseline(self, work: np.ndarray) -> np.ndarray:
         return np.maximum(work @ self.coef_, _FLOOR)
 
+    def baseline(self, X: np.ndarray) -> np.ndarray:
+        """The linear part alone, w · work: what extrapolates beyond the fitted sizes."""
+        return self._baseline(np.asarray(X, dtype=np.float64)[:, : self.n_work])
+
+    @property
+    def fixed_ms(self) -> float:
+        """The baseline's constant term: what a kernel of this kind costs however small."""
+        return float(self.coef_[-1])
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         if len(X) == 0:
