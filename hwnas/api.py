@@ -18,6 +18,8 @@ import onnx
 from hwnas.advice import Hint
 from hwnas.advice import hints as advise
 from hwnas.errors import BadInputError, CheckFailedError
+from hwnas.estimator.around import AroundReport
+from hwnas.estimator.around import profile_around as around_model
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimate import EstimateResult, estimate
 from hwnas.estimator.estimator import LatencyEstimator
@@ -211,6 +213,27 @@ def profile(
         raise BadInputError("profile: --budget must be at least 10 measurements")
     the_target = get_target(target) if isinstance(target, str) else target
     return profile_target(the_target, budget, seed=seed, progress=progress)
+
+
+def profile_around(
+    target: str | Target,
+    model: ModelLike,
+    budget: int = 200,
+    *,
+    estimator: str | os.PathLike | LatencyEstimator | None = None,
+    input_shapes: Mapping[str, Shape] | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[LatencyEstimator, AroundReport]:
+    """The target's estimator (default: the shipped one) refitted with `budget` measurements shaped like
+    `model`'s kernels outside its profiled distribution (hwnas.estimator.around)."""
+    if budget < 1:
+        raise BadInputError("profile: --budget must be at least 1 measurement")
+    the_target = get_target(target) if isinstance(target, str) else target
+    the_model = as_model(model)
+    base = estimator_for(the_target, estimator)
+    return around_model(the_target, base, the_model, resolve_input_shapes(the_model, input_shapes), budget, seed=seed,
+                        progress=progress)
 
 
 def check(

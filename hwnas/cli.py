@@ -174,9 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON only")
 
     pr = _command(sub, "profile", "measure sampled kernels on a target and fit its latency estimator",
-                  "hwnas profile --target cpu --budget 2000 -o estimators/")
+                  "hwnas profile --target cpu --budget 2000 -o estimators/\n"
+                  "  hwnas profile --target cpu --around model.onnx --budget 200 -o estimators/")
     pr.add_argument("--target", required=True)
-    pr.add_argument("--budget", type=int, default=2000, help="kernel measurements (default 2000)")
+    pr.add_argument("--budget", type=int, default=None,
+                    help="kernel measurements (default 2000; with --around 200)")
+    pr.add_argument("--around", metavar="MODEL", help="add samples shaped like MODEL's kernels outside the "
+                    "estimator's profiled distribution and refit it (the shipped one, or --estimator)")
+    pr.add_argument("--estimator", help="with --around: the estimator file to extend (default: the shipped one)")
     pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -359,8 +364,27 @@ def cmd_profile(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"profile: {out_dir} is a file, not a directory")
     check_output_path(out_dir / "estimator.json") if out_dir.exists() else check_output_path(out_dir)
-    with tqdm(total=args.budget, desc=f"profiling {args.target}", unit="kernel", disable=args.quiet or None) as bar:
-        estimator, report = api.profile(args.target, args.budget, seed=args.seed, progress=bar.update)
+    if args.around:
+        budget = 200 if args.budget is None else args.budget
+        with tqdm(total=budget, desc=f"profiling {args.target} around {args.around}", unit="kernel",
+                  disable=args.quiet or None) as bar:
+            estimator, around = api.profile_around(args.target, args.around, budget, estimator=args.estimator,
+                                                   seed=args.seed, progress=bar.update)
+        for name, why in around.skipped.items():
+            print(f"not sampled: {name}: {why}", file=sys.stderr)
+        if not around.measurements:
+            print(f"profile: nothing measured around {args.around} ({len(around.outside)} kernel(s) outside the "
+                  f"distribution, none a profiling unit can express); no estimator written", file=sys.stderr)
+            return 1
+        out_dir.mkdir(exist_ok=True)
+        path = out_dir / f"{estimator.target}.json"
+        estimator.save(path)
+        print(f"wrote {path}: {around.measurements} measurements around {', '.join(around.sampled)}, refitted on "
+              f"{len(estimator.samples_)}")
+        return 0
+    budget = 2000 if args.budget is None else args.budget
+    with tqdm(total=budget, desc=f"profiling {args.target}", unit="kernel", disable=args.quiet or None) as bar:
+        estimator, report = api.profile(args.target, budget, seed=args.seed, progress=bar.update)
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
     estimator.save(path)

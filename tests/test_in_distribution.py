@@ -121,3 +121,52 @@ def test_roofline_takes_the_bound_and_the_throughput_of_kernels_of_about_the_sam
     assert big == pytest.approx(20_000 / 1 + 0.5, rel=0.01)
     assert beyond == pytest.approx(10**6 / 1 + 0.5, rel=0.01)  # beyond every measurement: the largest ones' throughput
     assert heavy == pytest.approx(10**6 / 100 + 0.5, rel=0.01)  # compute-bound
+
+
+@pytest.mark.slow
+def test_profile_around_a_model_brings_its_outside_kernels_inside(tmp_path, capsys):
+    """`hwnas profile --around`: samples shaped like the model's outside kernels, then a refit (npu-32x32
+    is simulated: cheap and exact)."""
+    from hwnas.cli import main
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.estimator.estimator import LatencyEstimator
+    from hwnas.targets import get_target
+
+    model = tmp_path / "fc.onnx"
+    onnx.save(classifier(2048, 20000), model)
+    before = estimate(classifier(2048, 20000), "npu-32x32")
+    assert not {k.name: k for k in before.kernels}["fc"].in_distribution
+    out = tmp_path / "est"
+    assert main(["profile", "--target", "npu-32x32", "--around", str(model), "--budget", "3", "-o", str(out), "--quiet"]) == 0
+    assert "3 measurements around fc" in capsys.readouterr().out
+    refit = LatencyEstimator.load(out / "npu-32x32.json")
+    assert len(refit.samples_) == len(estimator_for(get_target("npu-32x32")).samples_) + 3
+    after = estimate(classifier(2048, 20000), "npu-32x32", estimator=refit)
+    assert {k.name: k for k in after.kernels}["fc"].in_distribution
+    assert refit.target_config["profiled_around"][-1]["kernels"] == ["fc"]
+
+
+def test_profile_around_names_what_no_profiling_unit_expresses(tmp_path, capsys):
+    from hwnas.cli import main
+    from hwnas.estimator.around import block_unit, kernel_unit
+    from hwnas.graph.shapes import resolve_input_shapes
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+
+    model = tmp_path / "mm.onnx"
+    onnx.save(_matmul(4096, 768, 768), model)
+    assert main(["profile", "--target", "npu-32x32", "--around", str(model), "-o", str(tmp_path / "est"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "not sampled: mm: a GEMM with several rows" in err and not (tmp_path / "est").exists()
+    # a conv and a classifier map onto a one-kernel model and a random-network block of their shape
+    conv = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", kernel_shape=[3, 3], pads=[1] * 4)],
+                  [1, 24, 40, 40], [1, 48, 40, 40], [numpy_helper.from_array(np.zeros((48, 24, 3, 3), np.float32), "w")])
+    rules = get_target("cpu").rules
+    (kernel,) = [k for k in decompose(conv, resolve_input_shapes(conv), rules) if k.kind != "free"]
+    unit = kernel_unit(kernel)
+    assert (unit.kind, unit.c_in, unit.c_out, unit.size, unit.kernel) == ("conv", 24, 48, 40, 3)
+    block, c, h = block_unit(kernel)
+    assert (block.kind, block.c_out, block.kernel, c, h) == ("conv", 48, 3, 24, 40)
+    fc = next(k for k in decompose(classifier(1280, 1000), {"x": (1, 1280, 7, 7)}, rules) if k.kind == "gemm")
+    block, c, _ = block_unit(fc)
+    assert (block.kind, block.op, block.c_out, c) == ("head", "classifier", 1000, 1280)

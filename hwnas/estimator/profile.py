@@ -113,8 +113,7 @@ def profile_target(
     if mode == "context" and not supports_context(target):
         raise ValueError(f"context mode needs ONNX Runtime's CPU provider; {target.name} is not one")
     rules = rules or target.rules
-    sampler = (_ContextSampler(target, rules, seed, scale_to_run) if mode == "context"
-               else _KernelSampler(target, rules, seed))
+    sampler = make_sampler(target, rules, seed, mode, scale_to_run)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
@@ -136,6 +135,13 @@ def profile_target(
             network_ms=[round(t, 5) for t in sampler.network_ms],
             kernel_offset_us=round(estimator.kernel_offset_ms * 1e3, 3))
     return estimator, report
+
+
+def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False):
+    """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""
+    if mode == "context":
+        return _ContextSampler(target, rules, seed, scale_to_run)
+    return _KernelSampler(target, rules, seed)
 
 
 def per_kernel_offset(samples: Sequence[Sample], network_ms: Sequence[float]) -> float:

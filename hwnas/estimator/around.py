@@ -1,0 +1,133 @@
+"""Profiling around a model: samples shaped like its kernels that lie outside the profiled distribution.
+
+`hwnas profile --target T --around MODEL.onnx` estimates MODEL with T's estimator, takes the kernels it
+flags `in_distribution: false`, turns each into a profiling unit of the same shape (in `kernel` mode a
+one-kernel model, in `context` mode a block at the head of a random network, `networks.py`), measures
+`budget` perturbations of them (channel counts ±1…±PF, sizes ±25 %, as adaptive sampling does) and
+refits the estimator on its own measurements plus the new ones. A kernel that no profiling unit can
+express yet (a MatMul with batch rows, a LayerNorm) is listed with the reason, not sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+from hwnas.estimator.estimator import LatencyEstimator, Sample
+from hwnas.estimator.networks import BlockConfig, KernelConfig
+from hwnas.estimator.profile import default_mode, make_sampler
+from hwnas.graph.shapes import Shape
+from hwnas.targets.base import Target
+from hwnas.targets.kernels import Kernel, decompose
+
+_ELEMENTWISE = ("Add", "Mul", "Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid")
+_POOLS = ("GlobalAveragePool", "MaxPool", "AveragePool")
+
+
+@dataclass
+class AroundReport:
+    outside: list[str] = field(default_factory=list)  # the model's kernels outside the distribution
+    sampled: list[str] = field(default_factory=list)  # those profiling units were made for
+    skipped: dict[str, str] = field(default_factory=dict)  # kernel -> why no unit expresses it
+    measurements: int = 0
+    mode: str = "kernel"
+
+
+def _image_input(kernel: Kernel) -> tuple[int, int] | None:
+    """(channels, height) of a kernel's NCHW square-ish input, or None."""
+    if not kernel.input_shapes or len(kernel.input_shapes[0]) != 4:
+        return None
+    _, c, h, _ = kernel.input_shapes[0]
+    return int(c), int(h)
+
+
+def kernel_unit(kernel: Kernel) -> KernelConfig | str:
+    """A one-kernel profiling model shaped like `kernel`, or why there is none."""
+    if kernel.kind == "gemm":
+        if kernel.gemm is None or kernel.gemm.p != 1:
+            return "a GEMM with several rows (batched MatMul): no profiling unit has one yet"
+        return KernelConfig("gemm", kernel.c_in, kernel.c_out, 1)
+    image = _image_input(kernel)
+    if image is None:
+        return f"a {kernel.op} on a {len(kernel.input_shapes[0]) if kernel.input_shapes else 0}-d input: profiling units take NCHW images"
+    c, h = image
+    if kernel.kind in ("conv", "dwconv"):
+        if kernel.kernel_h != kernel.kernel_w:
+            return "a non-square conv kernel"
+        if kernel.kind == "dwconv":
+            return KernelConfig("dwconv", c, c, h, kernel.kernel_h, kernel.stride_h)
+        if kernel.groups > 1:
+            return KernelConfig("grouped", c, kernel.c_out, h, kernel.kernel_h, kernel.stride_h, c // kernel.groups)
+        return KernelConfig("conv", c, kernel.c_out, h, kernel.kernel_h, kernel.stride_h)
+    if kernel.kind == "deconv":
+        return KernelConfig("deconv", c, kernel.c_out, h, kernel.kernel_h, 2)
+    if kernel.kind == "elementwise" and kernel.op in _ELEMENTWISE:
+        return KernelConfig("elementwise", c, c, h, op=kernel.op)
+    if kernel.kind == "pool" and kernel.op in _POOLS:
+        return KernelConfig("pool", c, c, h, op=kernel.op)
+    if kernel.kind == "resize":
+        return KernelConfig("resize", c, c, h, op="nearest")
+    if kernel.op in ("Transpose", "Softmax"):
+        return KernelConfig("other", c, c, h, op=kernel.op)
+    return f"a {kernel.op} ({kernel.kind}): no profiling unit builds this op yet"
+
+
+def block_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str:
+    """A random-network block (and its input channels, size) shaped like `kernel`, or why there is none."""
+    unit = kernel_unit(kernel)
+    if isinstance(unit, str):
+        return unit
+    c, h, k, s = unit.c_in, unit.size, unit.kernel, unit.stride
+    blocks = {
+        "conv": lambda: BlockConfig("conv", unit.c_out, k, s, act="none", bn=False),
+        "dwconv": lambda: BlockConfig("dwsep", c, k, s, act="relu"),
+        "grouped": lambda: BlockConfig("grouped", unit.c_out, k, s, group_size=unit.group_size, act="none"),
+        "deconv": lambda: BlockConfig("deconv", unit.c_out, k, 2, act="none") if k in (2, 3, 4) else None,
+        "gemm": lambda: BlockConfig("head", unit.c_out, op="classifier", act="none"),
+        "pool": lambda: BlockConfig("pool", c, op=unit.op) if unit.op != "GlobalAveragePool" else None,
+        "resize": lambda: BlockConfig("upsample", c, op="nearest", act="none"),
+    }
+    block = blocks.get(unit.kind, lambda: None)()
+    if block is None:
+        return f"a {kernel.op} ({kernel.kind}) in context: no random-network block builds it alone"
+    return block, c, h
+
+
+def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.ModelProto, shapes: Mapping[str, Shape],
+                   budget: int, seed: int = 0, progress: Callable[[int], None] | None = None,
+                   mode: str | None = None) -> tuple[LatencyEstimator, AroundReport]:
+    """`estimator` refitted with `budget` measurements around `model`'s kernels outside its distribution."""
+    mode = mode or default_mode(target)
+    report = AroundReport(mode=mode)
+    kernels = {k.name: k for k in decompose(model, shapes, estimator.rules)}
+    origins = []
+    for e in estimator.predict_kernels(list(kernels.values())):
+        if e.in_distribution or e.kind == "free":
+            continue
+        report.outside.append(e.name)
+        unit = block_unit(kernels[e.name]) if mode == "context" else kernel_unit(kernels[e.name])
+        if isinstance(unit, str):
+            report.skipped[e.name] = unit
+        else:
+            report.sampled.append(e.name)
+            origins.append(unit)
+    if not origins:
+        return estimator, report
+    sampler = make_sampler(target, estimator.rules, seed, mode)
+    new: list[Sample] = []
+    i = 0
+    while len(new) < budget and i < 20 * budget:
+        got = [s for _, s in sampler.around(origins[i % len(origins)])][: budget - len(new)]
+        # a network index of this run would collide with the stored ones' (`per_kernel_offset`)
+        new += [Sample(s.kernel, s.latency_ms) for s in got]
+        if progress and got:
+            progress(len(got))
+        i += 1
+    report.measurements = len(new)
+    refit = LatencyEstimator(estimator.target, estimator.parallelism_factor, estimator.rules, estimator.target_config,
+                             estimator.random_state, estimator.kernel_offset_ms).fit(estimator.samples_ + new)
+    refit.target_config["profiled_around"] = refit.target_config.get("profiled_around", []) + [
+        {"kernels": report.sampled, "measurements": report.measurements, "mode": mode, "seed": seed}]
+    return refit, report
