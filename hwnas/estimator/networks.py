@@ -239,11 +239,15 @@ class NetworkBuilder(GraphBuilder):
 
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "hardswish_decomposed", "hardsigmoid", "sigmoid", "swish",
-               "leakyrelu")
-_ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06)
+               "leakyrelu", "gelu")
+_ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06, 0.05)
+# attention: a transformer encoder block on the map's pixels as tokens (text recognisers' SVTR necks,
+# hybrid ViTs); large_dw: a depthwise-separable block with a 7x7 or 9x9 depthwise conv (ConvNeXt, newer
+# text detectors)
 BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat", "upsample", "deconv", "affine",
-          "split", "shuffle")
-_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04)
+          "split", "shuffle", "attention", "large_dw")
+_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04)
+_MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
 HEADS = ("classifier", "transpose", "softmax", "sigmoid")
 _MAX_NETWORK_MACS = 400e6  # ~10-20 ms on one core: a network is run ~50 times
 
@@ -285,6 +289,10 @@ def _act(b: NetworkBuilder, x: str, act: str) -> str:
         return b.node("Div", [b.node("Mul", [x, gate], shape), b.scalar(6.0)], shape)
     if act == "swish":
         return b.node("Mul", [x, b.node("Sigmoid", [x], shape)], shape)
+    if act == "gelu":  # PyTorch's export at opset 17: x · 0.5 · (1 + erf(x / √2))
+        erf = b.node("Erf", [b.node("Div", [x, b.scalar(math.sqrt(2.0))], shape)], shape)
+        gate = b.node("Mul", [b.node("Add", [erf, b.scalar(1.0)], shape), b.scalar(0.5)], shape)
+        return b.node("Mul", [x, gate], shape)
     op, attrs = {"relu": ("Relu", {}), "hardswish": ("HardSwish", {}), "sigmoid": ("Sigmoid", {}),
                  "hardsigmoid": ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
                  "leakyrelu": ("LeakyRelu", {"alpha": 0.1})}[act]
@@ -393,6 +401,8 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
         b.shapes[a], b.shapes[rest] = (n, first, h, w), (n, c - first, h, w)
         y = _conv(b, rest, c - first, blk.kernel, 1, (c - first) if blk.op == "depthwise" else 1, True, blk.act)
         return b.node("Concat", [a, y], (n, c, h, w), axis=1)
+    if kind == "attention":
+        return _attention(b, x, blk)
     if kind == "shuffle":  # channel shuffle: Reshape to groups, swap, Reshape back
         g = blk.groups if c % blk.groups == 0 else 1
         grouped = b.node("Reshape", [x, b.const(np.array([n, g, c // g, h, w], np.int64))], (n, g, c // g, h, w))
@@ -401,6 +411,57 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
     if kind == "head":
         return _head(b, x, blk)
     raise ValueError(f"unknown block kind {kind!r}")
+
+
+def _layer_norm(b: NetworkBuilder, x: str) -> str:
+    c = b.shapes[x][-1]
+    scale, shift = b.const(b.rng.uniform(0.5, 1.5, c).astype(np.float32)), b.const(b.rng.normal(0, 0.1, c).astype(np.float32))
+    return b.node("LayerNormalization", [x, scale, shift], b.shapes[x], axis=-1)
+
+
+def _linear(b: NetworkBuilder, x: str, out: int) -> str:
+    """MatMul by a [in, out] weight plus a bias Add, as PyTorch exports nn.Linear on 3-d tokens."""
+    n, tokens, c = b.shapes[x]
+    y = b.node("MatMul", [x, b.weight([c, out], c)], (n, tokens, out))
+    b.macs += n * tokens * c * out
+    return b.node("Add", [y, b.const(b.rng.normal(0, 0.1, out).astype(np.float32))], (n, tokens, out))
+
+
+def _attention(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
+    """A pre-norm transformer encoder block on the map's pixels as tokens, back to the map after:
+    LayerNorm, QKV projection, `groups` heads of scaled dot-product attention (batched MatMuls, Softmax
+    over the last axis), output projection, residual; LayerNorm, MLP of `hidden` with `act`, residual."""
+    n, c, h, w = b.shapes[x]
+    tokens, heads = h * w, math.gcd(c, blk.groups)  # a perturbed channel count may not split into the heads
+    d = c // heads
+    flat = b.node("Reshape", [x, b.const(np.array([n, c, tokens], np.int64))], (n, c, tokens))
+    t = b.node("Transpose", [flat], (n, tokens, c), perm=[0, 2, 1])
+    qkv = _linear(b, _layer_norm(b, t), 3 * c)
+    parts = [f"{b.scope}/qkv{len(b.nodes)}_{p}" for p in "qkv"]
+    b.nodes.append(helper.make_node("Split", [qkv, b.const(np.array([c, c, c], np.int64))], parts,
+                                    name=f"{b.scope}/split{len(b.nodes)}", axis=-1))
+    for p in parts:
+        b.shapes[p] = (n, tokens, c)
+
+    def split_heads(p: str, perm: list[int], shape: tuple[int, ...]) -> str:
+        grouped = b.node("Reshape", [p, b.const(np.array([n, tokens, heads, d], np.int64))], (n, tokens, heads, d))
+        return b.node("Transpose", [grouped], shape, perm=perm)
+
+    q = split_heads(parts[0], [0, 2, 1, 3], (n, heads, tokens, d))
+    k = split_heads(parts[1], [0, 2, 3, 1], (n, heads, d, tokens))
+    v = split_heads(parts[2], [0, 2, 1, 3], (n, heads, tokens, d))
+    scores = b.node("MatMul", [q, k], (n, heads, tokens, tokens))
+    scaled = b.node("Mul", [scores, b.scalar(1.0 / math.sqrt(d))], (n, heads, tokens, tokens))
+    attn = b.node("Softmax", [scaled], (n, heads, tokens, tokens), axis=-1)
+    o = b.node("MatMul", [attn, v], (n, heads, tokens, d))
+    b.macs += 2 * n * heads * tokens * tokens * d
+    merged = b.node("Transpose", [o], (n, tokens, heads, d), perm=[0, 2, 1, 3])
+    merged = b.node("Reshape", [merged, b.const(np.array([n, tokens, c], np.int64))], (n, tokens, c))
+    t = b.node("Add", [t, _linear(b, merged, c)], (n, tokens, c))
+    mlp = _linear(b, _act(b, _linear(b, _layer_norm(b, t), blk.hidden), blk.act), c)
+    t = b.node("Add", [t, mlp], (n, tokens, c))
+    back = b.node("Transpose", [t], (n, c, tokens), perm=[0, 2, 1])
+    return b.node("Reshape", [back, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
 
 
 def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
@@ -469,7 +530,7 @@ def _act_choice(rng: np.random.Generator) -> str:
 def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
     """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows)."""
     kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k in ("upsample", "deconv") and not 2 <= h <= 160)
-             and not (k == "split" and c < 2)]
+             and not (k == "split" and c < 2) and not (k == "attention" and (h * h > _MAX_TOKENS or c < 8))]
     weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
     hi = int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide layers only where the maps are small
@@ -504,6 +565,11 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
                            op=str(rng.choice(["dense", "depthwise"])))
     if kind == "shuffle":
         return BlockConfig("shuffle", c, groups=int(rng.choice([2, 2, 3, 4])))
+    if kind == "attention":
+        heads = int(rng.choice([h for h in (1, 2, 4, 8) if c % h == 0]))
+        return BlockConfig("attention", c, groups=heads, hidden=_channels(rng, c, 4 * c), act=str(rng.choice(["gelu", "swish", "hardswish"])))
+    if kind == "large_dw":
+        return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), stride, act=str(rng.choice(["gelu", act])), op="act")
     if kind == "upsample":
         return BlockConfig("upsample", c_out, op=str(rng.choice(["nearest", "linear"])), act=act, residual=bool(rng.random() < 0.6))
     return BlockConfig("deconv", min(c_out, 256), int(rng.choice([2, 3, 4])), 2, act=act, bn=bool(rng.random() < 0.5))
@@ -511,8 +577,9 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
 
 def random_head(rng: np.random.Generator, c: int, h: int = 1) -> BlockConfig:
     op = str(rng.choice(HEADS, p=[0.6, 0.15, 0.125, 0.125]))
-    if op == "classifier":  # ImageNet's 1000 classes often, after a wide 1x1 conv half the time
-        classes = 1000 if rng.random() < 0.4 else _channels(rng, 8, 1280)
+    if op == "classifier":  # ImageNet's 1000 classes often, large vocabularies (text) sometimes; a wide 1x1 conv first half the time
+        r = rng.random()
+        classes = 1000 if r < 0.35 else _channels(rng, 2000, 10000) if r < 0.5 else _channels(rng, 8, 1280)
         widen = _channels(rng, 256, 1280) if rng.random() < 0.5 else 1
         widen = widen if c * widen * h * h <= 100e6 else 1  # not a conv of billions of MACs on a big map
         return BlockConfig("head", classes, op=op, hidden=_channels(rng, 2, 1000) if rng.random() < 0.3 else 0,
@@ -570,9 +637,11 @@ def perturb_block(block: BlockConfig, c: int, h: int, rng: np.random.Generator, 
         h2 = min(max(h2, 2), 160)
     if block.kind == "pool" or block.stride > 1:
         h2 = max(h2, 4)
+    if block.kind == "attention":
+        h2 = min(h2, math.isqrt(_MAX_TOKENS))
     if block.kind == "split":
         c2 = max(c2, 2)
-    same = block.kind in ("se", "pool", "split", "shuffle") or block.residual and block.kind in ("ibn", "fused_ibn")
+    same = block.kind in ("se", "pool", "split", "shuffle", "attention") or block.residual and block.kind in ("ibn", "fused_ibn")
     c_out = c2 if same else max(2 if block.kind == "concat" else 1, move(block.c_out))
     hidden = move(block.hidden) if block.hidden else 0
     return dataclasses.replace(block, c_out=c_out, hidden=hidden), c2, h2

@@ -1,0 +1,70 @@
+"""The profiling networks' families beyond mobile CNNs: attention blocks, large-kernel depthwise convs,
+large-vocabulary classifiers (issue 19, deliverable 1), built, run and timed in context."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from hwnas.estimator.attribution import measure_in_context
+from hwnas.estimator.networks import BlockConfig, NetworkConfig, block_of, build_network, random_head, random_network
+from hwnas.graph.session import make_session, random_feeds, run
+from hwnas.targets import get_target
+from hwnas.targets.kernels import decompose
+from hwnas.targets.measure import MeasureSettings
+
+HYBRID = NetworkConfig(3, 64, (
+    BlockConfig("conv", 32, 3, 2, act="relu"),
+    BlockConfig("dwsep", 48, 9, 2, act="gelu", op="act"),  # large-kernel depthwise
+    BlockConfig("attention", 48, groups=4, hidden=96, act="gelu"),
+    BlockConfig("head", 6625, op="classifier", act="none"),  # a text recogniser's vocabulary
+), seed=3)
+
+
+def test_a_hybrid_network_is_a_valid_model_whose_shapes_the_builder_tracked():
+    model, inputs = build_network(HYBRID)
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"LayerNormalization", "MatMul", "Softmax", "Erf", "Split", "Transpose", "Gemm"} <= ops
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 6625]
+    assert inputs == [(3, 64), (32, 32), (48, 16), (48, 16)]
+    out = run(make_session(model, optimized=True), random_feeds(model, {"x": (1, 3, 64, 64)}, seed=0))
+    assert np.isfinite(out[0]).all()
+
+
+def test_the_attention_kernels_are_batched_gemms_softmax_and_layernorm_of_their_block():
+    model, _ = build_network(HYBRID)
+    kernels = [k for k in decompose(model, {"x": (1, 3, 64, 64)}, get_target("cpu").rules) if k.kind != "free"]
+    attention = [k for k in kernels if block_of(k) == 2]
+    batched = [k for k in attention if k.op == "MatMul" and k.gemm and k.gemm.groups == 4]
+    assert len(batched) == 2 and all(k.gemm.p == 256 for k in batched)  # 16x16 tokens, 4 heads
+    assert {"Softmax", "LayerNormalization"} <= {k.op for k in attention}
+    assert any(k.kind == "dwconv" and k.kernel_h == 9 for k in kernels)
+
+
+@pytest.mark.slow
+def test_a_hybrid_network_is_timed_kernel_by_kernel_in_context():
+    model, _ = build_network(HYBRID)
+    target = get_target("cpu")
+    profile = measure_in_context(model, {"x": (1, 3, 64, 64)}, target.rules, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
+    timed = {k.name: t for k, t in zip(profile.kernels, profile.latency_ms)}
+    ops = {k.op for k in profile.kernels if block_of(k) == 2}
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= ops
+    assert all(t > 0 for t in timed.values())
+
+
+def test_random_networks_draw_the_new_families():
+    rng = np.random.default_rng(0)
+    kinds, kernels, classes = set(), set(), []
+    for _ in range(300):
+        config = random_network(rng)
+        kinds |= {b.kind for b in config.blocks}
+        kernels |= {b.kernel for b in config.blocks if b.kind == "dwsep"}
+    for _ in range(300):
+        head = random_head(rng, 512)
+        if head.op == "classifier":
+            classes.append(head.c_out)
+    assert "attention" in kinds and {7, 9} <= kernels
+    assert max(classes) >= 5000
