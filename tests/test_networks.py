@@ -68,3 +68,16 @@ def test_random_networks_draw_the_new_families():
             classes.append(head.c_out)
     assert "attention" in kinds and {7, 9} <= kernels
     assert max(classes) >= 5000
+
+
+def test_profile_around_turns_attention_kernels_into_attention_blocks_of_their_shape():
+    from hwnas.estimator.around import block_unit, kernel_unit
+
+    model, _ = build_network(HYBRID)
+    kernels = [k for k in decompose(model, {"x": (1, 3, 64, 64)}, get_target("cpu").rules) if block_of(k) == 2]
+    scores = [k for k in kernels if k.op == "MatMul" and k.gemm.groups == 4]
+    for k in scores + [next(k for k in kernels if k.op == "LayerNormalization")]:
+        block, c, h = block_unit(k)
+        assert (block.kind, c, h, block.c_out) == ("attention", 48, 16, 48)
+        assert block.groups == (4 if k.op == "MatMul" else 1)
+    assert isinstance(kernel_unit(scores[0]), str)  # no one-kernel model has GEMM rows yet: a reason

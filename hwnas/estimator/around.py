@@ -10,13 +10,14 @@ express yet (a MatMul with batch rows, a LayerNorm) is listed with the reason, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import onnx
 
 from hwnas.estimator.estimator import LatencyEstimator, Sample
-from hwnas.estimator.networks import BlockConfig, KernelConfig
+from hwnas.estimator.networks import MAX_TOKENS, BlockConfig, KernelConfig
 from hwnas.estimator.profile import default_mode, make_sampler
 from hwnas.graph.shapes import Shape
 from hwnas.targets.base import Target
@@ -74,8 +75,32 @@ def kernel_unit(kernel: Kernel) -> KernelConfig | str:
     return f"a {kernel.op} ({kernel.kind}): no profiling unit builds this op yet"
 
 
+def _attention_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str | None:
+    """An attention block (`networks._attention`) whose tokens, width and heads match a kernel of one: a
+    MatMul with rows (a projection, or per head Q·Kᵀ / scores·V), a Softmax over scores, a LayerNorm over
+    tokens. None for other kernels; the reason where the tokens do not make the square map the block needs."""
+    shape = kernel.input_shapes[0] if kernel.input_shapes else ()
+    g = kernel.gemm
+    if kernel.op == "MatMul" and g is not None and g.p > 1:
+        d = g.n if g.k == g.p and g.groups > 1 else g.k  # scores·V reduces over the tokens, Q·Kᵀ over d
+        tokens, heads, c = g.p, g.groups, g.groups * d
+    elif kernel.op == "Softmax" and len(shape) == 4 and shape[2] == shape[3]:
+        tokens, heads, c = shape[2], shape[1], max(8, 32 * shape[1])  # the scores do not say the width
+    elif kernel.op == "LayerNormalization" and len(shape) == 3:
+        tokens, heads, c = shape[1], 1, shape[2]
+    else:
+        return None
+    h = math.isqrt(tokens)
+    if h * h != tokens or tokens > MAX_TOKENS:
+        return f"a {kernel.op} over {tokens} tokens: attention blocks take square maps of at most {MAX_TOKENS} tokens"
+    return BlockConfig("attention", c, groups=heads, hidden=2 * c, act="gelu"), c, h
+
+
 def block_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str:
     """A random-network block (and its input channels, size) shaped like `kernel`, or why there is none."""
+    attention = _attention_unit(kernel)
+    if attention is not None:
+        return attention
     unit = kernel_unit(kernel)
     if isinstance(unit, str):
         return unit

@@ -247,7 +247,7 @@ _ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06, 0.05)
 BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat", "upsample", "deconv", "affine",
           "split", "shuffle", "attention", "large_dw")
 _BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04)
-_MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
+MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
 HEADS = ("classifier", "transpose", "softmax", "sigmoid")
 _MAX_NETWORK_MACS = 400e6  # ~10-20 ms on one core: a network is run ~50 times
 
@@ -530,7 +530,7 @@ def _act_choice(rng: np.random.Generator) -> str:
 def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
     """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows)."""
     kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k in ("upsample", "deconv") and not 2 <= h <= 160)
-             and not (k == "split" and c < 2) and not (k == "attention" and (h * h > _MAX_TOKENS or c < 8))]
+             and not (k == "split" and c < 2) and not (k == "attention" and (h * h > MAX_TOKENS or c < 8))]
     weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
     hi = int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide layers only where the maps are small
@@ -638,7 +638,7 @@ def perturb_block(block: BlockConfig, c: int, h: int, rng: np.random.Generator, 
     if block.kind == "pool" or block.stride > 1:
         h2 = max(h2, 4)
     if block.kind == "attention":
-        h2 = min(h2, math.isqrt(_MAX_TOKENS))
+        h2 = min(h2, math.isqrt(MAX_TOKENS))
     if block.kind == "split":
         c2 = max(c2, 2)
     same = block.kind in ("se", "pool", "split", "shuffle", "attention") or block.residual and block.kind in ("ibn", "fused_ibn")
