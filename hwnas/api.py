@@ -23,7 +23,7 @@ from hwnas.estimator.around import profile_around as around_model
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimate import EstimateResult, estimate
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.profile import ProfileReport, profile_target
+from hwnas.estimator.profile import ProfileReport, default_mode, profile_target
 from hwnas.gate import Budgets, CheckResult
 from hwnas.gate import check as check_budgets
 from hwnas.graph.gsgraph import to_graph, to_model
@@ -33,6 +33,7 @@ from hwnas.graph.summary import ModelSummary, summarize
 from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager, PassRecord, VerificationOutcome
 from hwnas.passes.pipeline import Pipeline, parse_pipeline
+from hwnas.passes.quantize import quantize_model
 from hwnas.targets import Target, get_target
 from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify_equivalence
 from hwnas.verify.fidelity import FidelityReport
@@ -207,12 +208,19 @@ def profile(
     *,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    int8: bool = False,
 ) -> tuple[LatencyEstimator, ProfileReport]:
-    """Measure `budget` sampled kernels on the target (adaptive sampling) and fit its estimator."""
+    """Measure `budget` sampled kernels on the target (adaptive sampling) and fit its estimator.
+
+    `int8=True`: every second profiling network is quantized by the quantize pass (cpu-like targets that
+    time kernels in context), so the estimator learns int8 kernels (DQ → Conv → Q, ORT's QLinearConv)."""
     if budget < 10:
         raise BadInputError("profile: --budget must be at least 10 measurements")
     the_target = get_target(target) if isinstance(target, str) else target
-    return profile_target(the_target, budget, seed=seed, progress=progress)
+    if int8 and default_mode(the_target) != "context":
+        raise BadInputError(f"profile: --int8 needs a target whose kernels are timed inside networks (cpu, ort:CPU...); "
+                            f"{the_target.name} is not one")
+    return profile_target(the_target, budget, seed=seed, progress=progress, quantize=quantize_model if int8 else None)
 
 
 def profile_around(

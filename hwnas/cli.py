@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--estimator", help="with --around: the estimator file to extend (default: the shipped one)")
     pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--int8", action="store_true",
+                    help="also profile int8 kernels: every second network quantized (QDQ, cpu preset); cpu targets only")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -384,7 +386,7 @@ def cmd_profile(args) -> int:
         return 0
     budget = 2000 if args.budget is None else args.budget
     with tqdm(total=budget, desc=f"profiling {args.target}", unit="kernel", disable=args.quiet or None) as bar:
-        estimator, report = api.profile(args.target, budget, seed=args.seed, progress=bar.update)
+        estimator, report = api.profile(args.target, budget, seed=args.seed, progress=bar.update, int8=args.int8)
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
     estimator.save(path)

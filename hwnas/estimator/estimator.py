@@ -110,11 +110,18 @@ class LatencyEstimator:
 
     def fit(self, samples: Sequence[Sample]) -> LatencyEstimator:
         self.samples_ = list(samples)
-        by_kind: dict[str, list[Sample]] = {}
+        by_key: dict[str, list[Sample]] = {}
         for s in self.samples_:
-            by_kind.setdefault(s.kernel.kind, []).append(s)
-        self.regressors_ = {kind: self._fit(group) for kind, group in by_kind.items()}
+            by_key.setdefault(self._regressor_key(s.kernel), []).append(s)
+        self.regressors_ = {key: self._fit(group) for key, group in by_key.items()}
         return self._derive()
+
+    def _regressor_key(self, kernel: Kernel) -> str:
+        """The regressor a kernel is learnt and predicted by: its kind, and `KIND/int8` for an int8 kernel on
+        a target whose float and int8 kernels differ (ORT CPU runs DQ → Conv → Q as QLinearConv: other code,
+        other costs); an npu of 1 byte per element runs everything as int8, so precision is no key there."""
+        int8_everywhere = self.target_config.get("config", {}).get("bytes_per_element") == 1
+        return f"{kernel.kind}/int8" if kernel.int8 and kernel.kind != "free" and not int8_everywhere else kernel.kind
 
     def _fit(self, samples: list[Sample]) -> KernelRegressor:
         X = self._features([s.kernel for s in samples])
@@ -129,12 +136,14 @@ class LatencyEstimator:
         """Latency of each kernel. Beyond the sizes its kind was profiled at, and for a kind never
         profiled (flagged `fallback`), the physical terms instead of the regressor (`roofline.py`)."""
         out: list[KernelEstimate | None] = [None] * len(kernels)
-        by_kind: dict[str, list[int]] = {}
+        by_key: dict[str, list[int]] = {}
         for i, k in enumerate(kernels):
-            by_kind.setdefault(k.kind, []).append(i)
-        for kind, idx in by_kind.items():
+            by_key.setdefault(self._regressor_key(k), []).append(i)
+        for key, idx in by_key.items():
             group = [kernels[i] for i in idx]
-            regressor = self.regressors_.get(kind)
+            kind = group[0].kind
+            # an int8 kernel of a kind never profiled in int8: the float kind's regressor (flagged below)
+            regressor = self.regressors_.get(key, self.regressors_.get(kind))
             # inside: a measured op at sizes its kind (its op, for the catch-all kind) was profiled at
             inside = self._in_range(kind, group) & np.array([kind == "free" or k.op in self.measured_ops_ for k in group])
             if regressor is None and kind == "free":
@@ -233,8 +242,8 @@ class LatencyEstimator:
         self.samples_ = samples
         by_kind: dict[str, dict[str, np.ndarray]] = {}
         for key, value in fitted.items():
-            if "/" in key:
-                kind, name = key.split("/", 1)
+            if "/" in key:  # REGRESSOR/ARRAY, the regressor's key itself may be KIND/int8
+                kind, name = key.rsplit("/", 1)
                 by_kind.setdefault(kind, {})[name] = value
         self.regressors_ = {kind: KernelRegressor.from_arrays(len(WORK_FEATURES), arrays) for kind, arrays in by_kind.items()}
         return self._derive()

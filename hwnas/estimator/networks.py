@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -510,9 +511,17 @@ def build_network(config: NetworkConfig) -> tuple[onnx.ModelProto, list[tuple[in
     return b.model([x]), block_inputs
 
 
-def block_of(kernel: Kernel) -> int:
-    """The index of the block a kernel of `build_network`'s model came from."""
-    return int(kernel.nodes[0].split("/", 1)[0][1:])
+def block_of(kernel: Kernel, default: int | None = None) -> int:
+    """The index of the block a kernel of `build_network`'s model came from: the first of its nodes named
+    `b<block>/...`, else `default` (nodes a rewrite added without such a name: ORT's quantization
+    pre-processing splits HardSwish into an unnamed HardSigmoid and Mul)."""
+    for name in kernel.nodes:
+        match = re.match(r"b(\d+)/", name)
+        if match:
+            return int(match[1])
+    if default is None:
+        raise ValueError(f"kernel {kernel.name} has no node named after its block")
+    return default
 
 
 def _channels(rng: np.random.Generator, lo: int, hi: int) -> int:

@@ -18,6 +18,11 @@ round, a fresh batch is measured, the current estimator's error on it is compute
 training set, and the next batch perturbs the configurations with the largest errors (channel counts
 ±1…±PF, sizes ±25 %), so that measurements concentrate where the cost surface has cliffs. In `context`
 mode the perturbed unit is the block that produced the kernel, measured at the head of a new network.
+
+int8 (`quantize`, context mode): every second network is profiled as the QDQ model `quantize` makes of
+it (the caller passes the quantize pass's `quantize_model`: this layer does not import the passes),
+calibrated on 4 random inputs. ORT runs DequantizeLinear → Conv → QuantizeLinear as one QLinearConv;
+its kernels are `Kernel.int8` and get regressors of their own (`KIND/int8`, estimator.py).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
@@ -67,6 +73,10 @@ def _measure(target: Target, config: KernelConfig, rules: FusionRules, overhead_
 MODES = ("kernel", "context")
 
 
+# (model, calibration inputs) -> the model quantized to QDQ int8 (hwnas.passes.quantize.quantize_model)
+Quantizer = Callable[[onnx.ModelProto, Mapping[str, np.ndarray]], onnx.ModelProto]
+
+
 @dataclass
 class ProfileReport:
     """What profiling did, round by round: how many measurements, and the error on the fresh batch."""
@@ -99,13 +109,15 @@ def profile_target(
     mode: str | None = None,
     rules: FusionRules | None = None,
     scale_to_run: bool = False,
+    quantize: Quantizer | None = None,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure up to `budget` kernels on `target` with adaptive sampling and fit an estimator on them.
 
     `mode`: `kernel` (one-kernel models) or `context` (kernels inside random networks, ORT CPU only);
     by default `context` where the target supports it. `rules`: the fusion rules the kernels are cut by
     (default: the target's). `scale_to_run` (context mode): scale each network's kernels to its
-    measured run time rather than adding the measured executor overhead (`attribute`).
+    measured run time rather than adding the measured executor overhead (`attribute`). `quantize`
+    (context mode): every second network is profiled quantized by it (int8 kernels, see above).
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -113,7 +125,9 @@ def profile_target(
     if mode == "context" and not supports_context(target):
         raise ValueError(f"context mode needs ONNX Runtime's CPU provider; {target.name} is not one")
     rules = rules or target.rules
-    sampler = make_sampler(target, rules, seed, mode, scale_to_run)
+    if quantize is not None and mode != "context":
+        raise ValueError("int8 profiling (quantize) needs context mode: the int8 kernels are timed inside networks")
+    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
@@ -121,7 +135,8 @@ def profile_target(
     if sampler.measured:
         estimator.target_config["machine"] = machine_entry(report)
     estimator.target_config["profiling"] = {"mode": mode, "budget": budget, "seed": seed,
-                                            "measurements": report.measurements, "networks": report.networks}
+                                            "measurements": report.measurements, "networks": report.networks,
+                                            "int8_networks": getattr(sampler, "int8_networks", 0)}
     if mode == "context":
         estimator.kernel_offset_ms = per_kernel_offset(estimator.samples_, sampler.network_ms)
         ratios = sampler.run_over_nodes
@@ -137,10 +152,11 @@ def profile_target(
     return estimator, report
 
 
-def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False):
+def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
+                 quantize: Quantizer | None = None):
     """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""
     if mode == "context":
-        return _ContextSampler(target, rules, seed, scale_to_run)
+        return _ContextSampler(target, rules, seed, scale_to_run, quantize)
     return _KernelSampler(target, rules, seed)
 
 
@@ -222,8 +238,11 @@ class _ContextSampler:
 
     measured = True
 
-    def __init__(self, target: Target, rules: FusionRules, seed: int, scale_to_run: bool = False):
+    def __init__(self, target: Target, rules: FusionRules, seed: int, scale_to_run: bool = False,
+                 quantize: Quantizer | None = None):
         self.target, self.rules = target, rules
+        self.quantize = quantize
+        self.int8_networks = 0
         self.rng = np.random.default_rng(seed)
         self.pf = target.parallelism_factor
         self.load: list[float] = []
@@ -242,6 +261,10 @@ class _ContextSampler:
 
     def _measure(self, config: NetworkConfig) -> list[tuple[object, Sample]]:
         model, block_inputs = build_network(config)
+        if self.quantize is not None and self.networks % 2 == 1:
+            calibration = self.rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
+            model = self.quantize(model, {"x": calibration})
+            self.int8_networks += 1
         self.load.append(_load())
         profile = measure_in_context(model, {"x": (1, config.c_in, config.size, config.size)}, self.rules,
                                      self.target.settings, self.target.providers, self.overheads, self.scale_to_run)
@@ -249,8 +272,11 @@ class _ContextSampler:
         self.networks += 1
         self.run_over_nodes.append(profile.total_ms / max(profile.nodes_ms, 1e-9))
         self.network_ms.append(profile.total_ms)
-        return [((config.blocks[block_of(k)], *block_inputs[block_of(k)]), Sample(k, t, network))
-                for k, t in zip(profile.kernels, profile.latency_ms)]
+        out, block = [], 0
+        for k, t in zip(profile.kernels, profile.latency_ms):
+            block = block_of(k, default=block)  # an unnamed node a rewrite added: the block before it
+            out.append(((config.blocks[block], *block_inputs[block]), Sample(k, t, network)))
+        return out
 
 
 def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: int, rounds: int,
