@@ -29,7 +29,9 @@ Conv-like kernels also carry their GEMM view (`GemmShape`), the way a systolic a
 so its GEMM does stride² × the MACs that `macs` counts. Batched MatMuls (both operands with batch dims)
 run their batch like groups, one product after another.
 
-Sizes are element counts; a target multiplies by its bytes per element (`Kernel.bytes_moved`).
+Sizes are element counts; a target multiplies by its bytes per element (`Kernel.bytes_moved`), except for
+tensors stored in a fixed-size type: int8/uint8 1 byte, int16/uint16 2, int32 4; at a QuantizeLinear →
+DequantizeLinear boundary the integer tensor between them is what is stored (`_stored_itemsize`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from types import MappingProxyType
 import onnx
 from onnx import helper
 
-from hwnas.graph.shapes import Shape, resolve_input_shapes, tensor_shapes
+from hwnas.graph.shapes import Shape, infer_tensors, resolve_input_shapes
 from hwnas.targets.fusion_rules import FusionRules
 
 _KINDS_BY_OP = MappingProxyType(
@@ -109,14 +111,19 @@ class Kernel:
     gemm: GemmShape | None = None
     residual: bool = False  # a residual Add is fused in
     int8: bool = False  # an activation enters through a DequantizeLinear: the kernel runs quantized
+    # of input + weight + output elements, those stored as float32 (None: all of them), and the bytes of
+    # the rest, whose type fixes their size (`_stored_itemsize`)
+    float_elements: int | None = None
+    fixed_bytes: int = 0
 
     @property
     def fused_ops(self) -> tuple[str, ...]:
         return self.ops[1:]
 
     def bytes_moved(self, bytes_per_element: int) -> int:
-        """DRAM traffic if inputs, weights and outputs each cross once."""
-        return (self.input_elements + self.weight_elements + self.output_elements) * bytes_per_element
+        """DRAM traffic if inputs, weights and outputs each cross once; float elements at `bytes_per_element`."""
+        total = self.input_elements + self.weight_elements + self.output_elements
+        return self.fixed_bytes + (total if self.float_elements is None else self.float_elements) * bytes_per_element
 
 
 @dataclass(frozen=True)
@@ -130,12 +137,13 @@ class _Graph:
     outputs: frozenset[str]
     static: frozenset[str]
     shapes: Mapping[str, Shape]
+    types: Mapping[str, int]  # ONNX element type by tensor, where known
 
 
 def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
     """The kernels `model` runs as at `input_shapes` under `rules`, in execution order."""
     shapes = resolve_input_shapes(model, input_shapes)
-    graph = _index(model, tensor_shapes(model, shapes))
+    graph = _index(model, *infer_tensors(model, shapes))
     claimed: set[int] = set()
     groups: list[tuple[list[int], bool]] = []
     for i, node in enumerate(graph.nodes):
@@ -162,7 +170,7 @@ def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple
     return tuple(keys)
 
 
-def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> _Graph:
+def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int]) -> _Graph:
     nodes = tuple(model.graph.node)
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
@@ -180,6 +188,7 @@ def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> _Graph:
         outputs=frozenset(o.name for o in model.graph.output),
         static=_static_tensors(model),
         shapes=MappingProxyType(dict(shapes)),
+        types=MappingProxyType(dict(types)),
     )
 
 
@@ -355,6 +364,8 @@ def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
     ]
     head = graph.nodes[members[0]]
     kind = _kind(graph, members[0])
+    moved = activations + leaving + ([] if kind == "free" else weights)
+    sizes = [(math.prod(graph.shapes[n]), _stored_itemsize(graph, n)) for n in moved]
     return Kernel(
         name=graph.keys[members[0]],
         op=head.op_type,
@@ -369,8 +380,27 @@ def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
         residual=residual,
         int8=kind != "free" and any(graph.nodes[graph.producer[n]].op_type == "DequantizeLinear"
                                     for n in activations if n in graph.producer),
+        float_elements=sum(count for count, size in sizes if size is None),
+        fixed_bytes=sum(count * size for count, size in sizes if size is not None),
         **_head_features(graph, head, kind),
     )
+
+
+def _stored_itemsize(graph: _Graph, tensor: str) -> int | None:
+    """Bytes per element `tensor` crosses memory with; None for float32 (the target's bytes per element).
+
+    The integer tensor of a Q → DQ boundary is what is stored: a DequantizeLinear's output counts as its
+    input, a tensor read only by QuantizeLinear nodes as their output (int8/uint8 1 byte, uint16 2)."""
+    producer = graph.producer.get(tensor)
+    users = graph.consumers.get(tensor, ())
+    if producer is not None and graph.nodes[producer].op_type == "DequantizeLinear":
+        tensor = graph.nodes[producer].input[0]
+    elif users and tensor not in graph.outputs and all(graph.nodes[u].op_type == "QuantizeLinear" for u in users):
+        tensor = graph.nodes[users[0]].output[0]
+    elem_type = graph.types.get(tensor)
+    if not elem_type or elem_type == onnx.TensorProto.FLOAT:
+        return None
+    return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
 
 
 def _head_features(graph: _Graph, node: onnx.NodeProto, kind: str) -> dict:

@@ -64,7 +64,7 @@ class NpuConfig:
     cols: int = 32
     dataflow: str = "ws"  # ws | os | is
     depthwise: str = "serial"  # serial | parallel
-    bytes_per_element: int = 1  # int8 weights and activations
+    bytes_per_element: int = 1  # of a float32 element (1: costed as int8); int8/uint16... tensors cost their own size
     dram_bytes_per_cycle: float = 64
     per_op_overhead_cycles: int = 0
     clock_ghz: float = 1.0
