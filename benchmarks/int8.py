@@ -115,7 +115,7 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
     # the shipped cpu estimator's prediction for each quantized model against its measured median
     error = {k: estimate(q, "cpu", input_shapes=shapes).latency_ms / ms[k] - 1
              for k, q in (("peer", peer), ("hwnas", result.model))}
-    key = f"int8/{spec}"
+    key = f"int8/{spec}/fit{fit_count}/trials{trials}"  # every setting the numbers depend on (quick runs differ)
     numbers.add(f"{key}/peer_vs_float", ms["float"] / ms["peer"], "measured")
     numbers.add(f"{key}/hwnas_vs_float", ms["float"] / ms["hwnas"], "measured")
     numbers.add(f"{key}/hwnas_vs_peer", ms["peer"] / ms["hwnas"], "measured")
