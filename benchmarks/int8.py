@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -84,6 +85,9 @@ def ort_quantize_static(model: onnx.ModelProto, calibration: dict[str, np.ndarra
         def get_next(self):
             return next(self.samples, None)
 
+    # per-channel QDQ needs DequantizeLinear's axis (opset 13): a user raises the opset first, as the issue did
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        model = onnx.version_converter.convert_version(model, 13)
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = (str(Path(tmp) / f) for f in ("in.onnx", "pre.onnx", "out.onnx"))
         onnx.save_model(model, src)
