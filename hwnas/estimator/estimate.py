@@ -19,7 +19,7 @@ from hwnas.graph.io import ModelLike, as_model
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.targets import Target, get_target
 from hwnas.targets.kernels import decompose
-from hwnas.targets.npu import LaneUse
+from hwnas.targets.npu import LaneUse, computes_in_int8
 
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -97,7 +97,7 @@ def estimate(
 
 def _precision_warnings(target: Target, model: onnx.ModelProto) -> list[str]:
     """An npu of 1 byte per element computes in int8: a float model's estimate is that of its int8 form."""
-    if target.describe().get("config", {}).get("bytes_per_element") != 1:
+    if not computes_in_int8(target.describe()):
         return []
     if any(n.op_type in _QUANTIZED_OPS for n in model.graph.node):
         return []

@@ -36,11 +36,13 @@ from hwnas.graph.control_flow import flatten_control_flow
 from hwnas.graph.shapes import Shape
 from hwnas.report.json_report import read_json
 
+from hwnas.targets.fusion_rules import FusionRules
+from hwnas.targets.kernels import GemmShape, Kernel, decompose
+from hwnas.targets.npu import computes_in_int8
+
 # the version the fitted arrays are tied to, read without importing scikit-learn (a second of start-up
 # that only fitting needs)
 _SKLEARN_VERSION = importlib.metadata.version("scikit-learn")
-from hwnas.targets.fusion_rules import FusionRules
-from hwnas.targets.kernels import GemmShape, Kernel, decompose
 
 FORMAT = "hwnas-estimator"
 FORMAT_VERSION = 1
@@ -120,8 +122,8 @@ class LatencyEstimator:
         """The regressor a kernel is learnt and predicted by: its kind, and `KIND/int8` for an int8 kernel on
         a target whose float and int8 kernels differ (ORT CPU runs DQ → Conv → Q as QLinearConv: other code,
         other costs); an npu of 1 byte per element runs everything as int8, so precision is no key there."""
-        int8_everywhere = self.target_config.get("config", {}).get("bytes_per_element") == 1
-        return f"{kernel.kind}/int8" if kernel.int8 and kernel.kind != "free" and not int8_everywhere else kernel.kind
+        int8_kernel = kernel.int8 and kernel.kind != "free" and not computes_in_int8(self.target_config)
+        return f"{kernel.kind}/int8" if int8_kernel else kernel.kind
 
     def _fit(self, samples: list[Sample]) -> KernelRegressor:
         X = self._features([s.kernel for s in samples])
@@ -258,8 +260,7 @@ class LatencyEstimator:
         for s in self.samples_:
             by_kind.setdefault(s.kernel.kind, []).append(s.kernel)
         # an npu with 1 byte per element ran every profiled kernel as int8; elsewhere only int8 samples count
-        int8_everywhere = self.target_config.get("config", {}).get("bytes_per_element") == 1
-        self.int8_kinds_ = frozenset(by_kind) if int8_everywhere else frozenset(
+        self.int8_kinds_ = frozenset(by_kind) if computes_in_int8(self.target_config) else frozenset(
             s.kernel.kind for s in self.samples_ if s.kernel.int8)
         self.ranges_ = {}
         for kind, kernels in by_kind.items():

@@ -17,7 +17,7 @@ outer graph's; reads of outer tensors keep their names. The result is for costin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,7 +130,7 @@ def _prefix(node: onnx.NodeProto) -> str:
 
 
 def _splice(model, index, body: onnx.GraphProto, bound: Mapping[str, str], skip_outputs: int = 0,
-            extra: list[onnx.TensorProto] = (), scan_outputs: int = 0):
+            extra: Sequence[onnx.TensorProto] = (), scan_outputs: int = 0):
     """`model` with node `index` replaced by `body`'s nodes; `bound` maps body inputs to outer tensors."""
     node = model.graph.node[index]
     prefix = _prefix(node)

@@ -96,6 +96,12 @@ class NpuConfig:
         return {**dataclasses.asdict(self), "vector_lanes": self.lanes}
 
 
+def computes_in_int8(description: Mapping) -> bool:
+    """Whether a target (its `describe()`, as an estimator file stores it) runs every kernel in int8: an npu
+    whose float32 element costs 1 byte."""
+    return description.get("config", {}).get("bytes_per_element") == 1
+
+
 def _config_problem(config: NpuConfig) -> str | None:
     """The first thing wrong with a config, in words, or None."""
     for key in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
