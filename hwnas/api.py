@@ -348,7 +348,8 @@ def optimize(
     """
     from hwnas.search.algorithms import Limits, best_feasible_curve
     from hwnas.search.optimize import (
-        SearchSettings, expert_candidate, fingerprint, no_feasible_message, ranked_pipelines, run_search, verify_in_order,
+        SearchSettings, expert_candidate, fingerprint, no_feasible_message, pass_errors, ranked_pipelines, run_search,
+        verify_in_order,
     )
     from hwnas.search.recipe import make_recipe
     from hwnas.verify import random_calibration
@@ -463,6 +464,7 @@ def optimize(
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
             "candidates_scored": outcome.scored, "depth_cache": outcome.depth_cache,
+            "pass_errors": pass_errors(outcome.trials),
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
             "seconds": {**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(verify_s, 3)},
             "best_so_far": best_feasible_curve(outcome.trials, limits),

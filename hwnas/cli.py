@@ -443,6 +443,10 @@ def cmd_optimize(args) -> int:
             write_json(args.report, report)
     if args.recipe_out:
         write_json(args.recipe_out, result.recipe)
+    errors = report["search"]["pass_errors"]
+    if errors["count"]:
+        print(f"warning: a pass failed on {errors['count']} candidate(s) (a bug; they were left out): "
+              + " | ".join(errors["first"]), file=sys.stderr)
     if args.json:
         print(dumps(report))
         return 0

@@ -1,9 +1,10 @@
 """Scoring a candidate: apply its pipeline to the prepared graph, estimate latency, count memory, measure drift.
 
-Latency comes from the target's subgraph estimator (never from deploying the candidate). Exact
-candidates have zero drift by construction (the winner is verified with ONNX Runtime before it is
-written); reconstructed ones are run in ONNX Runtime on the calibration inputs and compared with the
-original's outputs: drift = 1 − the smallest output cosine.
+Latency comes from the target's subgraph estimator (never from deploying the candidate). In a search
+with a drift budget every candidate, exact ones included (their label is not taken on trust), is run in
+ONNX Runtime on the calibration inputs and compared with the original's outputs: drift = 1 − the
+smallest output cosine. An exact-only search scores drift 0 without running anything: its winner is
+verified at the tolerance with ONNX Runtime before it is written.
 
 Candidates that will be quantized (`optimize --quantize int8`) are scored as what they become: each is
 quantized by ONNX Runtime (hwnas.passes.quantize, on the calibration inputs) and its drift is that of
@@ -54,10 +55,11 @@ class Score:
     latency_ms: float
     params_bytes: int
     peak_activation_bytes: int
-    drift: float  # 1 − min output cosine on the calibration inputs; 0 for exact candidates
+    drift: float  # 1 − min output cosine on the calibration inputs; 0 unmeasured (exact-only search, quality)
     exact: bool
     error: str | None = None  # the candidate could not be built or run
     quality: float | None = None  # higher is better: the zero-shot proxy or the --evaluate-cmd score; None otherwise
+    pass_error: bool = False  # `error` is a pass's ValueError/RuntimeError, not a reasoned refusal: a bug to report
 
     @property
     def memory_bytes(self) -> int:
@@ -135,10 +137,16 @@ class CandidateEvaluator:
             if self.quantize is not None:
                 drift = self.drift(quantize_model(model, self.ctx.calibration, self.quantize))
             else:
-                drift = 0.0 if exact or self.quality is not None else self.drift(model)
+                # measured wherever the search holds reference outputs (a drift budget), exact candidates
+                # included: a pass's label is a claim, and a wrong "exact" pass must not rank as perfect.
+                # An exact-only search holds none: its winner is verified at the tolerance before it is written
+                unmeasured = self.quality is not None or (exact and self.reference_outputs is None)
+                drift = 0.0 if unmeasured else self.drift(model)
             quality = self.quality(model) if self.quality is not None else None
-        except (HwnasError, ValueError, RuntimeError) as e:  # a candidate that cannot be built is a bad candidate
+        except HwnasError as e:  # a pass refused the candidate with a reason: a bad candidate
             return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}"), _phases(marks)
+        except (ValueError, RuntimeError) as e:  # a pass (or ORT on its graph) failed: a bug, counted and reported
+            return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}", pass_error=True), _phases(marks)
         marks.append(time.perf_counter())
         params, peak = (memory.params_bytes, memory.peak_activation_bytes) if memory else (0, 0)
         return Score(latency, params, peak, drift, exact, quality=quality), _phases(marks)

@@ -1,0 +1,80 @@
+"""What the search's scores claim about fidelity is measured, not read from a pass's label (issue 22)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from hwnas.estimator.defaults import estimator_for
+from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.graph.session import make_session, run_per_sample
+from hwnas.graph.shapes import resolve_input_shapes
+from hwnas.models import build
+from hwnas.passes.base import Exactness, PassContext
+from hwnas.search.evaluate import CandidateEvaluator
+from hwnas.targets import get_target
+from hwnas.verify import random_calibration
+
+
+def _evaluator(model: onnx.ModelProto) -> CandidateEvaluator:
+    shapes = resolve_input_shapes(model, None)
+    calibration = random_calibration(model, shapes, samples=2, seed=0)
+    ctx = PassContext(template=model, input_shapes=shapes, calibration=calibration)
+    reference = run_per_sample(make_session(model), calibration)
+    return CandidateEvaluator(model, to_graph(model), ctx, estimator_for(get_target("npu-32x32")), reference)
+
+
+def test_an_exact_candidate_that_changed_the_function_scores_its_measured_drift(monkeypatch):
+    """A pass labelled exact that is wrong (here: the first conv's weights made 5 % larger) used to score
+    drift 0 from its label in a drift-budget search, and so ranked as a perfect candidate."""
+    model = build("mobilenetv2", resolution=64)
+    evaluator = _evaluator(model)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    first = next(n for n in broken.graph.node if n.op_type == "Conv")
+    weight = next(i for i in broken.graph.initializer if i.name == first.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.05), weight.name))
+    monkeypatch.setattr(evaluator, "build", lambda pipeline: (broken, Exactness.EXACT))
+    score = evaluator.evaluate("replace-conv{mode=dense}")
+    assert score.exact and score.error is None
+    assert score.drift > 1e-6
+
+
+def test_a_sound_exact_candidate_measures_about_no_drift():
+    model = build("mobilenetv2", resolution=64)
+    score = _evaluator(model).evaluate("replace-conv{mode=dense,sites=0}")
+    assert score.exact and score.error is None
+    assert 0 <= score.drift < 1e-5
+
+
+def test_a_pass_failing_with_a_value_error_is_counted_and_reported_not_hidden(monkeypatch, tmp_path, capsys):
+    """A ValueError/RuntimeError out of a pass is a bug: it used to become one more bad candidate, silently."""
+    import json
+
+    from hwnas.cli import main
+
+    real = CandidateEvaluator.build
+
+    def replace_conv_is_broken(self, pipeline):
+        if "replace-conv" in pipeline:
+            raise ValueError("index 7 is out of bounds (simulated pass bug)")
+        return real(self, pipeline)
+
+    monkeypatch.setattr(CandidateEvaluator, "build", replace_conv_is_broken)
+    model = tmp_path / "m.onnx"
+    onnx.save(build("mobilenetv2", resolution=64), str(model))
+    report = tmp_path / "r.json"
+    code = main(["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--target", "npu-32x32", "--trials", "12",
+                 "--workers", "1", "--quiet", "--report", str(report)])
+    assert code == 0
+    errors = json.loads(report.read_text())["search"]["pass_errors"]
+    assert errors["count"] > 0 and "simulated pass bug" in errors["first"][0]
+    assert f"a pass failed on {errors['count']} candidate(s)" in capsys.readouterr().err
+
+
+def test_a_sound_search_reports_no_pass_errors():
+    from hwnas import api
+
+    report = api.optimize(build("mobilenetv2", resolution=64), "npu-32x32", trials=12, seed=0, workers=1).report
+    assert report["search"]["pass_errors"] == {"count": 0, "first": []}
