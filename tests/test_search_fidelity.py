@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -78,3 +80,26 @@ def test_a_sound_search_reports_no_pass_errors():
 
     report = api.optimize(build("mobilenetv2", resolution=64), "npu-32x32", trials=12, seed=0, workers=1).report
     assert report["search"]["pass_errors"] == {"count": 0, "first": []}
+
+
+def test_a_resume_after_changing_the_calibration_data_or_the_estimator_scores_again(tmp_path):
+    """The journal's header named neither: a resume reused scores (drift, latency) of other data or another
+    estimator as if they were this search's."""
+    from hwnas import api
+
+    model = build("mobilenetv2", resolution=64)
+    journal = tmp_path / "j.jsonl"
+
+    def calib(seed):
+        return {"input": np.random.default_rng(seed).standard_normal((2, 3, 64, 64)).astype(np.float32)}
+
+    def scored(**kwargs):
+        result = api.optimize(model, "npu-32x32", max_drift=0.2, trials=6, seed=0, workers=1, journal=journal, **kwargs)
+        return result.report["search"]["candidates_scored"]
+
+    first = scored(calibration=calib(1))
+    assert first > 0 and scored(calibration=calib(1)) == 0  # a true resume reuses everything
+    assert scored(calibration=calib(2)) == first
+    changed = copy.deepcopy(estimator_for(get_target("npu-32x32")))  # the shipped one is cached: never mutate it
+    changed.kernel_offset_ms += 0.001  # refitted or re-profiled: other latencies
+    assert scored(calibration=calib(2), estimator=changed) == first

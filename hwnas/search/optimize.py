@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import multiprocessing
 import time
 from collections import Counter
@@ -96,6 +97,23 @@ class SearchOutcome:
 
 def fingerprint(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def data_fingerprint(feeds: Mapping[str, np.ndarray] | None) -> str | None:
+    """Identity of a set of input arrays (names, dtypes, shapes, bytes); None when there are none."""
+    if feeds is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(feeds):
+        array = np.ascontiguousarray(feeds[name])
+        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def estimator_fingerprint(estimator: LatencyEstimator) -> str:
+    """Identity of an estimator: its stored form (settings and every measurement it was fitted on)."""
+    return hashlib.sha256(json.dumps(estimator.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def expert_candidate(space: SearchSpace) -> dict[str, str]:
@@ -211,6 +229,8 @@ def run_search(
         "curated": settings.curated, "limits": vars(settings.limits), "shapes": {k: list(v) for k, v in shapes.items()},
         "evaluate_cmd": settings.evaluate_cmd, "quality_tolerance": settings.quality_tolerance,
         "quantize": None if settings.quantize is None else vars(settings.quantize),
+        # the scores depend on both: a resume after changing either must score again, not reuse
+        "estimator": estimator_fingerprint(estimator), "calibration": data_fingerprint(calibration),
     })
     workers = settings.workers or multiprocessing.cpu_count()
     spent: Counter[str] = Counter()  # seconds per evaluation phase summed over candidates (and workers); their count
