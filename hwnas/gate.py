@@ -11,7 +11,8 @@ Budgets (each optional; at least one must be given):
                        grouped conv counts its full channel count (not the per-group 1). Channel counts
                        fixed by the model's signature — a conv reading a graph input (3 for RGB) or
                        writing a graph output — cannot be changed by any rewrite and are exempt; the
-                       item says how many were.
+                       item says how many were. A count the gate cannot read (a weight that is not
+                       constant, without --input-shape) fails the item: it was not checked.
     max-regression     (IN − REF) / REF · 100 ≤ PCT, for the estimated latencies of IN and of the
                        baseline model REF on the same target and estimator.
 
@@ -386,13 +387,15 @@ def _multiple_item(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None, n
     for c in convs:
         bad = []
         for side, count, fixed in (("input", c.inputs, c.input_fixed), ("output", c.outputs, c.output_fixed)):
-            if count is None:
+            if count is not None and count % n == 0:
+                continue
+            if fixed:  # no rewrite can change it, known or not
+                exempt += 1
+            elif count is None:  # the gate fails closed: what it could not check is not passed
                 unknown += 1
-            elif count % n:
-                if fixed:
-                    exempt += 1
-                else:
-                    bad.append(f"{count} {side}")
+                bad.append(f"unknown {side}")
+            else:
+                bad.append(f"{count} {side}")
         if bad:
             kind = "depthwise " if c.groups > 1 and c.groups == c.inputs == c.outputs else (
                 f"grouped (group={c.groups}) " if c.groups > 1 else "")
@@ -401,12 +404,12 @@ def _multiple_item(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None, n
     if exempt:
         notes.append(f"{exempt} channel count(s) fixed by the model's inputs/outputs exempt")
     if unknown:
-        notes.append(f"{unknown} channel count(s) unknown (not checked)")
+        notes.append(f"{unknown} channel count(s) unknown: weights not constant, give --input-shape")
     suffix = f" ({'; '.join(notes)})" if notes else ""
     if not offenders:
         message = f"{MULTIPLE}: all {len(convs)} Conv channel counts are multiples of {n}{suffix}"
     else:
         shown = "; ".join(offenders[:5]) + (f"; ... and {len(offenders) - 5} more" if len(offenders) > 5 else "")
         message = (f"{MULTIPLE}: {len(offenders)} of {len(convs)} Convs have channel counts that are not "
-                   f"multiples of {n}: {shown}{suffix}")
+                   f"multiples of {n}{' or are unknown' if unknown else ''}: {shown}{suffix}")
     return CheckItem(MULTIPLE, not offenders, len(offenders), n, message, "convs", tuple(offenders))

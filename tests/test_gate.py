@@ -244,3 +244,17 @@ def test_junit_unwritable_path_is_bad_input(tmp_path):
     result = CheckResult(TARGET, [])
     with pytest.raises(BadInputError):
         write_junit(tmp_path / "missing-dir" / "x.xml", result)
+
+
+def test_require_multiple_fails_a_channel_count_it_cannot_read():
+    """A conv whose weight is not constant has no readable output count without shapes: it used to pass
+    unchecked ("unknown (not checked)") although the gate had not checked it."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv_dyn"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2")]
+    model = make_model(nodes, [tensor("x", ["N", 8, "H", "W"]), tensor("w", ["M", 8, 1, 1])],
+                       [tensor("y", ["N", 8, "H", "W"])], [const("w2", rng.normal(0, 0.3, (8, 16, 1, 1)).astype(np.float32))])
+    result = item(check(model, TARGET, Budgets(require_multiple=8)), MULTIPLE)
+    assert not result.passed and result.value == 1
+    assert result.details == ("conv conv_dyn: unknown output channels",)
+    assert "unknown" in result.message and "--input-shape" in result.message
