@@ -37,7 +37,7 @@ from hwnas.passes.quantize import quantize_model
 from hwnas.targets import Target, get_target
 from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify_equivalence
 from hwnas.verify.fidelity import FidelityReport
-from hwnas.graph.session import random_feeds
+from hwnas.verify.calibration import held_out_feeds
 
 # cosine ≥ −1 always holds: a model that will be trained must load and run in ORT; its function may change
 ANY_DRIFT = 2.0
@@ -174,7 +174,7 @@ def run(
     if exactness is not Exactness.EXACT:
         report.equivalent = False  # whatever the tolerance says: the function was changed on purpose
         report.notes.append(f"a {exactness.value} result is judged by its drift, never reported equivalent")
-        feeds = calibration if calibration is not None else random_feeds(original, shapes, seed)
+        feeds = calibration if calibration is not None else held_out_feeds(original, shapes, seed)
         result.drift["calibration"] = measure_fidelity(original, candidate, feeds)
         if holdout is not None:
             result.drift["holdout"] = measure_fidelity(original, candidate, holdout)

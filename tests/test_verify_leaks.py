@@ -66,3 +66,28 @@ def test_no_verify_does_not_lift_the_rule_that_a_changed_function_needs_a_drift_
     with pytest.raises(BadInputError, match="allow-drift"):
         api.run(mobilenet, "scale-depth{multiplier=0.75}", calibration=_calibration(), verify=False)
 
+
+
+def test_without_calibration_data_drift_is_judged_on_an_input_the_fits_never_saw(monkeypatch, mobilenet):
+    """Without --calib the refits use seeded random samples; the one random input verification and the drift
+    report used was the same draw as fitting sample 0, so the fit was judged on its own data."""
+    from hwnas.graph.shapes import resolve_input_shapes
+    from hwnas.verify import equivalence, random_calibration
+
+    judged = []
+    real_measure, real_run = api.measure_fidelity, equivalence.run
+
+    def measure(reference, candidate, feeds):
+        judged.append(feeds["input"][0])
+        return real_measure(reference, candidate, feeds)
+
+    def run_verified(session, feeds):
+        judged.append(feeds["input"][0])
+        return real_run(session, feeds)
+
+    monkeypatch.setattr(api, "measure_fidelity", measure)
+    monkeypatch.setattr(equivalence, "run", run_verified)
+    result = api.run(mobilenet, "scale-depth{multiplier=0.75}", allow_drift=0.9)
+    assert any("no calibration data" in w for w in result.warnings)  # the refits ran on random samples
+    fitted = random_calibration(mobilenet, resolve_input_shapes(mobilenet, None), 8, seed=0)["input"]
+    assert judged and not any(np.array_equal(j, f) for j in judged for f in fitted)

@@ -47,6 +47,16 @@ def random_calibration(
     return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 
+# random samples for fits are drawn with seeds seed, seed + 1, ... (`random_calibration`, a few dozen at
+# most); the input that judges them is drawn this far off, so that it is never one of them
+HELD_OUT_SEED_OFFSET = 1_000_003
+
+
+def held_out_feeds(model: onnx.ModelProto, shapes: Mapping[str, Shape], seed: int) -> dict[str, np.ndarray]:
+    """The seeded random input verification and drift use without calibration data: not a fitting sample."""
+    return random_feeds(model, shapes, seed + HELD_OUT_SEED_OFFSET)
+
+
 def check_one_sample_per_run(model: onnx.ModelProto) -> None:
     """Calibration runs one sample at a time, as a batch of one along each input's first axis; an input
     with another fixed first dimension (a weight fed at run time, a fixed batch) cannot be split so."""
