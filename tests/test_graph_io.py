@@ -138,3 +138,19 @@ def test_non_float_inputs_are_fed_and_verified():
     )
     result = api.run(model, "fold-bn,eliminate-identity")
     assert result.verification.equivalent
+
+
+def test_weights_are_read_only_so_graph_copies_cannot_change_each_other():
+    """`gs.Graph.copy()` shares weight arrays: a write into one copy's array used to change the other."""
+    import onnx_graphsurgeon as gs
+
+    from hwnas.graph.gsgraph import to_graph
+    from hwnas.models import build
+
+    graph = to_graph(build("mobilenetv2", resolution=64))
+    copy = graph.copy()
+    weight = next(t for t in copy.tensors().values() if isinstance(t, gs.Constant) and t.values.ndim == 4)
+    with pytest.raises(ValueError, match="read-only"):
+        weight.values *= 2
+    original = next(t for t in graph.tensors().values() if t.name == weight.name)
+    assert not original.values.flags.writeable

@@ -31,6 +31,18 @@ from hwnas.graph import io as graph_io
 from hwnas.graph.constants import lift_constants
 
 
+class ReadOnlyValues(LazyValues):
+    """A weight's values, loaded on first access as a read-only array: `gs.Graph.copy()` shares arrays
+    between copies, so a pass that wrote into one in place would change every other copy (the search's
+    candidates, the original a result is verified against). Writing raises instead; passes build new arrays.
+    """
+
+    def load(self) -> np.ndarray:
+        values = super().load()
+        values.setflags(write=False)
+        return values
+
+
 class ExternalValues(LazyValues):
     """The values of a weight kept on disk: memory-mapped read-only when first accessed.
 
@@ -67,8 +79,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(lift_constants(model))
     for tensor in _constants(graph):
         values = tensor._values
-        if type(values) is LazyValues and graph_io.external_ref(values.tensor) is not None:
-            tensor._values = ExternalValues(values.tensor)
+        if type(values) is LazyValues:
+            external = graph_io.external_ref(values.tensor) is not None  # memory-mapped read-only
+            tensor._values = ExternalValues(values.tensor) if external else ReadOnlyValues(values.tensor)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
             tensor.shape = None  # recomputed on demand; a pass must never trust a stale shape

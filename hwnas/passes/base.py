@@ -3,7 +3,8 @@
 Modelled on onnx-ir's pass infrastructure and onnxscript's rewriter: `match()` lists every place the
 pass looked at, each either applicable or carrying the *reason* it is not; `apply()` rewrites the chosen
 sites and returns `PassResult(model, modified, stats)`. Passes never mutate weight arrays in place (a
-`gs.Graph.copy()` shares them); they build new arrays.
+`gs.Graph.copy()` shares them); they build new arrays. `to_graph` loads every weight read-only, so a
+write into one raises instead of changing other copies.
 """
 
 from __future__ import annotations
