@@ -15,7 +15,7 @@ from hwnas.graph.session import make_session, run_per_sample
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
 from hwnas.passes.base import Exactness, PassContext
-from hwnas.search.evaluate import CandidateEvaluator
+from hwnas.search.evaluate import STRICT_PASSES_ENV, CandidateEvaluator
 from hwnas.targets import get_target
 from hwnas.verify import random_calibration
 
@@ -65,6 +65,7 @@ def test_a_pass_failing_with_a_value_error_is_counted_and_reported_not_hidden(mo
         return real(self, pipeline)
 
     monkeypatch.setattr(CandidateEvaluator, "build", replace_conv_is_broken)
+    monkeypatch.delenv(STRICT_PASSES_ENV)  # as users run it: counted and reported
     model = tmp_path / "m.onnx"
     onnx.save(build("mobilenetv2", resolution=64), str(model))
     report = tmp_path / "r.json"
@@ -74,6 +75,18 @@ def test_a_pass_failing_with_a_value_error_is_counted_and_reported_not_hidden(mo
     errors = json.loads(report.read_text())["search"]["pass_errors"]
     assert errors["count"] > 0 and "simulated pass bug" in errors["first"][0]
     assert f"a pass failed on {errors['count']} candidate(s)" in capsys.readouterr().err
+
+
+def test_the_test_suite_fails_on_a_pass_bug_met_in_a_search(monkeypatch):
+    """conftest sets STRICT_PASSES_ENV: a pass bug raises out of the search instead of being counted."""
+    from hwnas import api
+
+    def broken(self, pipeline):
+        raise RuntimeError("simulated pass bug")
+
+    monkeypatch.setattr(CandidateEvaluator, "build", broken)
+    with pytest.raises(RuntimeError, match="simulated pass bug"):
+        api.optimize(build("mobilenetv2", resolution=64), "npu-32x32", trials=4, seed=0, workers=1)
 
 
 def test_a_sound_search_reports_no_pass_errors():
