@@ -7,6 +7,7 @@ reported after), 1 intra-op thread:
 
     python benchmarks/profile_cpu.py --detect-fusion               # rules + 3,000 measurements (~10 min)
     python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
+    python benchmarks/profile_cpu.py --detect-fusion --int8        # + int8 kernels (every second network quantized)
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from hwnas.errors import BadInputError
 from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
 from hwnas.estimator.profile import MODES, profile_target
+from hwnas.passes.quantize import quantize_model
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.measure import environment
@@ -75,6 +77,8 @@ def main() -> int:
     parser.add_argument("--rules", help="cut kernels by the fusion rules in this JSON file, not the target's")
     parser.add_argument("--max-load", type=float, default=1.0, help="refuse to start above this 1-minute load average")
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine (the numbers will say so)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also profile int8 kernels: every second network quantized by the quantize pass (cpu preset)")
     args = parser.parse_args()
 
     env = environment()
@@ -93,7 +97,7 @@ def main() -> int:
     start = time.perf_counter()
     with tqdm(total=args.budget, desc=f"profiling cpu ({args.mode})", unit="kernel") as bar:
         estimator, report = profile_target(target, args.budget, seed=args.seed, mode=args.mode, rules=rules,
-                                           progress=bar.update)
+                                           progress=bar.update, quantize=quantize_model if args.int8 else None)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
