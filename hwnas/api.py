@@ -391,7 +391,7 @@ def optimize(
     limits = Limits(0.0 if retrain else drift_allowed or 0.0, memory_budget, max_params, max_peak_act)
     settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
                               None if journal is None else str(journal), evaluate_cmd, evaluate_timeout,
-                              quality_tolerance, storage, quant_settings)
+                              quality_tolerance, storage, quantize_spec)
     outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress)
     limits = outcome.limits  # with the quality floor the search set
     candidates = ranked_pipelines(outcome, limits)
@@ -431,12 +431,8 @@ def optimize(
     chosen, run_result = verify_in_order(candidates[:5] + fallbacks, accept)
     verify_s = time.monotonic() - verify_start
     baseline_estimate = estimate(original, the_target, input_shapes=shapes, estimator=latency_model)
-    # a quantized winner is estimated as its float graph, as the search scored it (the estimators do not
-    # time int8 kernels yet)
-    float_winner = run_result.model if not quantize_spec else run(
-        original, run_result.pipeline.removesuffix("," + quantize_spec), input_shapes=shapes, verify=False,
-        strict_sites=False).model
-    optimized_estimate = estimate(float_winner, the_target, input_shapes=shapes, estimator=latency_model)
+    # the written model, int8 included: what the search scored the candidate by
+    optimized_estimate = estimate(run_result.model, the_target, input_shapes=shapes, estimator=latency_model)
     recipe = make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(original), the_target.name)
     reduction = 1 - optimized_estimate.latency_ms / baseline_estimate.latency_ms if baseline_estimate.latency_ms else 0.0
     report = {
@@ -457,7 +453,7 @@ def optimize(
         "precision": "int8" if quantize_spec else "float",
         "quantization": None if quant_settings is None else {
             "preset": quantize_preset or _default_preset(the_target), **vars(quant_settings),
-            "latency_scored_as": "the float graph (the estimators do not time int8 kernels yet)"},
+            "latency_scored_as": "the int8 graph"},
         "drift": run_result.to_dict()["drift"],
         "deploy_check": None if deploy_check is None else {"target": deploy_check, **deployed},
         "search": {

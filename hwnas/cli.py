@@ -459,7 +459,9 @@ def cmd_optimize(args) -> int:
           f"candidates in {s['wall_s']:.1f} s")
     t = s["seconds"]
     print(f"time: setup {t['setup']:.1f} s, search {t['search']:.1f} s ({s['candidates_scored']} scored here; summed over "
-          f"workers: passes and calibration {t['candidates_build']:.1f} s, estimation {t['candidates_estimate']:.1f} s, "
+          f"workers: passes and calibration {t['candidates_build']:.1f} s, "
+          + (f"quantizer {t['candidates_quantize']:.1f} s, " if report["quantization"] else "")
+          + f"estimation {t['candidates_estimate']:.1f} s, "
           f"drift {t['candidates_drift']:.1f} s), verifying the chosen model {t['verify_chosen']:.1f} s")
     v = report["verification"]
     if v:

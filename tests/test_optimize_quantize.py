@@ -34,6 +34,14 @@ def test_search_scores_int8_candidates_and_writes_the_winner_quantized(small_mnv
     assert "equalize" in {r["kind"] for r in result.recipe["rules"]}  # the search may add equalize
     # every candidate, the float baseline included, was judged by its quantized drift
     assert report["pareto"] and all(p["drift"] > 0 for p in report["pareto"])
+    # ... and by the estimated latency of its int8 graph: the chosen one's score is the written model's estimate
+    written = api.estimate(result.model, "npu-16x16").latency_ms
+    chosen = next(p for p in report["pareto"] if p["chosen"])
+    assert chosen["latency_ms"] == pytest.approx(written, rel=1e-9)
+    assert report["optimized"]["latency_ms"] == pytest.approx(written, rel=1e-9)
+    assert written != pytest.approx(api.estimate(small_mnv2, "npu-16x16").latency_ms, rel=1e-6)  # int8 ≠ float
+    assert report["quantization"]["latency_scored_as"] == "the int8 graph"
+    assert report["search"]["seconds"]["candidates_quantize"] > 0
 
 
 def test_quantize_needs_a_drift_budget_and_a_known_precision(small_mnv2):

@@ -65,8 +65,9 @@ def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
     seconds = search_report["seconds"]
     assert search_report["candidates_evaluated"] == 16
     assert 0 < search_report["candidates_scored"] <= 16
-    assert set(seconds) == {"setup", "search", "candidates_build", "candidates_estimate", "candidates_drift",
-                            "verify_chosen"}
+    assert set(seconds) == {"setup", "search", "candidates_build", "candidates_quantize", "candidates_estimate",
+                            "candidates_drift", "verify_chosen"}
+    assert seconds["candidates_quantize"] == pytest.approx(0, abs=0.05)  # float candidates are not quantized
     assert seconds["candidates_build"] > 0 and seconds["candidates_estimate"] > 0
     assert seconds["candidates_drift"] == pytest.approx(0, abs=0.05)  # exact candidates are not run
     assert search_report["depth_cache"] == {"depth_cache_lookups": 0, "depth_cache_hits": 0}

@@ -7,11 +7,12 @@ smallest cosine of any output on any single sample (the measure verification jud
 verified at the tolerance with ONNX Runtime before it is written.
 
 Candidates that will be quantized (`optimize --quantize int8`) are scored as what they become: each is
-quantized by ONNX Runtime (hwnas.passes.quantize, on the calibration inputs) and its drift is that of
-the int8 model against the float original, whatever the passes' class. Their latency is the
-estimator's for the float graph: the estimators do not time int8 kernels yet, and ORT's int8 kernels
-speed convs up about evenly (2× on this machine), so the ranking holds; the winner is measured on a
-real target against the quantized input before it is accepted.
+run through the same `quantize` step the winner is written with (hwnas.passes.quantize: ONNX Runtime's
+quantizer on the calibration inputs), and its latency and memory are the estimator's for that int8
+graph (int8 kernels by their `KIND/int8` regressors where the estimator profiled them), its drift that
+of the int8 model against the float original, whatever the passes' class. The quantizer is the
+costliest phase of such a candidate ("quantize" in the report's seconds): candidates whose float graphs
+are identical share one quantized model.
 
 Candidates that will be trained (zero-shot, --evaluate-cmd) are judged by a *quality* instead, higher
 is better: the zero-shot trainability proxy (hwnas.search.proxy) or the user's score after fine-tuning
@@ -23,6 +24,7 @@ search loses nothing: the same command run again reads the journal and evaluates
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -37,12 +39,11 @@ import onnx_graphsurgeon as gs
 from hwnas.errors import HwnasError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.memory import footprint
-from hwnas.graph.gsgraph import to_model
+from hwnas.graph.gsgraph import to_graph, to_model
 from hwnas.graph.session import make_session, run_per_sample
 from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager, PipelineRun
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
-from hwnas.passes.quantize import QuantSettings, quantize_model
 from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import cosine
 
@@ -51,6 +52,7 @@ _SCALED_CACHE = 4  # depth-scaled graphs kept: the curated space's multipliers
 # set (to anything) by the test suite: a pass's ValueError/RuntimeError in a search raises instead of being
 # counted, so no test passes over a hidden pass bug (worker processes inherit it through the environment)
 STRICT_PASSES_ENV = "HWNAS_STRICT_PASSES"
+_QUANTIZED_CACHE = 8  # quantized models kept, by their float graph: candidates whose decisions change nothing
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,9 @@ class Score:
 
 
 # where a candidate's time goes, in order: its passes (calibration and least-squares refits included),
-# latency and memory estimation, and drift or quality (ONNX Runtime on the calibration inputs, the quantizer)
-PHASES = ("build", "estimate", "drift")
+# ONNX Runtime's quantizer (`--quantize int8` only), latency and memory estimation, and drift or quality
+# (ONNX Runtime on the calibration inputs)
+PHASES = ("build", "quantize", "estimate", "drift")
 
 
 def _phases(marks: list[float]) -> dict[str, float]:
@@ -85,13 +88,17 @@ def _phases(marks: list[float]) -> dict[str, float]:
     return {phase: end - begin for phase, begin, end in zip(PHASES, marks, ends)}
 
 
+def fingerprint(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
 class CandidateEvaluator:
     """Scores pipelines on one prepared graph. Picklable state only, so worker processes can hold one."""
 
     def __init__(self, base: onnx.ModelProto, graph: gs.Graph, ctx: PassContext, estimator: LatencyEstimator,
                  reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True,
                  quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True,
-                 quantize: QuantSettings | None = None):
+                 quantize: str | None = None):
         self.base = base
         self.graph = graph
         self.ctx = ctx
@@ -100,7 +107,8 @@ class CandidateEvaluator:
         self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
         self.quality = quality
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
-        self.quantize = quantize  # every candidate is judged as the int8 model it becomes
+        self.quantize = quantize  # the quantize step (pipeline text): every candidate is judged as the int8 model it becomes
+        self._quantized: dict[str, onnx.ModelProto] = {}  # float model fingerprint → its quantized model
         self._scaled: dict[str, PipelineRun] = {}  # first step → its result, for the global depth multiplier
         self.cache_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
 
@@ -133,18 +141,18 @@ class CandidateEvaluator:
         try:
             model, exactness = self.build(pipeline)
             marks.append(time.perf_counter())
+            if self.quantize is not None:
+                model = self.quantized(model)
+            marks.append(time.perf_counter())
             latency = self.estimator.estimate(model, self.ctx.input_shapes).latency_ms
             memory = footprint(model, self.ctx.input_shapes) if self.count_memory else None
             marks.append(time.perf_counter())
             exact = exactness is Exactness.EXACT and self.quantize is None
-            if self.quantize is not None:
-                drift = self.drift(quantize_model(model, self.ctx.calibration, self.quantize))
-            else:
-                # measured wherever the search holds reference outputs (a drift budget), exact candidates
-                # included: a pass's label is a claim, and a wrong "exact" pass must not rank as perfect.
-                # An exact-only search holds none: its winner is verified at the tolerance before it is written
-                unmeasured = self.quality is not None or (exact and self.reference_outputs is None)
-                drift = 0.0 if unmeasured else self.drift(model)
+            # measured wherever the search holds reference outputs (a drift budget), exact candidates
+            # included: a pass's label is a claim, and a wrong "exact" pass must not rank as perfect.
+            # An exact-only search holds none: its winner is verified at the tolerance before it is written
+            unmeasured = self.quality is not None or (exact and self.reference_outputs is None)
+            drift = 0.0 if unmeasured else self.drift(model)
             quality = self.quality(model) if self.quality is not None else None
         except HwnasError as e:  # a pass refused the candidate with a reason: a bad candidate
             return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}"), _phases(marks)
@@ -155,6 +163,16 @@ class CandidateEvaluator:
         marks.append(time.perf_counter())
         params, peak = (memory.params_bytes, memory.peak_activation_bytes) if memory else (0, 0)
         return Score(latency, params, peak, drift, exact, quality=quality), _phases(marks)
+
+    def quantized(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """`model` after the quantize step, as the winner is written (cached by the float graph's bytes)."""
+        key = fingerprint(model)
+        if key not in self._quantized:
+            if len(self._quantized) >= _QUANTIZED_CACHE:
+                self._quantized.pop(next(iter(self._quantized)))
+            done = PassManager(parse_pipeline(self.quantize), in_place=True).run(to_graph(model), self.ctx)
+            self._quantized[key] = to_model(done.graph, self.base)
+        return self._quantized[key]
 
     def drift(self, model: onnx.ModelProto) -> float:
         if self.reference_outputs is None or self.ctx.calibration is None:

@@ -35,10 +35,9 @@ from hwnas.graph.shapes import Shape
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
-from hwnas.passes.quantize import QuantSettings
 from hwnas.search.algorithms import ALGORITHMS, Limits, Trial, pareto_front, rank_key, search
 from hwnas.search.distributed import StorageWorkers
-from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score
+from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score, fingerprint
 from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
 from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
@@ -60,7 +59,7 @@ class SearchSettings:
     evaluate_timeout: float = DEFAULT_TIMEOUT_S
     quality_tolerance: float = 0.01  # zero-shot / evaluate_cmd: how far below the original's quality, as a fraction
     storage: str | None = None  # an SQLAlchemy URL: evaluate in `workers` processes through an Optuna storage
-    quantize: QuantSettings | None = None  # candidates are scored as the int8 models they become
+    quantize: str | None = None  # the quantize step (e.g. "quantize{preset=cpu}"): candidates are scored as its int8 models
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -93,10 +92,6 @@ class SearchOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     scored: int = 0  # candidates scored by this search (not read from its journal)
     depth_cache: dict[str, int] = field(default_factory=dict)  # lookups and hits of the depth-scaled graph cache
-
-
-def fingerprint(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
 def data_fingerprint(feeds: Mapping[str, np.ndarray] | None) -> str | None:
@@ -228,7 +223,7 @@ def run_search(
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
         "curated": settings.curated, "limits": vars(settings.limits), "shapes": {k: list(v) for k, v in shapes.items()},
         "evaluate_cmd": settings.evaluate_cmd, "quality_tolerance": settings.quality_tolerance,
-        "quantize": None if settings.quantize is None else vars(settings.quantize),
+        "quantize": settings.quantize,
         # the scores depend on both: a resume after changing either must score again, not reuse
         "estimator": estimator_fingerprint(estimator), "calibration": data_fingerprint(calibration),
     })
