@@ -28,6 +28,9 @@ The pairs map onto `FusionRules` keys (what `decompose` can express):
     Conv → Add(residual) → Relu       `residual_epilogue` (where FusionRules has it)
     ConvTranspose / Gemm / MatMul → Relu, MatMul → Add(bias)   that op in `anchors` (Conv is one when
                                       any Conv pair fuses)
+    Relu → an exporter's chain (erf GELU, decomposed LayerNorm, RMSNorm, x·Sigmoid(x))   that chain in
+                                      `patterns` when ORT runs it as fewer nodes than it has ops, whatever
+                                      the criterion: the chain fuses with itself, not with the Relu
 
 Pairs the rules cannot express (a depthwise conv as the anchor) are measured and reported all the same.
 
@@ -56,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from hwnas.estimator.networks import NetworkBuilder, overhead_model
+from hwnas.estimator.networks import NetworkBuilder, _act, _layer_norm, overhead_model
 from hwnas.targets.base import Target
 from hwnas.targets.fusion_rules import FusionRules
 
@@ -184,6 +187,23 @@ def _hardswish_decomposed(b: NetworkBuilder, x: str) -> str:
     return b.node("Div", [b.node("Mul", [x, gate], shape), b.scalar(6.0)], shape)
 
 
+def _gelu(b: NetworkBuilder, x: str) -> str:
+    return _act(b, x, "gelu")
+
+
+def _layer_norm_decomposed(b: NetworkBuilder, x: str) -> str:
+    return _layer_norm(b, x, decomposed=True)
+
+
+def _rms_norm(b: NetworkBuilder, x: str) -> str:
+    """x / √(mean(x²) + ε) · scale over the last axis."""
+    shape, reduced = b.shapes[x], (*b.shapes[x][:-1], 1)
+    variance = b.node("ReduceMean", [b.node("Pow", [x, b.scalar(2.0)], shape)], reduced, axes=[-1])
+    root = b.node("Sqrt", [b.node("Add", [variance, b.scalar(1e-5)], reduced)], reduced)
+    scale = b.const(b.rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32))
+    return b.node("Mul", [b.node("Div", [x, root], shape), scale], shape)
+
+
 def _residual(b: NetworkBuilder, x: str) -> str:
     """Add of a tensor computed elsewhere: the pair's input (a second model input when op 2 runs alone)."""
     other = b.skip if b.skip != x else b.input("skip", b.shapes[x])
@@ -232,6 +252,10 @@ CASES: tuple[PairCase, ...] = (
     _case("Gemm→Relu", "anchors:Gemm", _gemm, _unary("Relu"), vector=True),
     _case("MatMul→Relu", "anchors:MatMul", _matmul, _unary("Relu"), vector=True),
     _case("MatMul→Add(bias)", "anchors:MatMul", _matmul, _bias, vector=True),
+    _case("Relu→GELU(erf)", "patterns:Gelu", _unary("Relu"), _gelu, vector=True),
+    _case("Relu→LayerNorm(decomposed)", "patterns:LayerNormalization", _unary("Relu"), _layer_norm_decomposed, vector=True),
+    _case("Relu→RMSNorm", "patterns:SimplifiedLayerNormalization", _unary("Relu"), _rms_norm, vector=True),
+    _case("Relu→x·Sigmoid(x)", "patterns:QuickGelu", _unary("Relu"), _swish, vector=True),
 )
 
 
@@ -336,6 +360,8 @@ def rules_from_verdicts(verdicts: Sequence[PairMeasurement], criterion: str = "l
         anchors = sorted({"Conv", *anchors})
     values = dict(
         anchors=frozenset(anchors),
+        # a chain ORT runs as one node is one kernel under either criterion: a boundary inside would split it
+        patterns=frozenset(v.rule.split(":", 1)[1] for v in verdicts if v.rule.startswith("patterns:") and v.merged),
         epilogue_ops=frozenset(named("epilogue_ops")),
         affine=bool(fused.get("affine:Mul") and fused.get("affine:Add")),
         # nn-Meter: both gate forms must save time; by node: either merging is enough to keep a node whole

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.features import SHAPE_FEATURES, WORK_FEATURES, feature_matrix
+from hwnas.estimator.features import FEATURES_VERSION, SHAPE_FEATURES, WORK_FEATURES, feature_matrix
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.estimator.roofline import Roofline
 from hwnas.graph.control_flow import flatten_control_flow
@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 # The size features a kernel must lie within, per kind, to be inside the profiled distribution (the
 # residues and ratios always are); the slack is ~5 % on the log features, none on the counts.
 _SIZE_FEATURES = ("log_fold_steps", "log_vector_steps", "log_elements", "log_macs", "log_weights", "log_p", "log_k",
-                  "log_n", "kernel_h", "kernel_w")
+                  "log_n", "kernel_h", "kernel_w", "log_inner")
 # Beyond its profiled sizes a Gemm/MatMul takes the linear baseline of the conv kind: it is a 1x1 conv on
 # P pixels, and the conv kind was profiled over P, K and N alike, the gemm kind (classifier heads) only
 # at P = 1, so its baseline cannot tell MACs from rows (a 4096x768x768 MatMul: 93x the simulated
@@ -114,16 +114,21 @@ class LatencyEstimator:
         self.samples_ = list(samples)
         by_key: dict[str, list[Sample]] = {}
         for s in self.samples_:
-            by_key.setdefault(self._regressor_key(s.kernel), []).append(s)
+            key = self._regressor_key(s.kernel)
+            by_key.setdefault(key, []).append(s)
+            if s.kernel.kind == "other":  # and pooled over the catch-all kind's ops: for an op never profiled
+                by_key.setdefault(key.replace(_range_key(s.kernel), "other", 1), []).append(s)
         self.regressors_ = {key: self._fit(group) for key, group in by_key.items()}
         return self._derive()
 
     def _regressor_key(self, kernel: Kernel) -> str:
-        """The regressor a kernel is learnt and predicted by: its kind, and `KIND/int8` for an int8 kernel on
-        a target whose float and int8 kernels differ (ORT CPU runs DQ → Conv → Q as QLinearConv: other code,
-        other costs); an npu of 1 byte per element runs everything as int8, so precision is no key there."""
+        """The regressor a kernel is learnt and predicted by: its kind (`other:OP` within the catch-all kind,
+        whose ops share nothing: a Transpose is a copy, a Softmax exponentials), and `KEY/int8` for an int8
+        kernel on a target whose float and int8 kernels differ (ORT CPU runs DQ → Conv → Q as QLinearConv:
+        other code, other costs); an npu of 1 byte per element runs everything as int8, so precision is no
+        key there."""
         int8_kernel = kernel.int8 and kernel.kind != "free" and not computes_in_int8(self.target_config)
-        return f"{kernel.kind}/int8" if int8_kernel else kernel.kind
+        return f"{_range_key(kernel)}/int8" if int8_kernel else _range_key(kernel)
 
     def _fit(self, samples: list[Sample]) -> KernelRegressor:
         X = self._features([s.kernel for s in samples])
@@ -144,8 +149,10 @@ class LatencyEstimator:
         for key, idx in by_key.items():
             group = [kernels[i] for i in idx]
             kind = group[0].kind
-            # an int8 kernel of a kind never profiled in int8: the float kind's regressor (flagged below)
-            regressor = self.regressors_.get(key, self.regressors_.get(kind))
+            # an int8 kernel of a kind never profiled in int8: the float kind's regressor (flagged below); an op
+            # of the catch-all kind never profiled: the one pooled over its profiled ops (flagged as a guess)
+            regressor = next((self.regressors_[k] for k in (key, key.removesuffix("/int8"), kind) if k in self.regressors_),
+                             None)
             # inside: a measured op at sizes its kind (its op, for the catch-all kind) was profiled at
             inside = self._in_range(kind, group) & np.array([kind == "free" or k.op in self.measured_ops_ for k in group])
             if regressor is None and kind == "free":
@@ -218,7 +225,8 @@ class LatencyEstimator:
         data = self.to_dict()
         write_json(path, data)
         arrays = {f"{kind}/{key}": value for kind, reg in self.regressors_.items() for key, value in reg.to_arrays().items()}
-        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(data["samples"])}
+        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(data["samples"]),
+                "features": FEATURES_VERSION}
         np.savez_compressed(_fitted_path(path), meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
@@ -303,8 +311,8 @@ class LatencyEstimator:
 
 
 def _range_key(kernel: Kernel) -> str:
-    """What a profiled range is kept per: the kernel's kind; within the catch-all kind "other", which holds
-    unrelated ops (a Transpose's sizes say nothing about a Softmax's), its op."""
+    """What a profiled range and a regressor are kept per: the kernel's kind; within the catch-all kind
+    "other", which holds unrelated ops (a Transpose's sizes say nothing about a Softmax's), its op."""
     return f"other:{kernel.op}" if kernel.kind == "other" else kernel.kind
 
 
@@ -322,7 +330,9 @@ def _fitted_matches(fitted: Mapping[str, np.ndarray], samples: list) -> bool:
         meta = json.loads(str(fitted["meta"]))
     except (KeyError, ValueError):
         return False
-    return meta.get("scikit-learn") == _SKLEARN_VERSION and meta.get("samples_sha256") == _samples_digest(samples)
+    # arrays written before the version was recorded are of version 1
+    return (meta.get("scikit-learn") == _SKLEARN_VERSION and meta.get("samples_sha256") == _samples_digest(samples)
+            and meta.get("features", 1) == FEATURES_VERSION)
 
 
 def _sample_to_dict(sample: Sample) -> dict:
@@ -338,6 +348,10 @@ def _kernel_to_dict(kernel: Kernel) -> dict:
 
 def _kernel_from_dict(data: Mapping) -> Kernel:
     values = dict(data)
+    if "inner" not in values and values.get("op") in ("Softmax", "LogSoftmax", "Hardmax") and values.get("input_shapes"):
+        # written before `inner` was: the profiling networks of then had Softmax on heads alone, over the
+        # channels (axis 1) of an NCHW map
+        values["inner"] = math.prod(values["input_shapes"][0][2:])
     values["gemm"] = GemmShape(**values["gemm"]) if values.get("gemm") else None
     for key in ("nodes", "ops"):
         values[key] = tuple(values[key])

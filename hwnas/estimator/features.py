@@ -20,7 +20,12 @@ import numpy as np
 
 from hwnas.targets.kernels import Kernel
 
-WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "one")
+# "strided_elements": the elements of a Softmax over a non-innermost axis (`Kernel.inner` > 1), which ORT
+# transposes innermost and back (10-20x the time per element): a term of its own, so that a linear fit
+# tells the two apart from few samples. "one" stays last: the fixed cost per kernel.
+WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "one")
+# bumped whenever the feature columns change: fitted arrays of another version are refitted on load
+FEATURES_VERSION = 2
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -38,7 +43,7 @@ def work_features(kernel: Kernel, pf: int) -> list[float]:
     vector_steps = float(math.ceil(max(kernel.output_elements * max(kernel.window, 1), kernel.input_elements) / pf))
     if kernel.kind == "free":
         return [0.0] * len(WORK_FEATURES)
-    return [fold_steps, folds, vector_steps, elements, float(kernel.macs), 1.0]
+    return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0, 1.0]
 
 
 SHAPE_FEATURES = (
@@ -46,7 +51,7 @@ SHAPE_FEATURES = (
     "c_in", "c_out", "kernel_h", "kernel_w", "stride", "groups", "log_p", "log_k", "log_n",
     "c_in_mod_pf", "c_out_mod_pf", "c_in_mod_4", "c_in_mod_8", "c_in_mod_16", "c_out_mod_4", "c_out_mod_8",
     "c_out_mod_16", "lane_use_k", "lane_use_n", "depthwise", "fused_ops", "residual", "window",
-    "log_compute_over_bytes",
+    "log_compute_over_bytes", "log_inner",
 )
 
 
@@ -66,7 +71,7 @@ def shape_features(kernel: Kernel, pf: int) -> list[float]:
         kernel.c_in % pf, kernel.c_out % pf, kernel.c_in % 4, kernel.c_in % 8, kernel.c_in % 16,
         kernel.c_out % 4, kernel.c_out % 8, kernel.c_out % 16, lane_k, lane_n,
         float(kernel.kind == "dwconv"), len(kernel.fused_ops), float(kernel.residual), kernel.window,
-        math.log1p(compute) - math.log1p(elements),
+        math.log1p(compute) - math.log1p(elements), math.log1p(kernel.inner),
     ]
 
 

@@ -75,7 +75,7 @@ def random_config(rng: np.random.Generator, pf: int) -> KernelConfig:
         return KernelConfig("deconv", min(c_in, 512), min(c_out, 512), max(1, size // 2), kernel, 2, seed=seed,
                             epilogue=str(rng.choice(["none", "bn", "relu", "bn_relu"])))
     if kind == "other":
-        return KernelConfig("other", c_in, c_in, size, op=str(rng.choice(["Transpose", "Softmax"])), seed=seed)
+        return KernelConfig("other", c_in, c_in, size, op=str(rng.choice(["Transpose", "Softmax", "Softmax:last"])), seed=seed)
     if kind == "gemm":
         return KernelConfig("gemm", c_in, c_out, 1, seed=seed, epilogue=str(rng.choice(["none", "relu"])))
     if kind == "elementwise":
@@ -133,8 +133,10 @@ def build_kernel_model(config: KernelConfig, residual_allowed: bool = True) -> o
                                       kernel_shape=[config.kernel] * 2, strides=[config.stride] * 2))
         out = _epilogue(config, nodes, weight, "deconv", inputs, residual_allowed)
     elif config.kind == "other":
-        attrs = {"perm": [0, 2, 3, 1]} if config.op == "Transpose" else {"axis": 1}
-        nodes.append(helper.make_node(config.op, ["x"], ["other"], name="kernel", **attrs))
+        # Softmax over the channels (axis 1) or the innermost axis ("Softmax:last"): 10-20x apart per element
+        op, _, flavour = config.op.partition(":")
+        attrs = {"perm": [0, 2, 3, 1]} if op == "Transpose" else {"axis": -1 if flavour == "last" else 1}
+        nodes.append(helper.make_node(op, ["x"], ["other"], name="kernel", **attrs))
         out = "other"
     elif config.kind == "gemm":
         nodes.append(helper.make_node("Gemm", ["x", weight("w", [config.c_out, config.c_in]), weight("b", [config.c_out])],
@@ -249,7 +251,9 @@ BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat"
           "split", "shuffle", "attention", "large_dw")
 _BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04)
 MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
-HEADS = ("classifier", "transpose", "softmax", "sigmoid")
+# softmax: over the channels of a map (axis 1, which ORT transposes innermost and back); softmax_last: over
+# the classes of each position after a transpose to tokens (a CTC recogniser's head, the innermost axis)
+HEADS = ("classifier", "transpose", "softmax", "softmax_last", "sigmoid")
 _MAX_NETWORK_MACS = 400e6  # ~10-20 ms on one core: a network is run ~50 times
 
 
@@ -267,7 +271,7 @@ class BlockConfig:
     bn: bool = True
     residual: bool = False  # ibn/fused-ibn: skip connection when shapes allow; upsample: concat a skip
     se: bool = False
-    op: str = ""  # flavour: pool type, resize mode, head type, affine form; ibn: "post_act" after the residual
+    op: str = ""  # flavour: pool type, resize mode, head type, affine form, attention's LayerNorm form; ibn: "post_act" after the residual
     groups: int = 2  # shuffle: channel groups
 
 
@@ -290,10 +294,10 @@ def _act(b: NetworkBuilder, x: str, act: str) -> str:
         return b.node("Div", [b.node("Mul", [x, gate], shape), b.scalar(6.0)], shape)
     if act == "swish":
         return b.node("Mul", [x, b.node("Sigmoid", [x], shape)], shape)
-    if act == "gelu":  # PyTorch's export at opset 17: x · 0.5 · (1 + erf(x / √2))
+    if act == "gelu":  # PyTorch's and Paddle's export: (x · (1 + erf(x / √2))) · 0.5, the order ORT fuses into Gelu
         erf = b.node("Erf", [b.node("Div", [x, b.scalar(math.sqrt(2.0))], shape)], shape)
-        gate = b.node("Mul", [b.node("Add", [erf, b.scalar(1.0)], shape), b.scalar(0.5)], shape)
-        return b.node("Mul", [x, gate], shape)
+        gated = b.node("Mul", [x, b.node("Add", [erf, b.scalar(1.0)], shape)], shape)
+        return b.node("Mul", [gated, b.scalar(0.5)], shape)
     op, attrs = {"relu": ("Relu", {}), "hardswish": ("HardSwish", {}), "sigmoid": ("Sigmoid", {}),
                  "hardsigmoid": ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
                  "leakyrelu": ("LeakyRelu", {"alpha": 0.1})}[act]
@@ -414,10 +418,19 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
     raise ValueError(f"unknown block kind {kind!r}")
 
 
-def _layer_norm(b: NetworkBuilder, x: str) -> str:
-    c = b.shapes[x][-1]
+def _layer_norm(b: NetworkBuilder, x: str, decomposed: bool = False) -> str:
+    """LayerNorm over the last axis: the op, or (`decomposed`) the chain exporters write for it before
+    opset 17, which ORT fuses back into one LayerNormalization node."""
+    shape = b.shapes[x]
+    c = shape[-1]
     scale, shift = b.const(b.rng.uniform(0.5, 1.5, c).astype(np.float32)), b.const(b.rng.normal(0, 0.1, c).astype(np.float32))
-    return b.node("LayerNormalization", [x, scale, shift], b.shapes[x], axis=-1)
+    if not decomposed:
+        return b.node("LayerNormalization", [x, scale, shift], shape, axis=-1)
+    reduced = (*shape[:-1], 1)
+    centred = b.node("Sub", [x, b.node("ReduceMean", [x], reduced, axes=[-1])], shape)
+    variance = b.node("ReduceMean", [b.node("Pow", [centred, b.scalar(2.0)], shape)], reduced, axes=[-1])
+    root = b.node("Sqrt", [b.node("Add", [variance, b.scalar(1e-5)], reduced)], reduced)
+    return b.node("Add", [b.node("Mul", [b.node("Div", [centred, root], shape), scale], shape), shift], shape)
 
 
 def _linear(b: NetworkBuilder, x: str, out: int) -> str:
@@ -437,7 +450,8 @@ def _attention(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
     d = c // heads
     flat = b.node("Reshape", [x, b.const(np.array([n, c, tokens], np.int64))], (n, c, tokens))
     t = b.node("Transpose", [flat], (n, tokens, c), perm=[0, 2, 1])
-    qkv = _linear(b, _layer_norm(b, t), 3 * c)
+    decomposed = blk.op == "decomposed_ln"
+    qkv = _linear(b, _layer_norm(b, t, decomposed), 3 * c)
     parts = [f"{b.scope}/qkv{len(b.nodes)}_{p}" for p in "qkv"]
     b.nodes.append(helper.make_node("Split", [qkv, b.const(np.array([c, c, c], np.int64))], parts,
                                     name=f"{b.scope}/split{len(b.nodes)}", axis=-1))
@@ -459,7 +473,7 @@ def _attention(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
     merged = b.node("Transpose", [o], (n, tokens, heads, d), perm=[0, 2, 1, 3])
     merged = b.node("Reshape", [merged, b.const(np.array([n, tokens, c], np.int64))], (n, tokens, c))
     t = b.node("Add", [t, _linear(b, merged, c)], (n, tokens, c))
-    mlp = _linear(b, _act(b, _linear(b, _layer_norm(b, t), blk.hidden), blk.act), c)
+    mlp = _linear(b, _act(b, _linear(b, _layer_norm(b, t, decomposed), blk.hidden), blk.act), c)
     t = b.node("Add", [t, mlp], (n, tokens, c))
     back = b.node("Transpose", [t], (n, c, tokens), perm=[0, 2, 1])
     return b.node("Reshape", [back, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
@@ -483,9 +497,10 @@ def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
             b.macs += n * blk.c_out * blk.hidden
         return y
     y = _conv(b, x, blk.c_out, 1, bn=False)
-    if blk.op == "transpose":
+    if blk.op in ("transpose", "softmax_last"):
         t = b.node("Transpose", [y], (n, h, w, blk.c_out), perm=[0, 2, 3, 1])
-        return b.node("Reshape", [t, b.const(np.array([n, -1, blk.c_out], np.int64))], (n, h * w, blk.c_out))
+        tokens = b.node("Reshape", [t, b.const(np.array([n, -1, blk.c_out], np.int64))], (n, h * w, blk.c_out))
+        return tokens if blk.op == "transpose" else b.node("Softmax", [tokens], (n, h * w, blk.c_out), axis=-1)
     if blk.op == "softmax":
         return b.node("Softmax", [y], b.shapes[y], axis=1)
     return b.node("Sigmoid", [y], b.shapes[y])
@@ -576,7 +591,9 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
         return BlockConfig("shuffle", c, groups=int(rng.choice([2, 2, 3, 4])))
     if kind == "attention":
         heads = int(rng.choice([h for h in (1, 2, 4, 8) if c % h == 0]))
-        return BlockConfig("attention", c, groups=heads, hidden=_channels(rng, c, 4 * c), act=str(rng.choice(["gelu", "swish", "hardswish"])))
+        # LayerNorm as the op (opset 17 exports) or decomposed (older exports, Paddle's), which ORT fuses back
+        return BlockConfig("attention", c, groups=heads, hidden=_channels(rng, c, 4 * c), act=str(rng.choice(["gelu", "swish", "hardswish"])),
+                           op=str(rng.choice(["layernorm", "decomposed_ln"])))
     if kind == "large_dw":
         return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), stride, act=str(rng.choice(["gelu", act])), op="act")
     if kind == "upsample":
@@ -585,7 +602,7 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
 
 
 def random_head(rng: np.random.Generator, c: int, h: int = 1) -> BlockConfig:
-    op = str(rng.choice(HEADS, p=[0.6, 0.15, 0.125, 0.125]))
+    op = str(rng.choice(HEADS, p=[0.6, 0.125, 0.1, 0.1, 0.075]))
     if op == "classifier":  # ImageNet's 1000 classes often, large vocabularies (text) sometimes; a wide 1x1 conv first half the time
         r = rng.random()
         classes = 1000 if r < 0.35 else _channels(rng, 2000, 10000) if r < 0.5 else _channels(rng, 8, 1280)

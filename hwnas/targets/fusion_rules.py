@@ -9,7 +9,11 @@ follow it, as long as each intermediate tensor has no other consumer and is not 
   forms of swish (x·Sigmoid(x)) and hard-swish (Paddle's x·Clip(x+3, 0, 6) / 6, the `/ 6` being affine);
 - `residual_add`: a final Add of a same-shape tensor computed elsewhere (the IBN skip connection);
 - `residual_epilogue`: `epilogue_ops` after that Add ride along too (ResNet's Add → Relu, which ORT runs
-  inside the conv's node).
+  inside the conv's node);
+- `patterns`: op chains that exporters write for one layer and the target runs as one node, each made one
+  kernel named after the op it becomes (`PATTERNS`): the erf GELU `x·0.5·(1 + erf(x/√2))` (with a
+  bias Add before it, ORT's BiasGelu), the decomposed LayerNorm (ReduceMean, Sub, Pow, ReduceMean, Add,
+  Sqrt, Div, Mul, Add), RMSNorm (the same from Pow to Mul) and SiLU `x·sigmoid(x)` (ORT's QuickGelu) where no anchor took it as a `self_gate`.
 
 The npu's rules ship as `data/fusion_npu.json`; other targets' rules (the cpu's are found by measurement)
 are plain dicts or JSON files with the same keys.
@@ -26,7 +30,9 @@ from hwnas.errors import BadInputError
 from hwnas.report.json_report import read_json
 
 _BOOL_KEYS = ("affine", "self_gate", "residual_add", "residual_epilogue")
-_SET_KEYS = ("anchors", "epilogue_ops")
+_SET_KEYS = ("anchors", "epilogue_ops", "patterns")
+# the chains `patterns` may name (matched in hwnas.targets.kernels), by the op the target runs them as
+PATTERNS = ("Gelu", "LayerNormalization", "QuickGelu", "SimplifiedLayerNormalization")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class FusionRules:
     self_gate: bool = False
     residual_add: bool = False
     residual_epilogue: bool = False
+    patterns: frozenset[str] = frozenset()
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "fusion rules") -> FusionRules:
@@ -51,6 +58,9 @@ class FusionRules:
             if not isinstance(ops, list) or not all(isinstance(op, str) and op for op in ops):
                 raise BadInputError(f"{origin}: {key!r} must be a list of op type names")
             values[key] = frozenset(ops)
+        unknown_patterns = sorted(values["patterns"] - set(PATTERNS))
+        if unknown_patterns:
+            raise BadInputError(f"{origin}: unknown patterns {unknown_patterns}; known: {list(PATTERNS)}")
         for key in _BOOL_KEYS:
             flag = data.get(key, False)
             if not isinstance(flag, bool):
@@ -68,6 +78,8 @@ class FusionRules:
             "epilogue_ops": sorted(self.epilogue_ops),
             # residual_epilogue only when set: rules written before it existed keep their form
             **{key: getattr(self, key) for key in _BOOL_KEYS if key != "residual_epilogue" or self.residual_epilogue},
+            # patterns likewise only when any
+            **({"patterns": sorted(self.patterns)} if self.patterns else {}),
         }
 
 

@@ -2,7 +2,10 @@
 
 `decompose(model, input_shapes, rules)` walks the top-level nodes in order. An anchor op (per the
 target's `FusionRules`) absorbs the chain of epilogue ops that follows it (Identity and Dropout, which
-exporters leave mid-chain, always pass through); every other node is a kernel of its own. Every
+exporters leave mid-chain, always pass through); an op chain the target runs as one node (the rules'
+`patterns`: an exporter's erf GELU, decomposed LayerNorm, x·sigmoid(x)) is one kernel named after that
+op (`op` "Gelu", "LayerNormalization", "QuickGelu", of the kind that op has); every other node is a
+kernel of its own. Every
 top-level node ends up in exactly one kernel; nothing is dropped. Kernels come back in execution order
 (by their last node), so summing them in order is a valid schedule.
 
@@ -41,8 +44,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from hwnas.graph.shapes import Shape, infer_tensors, resolve_input_shapes
 from hwnas.targets.fusion_rules import FusionRules
@@ -54,7 +58,7 @@ _KINDS_BY_OP = MappingProxyType(
             "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Clip", "Sigmoid", "HardSigmoid",
             "HardSwish", "Tanh", "Softplus", "Softsign", "Erf", "Mish", "BatchNormalization", "Max",
             "Min", "Mean", "Sum", "Where", "Equal", "Greater", "Less", "And", "Or", "Not", "Floor",
-            "Ceil", "Round", "Sign", "Cast", "QuantizeLinear", "DequantizeLinear",
+            "Ceil", "Round", "Sign", "Cast", "QuantizeLinear", "DequantizeLinear", "QuickGelu",
         )},
         **{op: "pool" for op in (
             "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
@@ -73,6 +77,7 @@ _AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 _PASS_THROUGH = frozenset({"Identity", "Dropout"})  # exporters put these mid-chain; they never stop a fusion
 _STATIC_SOURCES = frozenset({"Constant", "Shape", "Size"})  # outputs known before run time
 _ONNX_DOMAINS = ("", "ai.onnx")
+_SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class Kernel:
     dilation_w: int = 1
     groups: int = 1
     window: int = 1  # inputs each output element reads (pool window); 1 elsewhere
+    # Softmax family: the elements between two neighbours along the normalized axis, 1 for the last axis
+    # (ORT transposes any other axis last and back: 10-20x the time per element)
+    inner: int = 1
     macs: int = 0
     input_elements: int = 0
     weight_elements: int = 0
@@ -138,6 +146,11 @@ class _Graph:
     static: frozenset[str]
     shapes: Mapping[str, Shape]
     types: Mapping[str, int]  # ONNX element type by tensor, where known
+    # constants known without running anything, as a runtime folds them: initializers, Constant nodes, and
+    # what is computed from those alone (not from a Shape); values of the first two
+    folded: frozenset[str]
+    values: Mapping[str, np.ndarray]
+    opset: int  # of the default domain
 
 
 def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
@@ -145,18 +158,26 @@ def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: 
     shapes = resolve_input_shapes(model, input_shapes)
     graph = _index(model, *infer_tensors(model, shapes))
     claimed: set[int] = set()
-    groups: list[tuple[list[int], bool]] = []
+    groups: list[tuple[list[int], bool, str | None]] = []
+    patterns = _patterns(graph, rules)
     for i, node in enumerate(graph.nodes):
         if i in claimed:
             continue
+        match = patterns.get(i)
+        if match is not None:
+            members = [m for m in match.members if m not in claimed]
+            if set(match.members) - set(members) <= match.optional:  # a chain an anchor took part of stays apart
+                claimed.update(members)
+                groups.append((members, False, match.op))
+                continue
         members, residual = [i], False
         if _kind(graph, i) != "free" and _is_anchor(node, rules):
             chain, residual = _epilogue(graph, node.output[0], rules, claimed | {i})
             members += chain
         claimed.update(members)
-        groups.append((members, residual))
+        groups.append((members, residual, None))
     groups.sort(key=lambda group: max(group[0]))
-    return [_make_kernel(graph, members, residual) for members, residual in groups]
+    return [_make_kernel(graph, members, residual, op) for members, residual, op in groups]
 
 
 def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple[str, ...]:
@@ -171,6 +192,7 @@ def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple
 
 
 def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int]) -> _Graph:
+    folded, values = _folded_constants(model)
     nodes = tuple(model.graph.node)
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
@@ -189,6 +211,9 @@ def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[s
         static=_static_tensors(model),
         shapes=MappingProxyType(dict(shapes)),
         types=MappingProxyType(dict(types)),
+        folded=folded,
+        values=MappingProxyType(values),
+        opset=next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0),
     )
 
 
@@ -200,6 +225,19 @@ def _static_tensors(model: onnx.ModelProto) -> frozenset[str]:
         if from_shapes or all(n in static for n in node.input if n):
             static.update(o for o in node.output if o)
     return frozenset(static)
+
+
+def _folded_constants(model: onnx.ModelProto) -> tuple[frozenset[str], dict[str, np.ndarray]]:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    folded = set(values)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS and node.attribute:
+            if node.attribute[0].name == "value":
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            folded.add(node.output[0])
+        elif node.op_type not in _STATIC_SOURCES and node.input and all(n in folded for n in node.input if n):
+            folded.update(o for o in node.output if o)
+    return frozenset(folded), values
 
 
 def _is_static_node(graph: _Graph, node: onnx.NodeProto) -> bool:
@@ -348,10 +386,186 @@ def _is_residual_add(graph: _Graph, node: onnx.NodeProto, tensor: str) -> bool:
     return other != tensor and other not in graph.static and graph.shapes[other] == graph.shapes[tensor]
 
 
+# ---- patterns: op chains the target runs as one node -------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Match:
+    op: str  # what the target runs the chain as
+    members: tuple[int, ...]  # in graph order
+    optional: frozenset[int] = frozenset()  # members an anchor may have taken already (a bias Add)
+
+
+def _patterns(graph: _Graph, rules: FusionRules) -> dict[int, _Match]:
+    """Every chain of `rules.patterns` in the graph, by each of its nodes; a node joins one chain at most.
+
+    The chains are those ONNX Runtime (1.32) fuses, with its conditions: intermediate tensors read by the
+    chain alone, the constants it checks (√2, 1, 0.5, exponent 2) and weights that fold to constants
+    (a LayerNorm scale reshaped by a Shape it computes at run time stays unfused)."""
+    matchers = (("Gelu", _gelu), ("LayerNormalization", _layer_norm), ("QuickGelu", _quick_gelu),
+                ("SimplifiedLayerNormalization", _simplified_layer_norm))
+    found: dict[int, _Match] = {}
+    for tensor in graph.consumers:
+        if tensor in graph.static:
+            continue
+        for op, matcher in matchers:
+            match = matcher(graph, tensor) if op in rules.patterns else None
+            if match is not None and not any(m in found for m in match.members):
+                found.update(dict.fromkeys(match.members, match))
+    return found
+
+
+def _node_is(graph: _Graph, i: int, op: str) -> bool:
+    return graph.nodes[i].op_type == op and graph.nodes[i].domain in _ONNX_DOMAINS
+
+
+def _only_user(graph: _Graph, tensor: str, op: str) -> int | None:
+    """The one consumer of `tensor` if it is an `op` node and `tensor` is no graph output."""
+    users = graph.consumers.get(tensor, ())
+    return users[0] if len(users) == 1 and tensor not in graph.outputs and _node_is(graph, users[0], op) else None
+
+
+def _out(graph: _Graph, i: int) -> str:
+    return graph.nodes[i].output[0]
+
+
+def _operand(graph: _Graph, i: int, tensor: str) -> str | None:
+    """The other input of binary node `i`, one of whose inputs is `tensor`."""
+    inputs = list(graph.nodes[i].input)
+    if len(inputs) != 2 or tensor not in inputs:
+        return None
+    return inputs[1] if inputs[0] == tensor else inputs[0]
+
+
+def _constant_is(graph: _Graph, tensor: str | None, value: float, tolerance: float = 1e-3) -> bool:
+    array = graph.values.get(tensor) if tensor else None
+    return array is not None and array.size >= 1 and bool(np.allclose(array, value, rtol=tolerance, atol=0))
+
+
+def _gelu(graph: _Graph, x: str) -> _Match | None:
+    """x·0.5·(1 + erf(x/√2)), in both of ORT's orders: Div(x, √2) → Erf → Add(1) → Mul(x, ·) → Mul(0.5),
+    or the same Add times Mul(x, 0.5) (ORT 1.32 leaves x · (1/√2) in place of the Div unfused). A bias Add
+    (a constant vector along the last axis) writing x for the chain alone joins it, as ORT's BiasGelu."""
+    for scale in graph.consumers.get(x, ()):
+        if not _node_is(graph, scale, "Div") or graph.nodes[scale].input[0] != x or \
+                not _constant_is(graph, graph.nodes[scale].input[1], math.sqrt(2)):
+            continue
+        erf = _only_user(graph, _out(graph, scale), "Erf")
+        one = erf is not None and _only_user(graph, _out(graph, erf), "Add")
+        if not one or not _constant_is(graph, _operand(graph, one, _out(graph, erf)), 1.0):
+            continue
+        product = _only_user(graph, _out(graph, one), "Mul")
+        other = product is not None and _operand(graph, product, _out(graph, one))
+        if other == x:  # (x · (1 + erf)) · 0.5
+            half = _only_user(graph, _out(graph, product), "Mul")
+            if half is None or not _constant_is(graph, _operand(graph, half, _out(graph, product)), 0.5):
+                continue
+            members = [scale, erf, one, product, half]
+        elif other and graph.producer.get(other) is not None:  # (x · 0.5) · (1 + erf)
+            half = graph.producer[other]
+            if (not _node_is(graph, half, "Mul") or _only_user(graph, other, "Mul") != product
+                    or not _constant_is(graph, _operand(graph, half, x), 0.5)):
+                continue
+            members = [half, scale, erf, one, product]
+        else:
+            continue
+        bias = _bias_add(graph, x, members)
+        return _Match("Gelu", tuple(sorted(members + ([bias] if bias is not None else []))),
+                      frozenset({bias}) if bias is not None else frozenset())
+    return None
+
+
+def _bias_add(graph: _Graph, x: str, chain: list[int]) -> int | None:
+    """The Add of a constant vector along the last axis that writes `x`, read by `chain` alone."""
+    add = graph.producer.get(x)
+    if add is None or not _node_is(graph, add, "Add") or x in graph.outputs:
+        return None
+    if not set(graph.consumers.get(x, ())) <= set(chain):
+        return None
+    bias = [n for n in graph.nodes[add].input if n in graph.folded]
+    return add if len(bias) == 1 and graph.shapes.get(bias[0]) == (graph.shapes[x][-1],) else None
+
+
+def _reduces_last_axis(graph: _Graph, i: int, tensor: str) -> bool:
+    node = graph.nodes[i]
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1] in graph.values:
+        axes = graph.values[node.input[1]].ravel().tolist()
+    rank = len(graph.shapes[tensor])
+    return axes is not None and [a % rank for a in axes] == [rank - 1] and _attr(node, "keepdims", 1) == 1
+
+
+def _layer_norm(graph: _Graph, x: str) -> _Match | None:
+    """ReduceMean(x) → Sub(x, mean) → [Pow(2) → ReduceMean → Add(eps) → Sqrt → Div(x − mean, ·)] →
+    Mul(scale) → Add(shift), both means over the last axis, scale and shift constants. (ORT's transpose
+    optimizer sometimes moves a Transpose before x past the mean and the subtraction first, and then fuses
+    only the part from Pow on: PP-OCRv5's recogniser, one LayerNorm of five.)"""
+    for mean in graph.consumers.get(x, ()):
+        if not _node_is(graph, mean, "ReduceMean") or not _reduces_last_axis(graph, mean, x):
+            continue
+        sub = _only_user(graph, _out(graph, mean), "Sub")
+        if sub is None or list(graph.nodes[sub].input) != [x, _out(graph, mean)]:
+            continue
+        normalized = _over_rms(graph, _out(graph, sub))
+        scale = normalized is not None and _only_user(graph, _out(graph, normalized[-1]), "Mul")
+        shift = scale and _only_user(graph, _out(graph, scale), "Add")
+        if shift and _operand(graph, scale, _out(graph, normalized[-1])) in graph.folded and \
+                _operand(graph, shift, _out(graph, scale)) in graph.folded:
+            return _Match("LayerNormalization", tuple(sorted([mean, sub, *normalized, scale, shift])))
+    return None
+
+
+def _simplified_layer_norm(graph: _Graph, x: str) -> _Match | None:
+    """[x over its root mean square] → Mul(scale): RMSNorm, ORT's SimplifiedLayerNormalization."""
+    normalized = _over_rms(graph, x)
+    scale = normalized is not None and _only_user(graph, _out(graph, normalized[-1]), "Mul")
+    if scale and _operand(graph, scale, _out(graph, normalized[-1])) in graph.folded:
+        return _Match("SimplifiedLayerNormalization", tuple(sorted([*normalized, scale])))
+    return None
+
+
+def _over_rms(graph: _Graph, x: str) -> list[int] | None:
+    """Pow(x, 2) → ReduceMean (last axis) → Add(eps) → Sqrt → Div(x, ·), x read by Pow and Div alone;
+    the nodes, the Div last."""
+    users = graph.consumers.get(x, ())
+    square = next((u for u in users if _node_is(graph, u, "Pow")), None)
+    divide = next((u for u in users if _node_is(graph, u, "Div")), None)
+    if len(users) != 2 or square is None or divide is None or x in graph.outputs:
+        return None
+    if graph.nodes[square].input[0] != x or not _constant_is(graph, graph.nodes[square].input[1], 2.0):
+        return None
+    variance = _only_user(graph, _out(graph, square), "ReduceMean")
+    if variance is None or not _reduces_last_axis(graph, variance, _out(graph, square)):
+        return None
+    eps = _only_user(graph, _out(graph, variance), "Add")
+    root = eps is not None and _only_user(graph, _out(graph, eps), "Sqrt")
+    if not root or _operand(graph, eps, _out(graph, variance)) not in graph.values:
+        return None
+    if list(graph.nodes[divide].input) != [x, _out(graph, root)]:
+        return None
+    return [square, variance, eps, root, divide]
+
+
+def _quick_gelu(graph: _Graph, x: str) -> _Match | None:
+    """x · Sigmoid(x) (SiLU, swish), or x · Sigmoid(α·x): ORT's QuickGelu."""
+    for head in graph.consumers.get(x, ()):
+        chain = [head]
+        if _node_is(graph, head, "Mul") and _operand(graph, head, x) in graph.values:
+            sigmoid = _only_user(graph, _out(graph, head), "Sigmoid")
+            chain += [sigmoid] if sigmoid is not None else []
+        if not _node_is(graph, chain[-1], "Sigmoid") or graph.nodes[chain[-1]].input[0] != (_out(graph, head) if len(chain) > 1 else x):
+            continue
+        gate = _only_user(graph, _out(graph, chain[-1]), "Mul")
+        if gate is not None and _operand(graph, gate, _out(graph, chain[-1])) == x:
+            return _Match("QuickGelu", tuple(sorted(chain + [gate])))
+    return None
+
+
 # ---- features ----------------------------------------------------------------------------------
 
 
-def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
+def _make_kernel(graph: _Graph, members: list[int], residual: bool, pattern: str | None = None) -> Kernel:
+    """One kernel of `members`; a `pattern` chain is named, kinded and featured as the op it runs as."""
     member_set = set(members)
     tensors_in = [n for i in members for n in graph.nodes[i].input if n]
     activations = list(dict.fromkeys(
@@ -363,12 +577,12 @@ def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
         o for o in produced if o in graph.outputs or any(c not in member_set for c in graph.consumers.get(o, ()))
     ]
     head = graph.nodes[members[0]]
-    kind = _kind(graph, members[0])
+    kind = _kind(graph, members[0]) if pattern is None else _KINDS_BY_OP.get(pattern, "other")
     moved = activations + leaving + ([] if kind == "free" else weights)
     sizes = [(math.prod(graph.shapes[n]), _stored_itemsize(graph, n)) for n in moved]
     return Kernel(
         name=graph.keys[members[0]],
-        op=head.op_type,
+        op=head.op_type if pattern is None else pattern,
         kind=kind,
         nodes=tuple(graph.keys[i] for i in members),
         ops=tuple(graph.nodes[i].op_type for i in members),
@@ -382,7 +596,9 @@ def _make_kernel(graph: _Graph, members: list[int], residual: bool) -> Kernel:
                                     for n in activations if n in graph.producer),
         float_elements=sum(count for count, size in sizes if size is None),
         fixed_bytes=sum(count * size for count, size in sizes if size is not None),
-        **_head_features(graph, head, kind),
+        **(_head_features(graph, head, kind) if pattern is None else
+           {"c_in": _channels(graph.shapes[activations[0]]) if activations else 1,
+            "c_out": _channels(graph.shapes[leaving[0]]) if leaving else 1}),
     )
 
 
@@ -416,6 +632,10 @@ def _head_features(graph: _Graph, node: onnx.NodeProto, kind: str) -> dict:
     features = {"c_in": _channels(data_in), "c_out": _channels(data_out)}
     if kind == "pool":
         features.update(_pool_features(node, data_in, data_out))
+    if node.op_type in _SOFTMAX_OPS and data_in and graph.opset >= 13:
+        # before opset 13 Softmax normalizes the flattened axes from `axis` on: the innermost, always
+        axis = _attr(node, "axis", -1) % len(data_in)
+        features["inner"] = math.prod(data_in[axis + 1:])
     return features
 
 
