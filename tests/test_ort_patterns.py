@@ -227,3 +227,17 @@ def test_fusion_detection_finds_the_patterns_ort_runs_as_one_node(tmp_path):
         verdicts.append(PairMeasurement(case.pair, case.rule, "median", 1.0, 1.0, 2.0, 0.0, nodes["t12"] - nodes["t1"], ops))
     for criterion in ("latency", "latency_or_node"):  # no saving against the Relu: decided by the node count
         assert rules_from_verdicts(verdicts, criterion).patterns == CPU.patterns
+
+
+def test_in_context_profiling_times_each_fused_chain_as_its_kernel():
+    """ORT's Gelu / LayerNormalization / QuickGelu nodes are attributed to the chain's kernel, none dropped."""
+    from hwnas.estimator.attribution import measure_in_context
+    from hwnas.targets.measure import MeasureSettings
+
+    blocks = (BlockConfig("conv", 16, 3, act="gelu"),
+              BlockConfig("attention", 16, groups=2, hidden=32, act="swish", op="decomposed_ln"))
+    model, _ = build_network(NetworkConfig(3, 8, blocks, seed=1))
+    profile = measure_in_context(model, {}, CPU, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
+    timed = collections.Counter(k.op for k in profile.kernels)
+    assert (timed["Gelu"], timed["LayerNormalization"], timed["QuickGelu"]) == (1, 2, 1)
+    assert all(t > 0 for t in profile.latency_ms)
