@@ -241,3 +241,30 @@ def test_in_context_profiling_times_each_fused_chain_as_its_kernel():
     timed = collections.Counter(k.op for k in profile.kernels)
     assert (timed["Gelu"], timed["LayerNormalization"], timed["QuickGelu"]) == (1, 2, 1)
     assert all(t > 0 for t in profile.latency_ms)
+
+
+def test_profiling_around_a_model_builds_blocks_with_its_fused_chains():
+    from hwnas.estimator.around import block_unit
+    from hwnas.estimator.networks import network_around
+
+    b = NetworkBuilder(0)
+    x = b.input("x", (1, 24, 20, 20))
+    y = b.node("Conv", [x, b.weight([24, 24, 3, 3], 216)], (1, 24, 20, 20), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    gelu = next(k for k in decompose(b.model([_act(b, y, "gelu")]), {}, CPU) if k.op == "Gelu")
+    layer_norm = [k for k in decompose(_chain(lambda b, x: _layer_norm(b, x, True), (1, 16, 32)), {}, CPU)
+                  if k.op == "LayerNormalization"][0]
+    for kernel in (gelu, layer_norm):
+        block, c, h = block_unit(kernel)
+        model, _ = build_network(network_around(np.random.default_rng(0), block, c, h))
+        made = [k for k in decompose(model, {}, CPU) if k.op == kernel.op]
+        assert any(k.input_shapes == kernel.input_shapes and len(k.ops) == len(kernel.ops) for k in made), kernel.op
+
+
+def test_profiling_around_a_softmax_keeps_its_axis():
+    from hwnas.estimator.around import kernel_unit
+    from hwnas.estimator.networks import build_kernel_model
+
+    for axis in (-1, 1):
+        kernel = decompose(_softmax_model(axis), {}, CPU)[0]
+        unit = build_kernel_model(kernel_unit(kernel))
+        assert decompose(unit, {}, CPU)[0].inner == kernel.inner

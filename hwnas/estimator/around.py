@@ -71,7 +71,7 @@ def kernel_unit(kernel: Kernel) -> KernelConfig | str:
     if kernel.kind == "resize":
         return KernelConfig("resize", c, c, h, op="nearest")
     if kernel.op in ("Transpose", "Softmax"):
-        return KernelConfig("other", c, c, h, op=kernel.op)
+        return KernelConfig("other", c, c, h, op="Softmax:last" if kernel.op == "Softmax" and kernel.inner == 1 else kernel.op)
     return f"a {kernel.op} ({kernel.kind}): no profiling unit builds this op yet"
 
 
@@ -93,7 +93,9 @@ def _attention_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str | None
     h = math.isqrt(tokens)
     if h * h != tokens or tokens > MAX_TOKENS:
         return f"a {kernel.op} over {tokens} tokens: attention blocks take square maps of at most {MAX_TOKENS} tokens"
-    return BlockConfig("attention", c, groups=heads, hidden=2 * c, act="gelu"), c, h
+    # a LayerNorm kernel of several ops is the decomposed chain (`patterns`): the block writes it so too
+    layer_norm = "decomposed_ln" if kernel.op == "LayerNormalization" and len(kernel.ops) > 1 else "layernorm"
+    return BlockConfig("attention", c, groups=heads, hidden=2 * c, act="gelu", op=layer_norm), c, h
 
 
 def block_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str:
@@ -101,6 +103,9 @@ def block_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str:
     attention = _attention_unit(kernel)
     if attention is not None:
         return attention
+    image = _image_input(kernel)
+    if kernel.op == "Gelu" and image is not None:  # the exporters' chain after a 1x1 conv (no anchor absorbs it)
+        return BlockConfig("conv", image[0], 1, act="gelu", bn=False), *image
     unit = kernel_unit(kernel)
     if isinstance(unit, str):
         return unit
