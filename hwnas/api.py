@@ -453,7 +453,9 @@ def optimize(
         "precision": "int8" if quantize_spec else "float",
         "quantization": None if quant_settings is None else {
             "preset": quantize_preset or _default_preset(the_target), **vars(quant_settings),
-            "latency_scored_as": "the int8 graph"},
+            "latency_scored_as": "the int8 graph",
+            "float_input_side": next(r.stats.get("float_input_side", 0.0) for r in run_result.records
+                                     if r.spec.startswith("quantize"))},
         "drift": run_result.to_dict()["drift"],
         "deploy_check": None if deploy_check is None else {"target": deploy_check, **deployed},
         "search": {
@@ -527,7 +529,8 @@ def _quantize_request(quantize: str | None, preset: str | None, target: Target, 
         raise BadInputError("--quantize int8 judges candidates by their drift: it cannot search models to retrain")
     if max_drift is None:
         raise BadInputError("--quantize int8 changes the function: give the drift budget too (--max-drift X)")
-    spec = f"quantize{{preset={preset or _default_preset(target)}}}"
+    # the budget goes to the quantizer too: over it, the input side stays float (hwnas.passes.quantize)
+    spec = f"quantize{{preset={preset or _default_preset(target)},max_drift={max_drift:g}}}"
     return spec, Quantize(preset=preset or _default_preset(target)).options.settings()
 
 

@@ -468,7 +468,9 @@ def cmd_optimize(args) -> int:
         print(f"verification: {'equivalent' if v['equivalent'] else 'drift'} (max abs {v['max_abs']:.3g}, cosine {v['cosine']:.8f})")
     if q := report["quantization"]:
         print(f"precision: {report['precision']}, preset {q['preset']} (activations {q['activations']}, weights "
-              f"{q['weights']}{', per channel' if q['per_channel'] else ''}); latency scored as {q['latency_scored_as']}")
+              f"{q['weights']}{', per channel' if q['per_channel'] else ''}); latency scored as {q['latency_scored_as']}"
+              + (f"; input side kept float: {q['float_input_side']:.0%} of the graph (over --max-drift quantized)"
+                 if q["float_input_side"] else ""))
         for data, fidelity in report["drift"].items():
             for o in fidelity["outputs"]:
                 top1 = "" if o["top1_agreement"] is None else f", top-1 agreement {o['top1_agreement']:.3f}"

@@ -28,7 +28,8 @@ def test_search_scores_int8_candidates_and_writes_the_winner_quantized(small_mnv
     assert report["precision"] == "int8" and report["quantization"]["preset"] == "npu"  # the target's form
     assert report["quantization"]["activations"] == "int8" and report["quantization"]["symmetric"]
     assert not report["exact"] and report["verified"] and not report["verification"]["equivalent"]
-    assert report["pipeline"].endswith("quantize{preset=npu}")
+    assert report["pipeline"].endswith("quantize{preset=npu,max_drift=0.05}")  # the budget goes to the quantizer
+    assert report["quantization"]["float_input_side"] == 0  # met fully quantized
     assert any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
     assert 0.95 < report["drift"]["holdout"]["cosine"] < 1.0 and report["drift"]["holdout"]["samples"] == 4
     assert "equalize" in {r["kind"] for r in result.recipe["rules"]}  # the search may add equalize

@@ -182,3 +182,34 @@ def test_a_node_without_a_qdq_form_is_not_excluded_from_what_preprocessing_makes
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     quantized = {producers.get(n.input[0]) for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert "HardSigmoid" in quantized  # the Mul of the decomposition reads it quantized
+
+
+def test_max_drift_keeps_the_input_side_float_until_the_drift_holds():
+    from hwnas.graph.session import run_per_sample
+    from hwnas.models import build
+    from hwnas.verify.equivalence import worst_sample_drift
+
+    model = build("mobilenetv2", resolution=32, width=0.35)
+    cal = {"input": np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)}
+    reference = run_per_sample(make_session(model), cal)
+
+    def drift(m: onnx.ModelProto) -> float:
+        return worst_sample_drift(reference, run_per_sample(make_session(m), cal), 4)
+
+    def quantized(pipeline: str):
+        result = api.run(model, pipeline, calibration=cal, allow_drift=0.5)
+        return result.model, result.records[0].stats["float_input_side"]
+
+    full, kept = quantized("quantize")
+    assert kept == 0
+    budget = drift(full) / 3
+    within, kept = quantized(f"quantize{{max_drift={budget:.6g}}}")
+    assert 0 < kept < 1 and drift(within) <= budget  # part of the graph float, as little as meets the budget
+    assert ops(within).count("QuantizeLinear") < ops(full).count("QuantizeLinear")
+    first = next(n for n in within.graph.node if n.op_type == "Conv")
+    produced = {t for n in within.graph.node for t in n.output}
+    assert first.input[0] == "input" and first.input[1] not in produced  # the input side: float input, float weights
+    same, kept = quantized(f"quantize{{max_drift={2 * drift(full):.6g}}}")  # met already: nothing kept float
+    assert kept == 0 and ops(same) == ops(full)
+    with pytest.raises(BadInputError, match="max_drift"):
+        api.run(model, "quantize{max_drift=1.5}", calibration=cal, allow_drift=0.5)

@@ -45,7 +45,7 @@ from hwnas.passes.base import Exactness, PassContext
 from hwnas.passes.manager import PassManager, PipelineRun
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
 from hwnas.search.proxy import architecture_only
-from hwnas.verify.equivalence import cosine
+from hwnas.verify.equivalence import worst_sample_drift
 
 
 _SCALED_CACHE = 4  # depth-scaled graphs kept: the curated space's multipliers
@@ -178,12 +178,9 @@ class CandidateEvaluator:
         if self.reference_outputs is None or self.ctx.calibration is None:
             raise ValueError("reconstructed candidates need calibration data")
         outputs = run_per_sample(make_session(model), self.ctx.calibration)
-        count = len(next(iter(self.ctx.calibration.values())))
-        # the worst single sample of the worst output, as verification judges it (hwnas.verify.equivalence):
-        # a cosine pooled over the samples let one badly-off sample hide among good ones, so candidates
-        # within the budget by the search's measure failed verification
-        return 1.0 - min(cosine(r, c) for ref, out in zip(self.reference_outputs, outputs)
-                         for r, c in zip(np.split(ref, count), np.split(out, count)))
+        # the worst single sample of the worst output, as verification judges it: with a pooled cosine,
+        # candidates within the budget by the search's measure failed verification
+        return worst_sample_drift(self.reference_outputs, outputs, len(next(iter(self.ctx.calibration.values()))))
 
 
 class Journal:

@@ -75,6 +75,14 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a64, b64) / (na * nb))
 
 
+def worst_sample_drift(reference: list[np.ndarray], outputs: list[np.ndarray], samples: int) -> float:
+    """1 − the smallest cosine of any output on any single sample, outputs joined per output as
+    `run_per_sample` returns them: the measure verification judges a drift budget by (a cosine pooled
+    over the samples lets one badly-off sample hide among good ones)."""
+    return 1.0 - min(cosine(r, c) for ref, out in zip(reference, outputs)
+                     for r, c in zip(np.split(ref, samples), np.split(out, samples)))
+
+
 def compare_outputs(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> OutputComparison:
     if ref.shape != cand.shape:
         return OutputComparison(name, float("inf"), float("inf"), 0.0, False)
