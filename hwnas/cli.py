@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--holdout", metavar="NPZ", help="held-out inputs (.npz, never used by the search): the chosen "
                    "model's drift on them (cosine, top-1 agreement) goes into the report")
     o.add_argument("--quantize", choices=("int8",), help="score every candidate as the int8 model it becomes and write "
-                   "the winner quantized (ONNX Runtime's quantizer; needs --max-drift, best with --calib)")
+                   "the winner quantized (ONNX Runtime's quantizer; needs --max-drift, best with --calib; over --max-drift "
+                   "the input side of the graph stays float)")
     o.add_argument("--quantize-preset", choices=("cpu", "qnn", "npu"),
                    help="the quantized form (default: the target's; docs/quantization.md)")
     o.add_argument("--deploy-check", choices=("qnn-htp",),
