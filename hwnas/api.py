@@ -300,7 +300,7 @@ def optimize(
     trials: int = 200,
     time_budget: float | None = None,
     seed: int = 0,
-    workers: int = 0,
+    workers: int | None = None,
     memory_budget: int | None = None,
     max_params: int | None = None,
     max_peak_act: int | None = None,
@@ -316,6 +316,7 @@ def optimize(
     quantize: str | None = None,
     quantize_preset: str | None = None,
     deploy_check: str | None = None,
+    job_status: Callable[[object], None] | None = None,
 ) -> OptimizeResult:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
 
@@ -327,8 +328,12 @@ def optimize(
     For models that will be trained after the search, `algorithm="zero-shot"` scores candidates with the
     NASWOT trainability proxy and `evaluate_cmd="CMD {model}"` with the command's score (higher is
     better, e.g. accuracy after fine-tuning); reconstructed passes are then allowed, drift is not judged,
-    and a candidate's score may fall at most `quality_tolerance` of the original's below it. `storage`
-    (an SQLAlchemy URL, e.g. "sqlite:///search.db") evaluates in `workers` processes through it.
+    and a candidate's score may fall at most `quality_tolerance` of the original's below it.
+
+    `workers`: evaluation processes (None: one per core). `storage` (an SQLAlchemy URL, e.g.
+    "sqlite:///search.db", "postgresql://host/db") evaluates through it, in `workers` local processes
+    and any `hwnas worker` (`work`) joined from elsewhere; `workers=0` starts none and waits for those.
+    `job_status` hears each batch's progress there (hwnas.search.distributed.JobStatus).
 
     `holdout`: inputs the search never saw (one array per input, samples first); the report's "holdout"
     gives the chosen model's drift on them (cosine, top-1 agreement), the figure to trust over the
@@ -392,7 +397,7 @@ def optimize(
     settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
                               None if journal is None else str(journal), evaluate_cmd, evaluate_timeout,
                               quality_tolerance, storage, quantize_spec)
-    outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress)
+    outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress, job_status)
     limits = outcome.limits  # with the quality floor the search set
     candidates = ranked_pipelines(outcome, limits)
     if not candidates:
@@ -483,6 +488,23 @@ def optimize(
         "warnings": warnings + run_result.warnings + [f"search space: {s}" for s in outcome.space.skipped],
     }
     return OptimizeResult(run_result.model, report, recipe, run_result, baseline_estimate, optimized_estimate)
+
+
+def work(storage: str, study: str | None = None, *, once: bool = False, max_candidates: int | None = None,
+         on_job: Callable[[str], None] | None = None):
+    """Join a search run with `optimize(..., storage=URL)` and evaluate its candidates until it ends.
+
+    The model, settings and seed come from the study (`study`, or the newest open one, waited for);
+    `once`: leave when nothing is waiting; `max_candidates`: leave after that many. Returns the
+    hwnas.search.distributed.WorkerRun. Ctrl-C releases the candidate in hand to the other workers.
+    """
+    from hwnas.search.distributed import work as work_loop
+    from hwnas.search.optimize import EvaluatorSpec
+
+    if max_candidates is not None and max_candidates < 1:
+        raise BadInputError(f"--max-candidates must be at least 1, got {max_candidates}")
+    return work_loop(storage, study, build=lambda blobs: EvaluatorSpec.from_blobs(blobs).evaluator().evaluate,
+                     once=once, max_candidates=max_candidates, on_job=on_job)
 
 
 def recipe_pipeline(model: ModelLike, recipe: Mapping, input_shapes: Mapping[str, Shape] | None = None) -> str:

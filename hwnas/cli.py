@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"--trials nor --time-budget the search also stops after {DEFAULT_TIME_BUDGET:g} s)")
     o.add_argument("--time-budget", type=float, metavar="S", help="stop the search after S seconds (within one candidate's time)")
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--workers", type=int, default=0, help="evaluation processes (default: one per core)")
+    o.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                   help="evaluation processes (default auto: one per core); with --storage, 0 starts none and "
+                        "waits for 'hwnas worker' processes (docs/distributed.md)")
     o.add_argument("--storage", metavar="URL",
                    help="evaluate through an Optuna RDB storage (an SQLAlchemy URL: sqlite:///search.db, postgresql://...)")
     o.add_argument("--evaluate-cmd", metavar="'CMD {model}'",
@@ -174,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
     c.add_argument("--json", action="store_true", help="print JSON only")
 
+    w = _command(sub, "worker", "join a search run with --storage: evaluate its candidates until it ends",
+                 "hwnas worker --storage postgresql://hwnas@db-host/hwnas")
+    w.add_argument("--storage", required=True, metavar="URL", help="the coordinator's --storage URL")
+    w.add_argument("--study", metavar="NAME", help="the search to join (default: the newest still running, waited for)")
+    w.add_argument("--once", action="store_true", help="leave when no candidate is waiting instead of waiting for more")
+    w.add_argument("--max-candidates", type=int, metavar="N", help="leave after evaluating N candidates")
+    w.add_argument("--quiet", action="store_true", help="no line per candidate")
+
     pr = _command(sub, "profile", "measure sampled kernels on a target and fit its latency estimator",
                   "hwnas profile --target cpu --budget 2000 -o estimators/\n"
                   "  hwnas profile --target cpu --around model.onnx --budget 200 -o estimators/")
@@ -189,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also profile int8 kernels: every second network quantized (QDQ, cpu preset); cpu targets only")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def _fmt_int(n: int | None) -> str:
@@ -412,13 +431,22 @@ def cmd_optimize(args) -> int:
     # an explicit --trials bounds the search exactly (reproducible, resumable); the default also caps the time
     trials = args.trials or DEFAULT_TRIALS
     time_budget = args.time_budget if args.trials or args.time_budget else DEFAULT_TIME_BUDGET
-    best = [float("inf")]
+    best, jobs = [float("inf")], [""]
+
+    def postfix() -> None:
+        bar.set_postfix_str(", ".join(x for x in (f"best {best[0]:.4f} ms" if best[0] < float("inf") else "", jobs[0]) if x))
 
     def progress(n, trial) -> None:
         if trial.score.error is None and trial.score.latency_ms < best[0]:
             best[0] = trial.score.latency_ms
-            bar.set_postfix_str(f"best {best[0]:.4f} ms")
+            postfix()
         bar.update(n)
+
+    def job_status(status) -> None:  # with --storage: the batch on the job board, claimed and finished by workers
+        text = f"batch: {status.claimed} claimed, {status.finished}/{status.total} finished"
+        if text != jobs[0]:
+            jobs[0] = text
+            postfix()
 
     with tqdm(total=trials, desc="searching", unit="cand", disable=args.quiet or args.json or None) as bar:
         result = api.optimize(
@@ -432,6 +460,7 @@ def cmd_optimize(args) -> int:
             evaluate_cmd=args.evaluate_cmd, evaluate_timeout=args.evaluate_timeout,
             quality_tolerance=args.quality_tolerance, storage=args.storage, holdout=holdout,
             quantize=args.quantize, quantize_preset=args.quantize_preset, deploy_check=args.deploy_check,
+            job_status=job_status,
         )
     save_model(result.model, args.output)
     report = {"input": str(args.input), "output": str(args.output), **result.report}
@@ -547,7 +576,18 @@ def cmd_check(args) -> int:
     return 0 if result.passed else 1
 
 
-COMMANDS = {"check": cmd_check, "hints": cmd_hints, "optimize": cmd_optimize, "passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
+def cmd_worker(args) -> int:
+    on_job = None if args.quiet else lambda pipeline: print(f"evaluating {full_pipeline(pipeline)}", flush=True)
+    try:
+        done = api.work(args.storage, args.study, once=args.once, max_candidates=args.max_candidates, on_job=on_job)
+    except KeyboardInterrupt:
+        print("hwnas worker: interrupted; its candidate was released to the other workers", file=sys.stderr)
+        return 130
+    print(f"worker: evaluated {done.evaluated} candidates" + (f" for {done.study}" if done.study else "; no search was running"))
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "worker": cmd_worker, "hints": cmd_hints, "optimize": cmd_optimize, "passes": cmd_passes, "zoo": cmd_zoo, "run": cmd_run, "estimate": cmd_estimate, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

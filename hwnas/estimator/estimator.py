@@ -224,10 +224,15 @@ class LatencyEstimator:
 
         data = self.to_dict()
         write_json(path, data)
+        np.savez_compressed(_fitted_path(path), **self.fitted_arrays(data))
+
+    def fitted_arrays(self, data: Mapping | None = None) -> dict[str, np.ndarray]:
+        """The fitted regressors as plain arrays (`from_dict`'s `fitted`), tagged with the samples they fit
+        (`data`: this estimator's `to_dict()`, when already made)."""
+        samples = (data or self.to_dict())["samples"]
         arrays = {f"{kind}/{key}": value for kind, reg in self.regressors_.items() for key, value in reg.to_arrays().items()}
-        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(data["samples"]),
-                "features": FEATURES_VERSION}
-        np.savez_compressed(_fitted_path(path), meta=np.array(json.dumps(meta)), **arrays)
+        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(samples), "features": FEATURES_VERSION}
+        return {"meta": np.array(json.dumps(meta)), **arrays}
 
     @classmethod
     def from_dict(cls, data: Mapping, origin: str = "estimator", fitted: Mapping[str, np.ndarray] | None = None) -> LatencyEstimator:

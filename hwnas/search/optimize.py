@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
 
+from hwnas import __version__ as HWNAS_VERSION
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.graph.gsgraph import to_graph, to_model
@@ -36,7 +40,7 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import ALGORITHMS, Limits, Trial, pareto_front, rank_key, search
-from hwnas.search.distributed import StorageWorkers
+from hwnas.search.distributed import JobStatus, StorageWorkers
 from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score, fingerprint
 from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
 from hwnas.search.proxy import NaswotProxy
@@ -52,7 +56,7 @@ class SearchSettings:
     time_budget: float | None = None
     seed: int = 0
     curated: bool = True
-    workers: int = 0  # 0: one per CPU core
+    workers: int | None = None  # None: one per CPU core; 0 (with storage): none here, `hwnas worker` processes elsewhere
     limits: Limits = Limits()
     journal: str | None = None
     evaluate_cmd: str | None = None  # the user's score for a candidate (higher is better), e.g. after fine-tuning
@@ -68,6 +72,9 @@ class SearchSettings:
             raise BadInputError("--trials must be at least 1")
         if self.algorithm == "zero-shot" and self.evaluate_cmd is not None:
             raise BadInputError("--algorithm zero-shot scores candidates with its proxy, --evaluate-cmd with the command: give one")
+        if self.workers is not None and self.workers < (0 if self.storage else 1):
+            raise BadInputError(f"--workers must be at least 1 (0, waiting for `hwnas worker` processes, needs --storage), "
+                                f"got {self.workers}")
         if not 0 <= self.quality_tolerance < 1:
             raise BadInputError(f"--quality-tolerance must be in [0, 1), got {self.quality_tolerance}")
 
@@ -181,15 +188,98 @@ def _quality_floor(original: Score, tolerance: float) -> float:
 Timed = tuple[Score, dict[str, float]]
 
 
-def _evaluate_many(stack: contextlib.ExitStack, settings: SearchSettings, evaluator: CandidateEvaluator,
-                   workers: int) -> Callable[[list[str]], Iterable[Timed]] | None:
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """What scores candidates exactly as the coordinator does, for a worker on another machine.
+
+    Stored in the search's storage (hwnas.search.distributed) as plain data, never a pickle (whoever can
+    write the database must not be able to run code in the workers through it): the model's ONNX bytes,
+    the estimator's JSON and fitted arrays, the settings and input shapes as JSON, the calibration as an
+    .npz read with allow_pickle=False. A worker needs only the storage's URL.
+    """
+
+    model: onnx.ModelProto
+    estimator: LatencyEstimator
+    shapes: Mapping[str, Shape]
+    settings: SearchSettings
+    calibration: Mapping[str, np.ndarray] | None
+
+    def to_blobs(self) -> dict[str, bytes]:
+        estimator = self.estimator.to_dict()
+        # where the coordinator keeps its journal and storage (a URL may hold a password) is not the workers' business
+        settings = replace(self.settings, storage=None, journal=None, workers=None)
+        search = {"settings": asdict(settings), "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        blobs = {"version": HWNAS_VERSION.encode(), "model.onnx": self.model.SerializeToString(),
+                 "estimator.json": json.dumps(estimator).encode(),
+                 "estimator.npz": _npz_bytes(self.estimator.fitted_arrays(estimator)),
+                 "search.json": json.dumps(search).encode()}
+        if self.calibration is not None:
+            blobs["calibration.npz"] = _npz_bytes(self.calibration)
+        return blobs
+
+    @classmethod
+    def from_blobs(cls, blobs: Mapping[str, bytes]) -> EvaluatorSpec:
+        """BadInputError when the worker runs another hwnas than the coordinator, or the data is malformed."""
+        version = blobs.get("version", b"?").decode()
+        if version != HWNAS_VERSION:
+            raise BadInputError(f"the search runs hwnas {version}, this worker hwnas {HWNAS_VERSION}: install the same")
+        try:
+            search = json.loads(blobs["search.json"])
+            settings = dict(search["settings"])
+            limits = Limits(**settings.pop("limits"))
+            settings = SearchSettings(**settings, limits=limits)
+            model = onnx.load_from_string(blobs["model.onnx"])
+            estimator = LatencyEstimator.from_dict(json.loads(blobs["estimator.json"]), "the search's estimator",
+                                                   _npz_arrays(blobs["estimator.npz"]))
+            calibration = _npz_arrays(blobs["calibration.npz"]) if "calibration.npz" in blobs else None
+            shapes = {k: tuple(v) for k, v in search["shapes"].items()}
+        except (KeyError, TypeError, ValueError, DecodeError) as e:
+            raise BadInputError(f"the search's data in the storage is malformed ({type(e).__name__}: {e})") from None
+        return cls(model, estimator, shapes, settings, calibration)
+
+    def evaluator(self) -> CandidateEvaluator:
+        return prepare(self.model, self.estimator, self.shapes, self.settings, self.calibration)[2]
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _npz_arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:  # data, never code
+        return {k: npz[k] for k in npz.files}
+
+
+def prepare(original: onnx.ModelProto, estimator: LatencyEstimator, shapes: Mapping[str, Shape], settings: SearchSettings,
+            calibration: Mapping[str, np.ndarray] | None) -> tuple[gs.Graph, PassContext, CandidateEvaluator]:
+    """The prepared graph (exact prefix applied), its pass context, and the evaluator that scores candidates on it."""
+    ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=settings.seed)
+    prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
+    base = to_model(prepared.copy(), original)
+    reference = run_per_sample(make_session(original), calibration) if settings.limits.max_drift > 0 and calibration else None
+    limits = settings.limits
+    evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=_needs_memory(limits),
+                                   quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot",
+                                   quantize=settings.quantize)
+    return prepared, ctx, evaluator
+
+
+def _needs_memory(limits: Limits) -> bool:
+    return any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
+
+
+def _evaluate_many(stack: contextlib.ExitStack, settings: SearchSettings, evaluator: CandidateEvaluator, workers: int,
+                   board: tuple[str, dict[str, bytes]] | None, status: Callable[[JobStatus], None] | None,
+                   ) -> Callable[[list[str]], Iterable[Timed]] | None:
     """How a batch is scored in parallel: storage workers, a process pool, or None (here, one by one).
 
-    The pool hands scores back in order as they are done (`imap`), so that a search past its time budget
-    stops after the candidate that crossed it instead of waiting for the whole batch; the pool's exit
-    stops the rest."""
-    if settings.storage:
-        storage = stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers))
+    `board`: with a storage, the study's name and what workers elsewhere build the evaluator from (EvaluatorSpec)."""
+    if board is not None:
+        study, spec = board
+        storage = stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers, study, spec,
+                                                     status=status))
         return lambda pipelines: ((score, {}) for score in storage.map(pipelines))  # timed in the workers only
     if workers > 1:
         pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
@@ -205,20 +295,16 @@ def run_search(
     settings: SearchSettings,
     calibration: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[int, Trial], None] | None = None,
+    job_status: Callable[[JobStatus], None] | None = None,
 ) -> SearchOutcome:
+    """The search; with `settings.storage`, evaluated through it (`job_status` hears each batch's progress there)."""
     start = time.monotonic()
     allow_reconstructed = (settings.limits.max_drift > 0 and settings.quantize is None) or settings.retrain
-    ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=settings.seed)
-    prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
-    base = to_model(prepared.copy(), original)
+    prepared, ctx, evaluator = prepare(original, estimator, shapes, settings, calibration)
     space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
                                                     quantized=settings.quantize is not None))
-    reference = run_per_sample(make_session(original), calibration) if settings.limits.max_drift > 0 and calibration else None
     limits = settings.limits
-    needs_memory = any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
-    evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=needs_memory,
-                                   quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot",
-                                   quantize=settings.quantize)
+    needs_memory = _needs_memory(limits)
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
         "curated": settings.curated, "limits": vars(settings.limits), "shapes": {k: list(v) for k, v in shapes.items()},
@@ -227,16 +313,21 @@ def run_search(
         # the scores depend on both: a resume after changing either must score again, not reuse
         "estimator": estimator_fingerprint(estimator), "calibration": data_fingerprint(calibration),
     })
-    workers = settings.workers or multiprocessing.cpu_count()
+    workers = multiprocessing.cpu_count() if settings.workers is None else settings.workers
+    board = None
+    if settings.storage:  # the study is named by the search's settings: the same command run again joins it (resume)
+        board = ("hwnas-" + hashlib.sha256(journal.header.encode()).hexdigest()[:16],
+                 EvaluatorSpec(original, estimator, shapes, settings, calibration).to_blobs())
     spent: Counter[str] = Counter()  # seconds per evaluation phase summed over candidates (and workers); their count
     setup_s = time.monotonic() - start
     with contextlib.ExitStack() as stack:
-        evaluate_many = _evaluate_many(stack, settings, evaluator, workers)
+        evaluate_many = _evaluate_many(stack, settings, evaluator, workers, board, job_status)
 
         def score_batch(pipelines: list[str]) -> Iterator[Score]:
             """Scores in order, each as soon as it is known (the search may stop consuming mid-batch)."""
             todo = list(dict.fromkeys(p for p in pipelines if p not in journal.scores))
-            fresh = zip(todo, evaluate_many(todo) if evaluate_many and len(todo) > 1
+            # with a storage every job goes through it: the coordinator may have no workers of its own
+            fresh = zip(todo, evaluate_many(todo) if evaluate_many and todo and (settings.storage or len(todo) > 1)
                         else (_timed_with_cache_use(evaluator, p) for p in todo))
             for pipeline in pipelines:
                 if pipeline not in journal.scores:  # the next one of `todo`: same order
