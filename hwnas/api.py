@@ -491,19 +491,21 @@ def optimize(
 
 
 def work(storage: str, study: str | None = None, *, once: bool = False, max_candidates: int | None = None,
-         on_job: Callable[[str], None] | None = None):
+         evaluate_cmd: str | None = None, on_job: Callable[[str], None] | None = None):
     """Join a search run with `optimize(..., storage=URL)` and evaluate its candidates until it ends.
 
     The model, settings and seed come from the study (`study`, or the newest open one, waited for);
-    `once`: leave when nothing is waiting; `max_candidates`: leave after that many. Returns the
-    hwnas.search.distributed.WorkerRun. Ctrl-C releases the candidate in hand to the other workers.
+    `once`: leave when nothing is waiting; `max_candidates`: leave after that many. A search scored by
+    an `evaluate_cmd` is joined only with the same command given here (the database does not choose
+    what runs on this machine). Returns the hwnas.search.distributed.WorkerRun. Ctrl-C releases the
+    candidate in hand to the other workers.
     """
     from hwnas.search.distributed import work as work_loop
     from hwnas.search.optimize import EvaluatorSpec
 
     if max_candidates is not None and max_candidates < 1:
         raise BadInputError(f"--max-candidates must be at least 1, got {max_candidates}")
-    return work_loop(storage, study, build=lambda blobs: EvaluatorSpec.from_blobs(blobs).evaluator().evaluate,
+    return work_loop(storage, study, build=lambda blobs: EvaluatorSpec.from_blobs(blobs, evaluate_cmd).evaluator().evaluate,
                      once=once, max_candidates=max_candidates, on_job=on_job)
 
 

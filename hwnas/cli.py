@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--study", metavar="NAME", help="the search to join (default: the newest still running, waited for)")
     w.add_argument("--once", action="store_true", help="leave when no candidate is waiting instead of waiting for more")
     w.add_argument("--max-candidates", type=int, metavar="N", help="leave after evaluating N candidates")
+    w.add_argument("--evaluate-cmd", metavar="'CMD {model}'",
+                   help="the search's --evaluate-cmd, repeated to allow it to run here (required to join such a search)")
     w.add_argument("--quiet", action="store_true", help="no line per candidate")
 
     pr = _command(sub, "profile", "measure sampled kernels on a target and fit its latency estimator",
@@ -579,9 +581,10 @@ def cmd_check(args) -> int:
 def cmd_worker(args) -> int:
     on_job = None if args.quiet else lambda pipeline: print(f"evaluating {full_pipeline(pipeline)}", flush=True)
     try:
-        done = api.work(args.storage, args.study, once=args.once, max_candidates=args.max_candidates, on_job=on_job)
+        done = api.work(args.storage, args.study, once=args.once, max_candidates=args.max_candidates,
+                         evaluate_cmd=args.evaluate_cmd, on_job=on_job)
     except KeyboardInterrupt:
-        print("hwnas worker: interrupted; its candidate was released to the other workers", file=sys.stderr)
+        print("hwnas worker: interrupted; a candidate in hand was released to the other workers", file=sys.stderr)
         return 130
     print(f"worker: evaluated {done.evaluated} candidates" + (f" for {done.study}" if done.study else "; no search was running"))
     return 0

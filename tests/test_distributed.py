@@ -9,13 +9,19 @@ with the same 20 trials in the same order.
 from __future__ import annotations
 
 import functools
+import io
+import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -29,13 +35,57 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import Limits, rank_key, search
-from hwnas.search.distributed import StorageWorkers, open_storage, work
+from hwnas.passes.quantize import PRESETS
+from hwnas.search.distributed import StorageWorkers, get_blobs, open_storage, put_blobs, work
 from hwnas.search.evaluate import CandidateEvaluator, Score
-from hwnas.search.optimize import expert_candidate
+from hwnas.search.optimize import EvaluatorSpec, SearchSettings, expert_candidate
 from hwnas.search.space import PREFIX, SpaceOptions, build_space
 from hwnas.targets import get_target
 
 pytest.importorskip("sqlalchemy", reason="Optuna's RDB storage needs sqlalchemy")
+CHECKOUT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    """A throwaway PostgreSQL server (pgserver, the [distributed] extra), or a skip saying why not."""
+    pgserver = pytest.importorskip("pgserver", reason="pgserver (the [distributed] extra) is not installed")
+    pytest.importorskip("psycopg", reason="psycopg (the [distributed] extra) is not installed")
+    # not under pytest's tmp_path: as root, pgserver runs the server as its own user, which pytest's
+    # private (0700) directory shuts out
+    with tempfile.TemporaryDirectory(prefix="hwnas-pg-") as data:
+        try:
+            server = pgserver.get_server(data, cleanup_mode="stop")
+        except Exception as e:  # no binaries for this platform, no shared memory, ...
+            pytest.skip(f"cannot start PostgreSQL from pgserver: {type(e).__name__}: {e}")
+        yield server
+        server.cleanup()
+
+
+_DATABASES = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """An empty storage: an SQLite file, or a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = request.getfixturevalue("pg_server")
+    name = f"hwnas_test_{os.getpid()}_{next(_DATABASES)}"
+    server.psql(f"CREATE DATABASE {name};")
+    return server.get_uri(name)
+
+
+def within(seconds: float, fn):
+    """fn()'s result, or a failure after `seconds`: a protocol bug must fail the test, never hang the suite."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still waiting after {seconds} s")
+    assert result, "raised (see the thread's traceback above)"
+    return result[0]
 
 
 def fake_score(pipeline: str) -> Score:
@@ -80,50 +130,45 @@ def attempts(url: str, study: str) -> dict[str, list[str]]:
     return found
 
 
-def test_workers_return_the_scores_in_the_order_asked_each_job_run_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_workers_return_the_scores_in_the_order_asked_each_job_run_once(tmp_path, url):
     log = tmp_path / "evaluated.txt"
     batches = [["aaa", "b", "bad-1", "cc", "aaa"], ["dddd"]]
     with StorageWorkers(url, functools.partial(logged_score, str(log)), 3, "s") as workers:
-        results = [workers.map(batch) for batch in batches]
+        results = within(60, lambda: [workers.map(batch) for batch in batches])
     assert results == [[fake_score(p) for p in batch] for batch in batches]
     assert sorted(log.read_text().split()) == sorted(set(batches[0])) + batches[1]
     assert attempts(url, "s") == {"aaa": ["COMPLETE"], "b": ["COMPLETE"], "bad-1": ["FAIL"], "cc": ["COMPLETE"],
                                   "dddd": ["COMPLETE"]}
 
 
-def test_a_worker_killed_holding_a_candidate_costs_that_candidate_once_more(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_a_worker_killed_holding_a_candidate_costs_that_candidate_once_more(tmp_path, url):
     log, marker = tmp_path / "evaluated.txt", tmp_path / "killed"
     batch = ["a", "victim", "bb", "ccc"]
     with StorageWorkers(url, functools.partial(killed_once, str(marker), str(log)), 2, "s", heartbeat=(1, 2)) as workers:
-        assert workers.map(batch) == [fake_score(p) for p in batch]
+        assert within(60, lambda: workers.map(batch)) == [fake_score(p) for p in batch]
     assert marker.exists()
     assert sorted(log.read_text().split()) == sorted(batch)  # the victim's second evaluation is its only complete one
     assert attempts(url, "s")["victim"] == ["FAIL", "COMPLETE"]
     assert all(attempts(url, "s")[p] == ["COMPLETE"] for p in ("a", "bb", "ccc"))
 
 
-def test_a_candidate_that_fails_twice_is_a_failed_candidate_and_the_search_goes_on(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_a_candidate_that_fails_twice_is_a_failed_candidate_and_the_search_goes_on(url):
     with StorageWorkers(url, raises, 1, "s", heartbeat=(1, 2)) as workers:
-        flaky, ok = workers.map(["flaky", "ok"])
+        flaky, ok = within(60, lambda: workers.map(["flaky", "ok"]))
     assert ok == fake_score("ok")
     assert flaky.latency_ms == float("inf") and "evaluated 2 times" in flaky.error and "OSError: disk full" in flaky.error
     assert attempts(url, "s")["flaky"] == ["FAIL", "FAIL"]
 
 
-def test_a_candidate_that_kills_its_worker_twice_is_a_failed_candidate(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_a_candidate_that_kills_its_worker_twice_is_a_failed_candidate(url):
     with StorageWorkers(url, always_killed, 1, "s", heartbeat=(1, 2)) as workers:
-        deadly, ok = workers.map(["deadly", "ok"])
+        deadly, ok = within(60, lambda: workers.map(["deadly", "ok"]))
     assert ok == fake_score("ok")
     assert "stopped heartbeating" in deadly.error
     assert attempts(url, "s")["deadly"] == ["FAIL", "FAIL"]
 
 
-def test_ctrl_c_releases_the_candidate_to_another_worker_without_counting_an_attempt(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_ctrl_c_releases_the_candidate_to_another_worker_without_counting_an_attempt(url):
 
     def interrupted(pipeline: str) -> Score:
         raise KeyboardInterrupt
@@ -134,21 +179,104 @@ def test_ctrl_c_releases_the_candidate_to_another_worker_without_counting_an_att
         thread.start()
         with pytest.raises(KeyboardInterrupt):
             work(url, "s", interrupted)
-        assert work(url, "s", raises, max_candidates=1).evaluated == 1
-        thread.join(timeout=30)
+        assert within(60, lambda: work(url, "s", raises, max_candidates=1)).evaluated == 1
+        thread.join(timeout=60)
     assert result == [[fake_score("x")]]
     assert attempts(url, "s")["x"] == ["FAIL", "COMPLETE"]
 
 
-def test_a_restarted_coordinator_takes_what_the_study_holds_and_evaluates_nothing_twice(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_a_restarted_coordinator_takes_what_the_study_holds_and_evaluates_nothing_twice(tmp_path, url):
     log = tmp_path / "evaluated.txt"
     with StorageWorkers(url, functools.partial(logged_score, str(log)), 1, "s") as first:
-        first.map(["a", "bb"])
+        within(60, lambda: first.map(["a", "bb"]))
     with StorageWorkers(url, functools.partial(logged_score, str(log)), 1, "s") as again:  # the same search, resumed
-        assert again.map(["a", "bb", "ccc"]) == [fake_score(p) for p in ("a", "bb", "ccc")]
+        assert within(60, lambda: again.map(["a", "bb", "ccc"])) == [fake_score(p) for p in ("a", "bb", "ccc")]
     assert sorted(log.read_text().split()) == ["a", "bb", "ccc"]
     assert attempts(url, "s") == {"a": ["COMPLETE"], "bb": ["COMPLETE"], "ccc": ["COMPLETE"]}
+
+
+def small_search_inputs():
+    """A search whose candidates depend on every part of the spec: calibration (drift), limits, int8 scoring."""
+    model = build("mobilenetv2", resolution=32, width=0.35)
+    shapes = resolve_input_shapes(model, None)
+    rng = np.random.default_rng(0)
+    calibration = {"input": rng.standard_normal((2, *shapes["input"][1:])).astype(np.float32)}
+    settings = SearchSettings(seed=3, limits=Limits(max_drift=0.05, max_params=10**6), quantize=PRESETS["npu"],
+                              storage="postgresql://user:secret@db/hwnas", journal="/coordinator/only.jsonl")
+    return model, estimator_for(get_target("npu-32x32")), shapes, settings, calibration
+
+
+def test_a_worker_builds_the_coordinators_evaluator_from_plain_data_in_the_storage(tmp_path):
+    model, estimator, shapes, settings, calibration = small_search_inputs()
+    spec = EvaluatorSpec(model, estimator, shapes, settings, calibration)
+    storage = open_storage(f"sqlite:///{tmp_path / 'jobs.db'}")
+    put_blobs(storage, "s", spec.to_blobs())
+    blobs = get_blobs(storage, "s")
+    # every blob reads as plain data: ONNX, JSON, .npz without pickles
+    onnx.load_from_string(blobs["model.onnx"])
+    search = json.loads(blobs["search.json"])
+    assert search["settings"]["storage"] is None and search["settings"]["journal"] is None  # a URL may hold a password
+    json.loads(blobs["estimator.json"])
+    for name in ("estimator.npz", "calibration.npz"):
+        np.load(io.BytesIO(blobs[name]), allow_pickle=False)
+    rebuilt = EvaluatorSpec.from_blobs(blobs)
+    assert rebuilt.settings == replace(settings, storage=None, journal=None)
+    # the scores: float ones (int8 scoring is slow, and its settings were compared above)
+    here = replace(spec, settings=replace(settings, quantize=None)).evaluator()
+    there = replace(rebuilt, settings=replace(rebuilt.settings, quantize=None)).evaluator()
+    pipelines = ["", "align-channels{multiple=8}", "fuse-ibn", "scale-depth{multiplier=0.5}"]
+    assert [there.evaluate(p) for p in pipelines] == [here.evaluate(p) for p in pipelines]
+
+
+def test_a_worker_refuses_pickles_other_versions_and_commands_it_was_not_given():
+    model, estimator, shapes, settings, calibration = small_search_inputs()
+    blobs = EvaluatorSpec(model, estimator, shapes, settings, calibration).to_blobs()
+    pickled = io.BytesIO()
+    np.savez(pickled, input=np.array([object()], dtype=object))  # an object array: a pickle inside the .npz
+    with pytest.raises(BadInputError, match="malformed .ValueError: Object arrays cannot be loaded"):
+        EvaluatorSpec.from_blobs({**blobs, "calibration.npz": pickled.getvalue()})
+    with pytest.raises(BadInputError, match="the search runs hwnas 0.0.0-other"):
+        EvaluatorSpec.from_blobs({**blobs, "version": b"0.0.0-other"})
+    command = EvaluatorSpec(model, estimator, shapes, SearchSettings(evaluate_cmd="rm -rf / {model}"), None).to_blobs()
+    with pytest.raises(BadInputError, match="start the worker with the same --evaluate-cmd"):
+        EvaluatorSpec.from_blobs(command)
+    assert EvaluatorSpec.from_blobs(command, "rm -rf / {model}").settings.evaluate_cmd == "rm -rf / {model}"
+
+
+def test_hwnas_worker_once_with_no_search_running_leaves(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hwnas", "worker", "--storage", f"sqlite:///{tmp_path / 'jobs.db'}", "--once"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(CHECKOUT)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "worker: evaluated 0 candidates; no search was running"
+
+
+@pytest.mark.slow
+def test_a_coordinator_and_three_hwnas_workers_through_postgresql_find_the_local_result(tmp_path, pg_server):
+    """The acceptance run, small: `optimize --workers 0` waits for three `hwnas worker` processes."""
+    pg_server.psql("CREATE DATABASE e2e;")
+    url = pg_server.get_uri("e2e")
+    model = tmp_path / "in.onnx"
+    onnx.save(build("mobilenetv2", resolution=32, width=0.35), str(model))
+    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
+    search = ["optimize", str(model), "--target", "npu-32x32", "--trials", "12", "--seed", "0", "--exact", "--json"]
+    workers = [subprocess.Popen([sys.executable, "-m", "hwnas", "worker", "--storage", url, "--quiet"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        coordinator = subprocess.run([sys.executable, "-m", "hwnas", *search, "-o", str(tmp_path / "d.onnx"),
+                                      "--storage", url, "--workers", "0"], capture_output=True, text=True, env=env, timeout=240)
+        outputs = [w.communicate(timeout=60) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert coordinator.returncode == 0, coordinator.stderr
+    assert all(w.returncode == 0 for w in workers), outputs
+    local = subprocess.run([sys.executable, "-m", "hwnas", *search, "-o", str(tmp_path / "l.onnx"), "--workers", "1"],
+                           capture_output=True, text=True, env=env, timeout=240)
+    distributed, local = json.loads(coordinator.stdout), json.loads(local.stdout)
+    assert distributed["pipeline"] == local["pipeline"]
+    assert distributed["search"]["best_so_far"] == local["search"]["best_so_far"]
+    evaluated = [int(out.split()[2]) for out, _ in outputs]  # "worker: evaluated N candidates for hwnas-…"
+    assert sum(evaluated) == distributed["search"]["candidates_scored"] > 0, outputs
 
 
 @pytest.mark.parametrize("url", ["nosuchdialect://x", "sqlite:////no/such/dir/x.db", "mysql://u@localhost/db",
@@ -166,7 +294,7 @@ def test_the_cli_says_an_unusable_storage_in_one_line(tmp_path, command):
         onnx.save(build("mobilenetv2", resolution=32, width=0.35), str(tmp_path / "in.onnx"))
         command = [str(tmp_path / "in.onnx") if c == "IN" else str(tmp_path / "out.onnx") if c == "OUT" else c for c in command]
     done = subprocess.run([sys.executable, "-m", "hwnas", *command, "mysql://u@localhost/db"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": str(CHECKOUT)}, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "cannot open storage" in done.stderr, done.stderr
     assert not (tmp_path / "out.onnx").exists()
@@ -188,7 +316,7 @@ def test_distributed_search_finds_what_the_local_search_finds(tmp_path):
                                    count_memory=False)
     seeds = [space.baseline(), expert_candidate(space)]
     local = search(space, lambda pipelines: [evaluator.evaluate(p) for p in pipelines], "evolution", 20, Limits(), 0, seeds)
-    with StorageWorkers(f"sqlite:///{tmp_path / 'search.db'}", evaluator.evaluate, workers=2) as workers:
+    with StorageWorkers(f"sqlite:///{tmp_path / 'search.db'}", evaluator.evaluate, 2, "s") as workers:
         distributed = search(space, workers.map, "evolution", 20, Limits(), 0, seeds)
     assert [t.pipeline for t in distributed] == [t.pipeline for t in local]
     best_local, best_distributed = (min(trials, key=rank_key(Limits())) for trials in (local, distributed))

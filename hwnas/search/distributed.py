@@ -70,6 +70,7 @@ _SPEC = "hwnas"  # study user attribute: the coordinator's hwnas version, set on
 _HEARTBEAT = "heartbeat"  # study user attribute: [interval, grace period] in seconds, the coordinator's choice
 _POLL_S = (0.01, 0.2)  # polling interval: starts short, doubles while nothing changes, up to the maximum
 HEARTBEAT_S, GRACE_S = 5, 30  # a worker heartbeats every 5 s; silent for 30 s, its candidate is posted again
+_CREATE_TRIES = 4  # opening a fresh database: see open_storage
 ATTEMPTS = 2  # evaluations of one pipeline that may fail (worker lost, evaluation raised) before it is scored failed
 
 
@@ -85,19 +86,30 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None):
     engine = ({"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite
               else {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {})
     interval, grace = heartbeat or (None, None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat is experimental in Optuna 4-5
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=interval,
-                                                 grace_period=grace)
-    except Exception as e:  # SQLAlchemy's errors for a bad URL, a missing driver, an unreachable server
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise BadInputError(f"cannot open storage {url!r}: {lines[0]}") from None
+    for attempt in range(_CREATE_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat is experimental in Optuna 4-5
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=interval,
+                                                     grace_period=grace)
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # Processes opening a fresh database at once (workers started before their coordinator) race
+            # to create Optuna's tables; the losers find them made when they try again.
+            if attempt + 1 == _CREATE_TRIES:
+                raise BadInputError(f"cannot open storage {url!r}: {_first_line(e)}") from None
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as e:  # SQLAlchemy's errors for a bad URL, a missing driver, an unreachable server
+            raise BadInputError(f"cannot open storage {url!r}: {_first_line(e)}") from None
     if sqlite:
         # A claim reads a job's state, then writes it. SQLite has no row locks: every transaction takes the
         # write lock as it begins, so two claims cannot interleave and each job runs once.
         sqlalchemy.event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     return storage
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # What a worker builds its evaluator from, in a table of its own beside Optuna's: plain bytes (ONNX, JSON,

@@ -195,7 +195,8 @@ class EvaluatorSpec:
     Stored in the search's storage (hwnas.search.distributed) as plain data, never a pickle (whoever can
     write the database must not be able to run code in the workers through it): the model's ONNX bytes,
     the estimator's JSON and fitted arrays, the settings and input shapes as JSON, the calibration as an
-    .npz read with allow_pickle=False. A worker needs only the storage's URL.
+    .npz read with allow_pickle=False. A worker needs only the storage's URL; for the same reason it runs
+    a search's --evaluate-cmd only when its own command line names the same command.
     """
 
     model: onnx.ModelProto
@@ -218,8 +219,9 @@ class EvaluatorSpec:
         return blobs
 
     @classmethod
-    def from_blobs(cls, blobs: Mapping[str, bytes]) -> EvaluatorSpec:
-        """BadInputError when the worker runs another hwnas than the coordinator, or the data is malformed."""
+    def from_blobs(cls, blobs: Mapping[str, bytes], evaluate_cmd: str | None = None) -> EvaluatorSpec:
+        """BadInputError when the worker runs another hwnas than the coordinator, the data is malformed, or
+        the search scores with an --evaluate-cmd other than the worker's `evaluate_cmd`."""
         version = blobs.get("version", b"?").decode()
         if version != HWNAS_VERSION:
             raise BadInputError(f"the search runs hwnas {version}, this worker hwnas {HWNAS_VERSION}: install the same")
@@ -235,6 +237,9 @@ class EvaluatorSpec:
             shapes = {k: tuple(v) for k, v in search["shapes"].items()}
         except (KeyError, TypeError, ValueError, DecodeError) as e:
             raise BadInputError(f"the search's data in the storage is malformed ({type(e).__name__}: {e})") from None
+        if settings.evaluate_cmd is not None and settings.evaluate_cmd != evaluate_cmd:
+            raise BadInputError(f"the search scores candidates with --evaluate-cmd {settings.evaluate_cmd!r}: start the "
+                                "worker with the same --evaluate-cmd to run it on this machine")
         return cls(model, estimator, shapes, settings, calibration)
 
     def evaluator(self) -> CandidateEvaluator:
