@@ -10,7 +10,7 @@ spread out, through a study in the storage that serves as a job board:
     the evaluator's inputs as plain data       ──► table hwnas_blobs ─────────────────► build the evaluator
       (ONNX bytes, JSON, .npz: EvaluatorSpec)      study user attr "hwnas" (version)
     one WAITING trial per pipeline  ─────────────► trial {pipeline}
-                                                   WAITING → RUNNING  ◄──────────────── claim one
+                                                   WAITING → RUNNING  ◄──────────────── beat once, claim one
                                                    heartbeat every HEARTBEAT_S ◄─────── while evaluating
                                                    user attr "score", COMPLETE ◄─────── evaluate, write
     read the scores, in the order asked ◄───────── (FAIL when the candidate could not be built)
@@ -19,7 +19,7 @@ spread out, through a study in the storage that serves as a job board:
 Claiming is Optuna's own: `set_trial_state_values(RUNNING)` succeeds only for a trial still WAITING,
 reading and writing it under a row lock (PostgreSQL, MySQL). SQLite has no row locks, so there every
 transaction takes the database's write lock as it begins (BEGIN IMMEDIATE): either way each job runs
-once. A job costs five small writes (about 0.1 s on a local disk, each an fsync): the storage pays off
+once. A job costs six small writes (about 0.1 s on a local disk, each an fsync): the storage pays off
 when evaluations take seconds or more (--evaluate-cmd, zero-shot) or run on several machines, not for
 estimator-only scores, which the local process pool computes faster.
 
