@@ -35,7 +35,6 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import Limits, rank_key, search
-from hwnas.passes.quantize import PRESETS
 from hwnas.search.distributed import StorageWorkers, get_blobs, open_storage, put_blobs, work
 from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import EvaluatorSpec, SearchSettings, expert_candidate
@@ -201,7 +200,7 @@ def small_search_inputs():
     shapes = resolve_input_shapes(model, None)
     rng = np.random.default_rng(0)
     calibration = {"input": rng.standard_normal((2, *shapes["input"][1:])).astype(np.float32)}
-    settings = SearchSettings(seed=3, limits=Limits(max_drift=0.05, max_params=10**6), quantize=PRESETS["npu"],
+    settings = SearchSettings(seed=3, limits=Limits(max_drift=0.05, max_params=10**6), quantize="quantize{preset=npu}",
                               storage="postgresql://user:secret@db/hwnas", journal="/coordinator/only.jsonl")
     return model, estimator_for(get_target("npu-32x32")), shapes, settings, calibration
 
