@@ -86,6 +86,7 @@ def open_storage(url: str, heartbeat: tuple[int, int] | None = None):
     engine = ({"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite
               else {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {})
     interval, grace = heartbeat or (None, None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line on stderr per study created
     for attempt in range(_CREATE_TRIES):
         try:
             with warnings.catch_warnings():
