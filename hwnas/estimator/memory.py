@@ -126,15 +126,38 @@ def _outer_reads(node: onnx.NodeProto) -> set[str]:
 
 
 def activation_sizes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[str, int]:
-    """Bytes of every non-constant tensor at the given input shapes."""
-    constants = {t.name for t in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
-    }
+    """Bytes of every non-constant tensor at the given input shapes, in the type it is stored in.
+
+    In a QDQ model the float tensors around a quantized kernel never exist at run time (ORT fuses
+    DQ → Conv → Q into QLinearConv; an int8 NPU reads and writes int8), as `hwnas.targets.kernels`
+    costs them: a DequantizeLinear's output counts in its input's type (nothing for a weight's, which is
+    folded into its kernel), a tensor read only by QuantizeLinear nodes in their output's type."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
     all_shapes, types = infer_tensors(model, shapes)
+
+    def stored_type(name: str) -> int | None:
+        node = producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            return types.get(node.input[0])
+        users = readers.get(name, ())
+        if users and name not in outputs and all(u.op_type == "QuantizeLinear" for u in users):
+            return types.get(users[0].output[0])
+        return types.get(name)
+
+    weights = constants | {
+        n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants
+    }
     return {
-        name: int(np.prod(shape, dtype=np.int64)) * _itemsize(types.get(name))
+        name: int(np.prod(shape, dtype=np.int64)) * _itemsize(stored_type(name))
         for name, shape in all_shapes.items()
-        if name not in constants
+        if name not in weights
     }
 
 
