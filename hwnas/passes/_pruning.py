@@ -53,7 +53,7 @@ B and C; MatMul has no bias, so none is fitted). ConvTranspose consumers cannot 
 group is a site with that reason.
 
 Cost: one pass over the calibration samples, not one per consumer. The original runs once per sample
-with every consumer's output requested, keeping only the rows each fit samples (`reference_targets`);
+with every consumer's output requested, keeping only the rows each fit samples (`_reconstruct.reference_rows`);
 the pruned graph runs segment by segment (`_reconstruct.SequentialRun`), each segment up to the next
 consumer after the consumers before it were refitted, keeping only the tensors later nodes read. The
 fits are the same as refitting each consumer on a fresh run of the pruned prefix (same rows, same
@@ -65,7 +65,6 @@ standard-normal samples at the analysis shapes, with a warning.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -356,59 +355,26 @@ def set_weights(graph: gs.Graph, node: gs.Node, weight: np.ndarray, bias: np.nda
 Feeds = Sequence[Mapping[str, np.ndarray]]
 
 
-@dataclass
-class _Targets:
-    """What the original computes at one consumer's output, on the rows its fit uses: per sample, for a
-    conv one (rows, cols, Y (R, M)) per image at sampled positions, for a Gemm/MatMul the whole [N, M]."""
-
-    node: gs.Node
-    index: int  # in graph order among the consumers refitted: seeds its position sampling
-    keep: np.ndarray | None
-    per_sample: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
-
-
 def _features(conv: gs.Node) -> int:
     return int(np.prod(const_value(conv.inputs[1]).shape[1:]))
 
 
-def reference_targets(
-    reference: onnx.ModelProto, consumers: Sequence[gs.Node], out_keep: Mapping[str, np.ndarray], feeds: Feeds,
-    seed: int,
-) -> list[_Targets]:  # fmt: skip
-    """Every consumer's fit targets in one run of the original per sample, keeping only the sampled rows
-    (a conv's positions are drawn as `ls.fit_conv` draws them: the same fit, without a run per consumer)."""
-    plans = [_Targets(n, i, out_keep.get(n.outputs[0].name), []) for i, n in enumerate(consumers)]
-    rngs = [np.random.default_rng((seed, p.index)) for p in plans]
-    names = list(dict.fromkeys(p.node.outputs[0].name for p in plans))
-    for values in ls.iter_activations(reference, names, feeds):
-        for plan, rng in zip(plans, rngs):
-            y = values[plan.node.outputs[0].name]
-            y = y if plan.keep is None else y[:, plan.keep]
-            if plan.node.op != "Conv":
-                plan.per_sample.append([(np.empty(0), np.empty(0), y)])
-                continue
-            per_sample = math.ceil(ls.fit_rows(_features(plan.node) + 1) / max(len(feeds), 1))
-            images = []
-            for yi in y:  # one image of the batch at a time
-                rows, cols = ls.sample_positions(*yi.shape[1:], per_sample, rng)
-                images.append((rows, cols, yi[:, rows, cols].T))
-            plan.per_sample.append(images)
-    return plans
+def fit_targets(consumers: Sequence[gs.Node], out_keep: Mapping[str, np.ndarray], seed: int) -> list[ls.TargetRows]:
+    """Each consumer's fit target: its output, its kept channels, its rows seeded by its index in graph order."""
+    return [
+        ls.TargetRows(n.outputs[0].name, _features(n) + 1 if n.op == "Conv" else None, (seed, i),
+                      out_keep.get(n.outputs[0].name))
+        for i, n in enumerate(consumers)
+    ]  # fmt: skip
 
 
-def refit_conv(graph: gs.Graph, conv: gs.Node, inputs: list[np.ndarray], plan: _Targets) -> Refit:
+def refit_conv(graph: gs.Graph, conv: gs.Node, inputs: list[np.ndarray], target: ls.TargetRows) -> Refit:
     weight = const_value(conv.inputs[1])
     has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
     bias = const_value(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0])
     geometry = ls.ConvGeometry.from_attrs(conv.attrs, tuple(weight.shape[2:]))
-    features = _features(conv)
-    equations = ls.NormalEquations(features, weight.shape[0])
-    for x, images in zip(inputs, plan.per_sample):
-        for xi, (rows, cols, y) in zip(x, images):
-            full = (y.shape[1], *geometry.output_size(*xi.shape[1:]))
-            ls.conv_fit_checks(conv.inputs[0].name, conv.outputs[0].name, geometry, xi, full, weight.shape[0], features)
-            equations.add(ls.im2col_rows(xi, geometry, rows, cols), y)
-    fit = ls.solved_conv(equations, DEFAULT_RIDGE, weight.astype(np.float64), bias.astype(np.float64))
+    fit = ls.fit_conv_rows(inputs, target, conv.inputs[0].name, geometry, weight.astype(np.float64),
+                           bias.astype(np.float64), DEFAULT_RIDGE)  # fmt: skip
     set_weights(graph, conv, fit.weight, fit.bias)
     return Refit(conv.name, fit.residual, fit.prior_residual)
 
@@ -424,12 +390,13 @@ def matrix_prior(node: gs.Node) -> tuple[np.ndarray, bool]:
     return np.vstack([b, bias[None]]), True
 
 
-def refit_matrix(graph: gs.Graph, node: gs.Node, inputs: list[np.ndarray], plan: _Targets) -> Refit:
+def refit_matrix(graph: gs.Graph, node: gs.Node, inputs: list[np.ndarray], target: ls.TargetRows) -> Refit:
     """Gemm/MatMul reading [N, K]: every row of every sample is a row of the system."""
     prior, has_bias = matrix_prior(node)
     equations = ls.NormalEquations(prior.shape[0] - 1, prior.shape[1])
-    for x, ((_, _, y),) in zip(inputs, plan.per_sample):
+    for x, ((_, _, y),) in zip(inputs, target.per_sample):
         equations.add(x.astype(np.float64), y)
+    target.per_sample.clear()
     theta = equations.solve(DEFAULT_RIDGE, prior, bias=has_bias)
     if node.op == "MatMul":
         dtype = const_value(node.inputs[1]).dtype
@@ -456,14 +423,14 @@ def refit_consumers(
     stable_toposort(graph)
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ordered = sorted(consumers, key=lambda n: position[id(n)])
-    plans = reference_targets(reference, ordered, out_keep, feeds, ctx.seed)
+    targets = fit_targets(ordered, out_keep, ctx.seed)
+    ls.reference_rows(reference, targets, feeds)
     pruned = ls.SequentialRun(graph, ctx.template, feeds)
     done = []
-    for node, plan in zip(ordered, plans):
+    for node, target in zip(ordered, targets):
         inputs = [values[node.inputs[0].name] for values in pruned.advance(node)]
         refit = refit_conv if node.op == "Conv" else refit_matrix
-        done.append(refit(graph, node, inputs, plan))
-        plan.per_sample.clear()  # its rows are used: free them
+        done.append(refit(graph, node, inputs, target))  # frees the target's rows
     return done
 
 

@@ -12,6 +12,8 @@ inputs, the conv's output matches a tensor of a reference model. The pieces:
 - `NormalEquations`: accumulates AᵀA, AᵀY and ΣY² over batches of rows (A gets a trailing ones
   column for the bias), so memory is F² + F·M floats (F = C·kh·kw + 1 inputs per output channel,
   M output channels) whatever the number of rows.
+- `reference_rows` / `fit_conv_rows`: the targets of many fits drawn in one run of the reference model
+  (only the sampled rows kept), then each fit from its inputs as a sequential run computes them.
 - `fit_conv`: the whole fit of one group-1 conv from a tensor of one model to a tensor of another.
 - `SequentialRun`: runs a graph that is being refitted segment by segment, one sample at a time, keeping
   only the tensors later nodes read: fitting L layers one after the other (each reading what the layers
@@ -32,8 +34,8 @@ Rows are a random subset of output positions (seeded), spread evenly over the ca
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -270,6 +272,59 @@ def solved_conv(equations: NormalEquations, ridge: float, prior_weight: np.ndarr
     )
 
 
+# -- many fits from one run of the reference -----------------------------------------------------------
+
+
+@dataclass
+class TargetRows:
+    """What the reference computes at one fit's target tensor, on the rows the fit uses: per sample, for a
+    conv one (rows, cols, Y (R, M)) per image at positions drawn as `fit_conv` draws them (`features` =
+    C·kh·kw + 1, rng seeded by `seed`), for a matrix op (`features` None) the whole [N, M] as (∅, ∅, Y)."""
+
+    tensor: str
+    features: int | None
+    seed: int | Sequence[int]
+    keep: np.ndarray | None = None  # match only these channels (the fitted op's outputs were pruned)
+    per_sample: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=list)
+
+
+def reference_rows(reference: onnx.ModelProto, targets: Sequence[TargetRows], feeds: Sequence[Mapping]) -> None:
+    """Fill every target's rows in one run of the reference per sample (not one run per fit)."""
+    rngs = [np.random.default_rng(t.seed) for t in targets]
+    names = list(dict.fromkeys(t.tensor for t in targets))
+    for values in iter_activations(reference, names, feeds):
+        for target, rng in zip(targets, rngs):
+            y = values[target.tensor]
+            y = y if target.keep is None else y[:, target.keep]
+            if target.features is None:
+                target.per_sample.append([(np.empty(0), np.empty(0), y)])
+                continue
+            per_sample = math.ceil(fit_rows(target.features) / max(len(feeds), 1))
+            images = []
+            for yi in y:  # one image of the batch at a time
+                rows, cols = sample_positions(*yi.shape[1:], per_sample, rng)
+                images.append((rows, cols, yi[:, rows, cols].T))
+            target.per_sample.append(images)
+
+
+def fit_conv_rows(
+    inputs: Iterable[np.ndarray], target: TargetRows, source: str, geometry: ConvGeometry, prior_weight: np.ndarray,
+    prior_bias: np.ndarray, ridge: float,
+) -> ConvFit:  # fmt: skip
+    """`fit_conv` on inputs already computed (one array per sample, tensor `source`) and the target's rows;
+    frees the rows once they are in the normal equations."""
+    out_channels = prior_weight.shape[0]
+    features = int(np.prod(prior_weight.shape[1:]))
+    equations = NormalEquations(features, out_channels)
+    for x, images in zip(inputs, target.per_sample):
+        for xi, (rows, cols, y) in zip(x, images):
+            full = (y.shape[1], *geometry.output_size(*xi.shape[1:]))
+            conv_fit_checks(source, target.tensor, geometry, xi, full, out_channels, features)
+            equations.add(im2col_rows(xi, geometry, rows, cols), y)
+    target.per_sample.clear()
+    return solved_conv(equations, ridge, prior_weight, prior_bias)
+
+
 def fit_conv(
     source: onnx.ModelProto,
     source_tensor: str,
@@ -284,23 +339,14 @@ def fit_conv(
     target_channels: np.ndarray | None = None,
 ) -> ConvFit:
     """Weights of a group-1 conv reading `source_tensor` of `source` whose output best matches
-    `target_tensor` of `target` on the feeds (ridge towards the prior; see the module docstring).
+    `target_tensor` of `target` on the feeds (ridge towards the prior; see the module docstring), each
+    model run on its own: the one-fit form of `reference_rows` + `SequentialRun` + `fit_conv_rows`.
 
     `target_channels`: match only these channels of the target (the conv's outputs were pruned)."""
-    out_channels = prior_weight.shape[0]
-    features = int(np.prod(prior_weight.shape[1:]))
-    equations = NormalEquations(features, out_channels)
-    per_sample = math.ceil(fit_rows(features + 1) / max(len(feeds), 1))
-    rng = np.random.default_rng(seed)
-    pairs = zip(iter_activations(source, [source_tensor], feeds), iter_activations(target, [target_tensor], feeds))
-    for got, want in pairs:
-        x, y = got[source_tensor], want[target_tensor]
-        y = y if target_channels is None else y[:, target_channels]
-        for xi, yi in zip(x, y):  # one image of the batch at a time
-            conv_fit_checks(source_tensor, target_tensor, geometry, xi, yi.shape, out_channels, features)
-            rows, cols = sample_positions(*yi.shape[1:], per_sample, rng)
-            equations.add(im2col_rows(xi, geometry, rows, cols), yi[:, rows, cols].T)
-    return solved_conv(equations, ridge, prior_weight, prior_bias)
+    rows = TargetRows(target_tensor, int(np.prod(prior_weight.shape[1:])) + 1, seed, target_channels)
+    reference_rows(target, [rows], feeds)
+    inputs = (values[source_tensor] for values in iter_activations(source, [source_tensor], feeds))  # streamed
+    return fit_conv_rows(inputs, rows, source_tensor, geometry, prior_weight, prior_bias, ridge)
 
 
 # -- one forward pass for many fits -------------------------------------------------------------------
@@ -309,23 +355,30 @@ def fit_conv(
 class SequentialRun:
     """The tensors of a graph on each calibration sample, computed segment by segment as the graph changes.
 
-    `advance(node)` runs the nodes from where the last call stopped up to (not including) `node`, as they
-    are now, and returns each sample's values of the tensors computed so far; `node` itself runs in the next
-    segment, so its weights may change in between. Values no node at or after the position reads any more
-    are dropped. Every node runs once per sample in all. `graph.nodes` must be in topological order and
-    stay the same list of nodes (their weights may change).
+    `advance(node)` runs the nodes not run yet that stand before `node`, as they are now, and returns each
+    sample's values of the tensors computed so far; `node` itself runs in a later segment, so its weights
+    may change in between. Values no node at or after the position reads any more are dropped, and nodes
+    whose outputs nothing at or after it reads are not run (dead ones a rewrite left behind). Every node
+    runs at most once per sample in all. `graph.nodes` must be in topological order; a caller that
+    changes the list (a rewrite of nodes not run yet) calls `rewritten()` before the next `advance`.
     """
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]):
         self.graph = graph
         self.template = template
-        self.position = {id(n): i for i, n in enumerate(graph.nodes)}
+        self.values = [dict(feed) for feed in feeds]
+        self.ran: set[int] = set()  # ids of the nodes run or passed over
+        self.rewritten()
+
+    def rewritten(self) -> None:
+        """Index the node list as it is now: positions, each tensor's last reader, the first node not run."""
+        nodes = self.graph.nodes
+        self.position = {id(n): i for i, n in enumerate(nodes)}
         self.last_use: dict[str, int] = {}
-        for i, node in enumerate(graph.nodes):
+        for i, node in enumerate(nodes):
             for t in self._reads(node):
                 self.last_use[t] = i
-        self.values = [dict(feed) for feed in feeds]
-        self.done = 0  # nodes [0, done) have run
+        self.done = next((i for i, n in enumerate(nodes) if id(n) not in self.ran), len(nodes))
 
     @staticmethod
     def _reads(node: gs.Node) -> list[str]:
@@ -335,9 +388,19 @@ class SequentialRun:
                 names += [n for n, t in sub._foreign_tensors().items() if not isinstance(t, gs.Constant)]
         return names
 
+    def _needed(self, pending: list[gs.Node], end: int) -> list[gs.Node]:
+        """The pending nodes whose outputs a node from `end` on reads, directly or through other pending ones."""
+        needed, kept = {t for t, last in self.last_use.items() if last >= end}, []
+        for node in reversed(pending):
+            if any(t.name in needed for t in node.outputs):
+                kept.append(node)
+                needed.update(self._reads(node))
+        return kept[::-1]
+
     def advance(self, node: gs.Node) -> list[dict[str, np.ndarray]]:
         end = self.position[id(node)]
-        segment = self.graph.nodes[self.done : end]
+        pending = [n for n in self.graph.nodes[self.done : end] if id(n) not in self.ran]
+        segment = self._needed(pending, end)
         model, inputs, outputs = self._segment_model(segment, end)
         if outputs:  # else nothing from `end` on reads what the segment computes
             session = make_session(model)
@@ -346,7 +409,8 @@ class SequentialRun:
                 values.update(zip(outputs, computed))
                 for name in [n for n in values if self.last_use.get(n, -1) < end]:
                     del values[name]  # nothing from `end` on reads it
-        self.done = end
+        self.ran.update(id(n) for n in pending)
+        self.done = max(self.done, end)
         return self.values
 
     def _segment_model(self, segment: list[gs.Node], end: int) -> tuple[onnx.ModelProto, list[str], list[str]]:

@@ -47,10 +47,16 @@ expand conv of another fused site, as in PP-LCNet's chains: that site replaces i
 unfitted (lossy; the naive alternative, for comparison).
 
 Calibration: the pipeline's calibration samples (at most the first 32), or else 8 seeded standard-normal
-samples at the analysis shapes, with a warning. Memory stays bounded: ORT runs one sample at a time on
-copies of the graph pruned to the tensors needed, and each sample contributes its share of
-4·F rows (F = C_in·K² + 1, clamped to 8192..32768; every position when there are fewer) drawn
-uniformly from its output positions, accumulated into AᵀA (F × F) and AᵀY (F × C_exp) at once; one
+samples at the analysis shapes, with a warning. Cost: one pass over the samples, not one per fit. The
+original runs once per sample with every fit's target requested (t of each site, the output of each
+conv refit_project refits), keeping only the rows each fit samples (`_reconstruct.reference_rows`);
+the graph being rewritten runs segment by segment (`_reconstruct.SequentialRun`) up to the next fit in
+graph order, after everything upstream of it was fused or refitted, so each fit reads what it read
+when every site ran the network prefix afresh (same fits, bitwise on the zoo models) at O(layers)
+forward work instead of O(layers²). Memory: the tensors the not-yet-run part still reads, per sample,
+and each fit's sampled target rows until it is solved: each sample contributes its share of 4·F rows
+(F = C_in·K² + 1, clamped to 8192..32768; every position when there are fewer) drawn uniformly from
+its output positions, accumulated into AᵀA (F × F) and AᵀY (F × C_exp) at once; one
 factorisation then serves all output channels, solved in groups of 256. Statistics: `fit_residual_max`
 and `compose_residual_max`, ‖A·θ − t‖²/‖t‖² on the fitted rows at the worst site, fitted and composed.
 
@@ -70,9 +76,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from hwnas.errors import BadInputError
-from hwnas.graph.gsgraph import const_value, is_graph_output, private_constant, producer, to_model, unique_name
+from hwnas.graph.gsgraph import (
+    const_value,
+    is_graph_output,
+    private_constant,
+    producer,
+    stable_toposort,
+    to_model,
+    unique_name,
+)
 from hwnas.graph.patterns import PatternMatch, find_expand_candidates, match_squeeze_excite
 from hwnas.passes import _reconstruct as ls
+from hwnas.passes._pruning import set_weights
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
 from hwnas.passes.fold_bn import absorb_output, check_linear_producer
 from hwnas.passes.registry import register_pass
@@ -359,72 +374,52 @@ def _follower(graph: gs.Graph, match: PatternMatch) -> tuple[gs.Node | None, str
     return conv, None
 
 
-def _refit(graph: gs.Graph, conv: gs.Node, reference, feeds, ctx: PassContext, ridge: float, seed) -> ls.ConvFit:
-    """Refit `conv` so that its output matches the reference's same tensor, reading the current graph."""
-    weight = const_value(conv.inputs[1])
-    fit = ls.fit_conv(
-        to_model(graph.copy(), ctx.template),
-        conv.inputs[0].name,
-        reference,
-        conv.outputs[0].name,
-        _geometry(conv, weight.shape),
-        weight.astype(np.float64),
-        _conv_bias(conv, weight.shape[0]),
-        feeds,
-        ridge,
-        seed,
-    )
-    conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}_refit_weight"), fit.weight.astype(weight.dtype))
-    bias = gs.Constant(unique_name(graph, f"{conv.name}_refit_bias"), fit.bias.astype(weight.dtype))
-    if len(conv.inputs) > 2:
-        conv.inputs[2] = bias
-    else:
-        conv.inputs.append(bias)
-    return fit
-
-
 def apply_mbconv(graph: gs.Graph, sites: list[Site], ctx: PassContext, options: FuseIbnOptions) -> dict[str, float]:
+    if options.fit == "ls":
+        stable_toposort(graph)  # the sequential run reads nodes in list order
     position = {id(n): i for i, n in enumerate(graph.nodes)}
-    ordered = sorted(sites, key=lambda s: position[id(s.data.expand.conv)])
-    fitting = options.fit == "ls"
-    feeds = _fit_feeds(ctx) if fitting else []
-    reference = to_model(graph.copy(), ctx.template) if fitting else None  # the function to keep
+    ordered = [site.data for site in sorted(sites, key=lambda s: position[id(s.data.expand.conv)])]
+    composed = [compose_mbconv(match) for match in ordered]
     stats = {"fused": float(len(ordered)), "refitted": 0.0}
-    expands = {id(site.data.expand.conv) for site in ordered}
+    if options.fit != "ls":
+        for match, (weight, bias) in zip(ordered, composed):
+            _write_fused(graph, match, weight, bias)
+        return stats
+    feeds = _fit_feeds(ctx)
+    followers = _followers(graph, ordered, ctx) if options.refit_project else {}
+    reference = to_model(graph.copy(), ctx.template)  # the function to keep
+    # what each fit matches, drawn from one run of the reference: site i's t, then its follower's output
+    targets = {(i, 0): ls.TargetRows(_target(m).name, int(np.prod(w.shape[1:])) + 1, (ctx.seed, i))
+               for i, (m, (w, _)) in enumerate(zip(ordered, composed))}  # fmt: skip
+    targets.update({(i, 1): ls.TargetRows(c.outputs[0].name, int(np.prod(const_value(c.inputs[1]).shape[1:])) + 1,
+                                          (ctx.seed, i, 1)) for i, c in followers.items()})  # fmt: skip
+    ls.reference_rows(reference, list(targets.values()), feeds)
+    # one sequential run in graph order: each fit reads the graph with everything upstream of it already
+    # fused or refitted, as fitting site by site (each site, then its follower) on a fresh run would
+    at = lambda key: position[id(ordered[key[0]].expand.conv if key[1] == 0 else followers[key[0]])]  # noqa: E731
+    run = ls.SequentialRun(graph, ctx.template, feeds)
     residuals, prior_residuals, rows = [], [], 0
-    for index, site in enumerate(ordered):
-        match: PatternMatch = site.data
-        weight, bias = compose_mbconv(match)
-        follower = _follower(graph, match) if options.refit_project else (None, None)
-        if fitting:
-            fit = ls.fit_conv(
-                to_model(graph.copy(), ctx.template),
-                match.expand.conv.inputs[0].name,
-                reference,
-                _target(match).name,
-                _geometry(match.depthwise.conv, weight.shape),
-                weight,
-                bias,
-                feeds,
-                options.lambda_,
-                (ctx.seed, index),
-            )
-            weight, bias = fit.weight, fit.bias
-            residuals.append(fit.residual)
-            prior_residuals.append(fit.prior_residual)
-            rows = max(rows, fit.rows)
-        _write_fused(graph, match, weight, bias)
-        if options.refit_project:
-            conv, reason = follower
-            if conv is not None and id(conv) in expands:
-                continue  # the next block's expand conv (PP-LCNet): its own site replaces it
-            if conv is None:
-                where = match.depthwise.name
-                ctx.warnings.append(f"fuse-ibn{{mode=mbconv}}: refit_project skipped at {where}: {reason}")
-                continue
-            _refit(graph, conv, reference, feeds, ctx, options.lambda_, (ctx.seed, index, 1))
+    for key in sorted(targets, key=at):
+        index, follower = key
+        node = followers[index] if follower else ordered[index].expand.conv
+        source = node.inputs[0].name
+        inputs = [values[source] for values in run.advance(node)]
+        if follower:
+            weight = const_value(node.inputs[1])
+            fit = ls.fit_conv_rows(inputs, targets[key], source, _geometry(node, weight.shape),
+                                   weight.astype(np.float64), _conv_bias(node, weight.shape[0]), options.lambda_)
+            set_weights(graph, node, fit.weight, fit.bias)
             stats["refitted"] += 1
-    if fitting and ordered:
+            continue
+        match, (weight, bias) = ordered[index], composed[index]
+        fit = ls.fit_conv_rows(inputs, targets[key], source, _geometry(match.depthwise.conv, weight.shape), weight,
+                               bias, options.lambda_)  # fmt: skip
+        _write_fused(graph, match, fit.weight, fit.bias)
+        run.rewritten()
+        residuals.append(fit.residual)
+        prior_residuals.append(fit.prior_residual)
+        rows = max(rows, fit.rows)
+    if ordered:
         stats.update(
             calibration_samples=float(len(feeds)),
             fit_rows=float(rows),
@@ -432,6 +427,21 @@ def apply_mbconv(graph: gs.Graph, sites: list[Site], ctx: PassContext, options: 
             compose_residual_max=max(prior_residuals),  # the same for plain weight composition
         )
     return stats
+
+
+def _followers(graph: gs.Graph, ordered: list[PatternMatch], ctx: PassContext) -> dict[int, gs.Node]:
+    """Site index → the conv refit_project refits after it; a warning for each site without one."""
+    expands = {id(match.expand.conv) for match in ordered}
+    followers = {}
+    for index, match in enumerate(ordered):
+        conv, reason = _follower(graph, match)
+        if conv is not None and id(conv) in expands:
+            continue  # the next block's expand conv (PP-LCNet): its own site replaces it
+        if conv is None:
+            ctx.warnings.append(f"fuse-ibn{{mode=mbconv}}: refit_project skipped at {match.depthwise.name}: {reason}")
+            continue
+        followers[index] = conv
+    return followers
 
 
 # -- the pass -----------------------------------------------------------------------------------------
