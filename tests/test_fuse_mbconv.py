@@ -398,3 +398,26 @@ def test_sequential_calibration_fits_as_fresh_runs_do(pipeline, monkeypatch):
     got, want = weights(sequential), weights(fresh)
     assert got.keys() == want.keys() and any("refit" in n or "fused" in n for n in got)
     assert max(float(np.max(np.abs(got[n] - want[n]), initial=0.0)) for n in got) <= 1e-5
+
+
+def test_positions_option_samples_that_many_positions_per_image():
+    """positions=N: each fit samples N output positions per calibration image (every one when fewer),
+    seeded, so the same N gives the same model; 0 (the default) keeps the default rows."""
+    from hwnas.models import build
+
+    model = build("mobilenetv2", width=0.35, resolution=64)
+    calib = {model.graph.input[0].name: np.random.default_rng(3).normal(size=(3, 3, 64, 64)).astype(np.float32)}
+    default = mbconv(model, calibration=calib)
+    few = mbconv(model, "fuse-ibn{mode=mbconv,positions=16}", calibration=calib)
+    again = mbconv(model, "fuse-ibn{mode=mbconv,positions=16}", calibration=calib)
+    assert few.records[0].stats["fit_rows"] == 3 * 16 < default.records[0].stats["fit_rows"]
+    weights = [[numpy_helper.to_array(t) for t in r.model.graph.initializer] for r in (few, again, default)]
+    assert all(np.array_equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[0], weights[2]))
+    pruned = api.run(model, "scale-depth{multiplier=0.5,round_to=4,positions=16}", calibration=calib, allow_drift=10.0)
+    assert pruned.records[0].stats["consumers_refitted"] > 0
+    bad_specs = ("fuse-ibn{mode=mbconv,positions=-1}", "fuse-ibn{positions=16}", "scale-depth{positions=-2}",
+                 "align-channels{positions=16}", "align-channels{mode=trim,positions=-1}")
+    for bad in bad_specs:
+        with pytest.raises(BadInputError, match="positions"):
+            parse_pipeline(bad)

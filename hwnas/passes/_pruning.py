@@ -60,7 +60,9 @@ fits are the same as refitting each consumer on a fresh run of the pruned prefix
 numbers: bitwise on the zoo models), at O(layers) forward work instead of O(layers²).
 
 Calibration: the pipeline's calibration samples (at most the first 32), or else 8 seeded
-standard-normal samples at the analysis shapes, with a warning.
+standard-normal samples at the analysis shapes, with a warning. A conv refit's rows are
+`_reconstruct.fit_rows` output positions spread over the samples, or N per image with the passes'
+`positions=N` option (`PruneSettings.positions`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class PruneSettings:
     owner: str  # the pass spec, for warnings
     importance: str = "activation"
     refit: bool = True
+    positions: int = 0  # a conv refit's positions per image (0: the default rows, `_reconstruct.fit_rows`)
 
 
 # -- sites --------------------------------------------------------------------------------------------
@@ -359,11 +362,13 @@ def _features(conv: gs.Node) -> int:
     return int(np.prod(const_value(conv.inputs[1]).shape[1:]))
 
 
-def fit_targets(consumers: Sequence[gs.Node], out_keep: Mapping[str, np.ndarray], seed: int) -> list[ls.TargetRows]:
+def fit_targets(
+    consumers: Sequence[gs.Node], out_keep: Mapping[str, np.ndarray], seed: int, positions: int
+) -> list[ls.TargetRows]:
     """Each consumer's fit target: its output, its kept channels, its rows seeded by its index in graph order."""
     return [
         ls.TargetRows(n.outputs[0].name, _features(n) + 1 if n.op == "Conv" else None, (seed, i),
-                      out_keep.get(n.outputs[0].name))
+                      out_keep.get(n.outputs[0].name), positions)
         for i, n in enumerate(consumers)
     ]  # fmt: skip
 
@@ -414,16 +419,18 @@ def refit_consumers(
     reference: onnx.ModelProto,
     feeds: Feeds,
     ctx: PassContext,
+    positions: int = 0,
 ) -> list[Refit]:
     """Refit each consumer in graph order, reading the pruned graph as it is then (module docstring), in
     one sequential pass: the original runs once per sample for every consumer's targets, and the pruned
     graph runs segment by segment up to each consumer after the ones before it were refitted.
 
-    `out_keep`: output tensor → the kept channels, for consumers whose own output group was pruned."""
+    `out_keep`: output tensor → the kept channels, for consumers whose own output group was pruned.
+    `positions`: a conv's output positions sampled per image (0: `_reconstruct.fit_rows` spread over the samples)."""
     stable_toposort(graph)
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ordered = sorted(consumers, key=lambda n: position[id(n)])
-    targets = fit_targets(ordered, out_keep, ctx.seed)
+    targets = fit_targets(ordered, out_keep, ctx.seed, positions)
     ls.reference_rows(reference, targets, feeds)
     pruned = ls.SequentialRun(graph, ctx.template, feeds)
     done = []
@@ -469,7 +476,8 @@ def prune(graph: gs.Graph, prunings: Sequence[Pruning], ctx: PassContext, settin
     }
     if settings.refit and readers:
         out_keep = {m: keep[p.group.id] for p in prunings for m in p.group.members}
-        refits = refit_consumers(graph, [nodes[r] for r in readers], out_keep, reference, feeds, ctx)
+        refits = refit_consumers(graph, [nodes[r] for r in readers], out_keep, reference, feeds, ctx,
+                                 settings.positions)
         stats.update(
             consumers_refitted=float(len(refits)),
             calibration_samples=float(len(feeds)),

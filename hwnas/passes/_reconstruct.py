@@ -28,7 +28,9 @@ squares, λ → ∞ keeps W₀. The design matrix is the same for every output c
 serves all of them; the right-hand sides are solved a group of output channels at a time.
 
 Rows are a random subset of output positions (seeded), spread evenly over the calibration samples:
-`fit_rows(F)` of them, i.e. 4·F clamped to [8192, 32768], or every position when there are fewer.
+`fit_rows(F)` of them, i.e. 4·F clamped to [8192, 32768], or every position when there are fewer. A
+pass's `positions=N` option samples N positions per image instead (He et al. 2017 sample a few per
+image): fewer rows cost less im2col and AᵀA work; the forward runs are the same.
 """
 
 from __future__ import annotations
@@ -43,12 +45,24 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from hwnas.errors import BadInputError
 from hwnas.graph.session import make_session
 
 MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
 MAX_FEATURES = 8192  # F above this: the normal matrix alone would exceed 512 MiB (float64)
 _CHUNK_ROWS = 2048  # rows turned into float64 and multiplied at once
 _SOLVE_GROUP = 256  # output channels solved per right-hand-side group
+
+
+POSITIONS_DOC = (
+    "output positions per calibration image each conv fit samples (0: 4·F rows per fit, F = weights per "
+    "output channel, clamped to 8192..32768, spread over the samples)"
+)
+
+
+def check_positions(owner: str, positions: int) -> None:
+    if positions < 0:
+        raise BadInputError(f"pass '{owner}': option positions={positions} must be >= 0")
 
 
 def fit_rows(features: int) -> int:
@@ -285,6 +299,7 @@ class TargetRows:
     features: int | None
     seed: int | Sequence[int]
     keep: np.ndarray | None = None  # match only these channels (the fitted op's outputs were pruned)
+    positions: int = 0  # a conv's positions sampled per image; 0: `fit_rows(features)` spread over the samples
     per_sample: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=list)
 
 
@@ -299,7 +314,7 @@ def reference_rows(reference: onnx.ModelProto, targets: Sequence[TargetRows], fe
             if target.features is None:
                 target.per_sample.append([(np.empty(0), np.empty(0), y)])
                 continue
-            per_sample = math.ceil(fit_rows(target.features) / max(len(feeds), 1))
+            per_sample = target.positions or math.ceil(fit_rows(target.features) / max(len(feeds), 1))
             images = []
             for yi in y:  # one image of the batch at a time
                 rows, cols = sample_positions(*yi.shape[1:], per_sample, rng)

@@ -57,6 +57,7 @@ from hwnas.graph.channels import ChannelGroup, ChannelParam, Segment, analyze_ch
 from hwnas.graph.gsgraph import to_model
 from hwnas.graph.shapes import tensor_shapes
 from hwnas.passes import _pruning
+from hwnas.passes._reconstruct import POSITIONS_DOC, check_positions
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
 from hwnas.passes.registry import register_pass
 
@@ -70,6 +71,12 @@ class AlignOptions:
         "on calibration data (reconstructed)",
         choices=("pad", "trim"),
     )
+    positions: int = option(0, f"mode=trim: {POSITIONS_DOC}")
+
+    def __post_init__(self):
+        if self.positions and self.mode != "trim":
+            raise BadInputError("pass 'align-channels': option positions applies to mode=trim only")
+        check_positions("align-channels", self.positions)
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,7 @@ class AlignChannels(Pass):
 
     def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
         if self.options.mode == "trim":
-            settings = _pruning.PruneSettings(owner=f"{self.name}{{mode=trim}}")
+            settings = _pruning.PruneSettings(owner=f"{self.name}{{mode=trim}}", positions=self.options.positions)
             stats = _pruning.prune(graph, [site.data for site in sites], ctx, settings)
             return PassResult(graph, bool(sites), stats)
         plain = [site.data.group for site in sites]

@@ -56,9 +56,10 @@ when every site ran the network prefix afresh (same fits, bitwise on the zoo mod
 forward work instead of O(layers²). Memory: the tensors the not-yet-run part still reads, per sample,
 and each fit's sampled target rows until it is solved: each sample contributes its share of 4·F rows
 (F = C_in·K² + 1, clamped to 8192..32768; every position when there are fewer) drawn uniformly from
-its output positions, accumulated into AᵀA (F × F) and AᵀY (F × C_exp) at once; one
-factorisation then serves all output channels, solved in groups of 256. Statistics: `fit_residual_max`
-and `compose_residual_max`, ‖A·θ − t‖²/‖t‖² on the fitted rows at the worst site, fitted and composed.
+its output positions (`positions=N`: N per image instead), accumulated into AᵀA (F × F) and
+AᵀY (F × C_exp) at once; one factorisation then serves all output channels, solved in groups of 256.
+Statistics: `fit_residual_max` and `compose_residual_max`, ‖A·θ − t‖²/‖t‖² on the fitted rows at the
+worst site, fitted and composed.
 
 Skipped, beyond the finder's reasons: an expand conv with strides or pads, a conv that is not 2-D, and
 a fused conv with C_in·K² + 1 > 8192 weights per output channel (the normal matrix would pass 512 MiB).
@@ -389,10 +390,11 @@ def apply_mbconv(graph: gs.Graph, sites: list[Site], ctx: PassContext, options: 
     followers = _followers(graph, ordered, ctx) if options.refit_project else {}
     reference = to_model(graph.copy(), ctx.template)  # the function to keep
     # what each fit matches, drawn from one run of the reference: site i's t, then its follower's output
-    targets = {(i, 0): ls.TargetRows(_target(m).name, int(np.prod(w.shape[1:])) + 1, (ctx.seed, i))
+    n = options.positions
+    targets = {(i, 0): ls.TargetRows(_target(m).name, int(np.prod(w.shape[1:])) + 1, (ctx.seed, i), positions=n)
                for i, (m, (w, _)) in enumerate(zip(ordered, composed))}  # fmt: skip
     targets.update({(i, 1): ls.TargetRows(c.outputs[0].name, int(np.prod(const_value(c.inputs[1]).shape[1:])) + 1,
-                                          (ctx.seed, i, 1)) for i, c in followers.items()})  # fmt: skip
+                                          (ctx.seed, i, 1), positions=n) for i, c in followers.items()})  # fmt: skip
     ls.reference_rows(reference, list(targets.values()), feeds)
     # one sequential run in graph order: each fit reads the graph with everything upstream of it already
     # fused or refitted, as fitting site by site (each site, then its follower) on a fresh run would
@@ -482,10 +484,15 @@ class FuseIbnOptions:
     lambda_: float = option(
         DEFAULT_RIDGE, "mode=mbconv: ridge strength λ towards the composed weights, relative to mean diag(AᵀA)"
     )
+    positions: int = option(0, f"mode=mbconv: {ls.POSITIONS_DOC}")
 
     def __post_init__(self):
-        if self.mode != "mbconv" and (self.fit != "ls" or self.refit_project or self.lambda_ != DEFAULT_RIDGE):
-            raise BadInputError("pass 'fuse-ibn': options fit, refit_project and lambda apply to mode=mbconv only")
+        fitting_options = self.fit != "ls" or self.refit_project or self.lambda_ != DEFAULT_RIDGE or self.positions
+        if self.mode != "mbconv" and fitting_options:
+            raise BadInputError(
+                "pass 'fuse-ibn': options fit, refit_project, lambda and positions apply to mode=mbconv only"
+            )
+        ls.check_positions("fuse-ibn", self.positions)
         if self.lambda_ < 0:
             raise BadInputError(f"pass 'fuse-ibn': lambda={self.lambda_} must be >= 0")
         if self.refit_project and self.fit != "ls":

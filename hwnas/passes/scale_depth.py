@@ -26,6 +26,9 @@ consumer, and the refit are `hwnas.passes._pruning`'s.
 `refit=false` removes the same channels without refitting (plain truncation: lossy, the naive
 baseline). Groups are pruned together and the consumers refitted in graph order, each against the
 original model's output and reading the pruned model's input, so errors do not compound.
+`positions=N` samples N output positions per calibration image for each conv refit instead of the
+default rows (`hwnas.passes._reconstruct`): faster, and the same drift while N·samples stays near the
+default's 4·F rows (measured in the `positions` note of docs/design.md).
 
 Sites are the plain channel groups (concatenated groups follow their segments) in graph order; blocked
 groups and groups whose consumers cannot be refitted are sites with their reason. `sites=` selects
@@ -43,6 +46,7 @@ import onnx_graphsurgeon as gs
 from hwnas.errors import BadInputError
 from hwnas.graph.channels import ChannelGroup
 from hwnas.passes import _pruning
+from hwnas.passes._reconstruct import POSITIONS_DOC, check_positions
 from hwnas.passes.align_channels import channel_groups
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
 from hwnas.passes.registry import register_pass
@@ -65,12 +69,14 @@ class ScaleDepthOptions:
         _pruning.IMPORTANCE,
     )
     refit: bool = option(True, "refit the consumers by least squares (false: plain truncation, lossy)")
+    positions: int = option(0, POSITIONS_DOC)
 
     def __post_init__(self):
         if not 0 < self.multiplier <= 1:
             raise BadInputError(f"pass 'scale-depth': option multiplier={self.multiplier} must be in (0, 1]")
         if self.round_to < 1:
             raise BadInputError(f"pass 'scale-depth': option round_to={self.round_to} must be at least 1")
+        check_positions("scale-depth", self.positions)
 
 
 @register_pass
@@ -101,6 +107,6 @@ class ScaleDepth(Pass):
     def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
         o = self.options
         owner = f"{self.name}{{multiplier={o.multiplier},round_to={o.round_to}}}"
-        settings = _pruning.PruneSettings(owner, o.importance, o.refit)
+        settings = _pruning.PruneSettings(owner, o.importance, o.refit, o.positions)
         stats = _pruning.prune(graph, [site.data for site in sites], ctx, settings)
         return PassResult(graph, bool(sites), stats)
