@@ -25,7 +25,7 @@ The solve is ridge regression towards a prior (the weights we would use without 
 
 λ is relative to the mean diagonal of AᵀA, so one value suits layers of any scale: λ → 0 is plain least
 squares, λ → ∞ keeps W₀. The design matrix is the same for every output channel, so one factorisation
-serves all of them; the right-hand sides are solved a group of output channels at a time.
+serves all of them: every output channel is solved in one call (one LU factorisation).
 
 Rows are a random subset of output positions (seeded), spread evenly over the calibration samples:
 `fit_rows(F)` of them, i.e. 4·F clamped to [8192, 32768], or every position when there are fewer. A
@@ -51,7 +51,6 @@ from hwnas.graph.session import make_session
 MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
 MAX_FEATURES = 8192  # F above this: the normal matrix alone would exceed 512 MiB (float64)
 _CHUNK_ROWS = 2048  # rows turned into float64 and multiplied at once
-_SOLVE_GROUP = 256  # output channels solved per right-hand-side group
 
 
 POSITIONS_DOC = (
@@ -233,13 +232,11 @@ class NormalEquations:
         kept = slice(None) if bias else slice(0, -1)
         system = self.gram[kept, kept] + mu * np.eye(len(self.gram[kept]))
         theta = np.zeros_like(self.cross)
-        for start in range(0, theta.shape[1], _SOLVE_GROUP):
-            group = slice(start, start + _SOLVE_GROUP)
-            rhs = self.cross[kept, group] + mu * prior[kept, group]
-            try:
-                theta[kept, group] = np.linalg.solve(system, rhs)
-            except np.linalg.LinAlgError:  # singular even with the ridge (ridge=0, too few rows)
-                theta[kept, group] = np.linalg.lstsq(system, rhs, rcond=None)[0]
+        rhs = self.cross[kept] + mu * prior[kept]
+        try:  # every output channel in one call: one factorisation, not one per group of channels
+            theta[kept] = np.linalg.solve(system, rhs)
+        except np.linalg.LinAlgError:  # singular even with the ridge (ridge=0, too few rows)
+            theta[kept] = np.linalg.lstsq(system, rhs, rcond=None)[0]
         return theta
 
 

@@ -57,7 +57,7 @@ forward work instead of O(layers²). Memory: the tensors the not-yet-run part st
 and each fit's sampled target rows until it is solved: each sample contributes its share of 4·F rows
 (F = C_in·K² + 1, clamped to 8192..32768; every position when there are fewer) drawn uniformly from
 its output positions (`positions=N`: N per image instead), accumulated into AᵀA (F × F) and
-AᵀY (F × C_exp) at once; one factorisation then serves all output channels, solved in groups of 256.
+AᵀY (F × C_exp) at once; one factorisation then serves all output channels.
 Statistics: `fit_residual_max` and `compose_residual_max`, ‖A·θ − t‖²/‖t‖² on the fitted rows at the
 worst site, fitted and composed.
 
