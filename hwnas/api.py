@@ -37,7 +37,7 @@ from hwnas.passes.quantize import quantize_model
 from hwnas.targets import Target, get_target
 from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify_equivalence
 from hwnas.verify.fidelity import FidelityReport
-from hwnas.verify.calibration import held_out_feeds
+from hwnas.verify.calibration import CalibrationSplit, held_out_feeds, split_calibration
 
 # cosine ≥ −1 always holds: a model that will be trained must load and run in ORT; its function may change
 ANY_DRIFT = 2.0
@@ -56,9 +56,10 @@ class RunResult:
     optimized: ModelSummary
     verification: VerificationReport | None
     warnings: list[str] = field(default_factory=list)
-    # a result that is not exact: its drift against the original on the calibration inputs and, when
-    # given, on held-out inputs ("calibration", "holdout"), every sample and output
+    # a result that is not exact: its drift against the original on the held-back calibration samples
+    # and, when given, on held-out inputs ("calibration", "holdout"), every sample and output
     drift: dict[str, FidelityReport] = field(default_factory=dict)
+    calibration_split: CalibrationSplit | None = None  # which calibration samples fitted, which judged
 
     @property
     def verified(self) -> bool:
@@ -80,6 +81,7 @@ class RunResult:
             "verification": self.verification.to_dict() if self.verification else None,
             "verified": self.verified,
             "drift": {k: {"samples": _samples_of(v), **v.to_dict()} for k, v in self.drift.items()},
+            "calibration_split": self.calibration_split.to_dict() if self.calibration_split else None,
             "warnings": self.warnings,
         }
 
@@ -113,19 +115,25 @@ def run(
     nothing is a BadInputError unless `strict_sites=False` (pipelines the search compiled, recipes).
 
     A result that is not exact (reconstructed, or lossy: quantized) is never reported equivalent; its
-    `drift` is measured on every calibration sample and, when `holdout` inputs are given, on those
-    (cosine, max abs, top-1 agreement for class scores). The budget is judged on the calibration inputs.
+    `drift` is measured and the budget judged on the calibration samples the fits did not use: the last
+    quarter (at least one) is held back from least-squares fits and quantizer ranges (`split_calibration`;
+    with a single sample it is both). When `holdout` inputs are given, drift is measured on those too
+    (cosine, max abs, top-1 agreement for class scores). Exact results are checked on every sample.
     """
     original = as_model(model)
     pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     shapes = resolve_input_shapes(original, input_shapes)
-    ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=seed, dry_run=dry_run)
+    split = split_calibration(calibration) if calibration is not None else None
+    ctx = PassContext(template=original, input_shapes=shapes, calibration=split.fit if split else None, seed=seed,
+                      dry_run=dry_run)
     baseline = summarize(original, shapes)
 
     def check(candidate: onnx.ModelProto, exact: bool) -> VerificationReport:
-        # exact rewrites must hold at every size the original accepts; drift is judged on the calibration
-        # inputs only (random inputs at other sizes say nothing about a fitted model's fidelity)
-        return verify_equivalence(original, candidate, shapes, calibration, tolerance, seed, check_other_sizes=exact)
+        # exact rewrites must hold at every size the original accepts, on every sample; drift is judged on
+        # the held-back calibration samples only (random inputs at other sizes say nothing about a fitted
+        # model's fidelity, and the fitted samples flatter it)
+        feeds = calibration if exact or split is None else split.judge
+        return verify_equivalence(original, candidate, shapes, feeds, tolerance, seed, check_other_sizes=exact)
 
     def step_verifier(before, after, exactness: Exactness) -> VerificationOutcome:
         if exactness is Exactness.EXACT:
@@ -174,8 +182,9 @@ def run(
     if exactness is not Exactness.EXACT:
         report.equivalent = False  # whatever the tolerance says: the function was changed on purpose
         report.notes.append(f"a {exactness.value} result is judged by its drift, never reported equivalent")
-        feeds = calibration if calibration is not None else held_out_feeds(original, shapes, seed)
+        feeds = split.judge if split is not None else held_out_feeds(original, shapes, seed)
         result.drift["calibration"] = measure_fidelity(original, candidate, feeds)
+        result.calibration_split = split
         if holdout is not None:
             result.drift["holdout"] = measure_fidelity(original, candidate, holdout)
     outcome = _judge(report, exact=exactness is Exactness.EXACT, allow_drift=allow_drift)
@@ -462,6 +471,7 @@ def optimize(
             "float_input_side": next(r.stats.get("float_input_side", 0.0) for r in run_result.records
                                      if r.spec.startswith("quantize"))},
         "drift": run_result.to_dict()["drift"],
+        "calibration_split": run_result.to_dict()["calibration_split"],
         "deploy_check": None if deploy_check is None else {"target": deploy_check, **deployed},
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,

@@ -428,7 +428,8 @@ def test_positions_option_samples_that_many_positions_per_image():
     default = mbconv(model, calibration=calib)
     few = mbconv(model, "fuse-ibn{mode=mbconv,positions=16}", calibration=calib)
     again = mbconv(model, "fuse-ibn{mode=mbconv,positions=16}", calibration=calib)
-    assert few.records[0].stats["fit_rows"] == 3 * 16 < default.records[0].stats["fit_rows"]
+    # api.run fits on the first 2 of the 3 samples (the last is held back to judge drift on)
+    assert few.records[0].stats["fit_rows"] == 2 * 16 < default.records[0].stats["fit_rows"]
     weights = [[numpy_helper.to_array(t) for t in r.model.graph.initializer] for r in (few, again, default)]
     assert all(np.array_equal(a, b) for a, b in zip(weights[0], weights[1]))
     assert not all(np.array_equal(a, b) for a, b in zip(weights[0], weights[2]))

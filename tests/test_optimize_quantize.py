@@ -92,7 +92,8 @@ def test_candidates_with_one_float_graph_share_one_quantized_model(small_mnv2):
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(small_mnv2), ctx).graph
     evaluator = CandidateEvaluator(to_model(prepared.copy(), small_mnv2), prepared, ctx,
                                    estimator_for(get_target("npu-16x16")),
-                                   run_per_sample(make_session(small_mnv2), calibration), quantize="quantize{preset=npu}")
+                                   run_per_sample(make_session(small_mnv2), calibration), quantize="quantize{preset=npu}",
+                                   judge_feeds=calibration)
     first, phases = evaluator.evaluate_timed("")
     assert phases["quantize"] > 0 and not first.exact and first.drift > 0
     again = evaluator.evaluate_timed("eliminate-identity")  # changes nothing here: same float graph, no new quantizing

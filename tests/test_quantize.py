@@ -187,14 +187,16 @@ def test_a_node_without_a_qdq_form_is_not_excluded_from_what_preprocessing_makes
 def test_max_drift_keeps_the_input_side_float_until_the_drift_holds():
     from hwnas.graph.session import run_per_sample
     from hwnas.models import build
+    from hwnas.verify.calibration import split_calibration
     from hwnas.verify.equivalence import worst_sample_drift
 
     model = build("mobilenetv2", resolution=32, width=0.35)
     cal = {"input": np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)}
-    reference = run_per_sample(make_session(model), cal)
+    seen = split_calibration(cal).fit  # api.run gives passes the fitted samples; the pass judges its budget on them
+    reference = run_per_sample(make_session(model), seen)
 
     def drift(m: onnx.ModelProto) -> float:
-        return worst_sample_drift(reference, run_per_sample(make_session(m), cal), 4)
+        return worst_sample_drift(reference, run_per_sample(make_session(m), seen), len(seen["input"]))
 
     def quantized(pipeline: str):
         result = api.run(model, pipeline, calibration=cal, allow_drift=0.5)

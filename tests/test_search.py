@@ -172,7 +172,7 @@ def test_depth_scaled_graph_is_reused_and_scores_stay_the_same(small_mnv2):
 
     def evaluator():
         return CandidateEvaluator(to_model(prepared.copy(), small_mnv2), prepared, ctx,
-                                  estimator_for(get_target("npu-32x32")), reference)
+                                  estimator_for(get_target("npu-32x32")), reference, judge_feeds=calibration)
 
     scale = "scale-depth{multiplier=0.5,round_to=8}"
     pipelines = [scale, f"{scale},replace-conv{{mode=dense,sites=0}}"]

@@ -25,7 +25,8 @@ def _evaluator(model: onnx.ModelProto) -> CandidateEvaluator:
     calibration = random_calibration(model, shapes, samples=2, seed=0)
     ctx = PassContext(template=model, input_shapes=shapes, calibration=calibration)
     reference = run_per_sample(make_session(model), calibration)
-    return CandidateEvaluator(model, to_graph(model), ctx, estimator_for(get_target("npu-32x32")), reference)
+    return CandidateEvaluator(model, to_graph(model), ctx, estimator_for(get_target("npu-32x32")), reference,
+                              judge_feeds=calibration)
 
 
 def test_an_exact_candidate_that_changed_the_function_scores_its_measured_drift(monkeypatch):

@@ -91,3 +91,21 @@ def test_without_calibration_data_drift_is_judged_on_an_input_the_fits_never_saw
     assert any("no calibration data" in w for w in result.warnings)  # the refits ran on random samples
     fitted = random_calibration(mobilenet, resolve_input_shapes(mobilenet, None), 8, seed=0)["input"]
     assert judged and not any(np.array_equal(j, f) for j in judged for f in fitted)
+
+
+def test_drift_is_judged_on_calibration_samples_the_fits_did_not_use():
+    """Verification and the drift report used the same samples the least-squares fits were taken from,
+    which flatters a fitted model: the last quarter is now held back from fitting and judged alone."""
+    from hwnas.verify import measure_fidelity
+
+    model = build("mobilenetv2", resolution=64)
+    rng = np.random.default_rng(3)
+    calibration = {"input": rng.standard_normal((8, 3, 64, 64)).astype(np.float32)}
+    result = api.run(model, "fold-bn,scale-depth{multiplier=0.5}", calibration=calibration, allow_drift=0.9)
+    assert result.to_dict()["calibration_split"]["fitted"] == 6
+    assert result.calibration_split.held_back == 2
+    held_back = measure_fidelity(model, result.model, {"input": calibration["input"][6:]})
+    everything = measure_fidelity(model, result.model, calibration)
+    assert result.drift["calibration"].cosine == pytest.approx(held_back.cosine, abs=1e-7)
+    assert abs(held_back.cosine - everything.cosine) > 1e-6  # the two measures differ on this model
+    assert result.verification.outputs[0].cosine == pytest.approx(held_back.outputs[0].min_sample_cosine, abs=1e-6)

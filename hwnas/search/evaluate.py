@@ -98,12 +98,13 @@ class CandidateEvaluator:
     def __init__(self, base: onnx.ModelProto, graph: gs.Graph, ctx: PassContext, estimator: LatencyEstimator,
                  reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True,
                  quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True,
-                 quantize: str | None = None):
+                 quantize: str | None = None, judge_feeds: Mapping[str, np.ndarray] | None = None):
         self.base = base
         self.graph = graph
         self.ctx = ctx
         self.estimator = estimator
-        self.reference_outputs = reference_outputs
+        self.reference_outputs = reference_outputs  # the original's outputs on `judge_feeds`
+        self.judge_feeds = judge_feeds  # held-back calibration samples (the fits use ctx.calibration)
         self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
         self.quality = quality
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
@@ -175,12 +176,12 @@ class CandidateEvaluator:
         return self._quantized[key]
 
     def drift(self, model: onnx.ModelProto) -> float:
-        if self.reference_outputs is None or self.ctx.calibration is None:
+        if self.reference_outputs is None or self.judge_feeds is None:
             raise ValueError("reconstructed candidates need calibration data")
-        outputs = run_per_sample(make_session(model), self.ctx.calibration)
+        outputs = run_per_sample(make_session(model), self.judge_feeds)
         # the worst single sample of the worst output, as verification judges it: with a pooled cosine,
         # candidates within the budget by the search's measure failed verification
-        return worst_sample_drift(self.reference_outputs, outputs, len(next(iter(self.ctx.calibration.values()))))
+        return worst_sample_drift(self.reference_outputs, outputs, len(next(iter(self.judge_feeds.values()))))
 
 
 class Journal:

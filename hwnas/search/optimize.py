@@ -47,6 +47,7 @@ from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
 from hwnas.search.space import KEEP, PREFIX, SearchSpace, SpaceOptions, build_space
 from hwnas.targets.base import Target
+from hwnas.verify.calibration import split_calibration
 
 
 @dataclass(frozen=True)
@@ -260,14 +261,18 @@ def _npz_arrays(data: bytes) -> dict[str, np.ndarray]:
 def prepare(original: onnx.ModelProto, estimator: LatencyEstimator, shapes: Mapping[str, Shape], settings: SearchSettings,
             calibration: Mapping[str, np.ndarray] | None) -> tuple[gs.Graph, PassContext, CandidateEvaluator]:
     """The prepared graph (exact prefix applied), its pass context, and the evaluator that scores candidates on it."""
-    ctx = PassContext(template=original, input_shapes=shapes, calibration=calibration, seed=settings.seed)
+    # fits see the first samples, drift is judged on the held-back rest, as the final verification does
+    split = split_calibration(calibration) if calibration else None
+    ctx = PassContext(template=original, input_shapes=shapes, calibration=split.fit if split else None,
+                      seed=settings.seed)
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
     base = to_model(prepared.copy(), original)
-    reference = run_per_sample(make_session(original), calibration) if settings.limits.max_drift > 0 and calibration else None
+    judge = split.judge if split and settings.limits.max_drift > 0 else None
+    reference = run_per_sample(make_session(original), judge) if judge else None
     limits = settings.limits
     evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=_needs_memory(limits),
                                    quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot",
-                                   quantize=settings.quantize)
+                                   quantize=settings.quantize, judge_feeds=judge)
     return prepared, ctx, evaluator
 
 

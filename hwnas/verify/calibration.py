@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,31 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 def held_out_feeds(model: onnx.ModelProto, shapes: Mapping[str, Shape], seed: int) -> dict[str, np.ndarray]:
     """The seeded random input verification and drift use without calibration data: not a fitting sample."""
     return random_feeds(model, shapes, seed + HELD_OUT_SEED_OFFSET)
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """The samples least-squares fits and quantizer ranges are taken from, and the held-back ones a
+    changed function's drift is judged on: a fit judged on its own samples looks better than it is."""
+
+    fit: dict[str, np.ndarray]
+    judge: dict[str, np.ndarray]
+    held_back: int  # 0: a single sample, fitted and judged both
+
+    def to_dict(self) -> dict:
+        return {"fitted": len(next(iter(self.fit.values()))), "held_back": self.held_back,
+                "drift_judged_on": "held-back samples" if self.held_back else "the fitted sample (only one given)"}
+
+
+def split_calibration(calibration: Mapping[str, np.ndarray]) -> CalibrationSplit:
+    """The last quarter of the samples (at least one, of two or more) held back from fitting."""
+    count = len(next(iter(calibration.values())))
+    held = max(1, count // 4) if count > 1 else 0
+    if not held:
+        return CalibrationSplit(dict(calibration), dict(calibration), 0)
+    cut = count - held
+    return CalibrationSplit({k: v[:cut] for k, v in calibration.items()},
+                            {k: v[cut:] for k, v in calibration.items()}, held)
 
 
 def check_one_sample_per_run(model: onnx.ModelProto) -> None:
