@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--passes", help="pipeline, e.g. 'fold-bn,fold-constants'")
     r.add_argument("--recipe", help="a recipe from 'hwnas optimize --recipe-out' (replayed, or transferred to this model)")
     _add_shape_args(r)
-    r.add_argument("--calib", help="calibration/verification inputs (.npz, one array per input, samples first)")
+    r.add_argument("--calib", help="calibration inputs (.npz, one array per input, samples first): fits use the first "
+                   "three quarters, drift is judged on the held-back rest")
     r.add_argument("--holdout", metavar="NPZ", help="held-out inputs (.npz): a result that is not exact also gets "
                    "its drift on them (cosine, max abs, top-1 agreement)")
     r.add_argument("--rtol", type=float, default=Tolerance.rtol, help=f"relative tolerance (default {Tolerance.rtol:g})")
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = o.add_mutually_exclusive_group()
     mode.add_argument("--exact", action="store_true", help="only exact passes (the default)")
     mode.add_argument("--max-drift", type=float, metavar="X", help="allow reconstructed passes while output cosine >= 1 - X")
-    o.add_argument("--calib", help="calibration inputs (.npz) for reconstructed passes and drift")
+    o.add_argument("--calib", help="calibration inputs (.npz) for reconstructed passes (the first three quarters) "
+                   "and drift (the held-back last quarter)")
     o.add_argument("--holdout", metavar="NPZ", help="held-out inputs (.npz, never used by the search): the chosen "
                    "model's drift on them (cosine, top-1 agreement) goes into the report")
     o.add_argument("--quantize", choices=("int8",), help="score every candidate as the int8 model it becomes and write "
