@@ -8,14 +8,10 @@ The functions and result types here are `hwnas.api`'s (docs/api.md). They are im
 so `import hwnas` (and with it `hwnas --help`) does not load ONNX Runtime and the estimators.
 """
 
-from importlib import import_module, metadata
+from importlib import import_module
 
 from hwnas.errors import BadInputError, CheckFailedError, HwnasError
-
-try:
-    __version__ = metadata.version("hwnas")
-except metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
-    __version__ = "0+unknown"
+from hwnas.version import __version__
 
 # name -> the module that defines it (hwnas.api imports the others from where they live)
 _LAZY = {

@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("targets", ("hwnas.targets",)),
     ("verify", ("hwnas.verify",)),
     # the bottom floor: model files, graphs, shapes, ORT sessions; JSON files; errors; the model zoo's builders
-    ("graph", ("hwnas.graph", "hwnas.errors", "hwnas.report", "hwnas.report.json_report", "hwnas.models")),
+    ("graph", ("hwnas.graph", "hwnas.errors", "hwnas.version", "hwnas.report", "hwnas.report.json_report",
+               "hwnas.models")),
 ]
 
 

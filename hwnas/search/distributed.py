@@ -61,7 +61,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.study import StudyDirection
 from optuna.trial import TrialState, create_trial
 
-from hwnas import __version__
+from hwnas.version import __version__
 from hwnas.errors import BadInputError
 from hwnas.search.evaluate import Score
 

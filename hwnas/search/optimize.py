@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from hwnas import __version__ as HWNAS_VERSION
+from hwnas.version import __version__ as HWNAS_VERSION
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.graph.gsgraph import to_graph, to_model
