@@ -227,9 +227,15 @@ def _static_tensors(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(static)
 
 
+_MAX_VALUE_ELEMENTS = 64  # the constants patterns compare (scalars, axes, epsilons) are this small
+
+
 def _folded_constants(model: onnx.ModelProto) -> tuple[frozenset[str], dict[str, np.ndarray]]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    folded = set(values)
+    """The tensors computable from constants alone, and the values of the small ones (weights are not read:
+    a large model's external data stays on disk)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= _MAX_VALUE_ELEMENTS}
+    folded = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in _ONNX_DOMAINS and node.attribute:
             if node.attribute[0].name == "value":
