@@ -449,6 +449,7 @@ def optimize(
     optimized_estimate = estimate(run_result.model, the_target, input_shapes=shapes, estimator=latency_model)
     recipe = make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(original), the_target.name)
     reduction = 1 - optimized_estimate.latency_ms / baseline_estimate.latency_ms if baseline_estimate.latency_ms else 0.0
+    run_dict = run_result.to_dict()
     report = {
         "target": the_target.name,
         "target_config": the_target.describe(),
@@ -470,8 +471,8 @@ def optimize(
             "latency_scored_as": "the int8 graph",
             "float_input_side": next(r.stats.get("float_input_side", 0.0) for r in run_result.records
                                      if r.spec.startswith("quantize"))},
-        "drift": run_result.to_dict()["drift"],
-        "calibration_split": run_result.to_dict()["calibration_split"],
+        "drift": run_dict["drift"],
+        "calibration_split": run_dict["calibration_split"],
         "deploy_check": None if deploy_check is None else {"target": deploy_check, **deployed},
         "search": {
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,

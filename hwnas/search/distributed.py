@@ -203,10 +203,11 @@ def _join(storage, study_name: str | None, wait: bool, built_here: bool) -> tupl
                 if built_here or _SPEC in storage.get_study_user_attrs(study_id):
                     return study_id, study_name
         else:
-            open_studies = [s for s in storage.get_all_studies() if _SPEC in s.user_attrs and not s.user_attrs.get(_CLOSED)]
-            if open_studies:
-                newest = max(open_studies, key=lambda s: s._study_id)
-                return newest._study_id, newest.study_name
+            open_names = [s.study_name for s in storage.get_all_studies()
+                          if _SPEC in s.user_attrs and not s.user_attrs.get(_CLOSED)]
+            if open_names:  # the newest: ids grow (FrozenStudy's own id is private to Optuna)
+                newest_id, newest_name = max((storage.get_study_id_from_name(n), n) for n in open_names)
+                return newest_id, newest_name
         if not wait:
             return None, ""
         time.sleep(idle)

@@ -2,8 +2,9 @@
 
 Latency comes from the target's subgraph estimator (never from deploying the candidate). In a search
 with a drift budget every candidate, exact ones included (their label is not taken on trust), is run in
-ONNX Runtime on the calibration inputs and compared with the original's outputs: drift = 1 − the
-smallest cosine of any output on any single sample (the measure verification judges by). An exact-only search scores drift 0 without running anything: its winner is
+ONNX Runtime on the held-back calibration samples (the fits never see them) and compared with the
+original's outputs: drift = 1 − the smallest cosine of any output on any single sample (the measure
+verification judges by). An exact-only search scores drift 0 without running anything: its winner is
 verified at the tolerance with ONNX Runtime before it is written.
 
 Candidates that will be quantized (`optimize --quantize int8`) are scored as what they become: each is
@@ -88,6 +89,15 @@ def _phases(marks: list[float]) -> dict[str, float]:
     return {phase: end - begin for phase, begin, end in zip(PHASES, marks, ends)}
 
 
+def _bounded(cache: dict, key: str, limit: int, make: Callable[[], object]):
+    """`cache[key]`, made on a miss; the oldest entry goes when `limit` entries are held."""
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
+
+
 def fingerprint(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
 
@@ -127,11 +137,8 @@ class CandidateEvaluator:
         key = str(spec)
         self.cache_use["depth_cache_lookups"] += 1
         self.cache_use["depth_cache_hits"] += key in self._scaled
-        if key not in self._scaled:
-            if len(self._scaled) >= _SCALED_CACHE:
-                self._scaled.pop(next(iter(self._scaled)))
-            self._scaled[key] = PassManager(Pipeline((spec,)), in_place=True).run(self.graph.copy(), self.ctx)
-        return self._scaled[key]
+        return _bounded(self._scaled, key, _SCALED_CACHE,
+                        lambda: PassManager(Pipeline((spec,)), in_place=True).run(self.graph.copy(), self.ctx))
 
     def evaluate(self, pipeline: str) -> Score:
         return self.evaluate_timed(pipeline)[0]
@@ -167,13 +174,11 @@ class CandidateEvaluator:
 
     def quantized(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` after the quantize step, as the winner is written (cached by the float graph's bytes)."""
-        key = fingerprint(model)
-        if key not in self._quantized:
-            if len(self._quantized) >= _QUANTIZED_CACHE:
-                self._quantized.pop(next(iter(self._quantized)))
+        def quantize() -> onnx.ModelProto:
             done = PassManager(parse_pipeline(self.quantize), in_place=True).run(to_graph(model), self.ctx)
-            self._quantized[key] = to_model(done.graph, self.base)
-        return self._quantized[key]
+            return to_model(done.graph, self.base)
+
+        return _bounded(self._quantized, fingerprint(model), _QUANTIZED_CACHE, quantize)
 
     def drift(self, model: onnx.ModelProto) -> float:
         if self.reference_outputs is None or self.judge_feeds is None:
