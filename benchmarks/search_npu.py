@@ -83,6 +83,7 @@ from hwnas.search.optimize import expert_candidate, expert_seeds
 from hwnas.search.space import CURATED_MULTIPLIERS, KEEP, PREFIX, SpaceOptions, build_space
 from hwnas.targets import get_target
 from hwnas.verify import random_calibration, verify_equivalence
+from hwnas.verify.policy import Drift
 
 TARGETS = ("npu-32x32", "npu-16x16")
 MODELS = ("ibn-detector", "mobilenetv2", "segmenter")
@@ -906,8 +907,9 @@ def drift_search_markdown(runs: Runs, s: Settings, numbers: Numbers) -> str:
             prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(model), ctx).graph
             space = build_space(prepared, ctx, SpaceOptions(the_target.parallelism_factor, True, allow_reconstructed=True))
             evaluator = CandidateEvaluator(to_model(prepared.copy(), model), prepared, ctx, estimator_for(the_target),
-                                           run_per_sample(make_session(model), calib), count_memory=False)
-            limits = Limits(max_drift=s.drift_budget)
+                                           run_per_sample(make_session(model), calib), count_memory=False,
+                                           judge_feeds=calib, fidelity=Drift(s.drift_budget))
+            limits = Limits(evaluator.fidelity)
             scores: dict[str, Score] = {}
             seconds: dict[str, float] = {}
 

@@ -31,16 +31,14 @@ from hwnas.graph.io import ModelLike, as_model
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.graph.summary import ModelSummary, summarize
 from hwnas.passes.base import Exactness, PassContext
-from hwnas.passes.manager import PassManager, PassRecord, VerificationOutcome
+from hwnas.passes.manager import PassManager, PassRecord
 from hwnas.passes.pipeline import Pipeline, parse_pipeline
 from hwnas.passes.quantize import quantize_model
 from hwnas.targets import Target, get_target
 from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify_equivalence
 from hwnas.verify.fidelity import FidelityReport
 from hwnas.verify.calibration import CalibrationSplit, held_out_feeds, split_calibration
-
-# cosine ≥ −1 always holds: a model that will be trained must load and run in ORT; its function may change
-ANY_DRIFT = 2.0
+from hwnas.verify.policy import Drift, Exact, Fidelity, Retrain, Verdict
 
 
 @dataclass
@@ -56,6 +54,7 @@ class RunResult:
     optimized: ModelSummary
     verification: VerificationReport | None
     warnings: list[str] = field(default_factory=list)
+    verdict: Verdict | None = None  # the policy's verdict on `verification` (hwnas.verify.policy)
     # a result that is not exact: its drift against the original on the held-back calibration samples
     # and, when given, on held-out inputs ("calibration", "holdout"), every sample and output
     drift: dict[str, FidelityReport] = field(default_factory=dict)
@@ -63,11 +62,9 @@ class RunResult:
 
     @property
     def verified(self) -> bool:
-        """ONNX Runtime checked the result: equivalent (exact pipelines) or within the drift budget
-        (reconstructed ones: `run` raises when the drift is over it)."""
-        if self.verification is None:
-            return False
-        return self.verification.equivalent or self.exactness is not Exactness.EXACT
+        """ONNX Runtime checked the result's function: equivalent (exact results) or within the drift budget
+        (`run` raises when it is not). Not for a Retrain policy, which only checks that ORT runs the model."""
+        return self.verdict is not None and self.verdict.ok and self.verdict.function_checked
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +96,7 @@ def run(
     holdout: Mapping[str, np.ndarray] | None = None,
     tolerance: Tolerance = Tolerance(),
     allow_drift: float | None = None,
+    fidelity: Fidelity | None = None,
     disabled: Iterable[str] = (),
     verify: bool = True,
     verify_each: bool = False,
@@ -109,10 +107,14 @@ def run(
 ) -> RunResult:
     """Apply a pipeline and check the result with ONNX Runtime.
 
-    An exact pipeline must be equivalent at the tolerance; a reconstructed one must keep every output's
-    cosine ≥ 1 − allow_drift. Otherwise CheckFailedError names the first pass that broke it. With
-    `verify=False` the model is returned unchecked and a warning says so. A `sites=` selector that picks
-    nothing is a BadInputError unless `strict_sites=False` (pipelines the search compiled, recipes).
+    `fidelity` (hwnas.verify.policy) judges a result that is not exact: `Drift(X)` keeps every output's
+    cosine ≥ 1 − X on every held-back sample, `Retrain()` only needs ORT to run it; `allow_drift=X` is
+    short for `fidelity=Drift(X)`. With neither (`Exact(tolerance)`) a pipeline that changes the function
+    is a BadInputError. An exact result, and each exact step of a pipeline that also changes the function,
+    is judged Exact at the tolerance whatever the policy. A failed verdict is a CheckFailedError naming
+    the first pass that broke the model. With `verify=False` the model is returned unchecked and a
+    warning says so. A `sites=` selector that picks nothing is a BadInputError unless
+    `strict_sites=False` (pipelines the search compiled, recipes).
 
     A result that is not exact (reconstructed, or lossy: quantized) is never reported equivalent; its
     `drift` is measured and the budget judged on the calibration samples the fits did not use: the last
@@ -120,6 +122,10 @@ def run(
     with a single sample it is both). When `holdout` inputs are given, drift is measured on those too
     (cosine, max abs, top-1 agreement for class scores). Exact results are checked on every sample.
     """
+    if fidelity is not None and allow_drift is not None:
+        raise BadInputError("give the fidelity policy or allow_drift (short for Drift(allow_drift)), not both")
+    policy = fidelity if fidelity is not None else Drift(allow_drift) if allow_drift is not None else Exact(tolerance)
+    exact_policy = policy if isinstance(policy, Exact) else Exact(tolerance)
     original = as_model(model)
     pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     shapes = resolve_input_shapes(original, input_shapes)
@@ -133,16 +139,17 @@ def run(
         # the held-back calibration samples only (random inputs at other sizes say nothing about a fitted
         # model's fidelity, and the fitted samples flatter it)
         feeds = calibration if exact or split is None else split.judge
-        return verify_equivalence(original, candidate, shapes, feeds, tolerance, seed, check_other_sizes=exact)
+        return verify_equivalence(original, candidate, shapes, feeds, exact_policy.tolerance, seed,
+                                  check_other_sizes=exact)
 
-    def step_verifier(before, after, exactness: Exactness) -> VerificationOutcome:
+    def step_verifier(before, after, exactness: Exactness) -> Verdict:
         if exactness is Exactness.EXACT:
             # an exact step keeps the function of the graph it was given, at the tolerance, even after a
             # reconstructed step changed the function: a drift budget must not absorb a broken exact pass
             report = verify_equivalence(to_model(before, original), to_model(after.copy(), original), shapes,
-                                        calibration, tolerance, seed, check_other_sizes=True)
-            return _judge(report, exact=True, allow_drift=None)
-        return _judge(check(to_model(after.copy(), original), exact=False), exact=False, allow_drift=allow_drift)
+                                        calibration, exact_policy.tolerance, seed, check_other_sizes=True)
+            return exact_policy.judge(report)
+        return policy.judge(check(to_model(after.copy(), original), exact=False))
 
     classes = {spec.instantiate().exactness for spec in pipe.without(set(disabled)).steps}
     mixed = Exactness.EXACT in classes and len(classes) > 1
@@ -166,7 +173,7 @@ def run(
     )
     if dry_run:
         return result
-    if exactness is not Exactness.EXACT and allow_drift is None:  # with --no-verify too: a changed function needs a budget
+    if exactness is not Exactness.EXACT and isinstance(policy, Exact):  # with --no-verify too: a changed function needs a budget
         raise BadInputError(
             f"pipeline is {exactness.value} (it changes the function); give --allow-drift X to accept output "
             "cosine >= 1 - X"
@@ -187,13 +194,13 @@ def run(
         result.calibration_split = split
         if holdout is not None:
             result.drift["holdout"] = measure_fidelity(original, candidate, holdout)
-    outcome = _judge(report, exact=exactness is Exactness.EXACT, allow_drift=allow_drift)
-    if not outcome.ok:
+    result.verdict = (exact_policy if exactness is Exactness.EXACT else policy).judge(report)
+    if not result.verdict.ok:
         if not verify_each:
             # run again, verifying after every pass, to name the first pass that broke the model
-            run(original, pipe, input_shapes=shapes, calibration=calibration, tolerance=tolerance,
-                allow_drift=allow_drift, disabled=disabled, verify_each=True, seed=seed, strict_sites=strict_sites)
-        raise CheckFailedError(f"verification failed: {outcome.detail}")
+            run(original, pipe, input_shapes=shapes, calibration=calibration, fidelity=policy, tolerance=tolerance,
+                disabled=disabled, verify_each=True, seed=seed, strict_sites=strict_sites)
+        raise CheckFailedError(f"verification failed: {result.verdict.detail}")
     return result
 
 
@@ -370,20 +377,12 @@ def optimize(
 
     if space not in ("curated", "uncurated"):
         raise BadInputError(f"--space must be curated or uncurated, not {space!r}")
-    if max_drift is not None and not 0 < max_drift < 1:
-        raise BadInputError("--max-drift must be between 0 and 1 (it bounds 1 - cosine)")
     original = as_model(model)
     the_target = get_target(target) if isinstance(target, str) else target
     shapes = resolve_input_shapes(original, input_shapes)
     latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
     warnings: list[str] = []
-    retrain = algorithm == "zero-shot" or evaluate_cmd is not None
-    if exact and (max_drift is not None or retrain):
-        raise BadInputError("exact=True (--exact) allows only exact passes: it cannot be combined with "
-                            + ("a drift budget (max_drift / --max-drift)" if max_drift is not None else
-                               "a search for models to retrain (zero-shot, --evaluate-cmd), which may change the function"))
-    if exact is False and max_drift is None and not retrain:
-        raise BadInputError("exact=False allows reconstructed passes: give the drift budget too (max_drift / --max-drift X)")
+    fidelity = _requested_fidelity(exact, max_drift, retrain=algorithm == "zero-shot" or evaluate_cmd is not None)
     if deploy_check is not None:
         from hwnas.targets.qnn_htp import NAME as QNN_HTP, require_qnn
 
@@ -393,16 +392,13 @@ def optimize(
             raise BadInputError(f"--deploy-check {QNN_HTP} compiles the int8 winner: give --quantize int8 too")
         require_qnn()
         quantize_preset = quantize_preset or "qnn"
-    quantize_spec, quant_settings = _quantize_request(quantize, quantize_preset, the_target, max_drift, retrain)
-    drift_allowed = max_drift
-    if retrain:  # the candidates will be trained: any function will do, ORT must still run it
-        drift_allowed = ANY_DRIFT
-    if drift_allowed is not None and calibration is None:
+    quantize_spec, quant_settings = _quantize_request(quantize, quantize_preset, the_target, fidelity)
+    if fidelity.changes_function and calibration is None:
         calibration = random_calibration(original, shapes, samples=4, seed=seed)
-        judged = "" if retrain else " and judged"
+        judged = "" if isinstance(fidelity, Retrain) else " and judged"
         what = "the candidates were quantized and judged" if quantize_spec else f"reconstructed passes were fitted{judged}"
         warnings.append(f"no calibration data (--calib): {what} on random inputs")
-    limits = Limits(0.0 if retrain else drift_allowed or 0.0, memory_budget, max_params, max_peak_act)
+    limits = Limits(fidelity, memory_budget, max_params, max_peak_act)
     settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
                               None if journal is None else str(journal), evaluate_cmd, evaluate_timeout,
                               quality_tolerance, storage, quantize_spec)
@@ -416,7 +412,7 @@ def optimize(
 
     def accept(pipeline: str) -> RunResult:
         result = run(original, _then(pipeline, quantize_spec), input_shapes=shapes, calibration=calibration,
-                     holdout=holdout if quantize_spec else None, allow_drift=drift_allowed, verify=verify, seed=seed,
+                     holdout=holdout if quantize_spec else None, fidelity=fidelity, verify=verify, seed=seed,
                      strict_sites=False)
         if not the_target.simulated:  # the estimator's word is not enough on real hardware: measure A/B
             models = {"input": original, "optimized": result.model}
@@ -460,7 +456,7 @@ def optimize(
         "exact": run_result.exactness is Exactness.EXACT,
         "verification": run_result.verification.to_dict() if run_result.verification else None,
         # a model to retrain was allowed any function: ORT ran it, but nothing about its outputs was checked
-        "verified": run_result.verified and not (retrain and run_result.exactness is not Exactness.EXACT),
+        "verified": run_result.verified,
         "measured": measured or None,
         "holdout": None if holdout is None else {
             "samples": _samples(holdout),
@@ -482,9 +478,9 @@ def optimize(
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
             "seconds": {**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(verify_s, 3)},
             "best_so_far": best_feasible_curve(outcome.trials, limits),
-            "quality": None if limits.min_quality is None else {
+            "quality": None if limits.fidelity.quality_floor is None else {
                 "kind": "evaluate-cmd" if evaluate_cmd else "naswot", "original": outcome.baseline.score.quality,
-                "floor": limits.min_quality, "chosen": chosen.score.quality,
+                "floor": limits.fidelity.quality_floor, "chosen": chosen.score.quality,
             },
             "storage": storage,
             "expert_seed_latency_ms": next((t.score.latency_ms for t in outcome.trials if t.candidate == expert_candidate(outcome.space)), None),
@@ -547,8 +543,25 @@ def _default_preset(target: Target) -> str:
     return "npu" if name.startswith("npu") else "qnn" if "qnn" in name else "cpu"
 
 
-def _quantize_request(quantize: str | None, preset: str | None, target: Target, max_drift: float | None,
-                      retrain: bool):
+def _requested_fidelity(exact: bool | None, max_drift: float | None, retrain: bool) -> Fidelity:
+    """The policy `optimize`'s arguments ask for: Retrain for models to train (zero-shot, --evaluate-cmd),
+    Drift with a budget, else Exact; BadInputError where `exact` contradicts the rest."""
+    if max_drift is not None and not 0 < max_drift < 1:
+        raise BadInputError("--max-drift must be between 0 and 1 (it bounds 1 - cosine)")
+    if exact and (max_drift is not None or retrain):
+        raise BadInputError("exact=True (--exact) allows only exact passes: it cannot be combined with "
+                            + ("a drift budget (max_drift / --max-drift)" if max_drift is not None else
+                               "a search for models to retrain (zero-shot, --evaluate-cmd), which may change the function"))
+    if retrain:  # the candidates will be trained: any function will do, ORT must still run it
+        return Retrain()
+    if max_drift is not None:
+        return Drift(max_drift)
+    if exact is False:
+        raise BadInputError("exact=False allows reconstructed passes: give the drift budget too (max_drift / --max-drift X)")
+    return Exact()
+
+
+def _quantize_request(quantize: str | None, preset: str | None, target: Target, fidelity: Fidelity):
     """(the quantize step's pipeline text, its settings) for `optimize --quantize`, or (None, None)."""
     from hwnas.passes.quantize import PRESETS, Quantize
 
@@ -560,12 +573,12 @@ def _quantize_request(quantize: str | None, preset: str | None, target: Target, 
         raise BadInputError(f"--quantize {quantize!r}: the one precision offered is int8")
     if preset is not None and preset not in PRESETS:
         raise BadInputError(f"--quantize-preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if retrain:
+    if isinstance(fidelity, Retrain):
         raise BadInputError("--quantize int8 judges candidates by their drift: it cannot search models to retrain")
-    if max_drift is None:
+    if not isinstance(fidelity, Drift):
         raise BadInputError("--quantize int8 changes the function: give the drift budget too (--max-drift X)")
     # the budget goes to the quantizer too: over it, the input side stays float (hwnas.passes.quantize)
-    spec = f"quantize{{preset={preset or _default_preset(target)},max_drift={max_drift:g}}}"
+    spec = f"quantize{{preset={preset or _default_preset(target)},max_drift={fidelity.max:g}}}"
     return spec, Quantize(preset=preset or _default_preset(target)).options.settings()
 
 
@@ -593,19 +606,3 @@ def _then(pipeline: str, step: str | None) -> str:
 
 def _samples(feeds: Mapping[str, np.ndarray]) -> int:
     return min((len(a) for a in feeds.values()), default=0)
-
-
-def _judge(report: VerificationReport, exact: bool, allow_drift: float | None) -> VerificationOutcome:
-    if exact:
-        if report.equivalent:
-            return VerificationOutcome(True, "equivalent")
-        bad = next(o for o in report.outputs if not o.within_tolerance)
-        return VerificationOutcome(
-            False,
-            f"output {bad.name!r} differs: max abs {bad.max_abs:.3g}, max rel {bad.max_rel:.3g} "
-            f"(tolerance atol {report.tolerance.atol:g} + rtol {report.tolerance.rtol:g}·|ref|)",
-        )
-    budget = 1.0 - (allow_drift or 0.0)
-    if report.cosine >= budget:
-        return VerificationOutcome(True, f"cosine {report.cosine:.6f} >= {budget:.6f}")
-    return VerificationOutcome(False, f"output cosine {report.cosine:.6f} < 1 - allow_drift = {budget:.6f}")

@@ -40,6 +40,7 @@ from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import EvaluatorSpec, SearchSettings, expert_candidate
 from hwnas.search.space import PREFIX, SpaceOptions, build_space
 from hwnas.targets import get_target
+from hwnas.verify.policy import Drift, Retrain
 
 pytest.importorskip("sqlalchemy", reason="Optuna's RDB storage needs sqlalchemy")
 CHECKOUT = Path(__file__).parents[1]
@@ -200,7 +201,7 @@ def small_search_inputs():
     shapes = resolve_input_shapes(model, None)
     rng = np.random.default_rng(0)
     calibration = {"input": rng.standard_normal((2, *shapes["input"][1:])).astype(np.float32)}
-    settings = SearchSettings(seed=3, limits=Limits(max_drift=0.05, max_params=10**6), quantize="quantize{preset=npu}",
+    settings = SearchSettings(seed=3, limits=Limits(Drift(0.05), max_params=10**6), quantize="quantize{preset=npu}",
                               storage="postgresql://user:secret@db/hwnas", journal="/coordinator/only.jsonl")
     return model, estimator_for(get_target("npu-32x32")), shapes, settings, calibration
 
@@ -236,7 +237,7 @@ def test_a_worker_refuses_pickles_other_versions_and_commands_it_was_not_given()
         EvaluatorSpec.from_blobs({**blobs, "calibration.npz": pickled.getvalue()})
     with pytest.raises(BadInputError, match="the search runs hwnas 0.0.0-other"):
         EvaluatorSpec.from_blobs({**blobs, "version": b"0.0.0-other"})
-    command = EvaluatorSpec(model, estimator, shapes, SearchSettings(evaluate_cmd="rm -rf / {model}"), None).to_blobs()
+    command = EvaluatorSpec(model, estimator, shapes, SearchSettings(evaluate_cmd="rm -rf / {model}", limits=Limits(Retrain())), None).to_blobs()
     with pytest.raises(BadInputError, match="start the worker with the same --evaluate-cmd"):
         EvaluatorSpec.from_blobs(command)
     assert EvaluatorSpec.from_blobs(command, "rm -rf / {model}").settings.evaluate_cmd == "rm -rf / {model}"

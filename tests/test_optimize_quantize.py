@@ -10,6 +10,7 @@ from hwnas.cli import main
 from hwnas.errors import BadInputError
 from hwnas.models import build
 from hwnas.verify.calib_data import scene_batch
+from hwnas.verify.policy import Drift
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_candidates_with_one_float_graph_share_one_quantized_model(small_mnv2):
     evaluator = CandidateEvaluator(to_model(prepared.copy(), small_mnv2), prepared, ctx,
                                    estimator_for(get_target("npu-16x16")),
                                    run_per_sample(make_session(small_mnv2), calibration), quantize="quantize{preset=npu}",
-                                   judge_feeds=calibration)
+                                   judge_feeds=calibration, fidelity=Drift(0.05))
     first, phases = evaluator.evaluate_timed("")
     assert phases["quantize"] > 0 and not first.exact and first.drift > 0
     again = evaluator.evaluate_timed("eliminate-identity")  # changes nothing here: same float graph, no new quantizing

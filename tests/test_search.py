@@ -13,6 +13,7 @@ from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.models import build
 from hwnas.search.algorithms import Limits, Trial, pareto_front
 from hwnas.search.evaluate import Score
+from hwnas.verify.policy import Drift
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_memory_budget_that_cannot_be_met_says_by_how_much(small_mnv2):
 def test_pareto_front_has_no_dominated_points():
     scores = [(3.0, 0.0, 10), (2.0, 0.1, 10), (2.5, 0.05, 10), (2.0, 0.2, 12), (4.0, 0.0, 9), (3.0, 0.0, 11)]
     trials = [Trial(i, {}, f"p{i}", Score(lat, mem, 0, drift, drift == 0)) for i, (lat, drift, mem) in enumerate(scores)]
-    front = pareto_front(trials)
+    front = pareto_front(trials, Limits(Drift(0.5)))
     assert {t.pipeline for t in front} == {"p0", "p1", "p2", "p4"}
     for a in front:
         for b in front:
@@ -91,7 +92,7 @@ def test_pareto_front_has_no_dominated_points():
 
 
 def test_limits_mark_drift_and_memory():
-    limits = Limits(max_drift=0.01, max_params=100)
+    limits = Limits(Drift(0.01), max_params=100)
     assert limits.feasible(Score(1.0, 50, 0, 0.005, False))
     assert not limits.feasible(Score(1.0, 150, 0, 0.005, False))
     assert not limits.feasible(Score(1.0, 50, 0, 0.02, False))
@@ -172,7 +173,8 @@ def test_depth_scaled_graph_is_reused_and_scores_stay_the_same(small_mnv2):
 
     def evaluator():
         return CandidateEvaluator(to_model(prepared.copy(), small_mnv2), prepared, ctx,
-                                  estimator_for(get_target("npu-32x32")), reference, judge_feeds=calibration)
+                                  estimator_for(get_target("npu-32x32")), reference, judge_feeds=calibration,
+                                  fidelity=Drift(0.5))
 
     scale = "scale-depth{multiplier=0.5,round_to=8}"
     pipelines = [scale, f"{scale},replace-conv{{mode=dense,sites=0}}"]

@@ -18,6 +18,7 @@ from hwnas.passes.base import Exactness, PassContext
 from hwnas.search.evaluate import STRICT_PASSES_ENV, CandidateEvaluator
 from hwnas.targets import get_target
 from hwnas.verify import random_calibration
+from hwnas.verify.policy import Drift
 
 
 def _evaluator(model: onnx.ModelProto) -> CandidateEvaluator:
@@ -26,7 +27,7 @@ def _evaluator(model: onnx.ModelProto) -> CandidateEvaluator:
     ctx = PassContext(template=model, input_shapes=shapes, calibration=calibration)
     reference = run_per_sample(make_session(model), calibration)
     return CandidateEvaluator(model, to_graph(model), ctx, estimator_for(get_target("npu-32x32")), reference,
-                              judge_feeds=calibration)
+                              judge_feeds=calibration, fidelity=Drift(0.05))
 
 
 def test_an_exact_candidate_that_changed_the_function_scores_its_measured_drift(monkeypatch):

@@ -22,16 +22,11 @@ from hwnas.graph.gsgraph import release_weights, stable_toposort
 from hwnas.passes.base import Exactness, PassContext, Site
 from hwnas.passes.pipeline import Pipeline
 from hwnas.passes.registry import get_pass
+from hwnas.verify.policy import Verdict
 
-# (graph before the pass, graph after it, the pass's class) -> verdict: an exact step is judged against the
-# graph it was given, whatever steps came before it
-Verifier = Callable[[gs.Graph, gs.Graph, Exactness], "VerificationOutcome"]
-
-
-@dataclass(frozen=True)
-class VerificationOutcome:
-    ok: bool
-    detail: str
+# (graph before the pass, graph after it, the pass's class) -> the policy's verdict (hwnas.verify.policy): an
+# exact step is judged Exact against the graph it was given, whatever the pipeline's policy and the steps before it
+Verifier = Callable[[gs.Graph, gs.Graph, Exactness], Verdict]
 
 
 @dataclass
@@ -135,8 +130,8 @@ class PassManager:
             )
             records.append(record)
             if self.verify_each is not None and record.modified:
-                outcome = self.verify_each(before, graph, record.exactness)
-                record.verified = outcome.ok
-                if not outcome.ok:
-                    raise PassFailedVerification(record.spec, [r.spec for r in records[:-1]], outcome.detail)
+                verdict = self.verify_each(before, graph, record.exactness)
+                record.verified = verdict.ok
+                if not verdict.ok:
+                    raise PassFailedVerification(record.spec, [r.spec for r in records[:-1]], verdict.detail)
         return PipelineRun(graph, records)

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from hwnas.search.evaluate import Score
 from hwnas.search.space import SearchSpace
+from hwnas.verify.policy import Exact, Fidelity, fidelity_from_json
 
 ALGORITHMS = ("evolution", "random", "greedy", "zero-shot")
 # scores in the order asked; an iterator may compute them lazily, so that a search past its deadline
@@ -37,25 +38,37 @@ ScoreBatch = Callable[[list[str]], Iterable[Score]]
 
 @dataclass(frozen=True)
 class Limits:
-    max_drift: float = 0.0
+    fidelity: Fidelity = Exact()  # what a candidate must keep of the function (hwnas.verify.policy)
     memory_budget: int | None = None
     max_params: int | None = None
     max_peak_act: int | None = None
-    min_quality: float | None = None  # a floor on Score.quality (zero-shot proxy, --evaluate-cmd score)
 
     def violations(self, score: Score) -> list[float]:
         """How far over each limit the score is, relative to the limit (≤ 0 means within it)."""
-        checks = [(score.drift, self.max_drift if self.max_drift > 0 else 1e-12)]
+        checks = [(score.drift, self.fidelity.drift_limit)]
         checks += [(v, lim) for v, lim in ((score.memory_bytes, self.memory_budget), (score.params_bytes, self.max_params),
                                             (score.peak_activation_bytes, self.max_peak_act)) if lim is not None]
         excess = [(value - limit) / limit for value, limit in checks]
-        if self.min_quality is not None:  # a floor, not a ceiling: how far below it, relative to its size
+        if (floor := self.fidelity.quality_floor) is not None:  # a floor, not a ceiling: how far below it, relative to its size
             quality = score.quality if score.quality is not None else float("-inf")
-            excess.append((self.min_quality - quality) / max(abs(self.min_quality), 1e-12))
+            excess.append((floor - quality) / max(abs(floor), 1e-12))
         return excess
 
     def feasible(self, score: Score) -> bool:
         return score.error is None and all(v <= 0 for v in self.violations(score))
+
+    def loss(self, score: Score) -> float:
+        """What the search minimises besides latency: the drift, or −quality for models to retrain."""
+        return self.fidelity.loss(score.drift, score.quality)
+
+    def to_json(self) -> dict:
+        return {"fidelity": self.fidelity.to_json(), "memory_budget": self.memory_budget,
+                "max_params": self.max_params, "max_peak_act": self.max_peak_act}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Limits:
+        """The limits `to_json` wrote (TypeError/KeyError/ValueError/BadInputError when malformed)."""
+        return cls(fidelity_from_json(data["fidelity"]), **{k: v for k, v in data.items() if k != "fidelity"})
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,7 @@ def rank_key(limits: Limits) -> Callable[[Trial], tuple]:
 
     def key(t: Trial) -> tuple:
         excess = sum(max(v, 0.0) for v in limits.violations(t.score)) if t.score.error is None else float("inf")
-        return (excess > 0, excess, t.score.fidelity_loss if fit_first else 0.0, t.score.latency_ms, t.number)
+        return (excess > 0, excess, limits.loss(t.score) if fit_first else 0.0, t.score.latency_ms, t.number)
     return key
 
 
@@ -90,19 +103,22 @@ def best_feasible_curve(trials: Sequence[Trial], limits: Limits) -> list[float]:
     return curve
 
 
-def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
+def pareto_front(trials: Sequence[Trial], limits: Limits) -> list[Trial]:
     """Trials no other trial beats on every one of latency, drift (or quality) and memory (errors excluded)."""
-    points = [t for t in trials if t.score.error is None]
-    unique = {}
-    for t in points:  # one trial per distinct score, the earliest
-        unique.setdefault((t.score.latency_ms, t.score.fidelity_loss, t.score.memory_bytes), t)
+    def point(t: Trial) -> tuple[float, float, int]:
+        return t.score.latency_ms, limits.loss(t.score), t.score.memory_bytes
 
-    def dominates(a: Score, b: Score) -> bool:
-        worse = (a.latency_ms > b.latency_ms, a.fidelity_loss > b.fidelity_loss, a.memory_bytes > b.memory_bytes)
-        better = (a.latency_ms < b.latency_ms, a.fidelity_loss < b.fidelity_loss, a.memory_bytes < b.memory_bytes)
+    unique = {}
+    for t in trials:  # one trial per distinct score, the earliest
+        if t.score.error is None:
+            unique.setdefault(point(t), t)
+
+    def dominates(a: Trial, b: Trial) -> bool:
+        worse = [x > y for x, y in zip(point(a), point(b))]
+        better = [x < y for x, y in zip(point(a), point(b))]
         return not any(worse) and any(better)
 
-    front = [t for t in unique.values() if not any(dominates(o.score, t.score) for o in unique.values())]
+    front = [t for t in unique.values() if not any(dominates(o, t) for o in unique.values())]
     return sorted(front, key=lambda t: t.score.latency_ms)
 
 
@@ -156,7 +172,7 @@ def search(
 
 def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_left) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    two_objectives = limits.max_drift > 0 or limits.min_quality is not None
+    two_objectives = limits.fidelity.changes_function
     if algorithm in ("evolution", "zero-shot"):
         population = population_size(space)
         sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
@@ -182,7 +198,7 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
                 continue
             for i, violation in enumerate(limits.violations(score)):
                 optuna_trial.set_constraint(f"limit{i}", violation)
-            study.tell(optuna_trial, [score.latency_ms, score.fidelity_loss] if two_objectives else score.latency_ms)
+            study.tell(optuna_trial, [score.latency_ms, limits.loss(score)] if two_objectives else score.latency_ms)
 
 
 def population_size(space: SearchSpace) -> int:

@@ -47,6 +47,7 @@ from hwnas.passes.manager import PassManager, PipelineRun
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
 from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import worst_sample_drift
+from hwnas.verify.policy import Drift, Exact, Fidelity
 
 
 _SCALED_CACHE = 4  # depth-scaled graphs kept: the curated space's multipliers
@@ -70,11 +71,6 @@ class Score:
     @property
     def memory_bytes(self) -> int:
         return self.params_bytes + self.peak_activation_bytes
-
-    @property
-    def fidelity_loss(self) -> float:
-        """What the search minimises besides latency: −quality where a quality is scored, else the drift."""
-        return -self.quality if self.quality is not None else self.drift
 
 
 # where a candidate's time goes, in order: its passes (calibration and least-squares refits included),
@@ -108,7 +104,8 @@ class CandidateEvaluator:
     def __init__(self, base: onnx.ModelProto, graph: gs.Graph, ctx: PassContext, estimator: LatencyEstimator,
                  reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True,
                  quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True,
-                 quantize: str | None = None, judge_feeds: Mapping[str, np.ndarray] | None = None):
+                 quantize: str | None = None, judge_feeds: Mapping[str, np.ndarray] | None = None,
+                 fidelity: Fidelity = Exact()):
         self.base = base
         self.graph = graph
         self.ctx = ctx
@@ -117,6 +114,7 @@ class CandidateEvaluator:
         self.judge_feeds = judge_feeds  # held-back calibration samples (the fits use ctx.calibration)
         self.count_memory = count_memory  # off when no memory limit asks for it: it costs a shape inference
         self.quality = quality
+        self.fidelity = fidelity  # Drift: every candidate's drift is measured; Retrain: `quality` judges instead
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
         self.quantize = quantize  # the quantize step (pipeline text): every candidate is judged as the int8 model it becomes
         self._quantized: dict[str, onnx.ModelProto] = {}  # float model fingerprint → its quantized model
@@ -156,11 +154,7 @@ class CandidateEvaluator:
             memory = footprint(model, self.ctx.input_shapes) if self.count_memory else None
             marks.append(time.perf_counter())
             exact = exactness is Exactness.EXACT and self.quantize is None
-            # measured wherever the search holds reference outputs (a drift budget), exact candidates
-            # included: a pass's label is a claim, and a wrong "exact" pass must not rank as perfect.
-            # An exact-only search holds none: its winner is verified at the tolerance before it is written
-            unmeasured = self.quality is not None or (exact and self.reference_outputs is None)
-            drift = 0.0 if unmeasured else self.drift(model)
+            drift = self._drift(model, exact)
             quality = self.quality(model) if self.quality is not None else None
         except HwnasError as e:  # a pass refused the candidate with a reason: a bad candidate
             return Score(float("inf"), 0, 0, 1.0, False, f"{type(e).__name__}: {e}"), _phases(marks)
@@ -179,6 +173,17 @@ class CandidateEvaluator:
             return to_model(done.graph, self.base)
 
         return _bounded(self._quantized, fingerprint(model), _QUANTIZED_CACHE, quantize)
+
+    def _drift(self, model: onnx.ModelProto, exact: bool) -> float:
+        """The drift the policy holds a candidate to. Drift: measured, exact candidates included (a pass's
+        label is a claim: a wrong "exact" pass must not rank as perfect). Exact: none is measured for an
+        exact candidate (the winner is verified at the tolerance before it is written), and an exact search
+        offers no other (a bug: counted as a pass error). Retrain: not judged (`quality` is), 0."""
+        if isinstance(self.fidelity, Drift):
+            return self.drift(model)
+        if isinstance(self.fidelity, Exact) and not exact:
+            raise ValueError("an exact search scored a candidate that is not exact")
+        return 0.0
 
     def drift(self, model: onnx.ModelProto) -> float:
         if self.reference_outputs is None or self.judge_feeds is None:

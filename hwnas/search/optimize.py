@@ -23,7 +23,7 @@ import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -48,6 +48,7 @@ from hwnas.search.recipe import full_pipeline
 from hwnas.search.space import KEEP, PREFIX, SearchSpace, SpaceOptions, build_space
 from hwnas.targets.base import Target
 from hwnas.verify.calibration import split_calibration
+from hwnas.verify.policy import Drift, Retrain
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,13 @@ class SearchSettings:
                                 f"got {self.workers}")
         if not 0 <= self.quality_tolerance < 1:
             raise BadInputError(f"--quality-tolerance must be in [0, 1), got {self.quality_tolerance}")
+        if self.retrain != isinstance(self.limits.fidelity, Retrain):
+            raise BadInputError("candidates to retrain (zero-shot, --evaluate-cmd) are judged by quality (a Retrain "
+                                f"policy), and only they; got {self.limits.fidelity.kind} for --algorithm {self.algorithm}")
 
     @property
     def retrain(self) -> bool:
-        """The candidates will be trained: judged by quality, not drift; reconstructed passes allowed."""
+        """The candidates will be trained: judged by quality, not drift (the limits' policy is Retrain)."""
         return self.algorithm == "zero-shot" or self.evaluate_cmd is not None
 
 
@@ -210,7 +214,8 @@ class EvaluatorSpec:
         estimator = self.estimator.to_dict()
         # where the coordinator keeps its journal and storage (a URL may hold a password) is not the workers' business
         settings = replace(self.settings, storage=None, journal=None, workers=None)
-        search = {"settings": asdict(settings), "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        search = {"settings": {**vars(settings), "limits": settings.limits.to_json()},
+                  "shapes": {k: list(v) for k, v in self.shapes.items()}}
         blobs = {"version": HWNAS_VERSION.encode(), "model.onnx": self.model.SerializeToString(),
                  "estimator.json": json.dumps(estimator).encode(),
                  "estimator.npz": _npz_bytes(self.estimator.fitted_arrays(estimator)),
@@ -229,7 +234,7 @@ class EvaluatorSpec:
         try:
             search = json.loads(blobs["search.json"])
             settings = dict(search["settings"])
-            limits = Limits(**settings.pop("limits"))
+            limits = Limits.from_json(settings.pop("limits"))
             settings = SearchSettings(**settings, limits=limits)
             model = onnx.load_from_string(blobs["model.onnx"])
             estimator = LatencyEstimator.from_dict(json.loads(blobs["estimator.json"]), "the search's estimator",
@@ -267,12 +272,12 @@ def prepare(original: onnx.ModelProto, estimator: LatencyEstimator, shapes: Mapp
                       seed=settings.seed)
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
     base = to_model(prepared.copy(), original)
-    judge = split.judge if split and settings.limits.max_drift > 0 else None
-    reference = run_per_sample(make_session(original), judge) if judge else None
     limits = settings.limits
+    judge = split.judge if split and isinstance(limits.fidelity, Drift) else None
+    reference = run_per_sample(make_session(original), judge) if judge else None
     evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=_needs_memory(limits),
                                    quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot",
-                                   quantize=settings.quantize, judge_feeds=judge)
+                                   quantize=settings.quantize, judge_feeds=judge, fidelity=limits.fidelity)
     return prepared, ctx, evaluator
 
 
@@ -309,7 +314,8 @@ def run_search(
 ) -> SearchOutcome:
     """The search; with `settings.storage`, evaluated through it (`job_status` hears each batch's progress there)."""
     start = time.monotonic()
-    allow_reconstructed = (settings.limits.max_drift > 0 and settings.quantize is None) or settings.retrain
+    # with --quantize the budget is the quantizer's (an int8 search with --max-drift keeps reconstructed passes out)
+    allow_reconstructed = settings.limits.fidelity.changes_function and settings.quantize is None
     prepared, ctx, evaluator = prepare(original, estimator, shapes, settings, calibration)
     space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
                                                     quantized=settings.quantize is not None))
@@ -317,7 +323,7 @@ def run_search(
     needs_memory = _needs_memory(limits)
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
-        "curated": settings.curated, "limits": vars(settings.limits), "shapes": {k: list(v) for k, v in shapes.items()},
+        "curated": settings.curated, "limits": settings.limits.to_json(), "shapes": {k: list(v) for k, v in shapes.items()},
         "evaluate_cmd": settings.evaluate_cmd, "quality_tolerance": settings.quality_tolerance,
         "quantize": settings.quantize,
         # the scores depend on both: a resume after changing either must score again, not reuse
@@ -347,9 +353,10 @@ def run_search(
                     spent["candidates"] += 1
                 yield journal.scores[pipeline]
 
-        if evaluator.quality is not None and limits.min_quality is None:
+        if isinstance(limits.fidelity, Retrain) and limits.fidelity.floor is None:
             original_score = next(score_batch([""]))
-            limits = replace(limits, min_quality=_quality_floor(original_score, settings.quality_tolerance))
+            limits = replace(limits, fidelity=limits.fidelity.with_floor(
+                _quality_floor(original_score, settings.quality_tolerance)))
         seeds = expert_seeds(space, memory_limited=needs_memory)
         # the default batch, not one per core: a seed must give the same search on any machine (resume elsewhere)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
@@ -359,7 +366,7 @@ def run_search(
     wall = time.monotonic() - start
     seconds = {"setup": setup_s, "search": wall - setup_s, **{f"candidates_{k}": spent[k] for k in PHASES}}
     return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), wall,
-                         limits, pareto_front(trials), seconds, int(spent["candidates"]),
+                         limits, pareto_front(trials, limits), seconds, int(spent["candidates"]),
                          {k: int(spent[k]) for k in ("depth_cache_lookups", "depth_cache_hits")})
 
 
@@ -377,10 +384,10 @@ def no_feasible_message(outcome: SearchOutcome, limits: Limits) -> str:
     """By how much the best candidate misses each limit."""
     best = outcome.best.score
     misses = []
-    if limits.max_drift > 0 and best.drift > limits.max_drift:
-        misses.append(f"drift {best.drift:.4g} > {limits.max_drift:g}")
-    if limits.min_quality is not None and (best.quality is None or best.quality < limits.min_quality):
-        misses.append(f"quality {best.quality} < floor {limits.min_quality:.6g}")
+    if isinstance(limits.fidelity, Drift) and best.drift > limits.fidelity.max:
+        misses.append(f"drift {best.drift:.4g} > {limits.fidelity.max:g}")
+    if (floor := limits.fidelity.quality_floor) is not None and (best.quality is None or best.quality < floor):
+        misses.append(f"quality {best.quality} < floor {floor:.6g}")
     for name, value, limit in (("params + peak activations", best.memory_bytes, limits.memory_budget),
                                ("params", best.params_bytes, limits.max_params),
                                ("peak activations", best.peak_activation_bytes, limits.max_peak_act)):

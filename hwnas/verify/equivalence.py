@@ -11,6 +11,7 @@ similarity, the drift measures for reconstructed rewrites.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -53,7 +54,8 @@ class VerificationReport:
 
     @property
     def cosine(self) -> float:
-        return min((o.cosine for o in self.outputs), default=1.0)
+        """The worst output's; NaN when any output's is (min() would skip a NaN after a number)."""
+        return min((o.cosine for o in self.outputs), key=lambda c: -math.inf if math.isnan(c) else c, default=1.0)
 
     def to_dict(self) -> dict:
         return {
