@@ -474,6 +474,7 @@ def optimize(
             "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
             "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
             "candidates_scored": outcome.scored, "depth_cache": outcome.depth_cache,
+            "fit_cache": outcome.fit_cache,
             "pass_errors": pass_errors(outcome.trials),
             "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
             "seconds": {**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(verify_s, 3)},

@@ -304,9 +304,21 @@ def test_ridge_pulls_towards_the_prior():
     equations = ls.NormalEquations(4, 2)
     equations.add(a, np.c_[a, np.ones(50)] @ w)
     prior = np.zeros((5, 2))
-    np.testing.assert_allclose(equations.solve(0.0, prior), w, atol=1e-8)
-    assert np.abs(equations.solve(1e6, prior)).max() < 1e-3
+    np.testing.assert_allclose(equations.solve(0.0, prior)[0], w, atol=1e-8)
+    assert np.abs(equations.solve(1e6, prior)[0]).max() < 1e-3
     assert equations.residual(w) < 1e-12 and equations.residual(prior) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_solve_returns_the_product_the_residual_needs(bias):
+    """AᵀA·θ from the solve (no F²·M product) is AᵀA·θ, so the fitted residual is the one computed in full."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, 6))
+    equations = ls.NormalEquations(6, 3)
+    equations.add(a, a @ rng.normal(size=(6, 3)) + rng.normal(0, 0.1, (200, 3)))
+    theta, gram_theta = equations.solve(0.1, rng.normal(size=(7, 3)), bias=bias)
+    np.testing.assert_allclose(gram_theta, equations.gram @ theta, rtol=1e-9, atol=1e-9)
+    assert equations.residual(theta, gram_theta) == pytest.approx(equations.residual(theta), rel=1e-9)
 
 
 def test_activation_model_prunes_to_what_the_tensors_need():
@@ -440,3 +452,61 @@ def test_positions_option_samples_that_many_positions_per_image():
     for bad in bad_specs:
         with pytest.raises(BadInputError, match="positions"):
             parse_pipeline(bad)
+
+
+# -- fits reused across candidates (a search's fit cache) --------------------------------------------
+
+
+def test_fit_cache_reuses_shared_prefix_fits_and_gives_the_same_model():
+    """Candidates sharing a pipeline prefix share its fits (issue 18 deliverable 2): with a FitCache the
+    model of every pipeline is bitwise the one a fresh run makes, fits upstream of a change are hits, and
+    what changes a fit's inputs (an earlier pass, another site chosen before it, other data) is a miss."""
+    from hwnas.graph.gsgraph import to_graph, to_model
+    from hwnas.models import build
+    from hwnas.passes.base import PassContext
+    from hwnas.passes.manager import PassManager
+
+    model = build("mobilenetv2", width=0.35, resolution=64)
+    name = model.graph.input[0].name
+    rng = np.random.default_rng(3)
+    calib = {name: rng.normal(size=(3, 3, 64, 64)).astype(np.float32)}
+    shapes = {name: (1, 3, 64, 64)}
+    cache = ls.FitCache()
+
+    def weights(pipeline: str, fit_cache=None, calibration=calib) -> dict[str, np.ndarray]:
+        ctx = PassContext(template=model, input_shapes=shapes, calibration=calibration, fit_cache=fit_cache)
+        graph = PassManager(parse_pipeline("fold-bn," + pipeline)).run(to_graph(model), ctx).graph
+        return {t.name: numpy_helper.to_array(t) for t in to_model(graph, model).graph.initializer}
+
+    def use() -> tuple[int, int]:
+        return cache.lookups, cache.hits
+
+    steps = [("fuse-ibn{mode=mbconv,sites=0:4}", (4, 0)),  # first: every fit made
+             ("fuse-ibn{mode=mbconv,sites=0:3}", (3, 3)),  # a shorter prefix: all three reused
+             ("fuse-ibn{mode=mbconv,sites=0:2;3:5}", (4, 2)),  # site 2 left out: the fits downstream of it change
+             ("fuse-ibn{mode=mbconv,refit_project=true,sites=0:4}", None),  # followers fitted: later sites differ
+             ("fuse-ibn{mode=mbconv,refit_project=true,sites=0:4}", (8, 8)),  # the same candidate again
+             ("align-channels{multiple=8,mode=pad},fuse-ibn{mode=mbconv,sites=0:4}", None)]
+    for pipeline, expected in steps:
+        before = use()
+        got, fresh = weights(pipeline, cache), weights(pipeline)
+        assert got.keys() == fresh.keys() and all(np.array_equal(got[k], fresh[k]) for k in got), pipeline
+        if expected is not None:
+            assert (use()[0] - before[0], use()[1] - before[1]) == expected, pipeline
+    assert cache.bytes <= cache.limit_bytes and cache.entries
+    before = use()
+    other = {name: calib[name][::-1].copy()}
+    weights("fuse-ibn{mode=mbconv,sites=0:4}", cache, other)
+    assert use()[1] == before[1]  # other calibration data: no fit reused
+
+
+def test_fit_cache_is_bounded_and_evicts_the_least_recently_used():
+    cache = ls.FitCache(limit_bytes=3 * 4 * 10)
+    fit = lambda: ls.ConvFit(np.zeros((2, 4), np.float32), np.zeros(2, np.float32), 1, 0.0, 0.0)  # noqa: E731  # 40 B
+    for key in "abc":
+        cache.put(key, fit())
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", fit())
+    assert list(cache.entries) == ["c", "a", "d"] and cache.bytes == 120
+    assert cache.get("b") is None and (cache.lookups, cache.hits) == (2, 1)
+    assert cache.get(None) is None and cache.lookups == 2  # an uncacheable fit is not a lookup

@@ -3,6 +3,7 @@ which the budget ran out, mid-batch included, and the report says where the time
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hwnas import api
@@ -71,15 +72,39 @@ def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
     assert seconds["candidates_build"] > 0 and seconds["candidates_estimate"] > 0
     assert seconds["candidates_drift"] == pytest.approx(0, abs=0.05)  # exact candidates are not run
     assert search_report["depth_cache"] == {"depth_cache_lookups": 0, "depth_cache_hits": 0}
+    assert search_report["fit_cache"] == {"fit_cache_lookups": 0, "fit_cache_hits": 0}  # exact: nothing fitted
     assert seconds["setup"] + seconds["search"] == pytest.approx(search_report["wall_s"], abs=2e-3)  # rounded to ms
 
 
-def test_depth_cache_use_is_counted_over_the_candidates_scored():
+def test_depth_and_fit_cache_use_is_counted_over_the_candidates_scored():
     model = build("mobilenetv2", resolution=64)
     search_report = api.optimize(model, "npu-32x32", max_drift=0.2, trials=16, seed=0, workers=1).report["search"]
     use = search_report["depth_cache"]
     assert 0 < use["depth_cache_hits"] < use["depth_cache_lookups"] <= search_report["candidates_scored"]
+    fits = search_report["fit_cache"]  # Fused-MBConv refits, reused by candidates sharing a prefix
+    assert 0 <= fits["fit_cache_hits"] <= fits["fit_cache_lookups"] and fits["fit_cache_lookups"] > 0
     assert search_report["seconds"]["candidates_drift"] > 0  # reconstructed candidates are run
+
+
+def test_candidates_sharing_a_prefix_reuse_its_fits():
+    """The evaluator's fit cache: a candidate that fuses a subset of an earlier one's first sites makes no
+    fit, and scores the same drift as a fresh evaluator (no cache hit) does."""
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.search.optimize import SearchSettings, prepare
+    from hwnas.targets import get_target
+
+    model = build("mobilenetv2", resolution=64)
+    shapes = {model.graph.input[0].name: (1, 3, 64, 64)}
+    settings = SearchSettings(limits=Limits(max_drift=0.2), workers=1)
+    estimator = estimator_for(get_target("npu-32x32"), None)
+    name = model.graph.input[0].name
+    calibration = {name: np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)}
+    _, _, evaluator = prepare(model, estimator, shapes, settings, calibration)
+    evaluator.evaluate("fuse-ibn{mode=mbconv,sites=0:4}")
+    score = evaluator.evaluate("fuse-ibn{mode=mbconv,sites=0:3}")
+    assert evaluator.cache_use["fit_cache_lookups"] == 7 and evaluator.cache_use["fit_cache_hits"] == 3
+    _, _, fresh = prepare(model, estimator, shapes, settings, calibration)
+    assert fresh.evaluate("fuse-ibn{mode=mbconv,sites=0:3}").drift == score.drift
 
 
 def test_the_best_exact_candidate_is_verified_before_falling_back_to_the_input(monkeypatch):

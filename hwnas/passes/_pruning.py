@@ -402,14 +402,14 @@ def refit_matrix(graph: gs.Graph, node: gs.Node, inputs: list[np.ndarray], targe
     for x, ((_, _, y),) in zip(inputs, target.per_sample):
         equations.add(x.astype(np.float64), y)
     target.per_sample.clear()
-    theta = equations.solve(DEFAULT_RIDGE, prior, bias=has_bias)
+    theta, gram_theta = equations.solve(DEFAULT_RIDGE, prior, bias=has_bias)
     if node.op == "MatMul":
         dtype = const_value(node.inputs[1]).dtype
         node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}_refit_weight"), theta[:-1].astype(dtype))
     else:
         node.attrs.update(alpha=1.0, beta=1.0)
         set_weights(graph, node, theta[:-1].T if node.attrs.get("transB", 0) else theta[:-1], theta[-1])
-    return Refit(node.name, equations.residual(theta), equations.residual(prior))
+    return Refit(node.name, equations.residual(theta, gram_theta), equations.residual(prior))
 
 
 def refit_consumers(

@@ -15,6 +15,9 @@ inputs, the conv's output matches a tensor of a reference model. The pieces:
 - `reference_rows` / `fit_conv_rows`: the targets of many fits drawn in one run of the reference model
   (only the sampled rows kept), then each fit from its inputs as a sequential run computes them.
 - `fit_conv`: the whole fit of one group-1 conv from a tensor of one model to a tensor of another.
+- `FitCache` / `upstream_keys`: fits already made in this process, by what determines them (the part of
+  the graph upstream of the fit's target, which fits are made in it, the options and the calibration
+  data), so that search candidates sharing a pipeline prefix share its fits (see `FitCache`).
 - `SequentialRun`: runs a graph that is being refitted segment by segment, one sample at a time, keeping
   only the tensors later nodes read: fitting L layers one after the other (each reading what the layers
   before it compute *after* their refits) costs one forward pass in all, not one per layer.
@@ -25,7 +28,8 @@ The solve is ridge regression towards a prior (the weights we would use without 
 
 λ is relative to the mean diagonal of AᵀA, so one value suits layers of any scale: λ → 0 is plain least
 squares, λ → ∞ keeps W₀. The design matrix is the same for every output channel, so one factorisation
-serves all of them: every output channel is solved in one call (one LU factorisation).
+serves all of them: every output channel is solved in one call (one Cholesky factorisation: AᵀA + μI is
+symmetric positive definite), and the fit's residual needs no further F²·M product.
 
 Rows are a random subset of output positions (seeded), spread evenly over the calibration samples:
 `fit_rows(F)` of them, i.e. 4·F clamped to [8192, 32768], or every position when there are fewer. A
@@ -35,6 +39,7 @@ image): fewer rows cost less im2col and AᵀA work; the forward runs are the sam
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +47,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import scipy.linalg
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from hwnas.errors import BadInputError
+from hwnas.graph.gsgraph import const_value
 from hwnas.graph.session import make_session
 
 MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
@@ -218,13 +225,15 @@ class NormalEquations:
             self.target_energy += float(np.sum(target * target))
         self.rows += len(a)
 
-    def residual(self, theta: np.ndarray) -> float:
-        """‖A·θ − Y‖² / ‖Y‖² for stacked weights-and-bias θ (F + 1, M), from the accumulated sums."""
-        error = np.sum(theta * (self.gram @ theta)) - 2 * np.sum(theta * self.cross) + self.target_energy
+    def residual(self, theta: np.ndarray, gram_theta: np.ndarray | None = None) -> float:
+        """‖A·θ − Y‖² / ‖Y‖² for stacked weights-and-bias θ (F + 1, M), from the accumulated sums
+        (`gram_theta`: AᵀA·θ when the caller has it, which saves an F²·M product)."""
+        gram_theta = self.gram @ theta if gram_theta is None else gram_theta
+        error = np.sum(theta * gram_theta) - 2 * np.sum(theta * self.cross) + self.target_energy
         return float(max(error, 0.0) / max(self.target_energy, 1e-30))
 
-    def solve(self, ridge: float, prior: np.ndarray, bias: bool = True) -> np.ndarray:
-        """(AᵀA + μI)·θ = AᵀY + μ·θ₀ with μ = ridge · mean(diag AᵀA); θ is (F + 1, M).
+    def solve(self, ridge: float, prior: np.ndarray, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(AᵀA + μI)·θ = AᵀY + μ·θ₀ with μ = ridge · mean(diag AᵀA); θ is (F + 1, M). Returns θ and AᵀA·θ.
 
         `bias=False` fits the weights alone (an op with nowhere to put a bias: MatMul); θ's last row is 0."""
         scale = float(np.trace(self.gram)) / len(self.gram)
@@ -233,11 +242,16 @@ class NormalEquations:
         system = self.gram[kept, kept] + mu * np.eye(len(self.gram[kept]))
         theta = np.zeros_like(self.cross)
         rhs = self.cross[kept] + mu * prior[kept]
-        try:  # every output channel in one call: one factorisation, not one per group of channels
-            theta[kept] = np.linalg.solve(system, rhs)
+        try:  # every output channel in one call; the system is symmetric positive definite: one Cholesky
+            theta[kept] = scipy.linalg.solve(system, rhs, assume_a="pos", check_finite=False)
         except np.linalg.LinAlgError:  # singular even with the ridge (ridge=0, too few rows)
             theta[kept] = np.linalg.lstsq(system, rhs, rcond=None)[0]
-        return theta
+            return theta, self.gram @ theta
+        gram_theta = np.zeros_like(theta)  # AᵀA·θ = AᵀY + μ·(θ₀ − θ) on the solved rows, with no product
+        gram_theta[kept] = rhs - mu * theta[kept]
+        if not bias:  # the bias row of AᵀA·θ was not in the system
+            gram_theta[-1] = self.gram[-1, :-1] @ theta[:-1]
+        return theta, gram_theta
 
 
 def stack(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -275,10 +289,10 @@ def conv_fit_checks(source: str, target: str, geometry: ConvGeometry, xi: np.nda
 
 def solved_conv(equations: NormalEquations, ridge: float, prior_weight: np.ndarray, prior_bias: np.ndarray) -> ConvFit:
     prior = stack(prior_weight, prior_bias)
-    theta = equations.solve(ridge, prior)
+    theta, gram_theta = equations.solve(ridge, prior)
     weight, bias = unstack(theta, prior_weight.shape)
     return ConvFit(
-        weight.astype(np.float32), bias.astype(np.float32), equations.rows, equations.residual(theta),
+        weight.astype(np.float32), bias.astype(np.float32), equations.rows, equations.residual(theta, gram_theta),
         equations.residual(prior),
     )
 
@@ -442,3 +456,110 @@ class SequentialRun:
         model = helper.make_model(graph, opset_imports=list(self.template.opset_import))
         model.ir_version = self.template.ir_version
         return model, inputs, outputs
+
+
+# -- reuse across candidates -------------------------------------------------------------------------
+
+
+class FitCache:
+    """Fits made in this process (a search's worker), by a key naming everything a fit depends on.
+
+    A search scores many candidates whose pipelines share a prefix: the same refits on the same upstream
+    graph come back again and again. A fit is a function of the graph upstream of its target tensor as the
+    pass found it (`upstream_keys`: every node, attribute and weight there, with which of those nodes the
+    pass fits), of the pass's options and seed, and of the calibration samples; the key hashes all of
+    them, so a hit returns exactly the fit a fresh run would make (bitwise: the same rows, the same solve).
+    Entries are the fitted weights (float32), bounded by `limit_bytes` in all; the least recently used go
+    first. `lookups` and `hits` count use; the search reports them.
+    """
+
+    def __init__(self, limit_bytes: int = 256 << 20):
+        self.limit_bytes = limit_bytes
+        self.entries: dict[str, ConvFit] = {}  # in order of last use
+        self.bytes = 0
+        self.lookups = 0
+        self.hits = 0
+        self._data: tuple[object, str] | None = None  # (calibration mapping, its digest): hashed once
+
+    def data_key(self, source: object, feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
+        """Digest of the feeds a fit uses; `source` (the context's calibration) is hashed once per object."""
+        if source is not None and self._data is not None and self._data[0] is source:
+            return self._data[1]
+        digest = hashlib.sha256()
+        for feed in feeds:
+            for name in sorted(feed):
+                array = np.ascontiguousarray(feed[name])
+                digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+                digest.update(array.tobytes())
+        key = digest.hexdigest()
+        if source is not None:
+            self._data = (source, key)
+        return key
+
+    def get(self, key: str | None) -> ConvFit | None:
+        if key is None:
+            return None
+        self.lookups += 1
+        fit = self.entries.pop(key, None)
+        if fit is not None:
+            self.hits += 1
+            self.entries[key] = fit  # most recently used last
+        return fit
+
+    def put(self, key: str | None, fit: ConvFit) -> None:
+        size = fit.weight.nbytes + fit.bias.nbytes
+        if key is None or key in self.entries or size > self.limit_bytes:
+            return
+        while self.entries and self.bytes + size > self.limit_bytes:
+            old = self.entries.pop(next(iter(self.entries)))
+            self.bytes -= old.weight.nbytes + old.bias.nbytes
+        self.entries[key] = fit
+        self.bytes += size
+
+
+def _node_digest(node: gs.Node) -> bytes | None:
+    """What a node computes: op, name, attributes, tensor names, constants' bytes (None: it has a subgraph)."""
+    digest = hashlib.sha256(repr((node.op, node.domain, node.name, [t.name for t in node.inputs],
+                                  [t.name for t in node.outputs])).encode())
+    values = [(f"input {t.name}", const_value(t)) for t in node.inputs]
+    for name, value in sorted(node.attrs.items()):
+        if isinstance(value, gs.Graph) or (isinstance(value, list) and any(isinstance(v, gs.Graph) for v in value)):
+            return None  # an If/Loop body: not hashed, never cached
+        if isinstance(value, (gs.Constant, np.ndarray)):  # repr would elide a large array's middle
+            values.append((f"attr {name}", const_value(value) if isinstance(value, gs.Constant) else value))
+        else:
+            digest.update(f"attr {name}={value!r}|".encode())
+    for label, value in values:
+        if value is not None:
+            digest.update(f"{label}|{value.dtype}|{value.shape}|".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.digest()
+
+
+def upstream_keys(graph: gs.Graph, tensors: Mapping[object, str], marks: Mapping[int, str],
+                  extra: str) -> dict[object, str | None]:
+    """For each entry of `tensors` (key → tensor name), a digest of every node upstream of that tensor
+    (`graph.nodes` in topological order), each with its mark (`marks`: id(node) → what the pass does
+    there, e.g. which fit), and `extra` (options, seed, calibration digest); None where a node upstream
+    has a subgraph."""
+    producer = {t.name: i for i, n in enumerate(graph.nodes) for t in n.outputs}
+    digests: dict[int, bytes | None] = {}
+    keys = {}
+    for key, name in tensors.items():
+        needed, chain, hashable = {name}, [], True
+        for i in range(producer.get(name, -1), -1, -1):
+            node = graph.nodes[i]
+            if not needed.intersection(t.name for t in node.outputs):
+                continue
+            if i not in digests:
+                digests[i] = _node_digest(node)
+            if digests[i] is None:
+                hashable = False
+                break
+            chain.append(digests[i] + marks.get(id(node), "").encode())
+            needed.update(t.name for t in node.inputs if not isinstance(t, gs.Constant))
+        digest = hashlib.sha256(extra.encode())
+        for part in reversed(chain):
+            digest.update(part)
+        keys[key] = digest.hexdigest() if hashable else None
+    return keys

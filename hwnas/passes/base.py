@@ -23,6 +23,9 @@ import onnx_graphsurgeon as gs
 from hwnas.errors import BadInputError
 from hwnas.graph.shapes import Shape
 
+if typing.TYPE_CHECKING:
+    from hwnas.passes._reconstruct import FitCache
+
 
 class Exactness(str, enum.Enum):
     EXACT = "exact"  # same function up to float re-association; ORT-verified
@@ -61,6 +64,9 @@ class PassContext:
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False  # `hwnas run --dry-run`: passes that need data they lack may list sites only
+    # a search's fits made so far in this process (hwnas.passes._reconstruct.FitCache): candidates that share
+    # a pipeline prefix reuse its refits; None (a single run): every fit is made afresh
+    fit_cache: FitCache | None = None
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:

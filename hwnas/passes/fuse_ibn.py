@@ -57,7 +57,11 @@ forward work instead of O(layers²). Memory: the tensors the not-yet-run part st
 and each fit's sampled target rows until it is solved: each sample contributes its share of 4·F rows
 (F = C_in·K² + 1, clamped to 8192..32768; every position when there are fewer) drawn uniformly from
 its output positions (`positions=N`: N per image instead), accumulated into AᵀA (F × F) and
-AᵀY (F × C_exp) at once; one factorisation then serves all output channels.
+AᵀY (F × C_exp) at once; one Cholesky factorisation then serves all output channels. In a search
+the context carries a fit cache (`_reconstruct.FitCache`): a fit whose upstream graph (as the pass
+found it, with which of its nodes are fitted and as which fit), options, seed and calibration samples
+were seen before reuses that fit, and neither the reference nor the sequential run goes further than
+the last fit not cached; candidates that share a pipeline prefix so share its fits.
 Statistics: `fit_residual_max` and `compose_residual_max`, ‖A·θ − t‖²/‖t‖² on the fitted rows at the
 worst site, fitted and composed.
 
@@ -388,35 +392,45 @@ def apply_mbconv(graph: gs.Graph, sites: list[Site], ctx: PassContext, options: 
         return stats
     feeds = _fit_feeds(ctx)
     followers = _followers(graph, ordered, ctx) if options.refit_project else {}
-    reference = to_model(graph.copy(), ctx.template)  # the function to keep
     # what each fit matches, drawn from one run of the reference: site i's t, then its follower's output
     n = options.positions
     targets = {(i, 0): ls.TargetRows(_target(m).name, int(np.prod(w.shape[1:])) + 1, (ctx.seed, i), positions=n)
                for i, (m, (w, _)) in enumerate(zip(ordered, composed))}  # fmt: skip
     targets.update({(i, 1): ls.TargetRows(c.outputs[0].name, int(np.prod(const_value(c.inputs[1]).shape[1:])) + 1,
                                           (ctx.seed, i, 1), positions=n) for i, c in followers.items()})  # fmt: skip
-    ls.reference_rows(reference, list(targets.values()), feeds)
+    keys = _cache_keys(graph, ordered, followers, targets, feeds, ctx, options)  # {} without a fit cache
+    cached = {key: fit for key in keys if (fit := ctx.fit_cache.get(keys[key])) is not None}
+    missing = [rows for key, rows in targets.items() if key not in cached]
+    if missing:  # the function to keep, run once for the fits not made before (each target's rows seeded apart)
+        ls.reference_rows(to_model(graph.copy(), ctx.template), missing, feeds)
     # one sequential run in graph order: each fit reads the graph with everything upstream of it already
-    # fused or refitted, as fitting site by site (each site, then its follower) on a fresh run would
+    # fused or refitted, as fitting site by site (each site, then its follower) on a fresh run would; it
+    # advances only to the fits not cached (the cached ones are written in as it goes)
     at = lambda key: position[id(ordered[key[0]].expand.conv if key[1] == 0 else followers[key[0]])]  # noqa: E731
     run = ls.SequentialRun(graph, ctx.template, feeds)
     residuals, prior_residuals, rows = [], [], 0
     for key in sorted(targets, key=at):
         index, follower = key
         node = followers[index] if follower else ordered[index].expand.conv
-        source = node.inputs[0].name
-        inputs = [values[source] for values in run.advance(node)]
+        fit = cached.get(key)
+        if fit is None:
+            source = node.inputs[0].name
+            inputs = [values[source] for values in run.advance(node)]
+            if follower:
+                weight = const_value(node.inputs[1])
+                fit = ls.fit_conv_rows(inputs, targets[key], source, _geometry(node, weight.shape),
+                                       weight.astype(np.float64), _conv_bias(node, weight.shape[0]), options.lambda_)
+            else:
+                weight, bias = composed[index]
+                fit = ls.fit_conv_rows(inputs, targets[key], source, _geometry(ordered[index].depthwise.conv, weight.shape),
+                                       weight, bias, options.lambda_)  # fmt: skip
+            if keys:
+                ctx.fit_cache.put(keys[key], fit)
         if follower:
-            weight = const_value(node.inputs[1])
-            fit = ls.fit_conv_rows(inputs, targets[key], source, _geometry(node, weight.shape),
-                                   weight.astype(np.float64), _conv_bias(node, weight.shape[0]), options.lambda_)
             set_weights(graph, node, fit.weight, fit.bias)
             stats["refitted"] += 1
             continue
-        match, (weight, bias) = ordered[index], composed[index]
-        fit = ls.fit_conv_rows(inputs, targets[key], source, _geometry(match.depthwise.conv, weight.shape), weight,
-                               bias, options.lambda_)  # fmt: skip
-        _write_fused(graph, match, fit.weight, fit.bias)
+        _write_fused(graph, ordered[index], fit.weight, fit.bias)
         run.rewritten()
         residuals.append(fit.residual)
         prior_residuals.append(fit.prior_residual)
@@ -429,6 +443,21 @@ def apply_mbconv(graph: gs.Graph, sites: list[Site], ctx: PassContext, options: 
             compose_residual_max=max(prior_residuals),  # the same for plain weight composition
         )
     return stats
+
+
+def _cache_keys(graph: gs.Graph, ordered: list[PatternMatch], followers: dict[int, gs.Node],
+                targets: dict[tuple[int, int], ls.TargetRows], feeds: list[dict[str, np.ndarray]], ctx: PassContext,
+                options: FuseIbnOptions) -> dict[tuple[int, int], str | None]:
+    """Each fit's key in the context's fit cache (none without one): the graph upstream of its target as
+    the pass found it, which nodes there are fitted and as which fit (site i / follower i: the row seeds
+    follow i), the options that shape a fit, the seed and the calibration samples."""
+    if ctx.fit_cache is None:
+        return {}
+    marks = {id(m.expand.conv): f"|site {i}" for i, m in enumerate(ordered)}
+    marks.update({id(c): f"|follower {i}" for i, c in followers.items()})
+    extra = (f"fuse-ibn mbconv|lambda={options.lambda_!r}|positions={options.positions}|seed={ctx.seed}|"
+             f"data={ctx.fit_cache.data_key(ctx.calibration, feeds)}")
+    return ls.upstream_keys(graph, {key: rows.tensor for key, rows in targets.items()}, marks, extra)
 
 
 def _followers(graph: gs.Graph, ordered: list[PatternMatch], ctx: PassContext) -> dict[int, gs.Node]:

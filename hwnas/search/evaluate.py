@@ -119,7 +119,14 @@ class CandidateEvaluator:
         self.quantize = quantize  # the quantize step (pipeline text): every candidate is judged as the int8 model it becomes
         self._quantized: dict[str, onnx.ModelProto] = {}  # float model fingerprint → its quantized model
         self._scaled: dict[str, PipelineRun] = {}  # first step → its result, for the global depth multiplier
-        self.cache_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
+        self._depth_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
+
+    @property
+    def cache_use(self) -> dict[str, int]:
+        """Lookups and hits, in this process, of the depth-scaled graph cache and of the fit cache (refits
+        reused by candidates that share a pipeline prefix: hwnas.passes._reconstruct.FitCache)."""
+        fits = self.ctx.fit_cache
+        return {**self._depth_use, "fit_cache_lookups": fits.lookups if fits else 0, "fit_cache_hits": fits.hits if fits else 0}
 
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
         if not pipeline:
@@ -133,8 +140,8 @@ class CandidateEvaluator:
 
     def _first_step(self, spec: PassSpec) -> PipelineRun:
         key = str(spec)
-        self.cache_use["depth_cache_lookups"] += 1
-        self.cache_use["depth_cache_hits"] += key in self._scaled
+        self._depth_use["depth_cache_lookups"] += 1
+        self._depth_use["depth_cache_hits"] += key in self._scaled
         return _bounded(self._scaled, key, _SCALED_CACHE,
                         lambda: PassManager(Pipeline((spec,)), in_place=True).run(self.graph.copy(), self.ctx))
 

@@ -36,6 +36,7 @@ from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.graph.gsgraph import to_graph, to_model
 from hwnas.graph.session import make_session, run_per_sample
 from hwnas.graph.shapes import Shape
+from hwnas.passes._reconstruct import FitCache
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
@@ -104,6 +105,7 @@ class SearchOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     scored: int = 0  # candidates scored by this search (not read from its journal)
     depth_cache: dict[str, int] = field(default_factory=dict)  # lookups and hits of the depth-scaled graph cache
+    fit_cache: dict[str, int] = field(default_factory=dict)  # lookups and hits of the fit cache (shared prefixes' refits)
 
 
 def data_fingerprint(feeds: Mapping[str, np.ndarray] | None) -> str | None:
@@ -168,8 +170,8 @@ def _evaluate_in_worker(pipeline: str) -> tuple[Score, dict[str, float]]:
 
 
 def _timed_with_cache_use(evaluator: CandidateEvaluator, pipeline: str) -> tuple[Score, dict[str, float]]:
-    """The score, the seconds per phase, and the depth cache's lookups and hits it made (each process
-    has its own cache: the search sums them)."""
+    """The score, the seconds per phase, and the depth and fit caches' lookups and hits it made (each process
+    has its own caches: the search sums them)."""
     before = dict(evaluator.cache_use)
     score, seconds = evaluator.evaluate_timed(pipeline)
     return score, {**seconds, **{k: v - before[k] for k, v in evaluator.cache_use.items()}}
@@ -269,7 +271,7 @@ def prepare(original: onnx.ModelProto, estimator: LatencyEstimator, shapes: Mapp
     # fits see the first samples, drift is judged on the held-back rest, as the final verification does
     split = split_calibration(calibration) if calibration else None
     ctx = PassContext(template=original, input_shapes=shapes, calibration=split.fit if split else None,
-                      seed=settings.seed)
+                      seed=settings.seed, fit_cache=FitCache())
     prepared = PassManager(parse_pipeline(PREFIX)).run(to_graph(original), ctx).graph
     base = to_model(prepared.copy(), original)
     limits = settings.limits
@@ -367,7 +369,8 @@ def run_search(
     seconds = {"setup": setup_s, "search": wall - setup_s, **{f"candidates_{k}": spent[k] for k in PHASES}}
     return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), wall,
                          limits, pareto_front(trials, limits), seconds, int(spent["candidates"]),
-                         {k: int(spent[k]) for k in ("depth_cache_lookups", "depth_cache_hits")})
+                         {k: int(spent[k]) for k in ("depth_cache_lookups", "depth_cache_hits")},
+                         {k: int(spent[k]) for k in ("fit_cache_lookups", "fit_cache_hits")})
 
 
 def ranked_pipelines(outcome: SearchOutcome, limits: Limits) -> list[Trial]:
