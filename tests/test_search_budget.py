@@ -12,6 +12,7 @@ from hwnas.search import algorithms
 from hwnas.search.algorithms import Limits, search
 from hwnas.search.evaluate import Score
 from hwnas.search.space import Decision, SearchSpace, SpaceOptions
+from hwnas.verify.policy import Drift
 
 
 class FakeClock:
@@ -95,7 +96,7 @@ def test_candidates_sharing_a_prefix_reuse_its_fits():
 
     model = build("mobilenetv2", resolution=64)
     shapes = {model.graph.input[0].name: (1, 3, 64, 64)}
-    settings = SearchSettings(limits=Limits(max_drift=0.2), workers=1)
+    settings = SearchSettings(limits=Limits(Drift(0.2)), workers=1)
     estimator = estimator_for(get_target("npu-32x32"), None)
     name = model.graph.input[0].name
     calibration = {name: np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)}
