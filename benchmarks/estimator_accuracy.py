@@ -37,11 +37,19 @@ kernel measurements the estimator was fitted on. Prints markdown tables for BENC
     python benchmarks/estimator_accuracy.py --no-pypi             # offline: without the PyPI models
     python benchmarks/estimator_accuracy.py --targets cpu --oracle # + the ceiling of summing in-context kernels
     python benchmarks/estimator_accuracy.py --targets cpu --development --cpu-estimator NEW/cpu.json  # judge a change
+    python benchmarks/estimator_accuracy.py --targets cpu --oracle --measured M.json  # time once, write M.json ...
+    python benchmarks/estimator_accuracy.py --targets cpu --oracle --measured M.json --cpu-estimator NEW/cpu.json  # ... reuse it
+
+`--measured FILE`: the cpu medians (and with `--oracle` the in-context kernel sums) are read from FILE
+when it exists, instead of timing the models again, so that a change to the estimator can be judged
+offline, on a busy machine, against numbers an idle machine took; when FILE does not exist the models
+are timed and FILE written. A stored file must hold every model scored (else exit 2: time it again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -265,6 +273,33 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int) -> tuple[dict[
     return ({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()}, load)
 
 
+def measured_cpu(models: list[HeldOut], args) -> tuple[dict[str, float], dict[str, float], list[float], dict[str, float] | None]:
+    """(medians, spreads, load before/after, oracle sums or None): timed now, or read from `--measured`
+    when that file exists (written here by a timed run)."""
+    path = Path(args.measured) if args.measured else None
+    if path is not None and path.exists():
+        stored = json.loads(path.read_text())
+        missing = [m.name for m in models if m.name not in stored["measured_ms"]
+                   or (args.oracle and m.name not in stored.get("oracle_ms", {}))]
+        if missing:
+            print(f"error: {path} has no {'oracle sum' if args.oracle else 'median'} for {missing[0]!r} "
+                  f"({len(missing)} model(s)); time them again without it", file=sys.stderr)
+            sys.exit(2)
+        names = [m.name for m in models]
+        oracle = {n: stored["oracle_ms"][n] for n in names} if args.oracle else None
+        print(f"cpu medians{' and oracle sums' if args.oracle else ''} read from {path} (timed {stored.get('date', '?')})",
+              file=sys.stderr)
+        return ({n: stored["measured_ms"][n] for n in names}, {n: stored["spread"][n] for n in names},
+                stored["load"], oracle)
+    measured, spread, load = measure_cpu(models, args.repeats, args.rounds)
+    oracle = in_context_sums(models) if args.oracle else None
+    if path is not None:
+        path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
+                                    "measured_ms": measured, "spread": spread, "load": load,
+                                    **({"oracle_ms": oracle} if oracle else {})}, indent=1) + "\n")
+    return measured, spread, load, oracle
+
+
 def predict(estimator: LatencyEstimator, models: list[HeldOut]) -> tuple[dict[str, float], dict[str, int]]:
     """Each model's estimate, and how many of its kernels the estimator flags `in_distribution: false`."""
     predicted, outside = {}, {}
@@ -396,6 +431,9 @@ def main() -> None:
     parser.add_argument("--oracle", action="store_true",
                         help="cpu: also score each model's own kernels timed in context and summed (the best any "
                              "per-kernel regressor trained in context could do)")
+    parser.add_argument("--measured", metavar="JSON",
+                        help="cpu: read the measured medians (and --oracle sums) from this file instead of timing; "
+                             "where it does not exist, time the models and write it")
     args = parser.parse_args()
 
     try:
@@ -412,7 +450,7 @@ def main() -> None:
         target = get_target(target_name)
         if target_name == "cpu":
             estimators = cpu_estimators(args)
-            measured, spread, load = measure_cpu(models, args.repeats, args.rounds)
+            measured, spread, load, oracle = measured_cpu(models, args)
             note = f"load {load[0]:.1f}→{load[1]:.1f}; median spread {np.median(list(spread.values())):.0%}"
             predicted_by, outside = {}, {}
             for label, estimator in estimators.items():
@@ -424,7 +462,7 @@ def main() -> None:
                 rows.append(summary_row("cpu", label, predicted_by[label], measured, f"{len(estimator.samples_):,}",
                                         note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")))
             if args.oracle:
-                predicted_by["oracle"] = in_context_sums(models)
+                predicted_by["oracle"] = oracle
                 rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed",
                                         predicted_by["oracle"], measured, "–", note))
             details.append(per_model_table("cpu", predicted_by, measured, models, outside, spread))

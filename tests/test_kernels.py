@@ -113,6 +113,39 @@ def test_paddle_affine_and_decomposed_hard_swish_ride_in_the_conv():
     assert kernel.output_shapes == ((1, 16, 6, 6),)
 
 
+def test_affine_after_the_activation_runs_alone_under_affine_folds():
+    """A learnable affine block (PP-LCNetV3: a · act(x) + b): ORT folds affine ops into the conv only before the
+    activation; after it they are nodes of their own, behind a layout copy (its optimized graph, ORT 1.32)."""
+    c, weights = conv("x", "c", 8, 16)
+    consts = {"s": np.float32([0.9]), "t": np.float32([0.5])}
+    nodes = [
+        c,
+        helper.make_node("Mul", ["c", "s"], ["a1"], name="scale"),
+        helper.make_node("Add", ["a1", "t"], ["a2"], name="shift"),
+        helper.make_node("HardSwish", ["a2"], ["h"], name="act"),
+        helper.make_node("Mul", ["s", "h"], ["a3"], name="scale2"),  # constant first, as Paddle writes it
+        helper.make_node("Add", ["a3", "t"], ["y"], name="shift2"),
+    ]
+    model = make_model(nodes, {"x": (1, 8, 6, 6)}, {**weights, **consts})
+    folding = FusionRules.from_dict({**NPU.to_dict(), "epilogue_ops": ["HardSwish"], "affine_folds": True})
+    assert [k.nodes for k in decompose(model, {}, folding)] == [("c", "scale", "shift", "act"), ("scale2",), ("shift2",)]
+    anywhere = FusionRules.from_dict({**folding.to_dict(), "affine_folds": False})
+    assert [k.nodes for k in decompose(model, {}, anywhere)] == [("c", "scale", "shift", "act", "scale2", "shift2")]
+    assert builtin_rules("cpu").affine_folds and not NPU.affine_folds
+
+
+@pytest.mark.parametrize("op, gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+def test_recurrent_layers_are_a_matrix_vector_product_per_step(op, gates):
+    """Counted as an elementwise op of 0 MACs before (ddddocr's bidirectional LSTM: 0.37 ms estimated, ~7 ms run)."""
+    steps, batch, inputs, hidden = 5, 2, 8, 6
+    weights = {"w": np.ones((2, gates * hidden, inputs), np.float32), "r": np.ones((2, gates * hidden, hidden), np.float32)}
+    node = helper.make_node(op, ["x", "w", "r"], ["y"], name="rnn", hidden_size=hidden, direction="bidirectional")
+    (kernel,) = decompose(make_model([node], {"x": (steps, batch, inputs)}, weights), {}, NPU)
+    assert kernel.kind == "gemm" and kernel.output_shapes == ((steps, 2, batch, hidden),)
+    assert kernel.gemm == GemmShape(p=batch, k=inputs + hidden, n=gates * hidden, groups=steps * 2)
+    assert kernel.macs == steps * 2 * batch * (inputs + hidden) * gates * hidden
+
+
 def test_swish_is_fused_but_not_without_the_self_gate_rule():
     c, weights = conv("x", "c", 4, 4)
     nodes = [

@@ -369,6 +369,8 @@ def rules_from_verdicts(verdicts: Sequence[PairMeasurement], criterion: str = "l
             fused.get(rule, False) for rule in ("self_gate:swish", "self_gate:hardswish"))),
         residual_add=bool(fused.get("residual_add")),
     )
+    # not timed by a pair: where affine ops fold (before the activation) is read off ORT's optimized graphs
+    values["affine_folds"] = values["affine"]
     if "residual_epilogue" in {f.name for f in dataclasses.fields(FusionRules)}:  # where FusionRules can say it
         values["residual_epilogue"] = values["residual_add"] and bool(fused.get("residual_epilogue"))
     return FusionRules(**values)

@@ -71,10 +71,15 @@ _KINDS_BY_OP = MappingProxyType(
         "ConvTranspose": "deconv",
         "Gemm": "gemm",
         "MatMul": "gemm",
+        # recurrent layers: a matrix-vector product per time step and direction (`_recurrent_features`)
+        **{op: "gemm" for op in ("LSTM", "GRU", "RNN")},
     }
 )
+_RECURRENT_GATES = MappingProxyType({"LSTM": 4, "GRU": 3, "RNN": 1})
 _AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 _PASS_THROUGH = frozenset({"Identity", "Dropout"})  # exporters put these mid-chain; they never stop a fusion
+# what an anchor absorbs into its weights, after which an affine op still folds (`FusionRules.affine_folds`)
+_FOLDING_OPS = _AFFINE_OPS | {"BatchNormalization"} | _PASS_THROUGH
 _STATIC_SOURCES = frozenset({"Constant", "Shape", "Size"})  # outputs known before run time
 _ONNX_DOMAINS = ("", "ai.onnx")
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
@@ -286,17 +291,22 @@ def _is_int8_boundary(graph: _Graph, node: onnx.NodeProto) -> bool:
 def _epilogue(graph: _Graph, tensor: str, rules: FusionRules, claimed: set[int]) -> tuple[list[int], bool]:
     """The nodes after the anchor that ride along in its kernel, and whether a residual Add is one of them."""
     absorbed: list[int] = []
+    gated = False
     while tensor not in graph.outputs:
         users = graph.consumers.get(tensor, ())
         if any(u in claimed for u in users):
             break
-        if len(users) == 1 and _rides_along(graph, graph.nodes[users[0]], tensor, rules):
+        # `affine_folds`: an affine op rides along where it folds into the weights, nothing but folding ops
+        # before it; after a self gate (hard-swish's `/ 6`) as `affine` says
+        folding = None if gated else all(graph.nodes[a].op_type in _FOLDING_OPS for a in absorbed)
+        if len(users) == 1 and _rides_along(graph, graph.nodes[users[0]], tensor, rules, folding):
             absorbed.append(users[0])
             tensor = graph.nodes[users[0]].output[0]
             continue
         gate = _self_gate(graph, tensor, rules) if rules.self_gate and len(users) == 2 else None
         if gate is not None:
             absorbed += gate
+            gated = True
             tensor = graph.nodes[gate[-1]].output[0]
             continue
         if len(users) == 1 and rules.residual_add and _is_residual_add(graph, graph.nodes[users[0]], tensor):
@@ -322,8 +332,10 @@ def _after_residual(graph: _Graph, tensor: str, rules: FusionRules, claimed: set
     return chain
 
 
-def _rides_along(graph: _Graph, node: onnx.NodeProto, tensor: str, rules: FusionRules) -> bool:
-    """`node` is a unary op on `tensor` (its other inputs constant) that the rules let fuse."""
+def _rides_along(graph: _Graph, node: onnx.NodeProto, tensor: str, rules: FusionRules, folding: bool | None = None) -> bool:
+    """`node` is a unary op on `tensor` (its other inputs constant) that the rules let fuse. `folding`, in an
+    anchor's own chain: whether only ops that fold into its weights came before (`affine_folds` asks it of
+    an affine op); None elsewhere (a self gate's inner chain), where `affine` alone decides."""
     if node.domain not in _ONNX_DOMAINS or len([o for o in node.output if o]) != 1:
         return False
     others = [n for n in node.input if n and n != tensor]
@@ -331,6 +343,8 @@ def _rides_along(graph: _Graph, node: onnx.NodeProto, tensor: str, rules: Fusion
         return False
     if node.op_type in rules.epilogue_ops or node.op_type in _PASS_THROUGH:
         return node.input[0] == tensor
+    if rules.affine_folds and folding is not None:
+        return folding and _is_affine(graph, node, tensor)
     return rules.affine and _is_affine(graph, node, tensor)
 
 
@@ -633,6 +647,8 @@ def _head_features(graph: _Graph, node: onnx.NodeProto, kind: str) -> dict:
         return _gemm_features(graph, node)
     if node.op_type == "MatMul" and kind == "gemm":
         return _matmul_features(graph, node)
+    if node.op_type in _RECURRENT_GATES:
+        return _recurrent_features(graph, node)
     data_in = graph.shapes[node.input[0]] if node.input and node.input[0] else ()
     data_out = graph.shapes[node.output[0]]
     features = {"c_in": _channels(data_in), "c_out": _channels(data_out)}
@@ -676,6 +692,18 @@ def _gemm_features(graph: _Graph, node: onnx.NodeProto) -> dict:
     p, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
     n = b[0] if _attr(node, "transB", 0) else b[1]
     return {"c_in": k, "c_out": n, "macs": p * k * n, "gemm": GemmShape(p=p, k=k, n=n)}
+
+
+def _recurrent_features(graph: _Graph, node: onnx.NodeProto) -> dict:
+    """An LSTM/GRU/RNN as what it computes: per time step and direction, one product of the batch's
+    [x_t, h_t-1] (K = input + hidden) by the gate weights (N = gates × hidden), the steps one after
+    another (`groups`, as a batched MatMul's). Counted as 0 MACs before, so costed as a cheap elementwise op."""
+    x, w = graph.shapes[node.input[0]], graph.shapes[node.input[1]]
+    hidden = _attr(node, "hidden_size", w[1] // _RECURRENT_GATES[node.op_type])
+    steps, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+    k, n = x[-1] + hidden, _RECURRENT_GATES[node.op_type] * hidden
+    gemm = GemmShape(p=batch, k=k, n=n, groups=steps * w[0])
+    return {"c_in": x[-1], "c_out": hidden, "macs": gemm.groups * batch * k * n, "gemm": gemm}
 
 
 def _matmul_features(graph: _Graph, node: onnx.NodeProto) -> dict:
