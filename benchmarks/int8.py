@@ -135,7 +135,7 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
     return [spec, f"{ms['float']:.2f}", f"{ms['peer']:.2f}", f"{ms['hwnas']:.2f}",
             f"{ms['float'] / ms['peer']:.2f}×", f"{ms['float'] / ms['hwnas']:.2f}×", f"{ms['peer'] / ms['hwnas']:.2f}×",
             f"{cells[0]} / {cells[1]}", f"{error['peer']:+.0%} / {error['hwnas']:+.0%}", f"{max_drift:g}",
-            _steps(result.report["pipeline"]), f"{spread:.0%}", min(len(m.samples_ms) for m in timing.values())]
+            _steps(result.to_dict()["pipeline"]), f"{spread:.0%}", min(len(m.samples_ms) for m in timing.values())]
 
 
 def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: int, numbers: Numbers,

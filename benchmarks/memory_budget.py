@@ -83,7 +83,7 @@ def row(s: Subject, trials: int, max_drift: float, numbers: Numbers) -> list[str
     except HwnasError as e:
         return [s.label, f"{mb(base_total)} → budget {mb(budget)}", not_available(str(e)), *[""] * 7]
     wall = time.perf_counter() - start
-    report = result.report
+    report = result.to_dict()
     after = footprint(result.model, s.shapes)
     total = after.params_bytes + after.peak_activation_bytes
     held = report["holdout"]

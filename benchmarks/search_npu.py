@@ -157,7 +157,7 @@ class Runs:
         if key not in self.reports:
             result = api.optimize(self.model(model), target, exact=True, algorithm=algorithm, space=space,
                                   trials=trials, seed=seed, workers=workers)
-            self.reports[key] = result.report
+            self.reports[key] = result.to_dict()
         return self.reports[key]
 
 

@@ -2,7 +2,7 @@
 
     import hwnas
     result = hwnas.optimize("model.onnx", target="npu-32x32")
-    print(result.report["latency_reduction"])
+    print(result.latency_reduction, result.to_dict()["pipeline"])
 
 The functions and result types here are `hwnas.api`'s (docs/api.md). They are imported on first use,
 so `import hwnas` (and with it `hwnas --help`) does not load ONNX Runtime and the estimators.
@@ -21,7 +21,7 @@ _LAZY = {
     "run": "hwnas.api",
     "profile": "hwnas.api",
     "hints": "hwnas.api",
-    "OptimizeResult": "hwnas.api",
+    "OptimizeReport": "hwnas.api",
     "RunResult": "hwnas.api",
     "EstimateResult": "hwnas.api",
     "CheckResult": "hwnas.api",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -39,6 +40,12 @@ from hwnas.verify import Tolerance, VerificationReport, measure_fidelity, verify
 from hwnas.verify.fidelity import FidelityReport
 from hwnas.verify.calibration import CalibrationSplit, held_out_feeds, split_calibration
 from hwnas.verify.policy import Drift, Exact, Fidelity, Retrain, Verdict
+
+if TYPE_CHECKING:  # the search (Optuna) and the quantizer load on first use: `import hwnas` stays light
+    from hwnas.passes.quantize import QuantSettings
+    from hwnas.search.algorithms import Trial
+    from hwnas.search.optimize import PassErrors, SearchOutcome, SearchSettings
+    from hwnas.targets.qnn_htp import DeployCheck
 
 
 @dataclass
@@ -77,14 +84,10 @@ class RunResult:
             "passes": [r.to_dict() for r in self.records],
             "verification": self.verification.to_dict() if self.verification else None,
             "verified": self.verified,
-            "drift": {k: {"samples": _samples_of(v), **v.to_dict()} for k, v in self.drift.items()},
+            "drift": {k: {"samples": v.samples, **v.to_dict()} for k, v in self.drift.items()},
             "calibration_split": self.calibration_split.to_dict() if self.calibration_split else None,
             "warnings": self.warnings,
         }
-
-
-def _samples_of(report: FidelityReport) -> int:
-    return min((o.samples for o in report.outputs), default=0)
 
 
 def run(
@@ -291,16 +294,183 @@ def check(
     return check_budgets(model, target, budgets, input_shapes, estimator, feeds, feeds_label)
 
 
+@dataclass(frozen=True)
+class SearchSummary:
+    """How the search went (the report's "search" object)."""
+
+    algorithm: str
+    space: str
+    seed: int
+    trials: int
+    candidates_evaluated: int
+    distinct_candidates: int
+    candidates_scored: int  # by this run (not read from its journal)
+    depth_cache: dict[str, int]
+    fit_cache: dict[str, int]  # lookups and hits of the Fused-MBConv fit cache
+    pass_errors: PassErrors
+    decisions: int
+    space_size: int
+    wall_s: float
+    seconds: dict[str, float]  # per phase (setup, search, candidates_*, verify_chosen)
+    best_so_far: list[float]
+    quality: QualitySummary | None  # models to retrain: the original's quality, the floor, the chosen one's
+    storage: str | None
+    expert_seed_latency_ms: float | None
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "pass_errors": asdict(self.pass_errors),
+                "quality": None if self.quality is None else asdict(self.quality)}
+
+
+@dataclass(frozen=True)
+class QualitySummary:
+    kind: str  # "naswot" (zero-shot) or "evaluate-cmd"
+    original: float | None
+    floor: float
+    chosen: float | None
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    latency_ms: float
+    drift: float
+    quality: float | None
+    memory_bytes: int
+    pipeline: str
+    chosen: bool
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the written int8 model was quantized."""
+
+    preset: str
+    settings: QuantSettings
+    float_input_side: float  # the share of the graph kept float to meet the drift budget
+    latency_scored_as: str = "the int8 graph"
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, **vars(self.settings), "latency_scored_as": self.latency_scored_as,
+                "float_input_side": self.float_input_side}
+
+
 @dataclass
-class OptimizeResult:
-    """The verified model the search chose, its recipe and the report (DESIGN.md's JSON fields)."""
+class DeploySummary:
+    """The deploy check of the chosen model, and the candidates it turned down (pipeline, reason)."""
+
+    target: str
+    chosen: DeployCheck | None = None
+    note: str = ""
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        rejected = {"rejected": [{"pipeline": p, "reason": r} for p, r in self.rejected]} if self.rejected else {}
+        return {"target": self.target, **rejected, "chosen": self.chosen.to_dict() if self.chosen else None,
+                "note": self.note}
+
+
+@dataclass
+class OptimizeReport:
+    """What `optimize` chose and wrote: the verified model, how it was found and judged. `to_dict()` is the
+    JSON report (docs/report-schema.md), the same keys the CLI prints and writes."""
 
     model: onnx.ModelProto
-    report: dict
-    recipe: dict
-    run: RunResult
+    run: RunResult  # the chosen pipeline applied to the input and verified
+    target: Target
+    fidelity: Fidelity  # the policy the search and the verification held the model to
     baseline: EstimateResult
     optimized: EstimateResult
+    recipe: dict
+    search: SearchSummary
+    pareto: list[ParetoPoint]
+    measured: dict[str, float] | None  # measured targets: A/B latency (input, optimized, input_quantized)
+    holdout: FidelityReport | None  # drift on the held-out inputs, when given
+    quantization: Quantization | None
+    deploy_check: DeploySummary | None
+    warnings: list[str]
+
+    @property
+    def latency_reduction(self) -> float:
+        before, after = self.baseline.latency_ms, self.optimized.latency_ms
+        return 1 - after / before if before else 0.0
+
+    @property
+    def pipeline(self) -> str:
+        return self.run.pipeline
+
+    @property
+    def exact(self) -> bool:
+        return self.run.exactness is Exactness.EXACT
+
+    @property
+    def verification(self) -> VerificationReport | None:
+        return self.run.verification
+
+    @property
+    def verified(self) -> bool:
+        # a model to retrain was allowed any function: ORT ran it, but nothing about its outputs was checked
+        return self.run.verified
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.quantization else "float"
+
+    def to_dict(self) -> dict:
+        run_dict = self.run.to_dict()
+        return {
+            "target": self.target.name,
+            "target_config": self.target.describe(),
+            "baseline": {**self.run.baseline.to_dict(), **self.baseline.to_dict()},
+            "optimized": {**self.run.optimized.to_dict(), **self.optimized.to_dict()},
+            "latency_reduction": self.latency_reduction,
+            "pipeline": self.pipeline,
+            "exact": self.exact,
+            "verification": run_dict["verification"],
+            "verified": self.verified,
+            "measured": self.measured,
+            "holdout": None if self.holdout is None else {"samples": self.holdout.samples, **self.holdout.to_dict()},
+            "precision": self.precision,
+            "quantization": self.quantization.to_dict() if self.quantization else None,
+            "drift": run_dict["drift"],
+            "calibration_split": run_dict["calibration_split"],
+            "deploy_check": self.deploy_check.to_dict() if self.deploy_check else None,
+            "search": self.search.to_dict(),
+            "pareto": [asdict(p) for p in self.pareto],
+            "recipe": self.recipe,
+            "passes": run_dict["passes"],
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class _Plan:
+    """`optimize`'s arguments checked and resolved: what the search and the verification run with."""
+
+    original: onnx.ModelProto
+    target: Target
+    shapes: dict[str, Shape]
+    estimator: LatencyEstimator
+    settings: SearchSettings
+    calibration: Mapping[str, np.ndarray] | None
+    quantize_spec: str | None  # the quantize step every candidate ends with, or None
+    quantization: tuple[str, QuantSettings] | None  # its preset and settings
+    deploy_check: str | None
+    warnings: list[str]
+
+    @property
+    def fidelity(self) -> Fidelity:
+        return self.settings.limits.fidelity
+
+
+@dataclass
+class _Selection:
+    """The candidate that passed verification (and the A/B and deploy checks), and what they measured."""
+
+    chosen: Trial
+    run: RunResult
+    measured: dict[str, float]
+    deploy: DeploySummary | None
+    verify_s: float
 
 
 def optimize(
@@ -333,8 +503,13 @@ def optimize(
     quantize_preset: str | None = None,
     deploy_check: str | None = None,
     job_status: Callable[[object], None] | None = None,
-) -> OptimizeResult:
+) -> OptimizeReport:
     """Search sequences of passes for the fastest model on `target` within the limits, verify it, report.
+
+    Three stages: `_prepare` checks the arguments and resolves them into the search's settings and one
+    fidelity policy (hwnas.verify.policy), `run_search` searches, `_select_and_verify` verifies the best
+    feasible candidates in order until one passes; the `OptimizeReport` (`.to_dict()`: the JSON report)
+    says what was chosen and how.
 
     Exact passes only unless `max_drift=X` is given: that allows reconstructed ones while the output
     cosine on the calibration inputs stays >= 1 - X (random inputs, with a warning, if none are given).
@@ -367,12 +542,30 @@ def optimize(
     next verified one is, and the report's "deploy_check" says why each was passed over and gives the
     chosen model's placement and NPU drift (on `holdout`, else the calibration inputs).
     """
-    from hwnas.search.algorithms import Limits, best_feasible_curve
-    from hwnas.search.optimize import (
-        SearchSettings, expert_candidate, fingerprint, no_feasible_message, pass_errors, ranked_pipelines, run_search,
-        verify_in_order,
-    )
-    from hwnas.search.recipe import make_recipe
+    from hwnas.search.optimize import run_search
+
+    plan = _prepare(model, target, exact=exact, max_drift=max_drift, calibration=calibration,
+                    input_shapes=input_shapes, algorithm=algorithm, space=space, trials=trials,
+                    time_budget=time_budget, seed=seed, workers=workers, memory_budget=memory_budget,
+                    max_params=max_params, max_peak_act=max_peak_act, estimator=estimator, journal=journal,
+                    evaluate_cmd=evaluate_cmd, evaluate_timeout=evaluate_timeout, quality_tolerance=quality_tolerance,
+                    storage=storage, quantize=quantize, quantize_preset=quantize_preset, deploy_check=deploy_check)
+    outcome = run_search(plan.original, plan.target, plan.estimator, plan.shapes, plan.settings, plan.calibration,
+                         progress, job_status)
+    selection = _select_and_verify(plan, outcome, holdout, verify)
+    return _report(plan, outcome, selection, holdout)
+
+
+def _prepare(model: ModelLike, target: str | Target, *, exact: bool | None, max_drift: float | None,
+             calibration: Mapping[str, np.ndarray] | None, input_shapes: Mapping[str, Shape] | None, algorithm: str,
+             space: str, trials: int, time_budget: float | None, seed: int, workers: int | None,
+             memory_budget: int | None, max_params: int | None, max_peak_act: int | None,
+             estimator: str | os.PathLike | LatencyEstimator | None, journal: str | os.PathLike | None,
+             evaluate_cmd: str | None, evaluate_timeout: float, quality_tolerance: float, storage: str | None,
+             quantize: str | None, quantize_preset: str | None, deploy_check: str | None) -> _Plan:
+    """Check and resolve `optimize`'s arguments (BadInputError) into the search's settings and policy."""
+    from hwnas.search.algorithms import Limits
+    from hwnas.search.optimize import SearchSettings
     from hwnas.verify import random_calibration
 
     if space not in ("curated", "uncurated"):
@@ -392,43 +585,54 @@ def optimize(
             raise BadInputError(f"--deploy-check {QNN_HTP} compiles the int8 winner: give --quantize int8 too")
         require_qnn()
         quantize_preset = quantize_preset or "qnn"
-    quantize_spec, quant_settings = _quantize_request(quantize, quantize_preset, the_target, fidelity)
+    quantize_spec, quantization = _quantize_request(quantize, quantize_preset, the_target, fidelity)
     if fidelity.changes_function and calibration is None:
         calibration = random_calibration(original, shapes, samples=4, seed=seed)
         judged = "" if isinstance(fidelity, Retrain) else " and judged"
         what = "the candidates were quantized and judged" if quantize_spec else f"reconstructed passes were fitted{judged}"
         warnings.append(f"no calibration data (--calib): {what} on random inputs")
-    limits = Limits(fidelity, memory_budget, max_params, max_peak_act)
-    settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers, limits,
+    settings = SearchSettings(algorithm, trials, time_budget, seed, space == "curated", workers,
+                              Limits(fidelity, memory_budget, max_params, max_peak_act),
                               None if journal is None else str(journal), evaluate_cmd, evaluate_timeout,
                               quality_tolerance, storage, quantize_spec)
-    outcome = run_search(original, the_target, latency_model, shapes, settings, calibration, progress, job_status)
+    return _Plan(original, the_target, shapes, latency_model, settings, calibration, quantize_spec, quantization,
+                 deploy_check, warnings)
+
+
+def _select_and_verify(plan: _Plan, outcome: SearchOutcome, holdout: Mapping[str, np.ndarray] | None,
+                       verify: bool) -> _Selection:
+    """Verify the best feasible candidates in order (ONNX Runtime under the plan's policy, A/B on measured
+    targets, the deploy check) until one passes; CheckFailedError when none does or none is feasible."""
+    from hwnas.search.optimize import no_feasible_message, ranked_pipelines, verify_in_order
+
+    original, target, shapes, calibration = plan.original, plan.target, plan.shapes, plan.calibration
+    quantize_spec, seed = plan.quantize_spec, plan.settings.seed
     limits = outcome.limits  # with the quality floor the search set
     candidates = ranked_pipelines(outcome, limits)
     if not candidates:
         raise CheckFailedError(no_feasible_message(outcome, limits))
     measured: dict[str, float] = {}
-    deployed: dict = {}  # the deploy check of the chosen candidate, and the candidates it turned down
+    deploy = DeploySummary(plan.deploy_check) if plan.deploy_check is not None else None
 
     def accept(pipeline: str) -> RunResult:
         result = run(original, _then(pipeline, quantize_spec), input_shapes=shapes, calibration=calibration,
-                     holdout=holdout if quantize_spec else None, fidelity=fidelity, verify=verify, seed=seed,
+                     holdout=holdout if quantize_spec else None, fidelity=plan.fidelity, verify=verify, seed=seed,
                      strict_sites=False)
-        if not the_target.simulated:  # the estimator's word is not enough on real hardware: measure A/B
+        if not target.simulated:  # the estimator's word is not enough on real hardware: measure A/B
             models = {"input": original, "optimized": result.model}
             if quantize_spec:  # the peer: the input quantized alone, same quantizer and calibration
                 models["input_quantized"] = run(original, quantize_spec, input_shapes=shapes,
                                                 calibration=calibration, allow_drift=1.0, seed=seed).model
-            timing = the_target.compare(models, shapes)
+            timing = target.compare(models, shapes)
             measured.update({f"{k}_ms": m.latency_ms for k, m in timing.items()})
             reference = "input_quantized" if quantize_spec else "input"
             if measured["optimized_ms"] > 1.03 * measured[f"{reference}_ms"]:
-                raise CheckFailedError(f"measured {measured['optimized_ms']:.3f} ms on {the_target.name}, "
+                raise CheckFailedError(f"measured {measured['optimized_ms']:.3f} ms on {target.name}, "
                                        f"more than 3% over the {reference.replace('_', ' ')}'s "
                                        f"{measured[f'{reference}_ms']:.3f} ms")
-        if deploy_check is not None:
+        if deploy is not None:
             _deploy_or_reject(result, pipeline, shapes, holdout if holdout is not None else calibration,
-                              "held-out" if holdout is not None else "calibration", original, deployed)
+                              "held-out" if holdout is not None else "calibration", original, deploy)
         return result
 
     # the input's own pipeline is the last resort, and only within every limit given: over one, nothing is written
@@ -439,63 +643,55 @@ def optimize(
                  if t is not None and t not in candidates[:5] and limits.feasible(t.score)]
     verify_start = time.monotonic()
     chosen, run_result = verify_in_order(candidates[:5] + fallbacks, accept)
-    verify_s = time.monotonic() - verify_start
-    baseline_estimate = estimate(original, the_target, input_shapes=shapes, estimator=latency_model)
+    return _Selection(chosen, run_result, measured, deploy, time.monotonic() - verify_start)
+
+
+def _report(plan: _Plan, outcome: SearchOutcome, selection: _Selection,
+            holdout: Mapping[str, np.ndarray] | None) -> OptimizeReport:
+    """The report of the chosen model: estimates of input and output, the search's summary, the Pareto front."""
+    from hwnas.search.algorithms import best_feasible_curve
+    from hwnas.search.optimize import expert_candidate, fingerprint, pass_errors
+    from hwnas.search.recipe import make_recipe
+
+    settings, limits, chosen, run_result = plan.settings, outcome.limits, selection.chosen, selection.run
+    baseline_estimate = estimate(plan.original, plan.target, input_shapes=plan.shapes, estimator=plan.estimator)
     # the written model, int8 included: what the search scored the candidate by
-    optimized_estimate = estimate(run_result.model, the_target, input_shapes=shapes, estimator=latency_model)
-    recipe = make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(original), the_target.name)
-    reduction = 1 - optimized_estimate.latency_ms / baseline_estimate.latency_ms if baseline_estimate.latency_ms else 0.0
-    run_dict = run_result.to_dict()
-    report = {
-        "target": the_target.name,
-        "target_config": the_target.describe(),
-        "baseline": {**run_result.baseline.to_dict(), **baseline_estimate.to_dict()},
-        "optimized": {**run_result.optimized.to_dict(), **optimized_estimate.to_dict()},
-        "latency_reduction": reduction,
-        "pipeline": run_result.pipeline,
-        "exact": run_result.exactness is Exactness.EXACT,
-        "verification": run_result.verification.to_dict() if run_result.verification else None,
-        # a model to retrain was allowed any function: ORT ran it, but nothing about its outputs was checked
-        "verified": run_result.verified,
-        "measured": measured or None,
-        "holdout": None if holdout is None else {
-            "samples": _samples(holdout),
-            **(run_result.drift.get("holdout") or measure_fidelity(original, run_result.model, holdout)).to_dict()},
-        "precision": "int8" if quantize_spec else "float",
-        "quantization": None if quant_settings is None else {
-            "preset": quantize_preset or _default_preset(the_target), **vars(quant_settings),
-            "latency_scored_as": "the int8 graph",
-            "float_input_side": next(r.stats.get("float_input_side", 0.0) for r in run_result.records
-                                     if r.spec.startswith("quantize"))},
-        "drift": run_dict["drift"],
-        "calibration_split": run_dict["calibration_split"],
-        "deploy_check": None if deploy_check is None else {"target": deploy_check, **deployed},
-        "search": {
-            "algorithm": algorithm, "space": space, "seed": seed, "trials": trials,
-            "candidates_evaluated": len(outcome.trials), "distinct_candidates": len({t.pipeline for t in outcome.trials}),
-            "candidates_scored": outcome.scored, "depth_cache": outcome.depth_cache,
-            "fit_cache": outcome.fit_cache,
-            "pass_errors": pass_errors(outcome.trials),
-            "decisions": len(outcome.space.decisions), "space_size": outcome.space.size(), "wall_s": outcome.wall_s,
-            "seconds": {**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(verify_s, 3)},
-            "best_so_far": best_feasible_curve(outcome.trials, limits),
-            "quality": None if limits.fidelity.quality_floor is None else {
-                "kind": "evaluate-cmd" if evaluate_cmd else "naswot", "original": outcome.baseline.score.quality,
-                "floor": limits.fidelity.quality_floor, "chosen": chosen.score.quality,
-            },
-            "storage": storage,
-            "expert_seed_latency_ms": next((t.score.latency_ms for t in outcome.trials if t.candidate == expert_candidate(outcome.space)), None),
-        },
-        "pareto": [
-            {"latency_ms": t.score.latency_ms, "drift": t.score.drift, "quality": t.score.quality,
-             "memory_bytes": t.score.memory_bytes, "pipeline": t.pipeline, "chosen": t.pipeline == chosen.pipeline}
-            for t in outcome.pareto
-        ],
-        "recipe": recipe,
-        "passes": [r.to_dict() for r in run_result.records],
-        "warnings": warnings + run_result.warnings + [f"search space: {s}" for s in outcome.space.skipped],
-    }
-    return OptimizeResult(run_result.model, report, recipe, run_result, baseline_estimate, optimized_estimate)
+    optimized_estimate = estimate(run_result.model, plan.target, input_shapes=plan.shapes, estimator=plan.estimator)
+    floor = limits.fidelity.quality_floor
+    search = SearchSummary(
+        algorithm=settings.algorithm, space="curated" if settings.curated else "uncurated", seed=settings.seed,
+        trials=settings.trials, candidates_evaluated=len(outcome.trials),
+        distinct_candidates=len({t.pipeline for t in outcome.trials}), candidates_scored=outcome.scored,
+        depth_cache=outcome.depth_cache, fit_cache=outcome.fit_cache, pass_errors=pass_errors(outcome.trials),
+        decisions=len(outcome.space.decisions), space_size=outcome.space.size(), wall_s=outcome.wall_s,
+        seconds={**{k: round(v, 3) for k, v in outcome.seconds.items()}, "verify_chosen": round(selection.verify_s, 3)},
+        best_so_far=best_feasible_curve(outcome.trials, limits),
+        quality=None if floor is None else QualitySummary(
+            "evaluate-cmd" if settings.evaluate_cmd else "naswot", outcome.baseline.score.quality, floor,
+            chosen.score.quality),
+        storage=settings.storage,
+        expert_seed_latency_ms=next((t.score.latency_ms for t in outcome.trials
+                                     if t.candidate == expert_candidate(outcome.space)), None),
+    )
+    quantization = None
+    if plan.quantization is not None:
+        preset, quant_settings = plan.quantization
+        quantization = Quantization(preset, quant_settings, next(r.stats.get("float_input_side", 0.0)
+                                                                 for r in run_result.records if r.spec.startswith("quantize")))
+    return OptimizeReport(
+        model=run_result.model, run=run_result, target=plan.target, fidelity=plan.fidelity,
+        baseline=baseline_estimate, optimized=optimized_estimate,
+        recipe=make_recipe(outcome.space, chosen.candidate, run_result.pipeline, fingerprint(plan.original),
+                           plan.target.name),
+        search=search,
+        pareto=[ParetoPoint(t.score.latency_ms, t.score.drift, t.score.quality, t.score.memory_bytes, t.pipeline,
+                            t.pipeline == chosen.pipeline) for t in outcome.pareto],
+        measured=selection.measured or None,
+        holdout=None if holdout is None else (run_result.drift.get("holdout")
+                                              or measure_fidelity(plan.original, run_result.model, holdout)),
+        quantization=quantization, deploy_check=selection.deploy,
+        warnings=plan.warnings + run_result.warnings + [f"search space: {s}" for s in outcome.space.skipped],
+    )
 
 
 def work(storage: str, study: str | None = None, *, once: bool = False, max_candidates: int | None = None,
@@ -563,7 +759,7 @@ def _requested_fidelity(exact: bool | None, max_drift: float | None, retrain: bo
 
 
 def _quantize_request(quantize: str | None, preset: str | None, target: Target, fidelity: Fidelity):
-    """(the quantize step's pipeline text, its settings) for `optimize --quantize`, or (None, None)."""
+    """(the quantize step's pipeline text, (its preset, its settings)) for `optimize --quantize`, or (None, None)."""
     from hwnas.passes.quantize import PRESETS, Quantize
 
     if quantize is None:
@@ -579,12 +775,13 @@ def _quantize_request(quantize: str | None, preset: str | None, target: Target, 
     if not isinstance(fidelity, Drift):
         raise BadInputError("--quantize int8 changes the function: give the drift budget too (--max-drift X)")
     # the budget goes to the quantizer too: over it, the input side stays float (hwnas.passes.quantize)
-    spec = f"quantize{{preset={preset or _default_preset(target)},max_drift={fidelity.max:g}}}"
-    return spec, Quantize(preset=preset or _default_preset(target)).options.settings()
+    preset = preset or _default_preset(target)
+    spec = f"quantize{{preset={preset},max_drift={fidelity.max:g}}}"
+    return spec, (preset, Quantize(preset=preset).options.settings())
 
 
 def _deploy_or_reject(result: RunResult, pipeline: str, shapes: Mapping[str, Shape], feeds, label: str,
-                      original: onnx.ModelProto, deployed: dict) -> None:
+                      original: onnx.ModelProto, deployed: DeploySummary) -> None:
     """Compile a verified candidate on qnn-htp; record the result in `deployed`, or raise CheckFailedError
     (the next candidate is tried) when it does not compile with every node on the NPU."""
     from hwnas.targets.qnn_htp import deploy_check as compile_on_npu, shape_text
@@ -595,15 +792,12 @@ def _deploy_or_reject(result: RunResult, pipeline: str, shapes: Mapping[str, Sha
         why = f"{len(check.off_npu)} node(s) off the NPU: {off}" if check.off_npu else f"does not compile: {check.error}"
         if check.culprit:
             why += f" (bisection: {', '.join(f'{n} ({o})' for n, o in zip(check.culprit.nodes, check.culprit.ops))})"
-        deployed.setdefault("rejected", []).append({"pipeline": pipeline, "reason": why})
+        deployed.rejected.append((pipeline, why))
         raise CheckFailedError(f"qnn-htp: {why}")
-    deployed["chosen"] = check.to_dict()
-    deployed["note"] = f"checked at {shape_text(shapes)} (HTP needs static shapes; the written model keeps the input's dims)"
+    deployed.chosen = check
+    deployed.note = f"checked at {shape_text(shapes)} (HTP needs static shapes; the written model keeps the input's dims)"
 
 
 def _then(pipeline: str, step: str | None) -> str:
     return ",".join(p for p in (pipeline, step) if p)
 
-
-def _samples(feeds: Mapping[str, np.ndarray]) -> int:
-    return min((len(a) for a in feeds.values()), default=0)

@@ -467,7 +467,7 @@ def cmd_optimize(args) -> int:
             job_status=job_status,
         )
     save_model(result.model, args.output)
-    report = {"input": str(args.input), "output": str(args.output), **result.report}
+    report = {"input": str(args.input), "output": str(args.output), **result.to_dict()}
     if args.report:
         if args.report.endswith(".html"):
             from hwnas.report.html import write_html
@@ -477,55 +477,53 @@ def cmd_optimize(args) -> int:
             write_json(args.report, report)
     if args.recipe_out:
         write_json(args.recipe_out, result.recipe)
-    errors = report["search"]["pass_errors"]
-    if errors["count"]:
-        print(f"warning: a pass failed on {errors['count']} candidate(s) (a bug; they were left out): "
-              + " | ".join(errors["first"]), file=sys.stderr)
+    s = result.search
+    if s.pass_errors.count:
+        print(f"warning: a pass failed on {s.pass_errors.count} candidate(s) (a bug; they were left out): "
+              + " | ".join(s.pass_errors.first), file=sys.stderr)
     if args.json:
         print(dumps(report))
         return 0
     b, a = result.baseline, result.optimized
-    print(f"target {report['target']}: estimated latency {b.latency_ms:.4f} → {a.latency_ms:.4f} ms "
-          f"({report['latency_reduction']:.1%} less); params {_size(b.params_bytes)} → {_size(a.params_bytes)}; "
+    print(f"target {result.target.name}: estimated latency {b.latency_ms:.4f} → {a.latency_ms:.4f} ms "
+          f"({result.latency_reduction:.1%} less); params {_size(b.params_bytes)} → {_size(a.params_bytes)}; "
           f"peak activations {_size(b.peak_activation_bytes)} → {_size(a.peak_activation_bytes)}")
-    s = report["search"]
-    print(f"search: {s['algorithm']} over {s['decisions']} decisions ({s['space']}), {s['candidates_evaluated']} "
-          f"candidates in {s['wall_s']:.1f} s")
-    t = s["seconds"]
-    print(f"time: setup {t['setup']:.1f} s, search {t['search']:.1f} s ({s['candidates_scored']} scored here; summed over "
+    print(f"search: {s.algorithm} over {s.decisions} decisions ({s.space}), {s.candidates_evaluated} "
+          f"candidates in {s.wall_s:.1f} s")
+    t = s.seconds
+    print(f"time: setup {t['setup']:.1f} s, search {t['search']:.1f} s ({s.candidates_scored} scored here; summed over "
           f"workers: passes and calibration {t['candidates_build']:.1f} s, "
-          + (f"quantizer {t['candidates_quantize']:.1f} s, " if report["quantization"] else "")
+          + (f"quantizer {t['candidates_quantize']:.1f} s, " if result.quantization else "")
           + f"estimation {t['candidates_estimate']:.1f} s, "
           f"drift {t['candidates_drift']:.1f} s), verifying the chosen model {t['verify_chosen']:.1f} s")
-    v = report["verification"]
-    if v:
-        print(f"verification: {'equivalent' if v['equivalent'] else 'drift'} (max abs {v['max_abs']:.3g}, cosine {v['cosine']:.8f})")
-    if q := report["quantization"]:
-        print(f"precision: {report['precision']}, preset {q['preset']} (activations {q['activations']}, weights "
-              f"{q['weights']}{', per channel' if q['per_channel'] else ''}); latency scored as {q['latency_scored_as']}"
-              + (f"; input side kept float: {q['float_input_side']:.0%} of the graph (over --max-drift quantized)"
-                 if q["float_input_side"] else ""))
-        for data, fidelity in report["drift"].items():
-            for o in fidelity["outputs"]:
-                top1 = "" if o["top1_agreement"] is None else f", top-1 agreement {o['top1_agreement']:.3f}"
-                print(f"drift on {data} ({o['samples']} samples), output {o['name']}: cosine {o['cosine']:.6f}, "
-                      f"max abs {o['max_abs']:.3g}{top1}")
-    if m := report["measured"]:
+    if v := result.verification:
+        print(f"verification: {'equivalent' if v.equivalent else 'drift'} (max abs {v.max_abs:.3g}, cosine {v.cosine:.8f})")
+    if q := result.quantization:
+        print(f"precision: {result.precision}, preset {q.preset} (activations {q.settings.activations}, weights "
+              f"{q.settings.weights}{', per channel' if q.settings.per_channel else ''}); latency scored as "
+              f"{q.latency_scored_as}"
+              + (f"; input side kept float: {q.float_input_side:.0%} of the graph (over --max-drift quantized)"
+                 if q.float_input_side else ""))
+        for data, fidelity in result.run.drift.items():
+            for o in fidelity.outputs:
+                top1 = "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3f}"
+                print(f"drift on {data} ({o.samples} samples), output {o.name}: cosine {o.cosine:.6f}, "
+                      f"max abs {o.max_abs:.3g}{top1}")
+    if m := result.measured:
         print("measured on the target: " + ", ".join(f"{k.removesuffix('_ms').replace('_', ' ')} {v:.3f} ms"
                                                      for k, v in m.items()))
-    if h := report["holdout"]:
-        top1 = "" if h["top1_agreement"] is None else f", top-1 agreement {h['top1_agreement']:.3f}"
-        print(f"held-out drift: cosine {h['cosine']:.6f}{top1} ({h['samples']} samples)")
-    if d := report["deploy_check"]:
-        for r in d.get("rejected", []):
-            print(f"{d['target']}: passed over {r['pipeline'] or '(no passes)'}: {r['reason']}")
-        c = d["chosen"]
-        drift = c["drift"]
-        top1 = "" if drift["top1_agreement"] is None else f", top-1 agreement {drift['top1_agreement']:.3f}"
-        print(f"{d['target']}: the written model compiles with all {c['nodes_on_npu']} nodes on the NPU, {d['note']}; "
-              f"NPU drift vs the input on {drift['samples']} {drift['inputs']} sample(s): cosine {drift['cosine']:.5f}{top1}")
-    print(f"pipeline: {report['pipeline']}")
-    for w in report["warnings"]:
+    if h := result.holdout:
+        top1 = "" if h.top1_agreement is None else f", top-1 agreement {h.top1_agreement:.3f}"
+        print(f"held-out drift: cosine {h.cosine:.6f}{top1} ({h.samples} samples)")
+    if d := result.deploy_check:
+        for pipeline, reason in d.rejected:
+            print(f"{d.target}: passed over {pipeline or '(no passes)'}: {reason}")
+        drift = d.chosen.drift
+        top1 = "" if drift.top1_agreement is None else f", top-1 agreement {drift.top1_agreement:.3f}"
+        print(f"{d.target}: the written model compiles with all {d.chosen.on_npu} nodes on the NPU, {d.note}; "
+              f"NPU drift vs the input on {drift.samples} {drift.inputs} sample(s): cosine {drift.cosine:.5f}{top1}")
+    print(f"pipeline: {result.pipeline}")
+    for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {args.output}")
     return 0

@@ -331,5 +331,5 @@ def test_optimize_with_a_storage_gives_the_local_result(tmp_path):
     local = api.optimize(model, "npu-32x32", trials=12, seed=1, workers=1)
     distributed = api.optimize(model, "npu-32x32", trials=12, seed=1, workers=2,
                                storage=f"sqlite:///{tmp_path / 'search.db'}")
-    assert distributed.report["pipeline"] == local.report["pipeline"]
-    assert distributed.report["search"]["best_so_far"] == local.report["search"]["best_so_far"]
+    assert distributed.to_dict()["pipeline"] == local.to_dict()["pipeline"]
+    assert distributed.to_dict()["search"]["best_so_far"] == local.to_dict()["search"]["best_so_far"]

@@ -85,9 +85,9 @@ def test_optimize_stops_when_the_original_cannot_be_scored(net):
 
 def test_the_score_steers_the_search(net):
     plain = api.optimize(net, "npu-32x32", trials=12, seed=0, workers=1)
-    assert f"@{KEPT}" in plain.report["pipeline"]  # on latency alone both depthwise convs are replaced
+    assert f"@{KEPT}" in plain.to_dict()["pipeline"]  # on latency alone both depthwise convs are replaced
     steered = api.optimize(net, "npu-32x32", trials=12, seed=0, workers=1, evaluate_cmd=scorer("--keep-depthwise", KEPT))
-    assert f"@{KEPT}" not in steered.report["pipeline"]
-    assert "@dw1/conv" in steered.report["pipeline"]  # the other one still is
-    assert 0 < steered.report["latency_reduction"] < plain.report["latency_reduction"]
-    assert steered.report["search"]["quality"] == {"kind": "evaluate-cmd", "original": 1.0, "floor": 0.99, "chosen": 1.0}
+    assert f"@{KEPT}" not in steered.to_dict()["pipeline"]
+    assert "@dw1/conv" in steered.to_dict()["pipeline"]  # the other one still is
+    assert 0 < steered.to_dict()["latency_reduction"] < plain.to_dict()["latency_reduction"]
+    assert steered.to_dict()["search"]["quality"] == {"kind": "evaluate-cmd", "original": 1.0, "floor": 0.99, "chosen": 1.0}

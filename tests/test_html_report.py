@@ -218,7 +218,7 @@ def test_a_real_optimize_report_renders_in_headless_chromium(tmp_path):
     model = models.build("mobilenetv2", width=0.35, resolution=64)
     result = api.optimize(model, TARGET, trials=12, workers=1, seed=0)
     html_path = tmp_path / "optimize.html"
-    write_html(html_path, json.loads(dumps(result.report)))
+    write_html(html_path, json.loads(dumps(result.to_dict())))
     png = tmp_path / "optimize.png"
     shot = _chromium(f"--screenshot={png}", "--dump-dom", "--window-size=1280,2000", html_path.as_uri(),
                      user_data=tmp_path / "ud")

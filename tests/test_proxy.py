@@ -113,9 +113,9 @@ def test_zero_shot_search_rules_out_what_lowers_the_proxy(tmp_path):
     journal = tmp_path / "journal.jsonl"
     result = api.optimize(model, "npu-32x32", algorithm="zero-shot", trials=8, seed=0, workers=1, journal=journal,
                           quality_tolerance=0.0)
-    quality = result.report["search"]["quality"]
+    quality = result.to_dict()["search"]["quality"]
     assert quality["kind"] == "naswot" and quality["floor"] == quality["original"]
     assert quality["chosen"] >= quality["floor"]
     scores = [json.loads(line)["score"] for line in journal.read_text().splitlines()[1:]]
-    faster = [s for s in scores if s["error"] is None and s["latency_ms"] < result.report["optimized"]["latency_ms"]]
+    faster = [s for s in scores if s["error"] is None and s["latency_ms"] < result.to_dict()["optimized"]["latency_ms"]]
     assert faster and all(s["quality"] < quality["floor"] for s in faster)  # the proxy ruled out every faster one

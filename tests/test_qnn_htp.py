@@ -191,7 +191,7 @@ def test_optimize_passes_over_a_winner_that_does_not_compile(monkeypatch, tmp_pa
     feeds = {"input": scene_batch(np.random.default_rng(0), 4, (64, 64))[0]}
     result = api.optimize(model, "npu-16x16", quantize="int8", deploy_check="qnn-htp", max_drift=0.1,
                           calibration=feeds, trials=6, seed=0, workers=1, journal=tmp_path / "j.jsonl")
-    report = result.report
+    report = result.to_dict()
     assert report["quantization"]["preset"] == "qnn"  # the backend's form, not the npu target's
     deploy = report["deploy_check"]
     assert len(deploy["rejected"]) == 1 and "MEM_ALLOC" in deploy["rejected"][0]["reason"]
@@ -199,6 +199,37 @@ def test_optimize_passes_over_a_winner_that_does_not_compile(monkeypatch, tmp_pa
     assert deploy["chosen"]["compiled"] and deploy["chosen"]["nodes_off_npu"] == 0
     assert 0.9 < deploy["chosen"]["drift"]["cosine"] <= 1.0
     assert "checked at input:1x3x64x64" in deploy["note"]
+
+
+def test_optimize_reports_and_prints_the_deploy_check_with_the_compiler_faked(monkeypatch, tmp_path, capsys):
+    """Runs everywhere: the first candidate's (fake) compile fails, the next one's places every node on the
+    NPU; the report's fields, its JSON and the CLI's lines say so."""
+    from hwnas.models import build
+
+    calls = []
+
+    def fake_compile(model, shapes, feeds, reference, label):
+        calls.append(label)
+        if len(calls) == 1:
+            return qnn_htp.DeployCheck(False, "Failed to finalize QNN graph. Error: QNN_COMMON_ERROR_MEM_ALLOC", [], {})
+        drift = qnn_htp.NpuDrift("the input", label, 2, 0.995, 0.99, 0.1, None)
+        return qnn_htp.DeployCheck(True, None, [qnn_htp.NodePlacement("conv", "Conv", "npu")], dict(shapes), drift)
+
+    monkeypatch.setattr(qnn_htp, "require_qnn", lambda: None)
+    monkeypatch.setattr(qnn_htp, "deploy_check", fake_compile)
+    model_path, report_path = tmp_path / "m.onnx", tmp_path / "r.json"
+    onnx.save(build("mobilenetv2", resolution=32, width=0.35), model_path)
+    code = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "npu-16x16", "--quantize",
+                 "int8", "--deploy-check", "qnn-htp", "--max-drift", "0.2", "--trials", "4", "--workers", "1",
+                 "--report", str(report_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and calls == ["calibration", "calibration"]
+    deploy = json.loads(report_path.read_text())["deploy_check"]
+    assert list(deploy) == ["target", "rejected", "chosen", "note"]
+    assert "MEM_ALLOC" in deploy["rejected"][0]["reason"] and deploy["chosen"]["nodes_on_npu"] == 1
+    assert "qnn-htp: passed over " in out and "QNN_COMMON_ERROR_MEM_ALLOC" in out
+    assert "the written model compiles with all 1 nodes on the NPU, checked at input:1x3x32x32" in out
+    assert "on 2 calibration sample(s): cosine 0.99500" in out
 
 
 def test_deploy_check_needs_int8(monkeypatch):

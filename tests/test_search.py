@@ -13,7 +13,7 @@ from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.models import build
 from hwnas.search.algorithms import Limits, Trial, pareto_front
 from hwnas.search.evaluate import Score
-from hwnas.verify.policy import Drift
+from hwnas.verify.policy import Drift, Exact
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def distinct_choices(recipe: dict) -> set[str]:
 
 def test_exact_search_reduces_npu_latency_and_verifies(small_mnv2, tmp_path):
     result = api.optimize(small_mnv2, "npu-32x32", trials=40, seed=0, workers=1, journal=tmp_path / "j.jsonl")
-    report = result.report
+    report = result.to_dict()
     assert report["exact"] and report["verified"]
     assert report["verification"]["equivalent"]
     assert report["latency_reduction"] > 0.4
@@ -36,13 +36,26 @@ def test_exact_search_reduces_npu_latency_and_verifies(small_mnv2, tmp_path):
     assert report["search"]["candidates_evaluated"] == 40
     curve = report["search"]["best_so_far"]
     assert all(a >= b for a, b in zip(curve, curve[1:]))
+    # the typed report and its JSON form (the keys the CLI prints: docs/report-schema.md) say the same
+    assert list(report) == ["target", "target_config", "baseline", "optimized", "latency_reduction", "pipeline",
+                            "exact", "verification", "verified", "measured", "holdout", "precision", "quantization",
+                            "drift", "calibration_split", "deploy_check", "search", "pareto", "recipe", "passes",
+                            "warnings"]
+    assert list(report["search"]) == ["algorithm", "space", "seed", "trials", "candidates_evaluated",
+                                      "distinct_candidates", "candidates_scored", "depth_cache", "fit_cache", "pass_errors",
+                                      "decisions", "space_size", "wall_s", "seconds", "best_so_far", "quality",
+                                      "storage", "expert_seed_latency_ms"]
+    assert result.fidelity == Exact() and result.exact and result.verified and result.precision == "float"
+    assert (result.latency_reduction, result.pipeline) == (report["latency_reduction"], report["pipeline"])
+    assert report["search"]["pass_errors"] == {"count": result.search.pass_errors.count, "first": []}
+    assert sum(p["chosen"] for p in report["pareto"]) <= 1
 
 
 @pytest.mark.parametrize("algorithm", ["random", "greedy"])
 def test_other_algorithms_run_and_improve(small_mnv2, algorithm):
     result = api.optimize(small_mnv2, "npu-16x16", algorithm=algorithm, trials=25, seed=1, workers=1)
-    assert result.report["latency_reduction"] > 0
-    assert result.report["search"]["algorithm"] == algorithm
+    assert result.to_dict()["latency_reduction"] > 0
+    assert result.to_dict()["search"]["algorithm"] == algorithm
 
 
 def test_interrupted_search_resumes_to_the_same_result(small_mnv2, tmp_path):
@@ -59,8 +72,8 @@ def test_interrupted_search_resumes_to_the_same_result(small_mnv2, tmp_path):
     assert 0 < saved < 30
     resumed = api.optimize(small_mnv2, "npu-32x32", trials=30, seed=3, workers=1, journal=journal)
     assert len(journal.read_text().splitlines()) - 1 >= saved  # nothing evaluated before the interrupt was lost
-    assert resumed.report["pipeline"] == uninterrupted.report["pipeline"]
-    assert resumed.report["search"]["best_so_far"] == uninterrupted.report["search"]["best_so_far"]
+    assert resumed.to_dict()["pipeline"] == uninterrupted.to_dict()["pipeline"]
+    assert resumed.to_dict()["search"]["best_so_far"] == uninterrupted.to_dict()["search"]["best_so_far"]
 
 
 def test_recipe_transfers_to_other_models(small_mnv2, tmp_path):

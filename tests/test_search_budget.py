@@ -62,7 +62,7 @@ def test_a_list_of_scores_still_works_and_stops_recording_at_the_budget(monkeypa
 @pytest.mark.parametrize("workers", [1, 2])
 def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
     model = build("mobilenetv2", resolution=64)
-    report = api.optimize(model, "npu-32x32", trials=16, seed=0, workers=workers).report
+    report = api.optimize(model, "npu-32x32", trials=16, seed=0, workers=workers).to_dict()
     search_report = report["search"]
     seconds = search_report["seconds"]
     assert search_report["candidates_evaluated"] == 16
@@ -79,7 +79,7 @@ def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
 
 def test_depth_and_fit_cache_use_is_counted_over_the_candidates_scored():
     model = build("mobilenetv2", resolution=64)
-    search_report = api.optimize(model, "npu-32x32", max_drift=0.2, trials=16, seed=0, workers=1).report["search"]
+    search_report = api.optimize(model, "npu-32x32", max_drift=0.2, trials=16, seed=0, workers=1).to_dict()["search"]
     use = search_report["depth_cache"]
     assert 0 < use["depth_cache_hits"] < use["depth_cache_lookups"] <= search_report["candidates_scored"]
     fits = search_report["fit_cache"]  # Fused-MBConv refits, reused by candidates sharing a prefix
@@ -130,4 +130,4 @@ def test_the_best_exact_candidate_is_verified_before_falling_back_to_the_input(m
     result = api.optimize(model, "npu-32x32", max_drift=0.2, trials=16, seed=0, workers=1)
     exact_tried = [t for t in tried if t.score.exact]
     assert exact_tried and exact_tried[0].pipeline  # not only the input's own pipeline
-    assert result.report["exact"] and result.report["latency_reduction"] > 0
+    assert result.to_dict()["exact"] and result.to_dict()["latency_reduction"] > 0

@@ -94,7 +94,7 @@ def test_the_test_suite_fails_on_a_pass_bug_met_in_a_search(monkeypatch):
 def test_a_sound_search_reports_no_pass_errors():
     from hwnas import api
 
-    report = api.optimize(build("mobilenetv2", resolution=64), "npu-32x32", trials=12, seed=0, workers=1).report
+    report = api.optimize(build("mobilenetv2", resolution=64), "npu-32x32", trials=12, seed=0, workers=1).to_dict()
     assert report["search"]["pass_errors"] == {"count": 0, "first": []}
 
 
@@ -111,7 +111,7 @@ def test_a_resume_after_changing_the_calibration_data_or_the_estimator_scores_ag
 
     def scored(**kwargs):
         result = api.optimize(model, "npu-32x32", max_drift=0.2, trials=6, seed=0, workers=1, journal=journal, **kwargs)
-        return result.report["search"]["candidates_scored"]
+        return result.to_dict()["search"]["candidates_scored"]
 
     first = scored(calibration=calib(1))
     assert first > 0 and scored(calibration=calib(1)) == 0  # a true resume reuses everything

@@ -399,11 +399,17 @@ def no_feasible_message(outcome: SearchOutcome, limits: Limits) -> str:
     return "no candidate meets the limits; the closest: " + "; ".join(misses or ["(could not be built)"])
 
 
-def pass_errors(trials: list[Trial], shown: int = 3) -> dict:
+@dataclass(frozen=True)
+class PassErrors:
+    count: int  # distinct pipelines a pass failed on
+    first: list[str]  # the first few, with their error
+
+
+def pass_errors(trials: list[Trial], shown: int = 3) -> PassErrors:
     """The candidates a pass failed on with a ValueError/RuntimeError (a bug, not a reasoned refusal):
     how many distinct pipelines, and the first few with their error, so that a search never hides them."""
     failed = {t.pipeline: t.score.error for t in trials if t.score.pass_error}
-    return {"count": len(failed), "first": [f"{p or '(prefix only)'}: {e}" for p, e in list(failed.items())[:shown]]}
+    return PassErrors(len(failed), [f"{p or '(prefix only)'}: {e}" for p, e in list(failed.items())[:shown]])
 
 
 def verify_in_order(candidates: list[Trial], check: Callable[[str], object]) -> tuple[Trial, object]:

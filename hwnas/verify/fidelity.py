@@ -51,6 +51,11 @@ class FidelityReport:
         return max((o.max_abs for o in self.outputs), default=0.0)
 
     @property
+    def samples(self) -> int:
+        """How many samples every output was compared on."""
+        return min((o.samples for o in self.outputs), default=0)
+
+    @property
     def top1_agreement(self) -> float | None:
         """The worst top-1 agreement among class-score outputs; None when there are none."""
         values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
