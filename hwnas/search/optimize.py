@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from threadpoolctl import threadpool_limits
 
 from hwnas.version import __version__ as HWNAS_VERSION
 from hwnas.errors import BadInputError, CheckFailedError
@@ -163,6 +164,9 @@ _WORKER: CandidateEvaluator | None = None
 def _init_worker(evaluator: CandidateEvaluator) -> None:
     global _WORKER  # one evaluator per worker process, set once by the pool initializer
     _WORKER = evaluator
+    # one BLAS thread per worker: the pool has a worker per core already, and each worker's BLAS starting a
+    # thread per core too (the least-squares Gram matrices and solves) oversubscribes the cores
+    threadpool_limits(1)
 
 
 def _evaluate_in_worker(pipeline: str) -> tuple[Score, dict[str, float]]:
