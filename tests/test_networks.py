@@ -81,3 +81,16 @@ def test_profile_around_turns_attention_kernels_into_attention_blocks_of_their_s
         assert (block.kind, c, h, block.c_out) == ("attention", 48, 16, 48)
         assert block.groups == (4 if k.op == "MatMul" else 1)
     assert isinstance(kernel_unit(scores[0]), str)  # no one-kernel model has GEMM rows yet: a reason
+
+
+def test_a_learnable_affine_around_the_activation_leaves_the_one_after_it_to_kernels_of_its_own():
+    """PP-LCNetV3 (PP-OCRv5 det): a · act(conv(x)) + b; ORT folds an affine into the conv before the
+    activation only, so the profiling networks time the one after it as the kernels the estimator cuts."""
+    config = NetworkConfig(8, 16, (BlockConfig("affine", 16, 3, 1, act="hardswish", op="around_act"),
+                                   BlockConfig("conv", 8, 1, 1, act="relu")), seed=0)
+    model, _ = build_network(config)
+    kernels = [k for k in decompose(model, {"x": (1, 8, 16, 16)}, get_target("cpu").rules) if k.kind != "free"]
+    assert [k.ops for k in kernels] == [("Conv", "BatchNormalization", "Mul", "Add", "HardSwish"), ("Mul",), ("Add",),
+                                        ("Conv", "BatchNormalization", "Relu")]
+    out = run(make_session(model, optimized=True), random_feeds(model, {"x": (1, 8, 16, 16)}, seed=0))
+    assert np.isfinite(out[0]).all()

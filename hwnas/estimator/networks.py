@@ -304,6 +304,14 @@ def _act(b: NetworkBuilder, x: str, act: str) -> str:
     return b.node(op, [x], shape, **attrs)
 
 
+def _affine(b: NetworkBuilder, x: str, shape: tuple[int, ...], scale_first: bool = False) -> str:
+    """x · scale + shift with learnable constants of `shape` (scalar, (C, 1, 1), (1,))."""
+    scale = b.const(b.rng.uniform(0.8, 1.2, shape).astype(np.float32))
+    shift = b.const(b.rng.normal(0, 0.1, shape).astype(np.float32))
+    scaled = b.node("Mul", [scale, x] if scale_first else [x, scale], b.shapes[x])
+    return b.node("Add", [scaled, shift], b.shapes[x])
+
+
 def _bn(b: NetworkBuilder, x: str) -> str:
     c = b.shapes[x][1]
     params = [b.const(b.rng.uniform(0.5, 1.5, c).astype(np.float32)), b.const(b.rng.normal(0, 0.1, c).astype(np.float32)),
@@ -342,10 +350,12 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
     if kind == "affine":  # conv, BN, then a learnable scalar or per-channel affine (PP-LCNetV3), then act
         y = _conv(b, x, blk.c_out, blk.kernel, blk.stride, 1, blk.bn)
         shape = (blk.c_out, 1, 1) if blk.op == "channel" else ()
-        scale = b.const(b.rng.uniform(0.8, 1.2, shape).astype(np.float32))
-        shift = b.const(b.rng.normal(0, 0.1, shape).astype(np.float32))
-        y = b.node("Add", [b.node("Mul", [y, scale], b.shapes[y]), shift], b.shapes[y])
-        return _act(b, y, blk.act)
+        y = _affine(b, y, shape)
+        if blk.op != "around_act":
+            return _act(b, y, blk.act)
+        # PP-LCNetV3 as Paddle exports it (PP-OCRv5 det): an affine on either side of the activation, the
+        # scale first in the Mul; the one after it ORT runs as nodes of its own (`FusionRules.affine_folds`)
+        return _affine(b, _act(b, y, blk.act), (1,), scale_first=True)
     if kind == "dwsep":
         y = _conv(b, x, c, blk.kernel, blk.stride, c, True, blk.act)
         if blk.se:
@@ -566,7 +576,7 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
         return BlockConfig("conv", min(c_out, 512) if kernel > 1 else c_out, kernel, stride, act=act,
                            bn=bool(rng.random() < 0.85))
     if kind == "affine":
-        return BlockConfig("affine", c_out, int(rng.choice([1, 3])), stride, act=act, op=str(rng.choice(["scalar", "channel"])))
+        return BlockConfig("affine", c_out, int(rng.choice([1, 3])), stride, act=act, op=str(rng.choice(["scalar", "channel", "around_act"])))
     if kind == "dwsep":
         return BlockConfig("dwsep", c_out, int(rng.choice([3, 3, 5])), stride, act=act, se=bool(rng.random() < 0.2),
                            op=str(rng.choice(["act", "linear"])))
