@@ -43,7 +43,7 @@ kernel measurements the estimator was fitted on. Prints markdown tables for BENC
 `--measured FILE`: the cpu medians (and with `--oracle` the in-context kernel sums) are read from FILE
 when it exists, instead of timing the models again, so that a change to the estimator can be judged
 offline, on a busy machine, against numbers an idle machine took; when FILE does not exist the models
-are timed and FILE written. A stored file must hold every model scored (else exit 2: time it again).
+are timed and FILE written (with `--oracle` also each kernel's in-context time, by kernel name). A stored file must hold every model scored (else exit 2: time it again).
 """
 
 from __future__ import annotations
@@ -292,11 +292,14 @@ def measured_cpu(models: list[HeldOut], args) -> tuple[dict[str, float], dict[st
         return ({n: stored["measured_ms"][n] for n in names}, {n: stored["spread"][n] for n in names},
                 stored["load"], oracle)
     measured, spread, load = measure_cpu(models, args.repeats, args.rounds)
-    oracle = in_context_sums(models) if args.oracle else None
+    kernels = in_context_times(models) if args.oracle else None
+    oracle = {name: sum(times.values()) for name, times in kernels.items()} if kernels else None
     if path is not None:
+        # the oracle's kernel times too: where a model's estimate goes wrong, kernel by kernel, offline
         path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
                                     "measured_ms": measured, "spread": spread, "load": load,
-                                    **({"oracle_ms": oracle} if oracle else {})}, indent=1) + "\n")
+                                    **({"oracle_ms": oracle, "oracle_kernels_ms": kernels} if kernels else {})},
+                                   indent=1) + "\n")
     return measured, spread, load, oracle
 
 
@@ -333,17 +336,18 @@ def summary_row(target: str, label: str, predicted: dict, measured: dict, measur
     return f"| {target} | {label} | {_figures(predicted, measured, list(measured))} | {measurements} | {note} |"
 
 
-def in_context_sums(models: list[HeldOut]) -> dict[str, float]:
+def in_context_times(models: list[HeldOut]) -> dict[str, dict[str, float]]:
     """Each model's kernels timed inside it the way context profiling times kernels (ORT's per-node
-    profiler, attributed to kernels), summed: what an estimator with perfect per-kernel regressors would
-    predict, so the ceiling of adding up kernels measured in context."""
+    profiler, attributed to kernels), by kernel name: summed, what an estimator with perfect per-kernel
+    regressors would predict, so the ceiling of adding up kernels measured in context."""
     target = get_target("cpu")
     rules = target.rules
     overheads = measure_node_overheads(target.settings, target.providers)
-    def summed(m: HeldOut) -> float:
-        return sum(measure_in_context(m.model, m.shapes, rules, target.settings, target.providers, overheads).latency_ms)
+    def timed(m: HeldOut) -> dict[str, float]:
+        profile = measure_in_context(m.model, m.shapes, rules, target.settings, target.providers, overheads)
+        return {k.name: t for k, t in zip(profile.kernels, profile.latency_ms)}
 
-    return {m.name: summed(m) for m in models}
+    return {m.name: timed(m) for m in models}
 
 
 def disagreement_line(predicted_by: dict[str, dict], labels: list[str], models: list[HeldOut]) -> str:

@@ -7,6 +7,7 @@ estimator that trains, predicts positive latencies and stores without pickle).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -350,8 +351,9 @@ def test_the_oracle_sums_each_models_kernels_timed_in_context():
     kernels have their own test."""
     script = _accuracy_script()
     models = [script.HeldOut("resnet", script.resnet(0.25, 128), {}), script.HeldOut("shufflenet", script.shufflenet(0.5, 128), {})]
-    sums = script.in_context_sums(models)
-    assert set(sums) == {"resnet", "shufflenet"}
+    times = script.in_context_times(models)
+    assert set(times) == {"resnet", "shufflenet"}
+    sums = {name: sum(kernels.values()) for name, kernels in times.items()}
     for m in models:
         measured = measure_model(m.model, {}, MeasureSettings(warmup=10, repeats=30, threads=1)).latency_ms
         assert 0.25 * measured < sums[m.name] < 4 * measured
@@ -371,3 +373,22 @@ def test_the_shipped_cpu_estimator_names_its_machine_and_predicts():
     assert profiled <= 3000 and around <= 100 and len(estimator.samples_) == profiled + around
     model = build("mobilenetv2", width=0.5, resolution=96)
     assert estimator.estimate(model, resolve_input_shapes(model)).latency_ms > 0
+
+
+def test_stored_measurements_are_reused_and_a_missing_model_fails_closed(tmp_path, capsys):
+    """--measured: a timed run writes the medians; a later run reads them (no timing), or exits 2 when the
+    file lacks a model it scores."""
+    script = _accuracy_script()
+    models = [script.HeldOut("a", script.resnet(0.25, 32), {})]
+    path = tmp_path / "measured.json"
+    args = argparse.Namespace(measured=str(path), oracle=True, repeats=2, rounds=1)
+    measured, spread, load, oracle = script.measured_cpu(models, args)
+    stored = json.loads(path.read_text())
+    assert stored["measured_ms"] == measured and stored["oracle_ms"] == oracle and len(load) == 2
+    assert sum(stored["oracle_kernels_ms"]["a"].values()) == pytest.approx(oracle["a"])
+    stored["measured_ms"]["a"] = 123.0  # what a re-read returns is the file's, not a new timing
+    path.write_text(json.dumps(stored))
+    assert script.measured_cpu(models, args)[0] == {"a": 123.0}
+    with pytest.raises(SystemExit) as exit_info:
+        script.measured_cpu(models + [script.HeldOut("b", script.resnet(0.25, 32), {})], args)
+    assert exit_info.value.code == 2 and "no oracle sum for 'b'" in capsys.readouterr().err
