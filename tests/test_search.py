@@ -13,6 +13,7 @@ from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.models import build
 from hwnas.search.algorithms import Limits, Trial, pareto_front
 from hwnas.search.evaluate import Score
+from hwnas.search.space import SpaceOptions, build_space
 from hwnas.verify.policy import Drift, Exact
 
 
@@ -197,3 +198,35 @@ def test_depth_scaled_graph_is_reused_and_scores_stay_the_same(small_mnv2):
     assert scores == [evaluator().evaluate(p) for p in pipelines]  # each from scratch
     assert all(s.error is None and not s.exact and s.drift > 0 for s in scores)
     assert scores[1].latency_ms != scores[0].latency_ms
+
+
+def test_curated_space_leaves_out_fusions_that_do_not_pay_alone():
+    """Fused-MBConv sites whose fusion alone the estimator says is no faster are not offered by the curated
+    space (their fits are the costliest part of a candidate), each skipped with its estimates; the
+    uncurated space keeps them."""
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.graph.gsgraph import to_model
+    from hwnas.passes.manager import PassManager
+    from hwnas.passes.pipeline import parse_pipeline
+    from hwnas.search.optimize import SearchSettings, prepare
+    from hwnas.targets import get_target
+
+    model = build("mobilenetv2", resolution=96)
+    shapes = {model.graph.input[0].name: (1, 3, 96, 96)}
+    estimator = estimator_for(get_target("npu-32x32"), None)
+    prepared, ctx, _ = prepare(model, estimator, shapes, SearchSettings(limits=Limits(Drift(0.1)), workers=1), None)
+
+    def latency(graph):
+        return estimator.estimate(to_model(graph.copy(), model), shapes).latency_ms
+
+    curated = build_space(prepared, ctx, SpaceOptions(32, True, True), latency=latency)
+    every = [d.anchor for d in build_space(prepared, ctx, SpaceOptions(32, False, True), latency=latency).decisions
+             if d.kind == "mbconv"]
+    kept = {d.anchor for d in curated.decisions if d.kind == "mbconv"}
+    assert kept and kept < set(every)
+    before = latency(prepared)
+    for anchor in every:
+        spec = f"fuse-ibn{{mode=mbconv,fit=compose,sites=@{anchor}}}"
+        alone = latency(PassManager(parse_pipeline(spec)).run(prepared.copy(), ctx).graph)
+        assert (alone < before) == (anchor in kept), anchor
+        assert (anchor in kept) != any(f"mbconv site at {anchor!r}: fused alone" in s for s in curated.skipped)

@@ -324,7 +324,8 @@ def run_search(
     allow_reconstructed = settings.limits.fidelity.changes_function and settings.quantize is None
     prepared, ctx, evaluator = prepare(original, estimator, shapes, settings, calibration)
     space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
-                                                    quantized=settings.quantize is not None))
+                                                    quantized=settings.quantize is not None),
+                        latency=lambda graph: estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms)
     limits = settings.limits
     needs_memory = _needs_memory(limits)
     journal = Journal(settings.journal, {

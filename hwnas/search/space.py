@@ -8,6 +8,13 @@ allowed; cross-layer equalization (one global choice) when the candidates will b
 uncurated space offers every group size that divides the channel count and every power-of-two multiple
 for padding, for comparison.
 
+Given the target's latency model (`latency`), the curated space leaves out the Fused-MBConv sites whose
+fusion alone the model estimates no faster than the graph without it (a K×K dense conv holds about
+K²·C_out/(C_out + K²) times the expand and depthwise convs' MACs: on wide blocks the fusion only costs),
+each listed in `skipped` with both estimates. Such a site can only slow a candidate down and lose
+accuracy, and its least-squares fit is the costliest part of a candidate (C_in·K² + 1 weights per
+output channel: 4,801 on PP-OCRv4 det's 192-channel 5×5 blocks); the uncurated space keeps them.
+
 A candidate is one choice per decision (the first choice of each decision changes nothing). It
 compiles to a pipeline string whose site selectors name the anchor node of each site (`sites=@name`),
 so the pipeline stays valid whatever the earlier steps did to the site numbering.
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -26,6 +33,8 @@ from hwnas.errors import BadInputError
 from hwnas.graph.gsgraph import to_model
 from hwnas.graph.shapes import tensor_shapes
 from hwnas.passes.base import PassContext
+from hwnas.passes.manager import PassManager
+from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.registry import get_pass
 
 KEEP = "keep"
@@ -111,8 +120,10 @@ def _step_order(step: str) -> tuple:
     return next(v for k, v in rank.items() if step.startswith(k)), step
 
 
-def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions) -> SearchSpace:
-    """Every decision the passes offer on `graph` (already through the exact prefix)."""
+def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions,
+                latency: Callable[[gs.Graph], float] | None = None) -> SearchSpace:
+    """Every decision the passes offer on `graph` (already through the exact prefix); `latency` (a graph's
+    estimated latency on the target) lets the curated space leave out fusions that do not pay alone."""
     pf = options.parallelism_factor
     space = SearchSpace([], options)
     shapes = tensor_shapes(to_model(graph.copy(), ctx.template), ctx.input_shapes)
@@ -147,10 +158,30 @@ def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions) -> Sea
         space.decisions.insert(0, Decision("depth:model", "depth", "", (KEEP, *choices)))
     if options.allow_reconstructed and _offers(graph, ctx, "fuse-ibn", mode="mbconv"):
         mb_sites = _applicable(graph, ctx, "fuse-ibn", mode="mbconv")
+        if options.curated and latency is not None:
+            mb_sites = _paying_alone(graph, ctx, space, mb_sites, latency)
         _add(space, "mbconv", mb_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
     if options.quantized and _applicable(graph, ctx, "equalize"):
         space.decisions.append(Decision("equalize:model", "equalize", "", (KEEP, "equalize")))
     return space
+
+
+def _paying_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace, sites: list,
+                  latency: Callable[[gs.Graph], float]) -> list:
+    """The Fused-MBConv sites whose fusion alone (weights composed: the latency does not depend on them)
+    the estimate says is faster than `graph`; the others go to `space.skipped` with both estimates."""
+    before = latency(graph)
+    kept = []
+    for site in sites:
+        spec = f"fuse-ibn{{mode=mbconv,fit=compose,sites=@{site.nodes[0]}}}"
+        fused = PassManager(parse_pipeline(spec), in_place=True).run(graph.copy(), ctx).graph
+        after = latency(fused)
+        if after < before:
+            kept.append(site)
+        else:
+            space.skipped.append(f"mbconv site at {site.nodes[0]!r}: fused alone it is estimated no faster "
+                                 f"({before:.4g} ms → {after:.4g} ms)")
+    return kept
 
 
 def _offers(graph: gs.Graph, ctx: PassContext, pass_name: str, **options) -> bool:
