@@ -9,6 +9,7 @@ with the same 20 trials in the same order.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -38,7 +39,7 @@ from hwnas.search.algorithms import Limits, rank_key, search
 from hwnas.search.distributed import StorageWorkers, get_blobs, open_storage, put_blobs, work
 from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import EvaluatorSpec, SearchSettings, expert_candidate
-from hwnas.search.space import PREFIX, SpaceOptions, build_space
+from hwnas.search.space import PREFIX, Decision, SearchSpace, SpaceOptions, build_space
 from hwnas.targets import get_target
 from hwnas.verify.policy import Drift, Retrain
 
@@ -195,6 +196,58 @@ def test_a_restarted_coordinator_takes_what_the_study_holds_and_evaluates_nothin
     assert attempts(url, "s") == {"a": ["COMPLETE"], "bb": ["COMPLETE"], "ccc": ["COMPLETE"]}
 
 
+def varied_score(pipeline: str) -> Score:
+    """Scores that differ per pipeline (so that NSGA-II's selection matters), a seventh of them failed."""
+    digest = int(hashlib.sha256(pipeline.encode()).hexdigest()[:8], 16)
+    if digest % 7 == 0:
+        return Score(float("inf"), 0, 0, 1.0, False, "ValueError: cannot build")
+    return Score(1.0 + digest % 1000 / 1000, digest % 97, 0, 0.0, True)
+
+
+def ten_decisions() -> SearchSpace:
+    """Ten decisions: NSGA-II generations of 20 candidates, so batches of 8 straddle their ends."""
+    return SearchSpace([Decision(f"d{i}", "align", f"n{i}", ("keep", "8", "16")) for i in range(10)], SpaceOptions(32))
+
+
+@pytest.mark.parametrize("algorithm", ["evolution", "random"])
+def test_batches_posted_ahead_leave_the_search_as_it_was(algorithm):
+    space = ten_decisions()
+    seeds = [space.baseline()]
+    scored, posted = [], []
+
+    def score_batch(pipelines):
+        scored.append(list(pipelines))
+        return [varied_score(p) for p in pipelines]
+
+    strict = search(space, lambda pipelines: [varied_score(p) for p in pipelines], algorithm, 100, Limits(), 0, seeds)
+    ahead = search(space, score_batch, algorithm, 100, Limits(), 0, seeds, post=posted.append)
+    assert [(t.pipeline, t.score) for t in ahead] == [(t.pipeline, t.score) for t in strict]
+    # each post: the batch about to be scored, then the one after it, which is scored next as posted
+    assert posted and all(p == scored[scored.index(p[:8])] + scored[scored.index(p[:8]) + 1] for p in posted)
+    if algorithm == "random":  # never looks at scores: every batch but the last is followed by one posted ahead
+        assert len(posted) == len(scored) - 1
+    else:  # not across the end of a generation: there the next batch's parents are the scores awaited
+        assert 3 <= len(posted) < len(scored) - 1
+
+
+def test_jobs_posted_ahead_are_evaluated_once_and_the_search_stays_the_same(tmp_path, url):
+    space = ten_decisions()
+    seeds = [space.baseline()]
+    log = tmp_path / "evaluated.txt"
+    local = search(space, lambda pipelines: [varied_score(p) for p in pipelines], "evolution", 40, Limits(), 0, seeds)
+    with StorageWorkers(url, functools.partial(logged_evaluation, str(log)), 3, "s") as workers:
+        distributed = within(120, lambda: search(space, workers.map, "evolution", 40, Limits(), 0, seeds, post=workers.post))
+    assert [(t.pipeline, t.score) for t in distributed] == [(t.pipeline, t.score) for t in local]
+    assert sorted(log.read_text().split("\n")[:-1]) == sorted({t.pipeline for t in local})
+    assert all(states in (["COMPLETE"], ["FAIL"]) for states in attempts(url, "s").values())
+
+
+def logged_evaluation(log: str, pipeline: str) -> Score:
+    with open(log, "a") as f:
+        f.write(pipeline + "\n")
+    return varied_score(pipeline)
+
+
 def small_search_inputs():
     """A search whose candidates depend on every part of the spec: calibration (drift), limits, int8 scoring."""
     model = build("mobilenetv2", resolution=32, width=0.35)
@@ -317,7 +370,7 @@ def test_distributed_search_finds_what_the_local_search_finds(tmp_path):
     seeds = [space.baseline(), expert_candidate(space)]
     local = search(space, lambda pipelines: [evaluator.evaluate(p) for p in pipelines], "evolution", 20, Limits(), 0, seeds)
     with StorageWorkers(f"sqlite:///{tmp_path / 'search.db'}", evaluator.evaluate, 2, "s") as workers:
-        distributed = search(space, workers.map, "evolution", 20, Limits(), 0, seeds)
+        distributed = search(space, workers.map, "evolution", 20, Limits(), 0, seeds, post=workers.post)
     assert [t.pipeline for t in distributed] == [t.pipeline for t in local]
     best_local, best_distributed = (min(trials, key=rank_key(Limits())) for trials in (local, distributed))
     assert best_distributed.pipeline == best_local.pipeline

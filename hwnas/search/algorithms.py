@@ -133,11 +133,17 @@ def search(
     time_budget: float | None = None,
     batch_size: int = 8,
     progress: Callable[[int, Trial], None] | None = None,
+    post: Callable[[list[str]], None] | None = None,
 ) -> list[Trial]:
     """Run `algorithm` for up to `trials` evaluations (or until `time_budget` seconds), seeds first.
 
     The time budget holds within one candidate: the search stops after the candidate during which it ran
-    out, even in the middle of a batch (the rest of the batch is not scored)."""
+    out, even in the middle of a batch (the rest of the batch is not scored).
+
+    `post`: told the pipelines of the current batch and the next one before the current one is scored,
+    whenever the algorithm's next batch cannot depend on the current one's scores (see `_same_before_told`),
+    so that an evaluator working in the background (storage workers) keeps its idle workers busy; the
+    trials stay the same."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     deadline = time.monotonic() + time_budget if time_budget else None
@@ -166,11 +172,11 @@ def search(
     if algorithm == "greedy":
         _greedy(space, evaluate, limits, list(seeds) or [space.baseline()], budget_left)
     else:
-        _optuna(space, evaluate, algorithm, limits, seed, list(seeds), batch_size, budget_left)
+        _optuna(space, evaluate, algorithm, limits, seed, list(seeds), batch_size, budget_left, post)
     return history
 
 
-def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_left) -> None:
+def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_left, post) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     two_objectives = limits.fidelity.changes_function
     if algorithm in ("evolution", "zero-shot"):
@@ -189,8 +195,16 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
         seeds = seeds + [c for row in itertools.zip_longest(*around) for c in row if c is not None]
     for candidate in seeds:
         study.enqueue_trial(dict(candidate))
-    while (n := min(batch_size, budget_left())) > 0:
-        asked = [study.ask(distributions) for _ in range(n)]
+
+    def ask(n: int) -> list[optuna.trial.Trial]:
+        return [study.ask(distributions) for _ in range(max(n, 0))]
+
+    asked = ask(min(batch_size, budget_left()))
+    while asked:
+        # the next batch asked now, before this one is told, only where that gives the same candidates
+        ahead = ask(min(batch_size, budget_left() - len(asked))) if post and _same_before_told(study, asked) else None
+        if ahead:  # this batch first: the evaluator starts on its candidates before the next one's
+            post([space.compile(dict(t.params)) for t in asked + ahead])
         for optuna_trial, trial in zip(asked, evaluate([dict(t.params) for t in asked])):
             score = trial.score
             if score.error is not None:
@@ -199,6 +213,38 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
             for i, violation in enumerate(limits.violations(score)):
                 optuna_trial.set_constraint(f"limit{i}", violation)
             study.tell(optuna_trial, [score.latency_ms, limits.loss(score)] if two_objectives else score.latency_ms)
+        if budget_left() <= 0:  # out of time (a batch asked ahead is dropped unscored) or trials
+            break
+        asked = ahead if ahead is not None else ask(min(batch_size, budget_left()))
+
+
+def _same_before_told(study: optuna.Study, pending: list[optuna.trial.Trial]) -> bool:
+    """Whether the sampler's next candidates are the same now as after the `pending` trials are told.
+
+    Random sampling never looks at scores. NSGA-II does at a generation's end: a new trial joins the
+    generation of the newest completed trials, or the next one once that generation holds `population`
+    completed trials, whose parents are then chosen (once, cached) from them. So while the pending
+    trials' generation cannot fill up whatever their scores, the next trials join it, with the parents it
+    already has, and are drawn from the same seeded generator in the same order. Optuna records the
+    generation from 4.2 on (its GA samplers' `_get_generation_key`); without it, nothing is asked ahead.
+    tests/test_distributed.py holds this to Optuna's behaviour across generations, with failed trials.
+    """
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.RandomSampler):
+        return True
+    generation_key = getattr(sampler, "_get_generation_key", None)
+    if generation_key is None or getattr(sampler, "population_size", None) is None:
+        return False
+    key, trials = generation_key(), study.get_trials(deepcopy=False)
+    # enqueued trials (the warm start) are given no generation: NSGA-II never counts them nor breeds from them
+    generations = {trials[t.number].system_attrs.get(key) for t in pending} - {None}
+    if len(generations) > 1:
+        return False
+    if not generations:
+        return True
+    (generation,) = generations
+    completed = sum(t.state == TrialState.COMPLETE and t.system_attrs.get(key) == generation for t in trials)
+    return completed + len(pending) < sampler.population_size
 
 
 def population_size(space: SearchSpace) -> int:

@@ -10,11 +10,18 @@ spread out, through a study in the storage that serves as a job board:
     the evaluator's inputs as plain data       ──► table hwnas_blobs ─────────────────► build the evaluator
       (ONNX bytes, JSON, .npz: EvaluatorSpec)      study user attr "hwnas" (version)
     one WAITING trial per pipeline  ─────────────► trial {pipeline}
+      (the next batch's too, see `post`)
                                                    WAITING → RUNNING  ◄──────────────── beat once, claim one
                                                    heartbeat every HEARTBEAT_S ◄─────── while evaluating
                                                    user attr "score", COMPLETE ◄─────── evaluate, write
     read the scores, in the order asked ◄───────── (FAIL when the candidate could not be built)
     no heartbeat for GRACE_S: FAIL, post again ──► trial {pipeline} (second attempt)
+
+Between batches the workers would sit idle while the coordinator reads the scores, tells its sampler and
+asks for the next batch, and in a batch's last round only some of them have a candidate. So wherever the
+search's next batch cannot depend on this one's scores (random sampling, and NSGA-II within a generation:
+hwnas.search.algorithms), the coordinator posts it with this one, behind it: idle workers start on it, and
+the trials stay those of the local search.
 
 Claiming is Optuna's own: `set_trial_state_values(RUNNING)` succeeds only for a trial still WAITING,
 reading and writing it under a row lock (PostgreSQL, MySQL). SQLite has no row locks, so there every
@@ -211,7 +218,7 @@ def _join(storage, study_name: str | None, wait: bool, built_here: bool) -> tupl
         if not wait:
             return None, ""
         time.sleep(idle)
-        idle = min(idle * 2, 2.0)
+        idle = min(idle * 2, _POLL_S[1])  # a worker started first joins within a poll of the coordinator's start
 
 
 def _write(storage, trial_id: int, score: Score) -> None:
@@ -323,9 +330,7 @@ class StorageWorkers:
         """The scores of `pipelines`, in order, computed by the workers."""
         wanted = list(dict.fromkeys(pipelines))
         self._deaths, self._batch = 0, len(wanted)
-        for p, attempts in self._jobs(wanted).items():
-            if not attempts:  # scores or jobs a previous coordinator of this search left are taken as they are
-                self._post(p)
+        self.post(wanted)
         scores: dict[str, Score] = {}
         idle = _POLL_S[0]
         while True:
@@ -354,6 +359,15 @@ class StorageWorkers:
             self._replace_dead_workers()
             time.sleep(idle)
             idle = min(idle * 2, _POLL_S[1])
+
+    def post(self, pipelines: Sequence[str]) -> None:
+        """Jobs for those of `pipelines` that have none yet, for idle workers to start on before `map` asks
+        for their scores (the search's next batch, see hwnas.search.algorithms.search). Scores and jobs
+        already in the study (posted ahead, or left by a previous coordinator of this search) are taken as
+        they are."""
+        for p, attempts in self._jobs(list(dict.fromkeys(pipelines))).items():
+            if not attempts:
+                self._post(p)
 
     def _jobs(self, pipelines: Sequence[str]) -> dict[str, list]:
         """The study's trials for each of `pipelines`, oldest first (every attempt, this run's and earlier ones)."""

@@ -293,19 +293,21 @@ def _needs_memory(limits: Limits) -> bool:
 
 def _evaluate_many(stack: contextlib.ExitStack, settings: SearchSettings, evaluator: CandidateEvaluator, workers: int,
                    board: tuple[str, dict[str, bytes]] | None, status: Callable[[JobStatus], None] | None,
-                   ) -> Callable[[list[str]], Iterable[Timed]] | None:
-    """How a batch is scored in parallel: storage workers, a process pool, or None (here, one by one).
+                   ) -> tuple[Callable[[list[str]], Iterable[Timed]] | None, Callable[[list[str]], None] | None]:
+    """How a batch is scored in parallel — storage workers, a process pool, or None (here, one by one) —
+    and, for storage workers, how the search posts its next batch ahead (`search`'s `post`).
 
     `board`: with a storage, the study's name and what workers elsewhere build the evaluator from (EvaluatorSpec)."""
     if board is not None:
         study, spec = board
         storage = stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers, study, spec,
                                                      status=status))
-        return lambda pipelines: ((score, {}) for score in storage.map(pipelines))  # timed in the workers only
+        # timed in the workers only
+        return (lambda pipelines: ((score, {}) for score in storage.map(pipelines))), storage.post
     if workers > 1:
         pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
-        return lambda pipelines: pool.imap(_evaluate_in_worker, pipelines)
-    return None
+        return (lambda pipelines: pool.imap(_evaluate_in_worker, pipelines)), None
+    return None, None
 
 
 def run_search(
@@ -344,7 +346,7 @@ def run_search(
     spent: Counter[str] = Counter()  # seconds per evaluation phase summed over candidates (and workers); their count
     setup_s = time.monotonic() - start
     with contextlib.ExitStack() as stack:
-        evaluate_many = _evaluate_many(stack, settings, evaluator, workers, board, job_status)
+        evaluate_many, post_ahead = _evaluate_many(stack, settings, evaluator, workers, board, job_status)
 
         def score_batch(pipelines: list[str]) -> Iterator[Score]:
             """Scores in order, each as soon as it is known (the search may stop consuming mid-batch)."""
@@ -364,10 +366,15 @@ def run_search(
             original_score = next(score_batch([""]))
             limits = replace(limits, fidelity=limits.fidelity.with_floor(
                 _quality_floor(original_score, settings.quality_tolerance)))
+
+        def post(pipelines: list[str]) -> None:
+            """Jobs for the storage workers ahead of the batch that scores them, but none for journaled scores."""
+            post_ahead([p for p in pipelines if p not in journal.scores])
+
         seeds = expert_seeds(space, memory_limited=needs_memory)
         # the default batch, not one per core: a seed must give the same search on any machine (resume elsewhere)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
-                        seeds, settings.time_budget, progress=progress)
+                        seeds, settings.time_budget, progress=progress, post=post if post_ahead else None)
     baseline = next(t for t in trials if t.pipeline == "")
     ranked = sorted(trials, key=rank_key(limits))
     wall = time.monotonic() - start
