@@ -168,7 +168,9 @@ class LatencyEstimator:
                     # recogniser's 8k-class Gemm and per-step LSTM within ~10 % of their in-context times. Not
                     # where the kind's baseline never saw the kernel's rows (a gemm kind profiled at P = 1 only:
                     # the conv kind's baseline stands in, `_BASELINE_KIND`)
-                    linear = self.regressors_.get(_BASELINE_KIND.get(kind, kind), regressor)
+                    # of the kernel's precision: an int8 conv's baseline is the int8 convs' (~2x the float's throughput)
+                    precision = "/int8" if key.endswith("/int8") else ""
+                    linear = self.regressors_.get(_BASELINE_KIND.get(kind, kind) + precision, regressor)
                     edge = values if kind not in _BASELINE_KIND else np.where(self._rows_profiled(key, group), values, 0.0)
                     beyond = np.maximum(np.maximum(edge, linear.baseline(X)), self.roofline_.predict(group))
                     values = np.where(inside, values, beyond)
