@@ -22,10 +22,13 @@ from hwnas.targets.kernels import Kernel
 
 # "strided_elements": the elements of a Softmax over a non-innermost axis (`Kernel.inner` > 1), which ORT
 # transposes innermost and back (10-20x the time per element): a term of its own, so that a linear fit
-# tells the two apart from few samples. "one" stays last: the fixed cost per kernel.
-WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "one")
+# tells the two apart from few samples. "epilogue_elements": output elements × fused ops, what the ops
+# riding along cost where the target runs them as passes of their own (ORT CPU: a decomposed hard-swish after a
+# conv, 4 passes; without it the trees learnt "5 fused ops: slow" from small unaligned dwconvs and put a 256-channel
+# one at 2.4x its time). "one" stays last: the fixed cost per kernel.
+WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
 # bumped whenever the feature columns change: fitted arrays of another version are refitted on load
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -43,7 +46,8 @@ def work_features(kernel: Kernel, pf: int) -> list[float]:
     vector_steps = float(math.ceil(max(kernel.output_elements * max(kernel.window, 1), kernel.input_elements) / pf))
     if kernel.kind == "free":
         return [0.0] * len(WORK_FEATURES)
-    return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0, 1.0]
+    return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0,
+            float(kernel.output_elements * len(kernel.fused_ops)), 1.0]
 
 
 SHAPE_FEATURES = (
