@@ -27,8 +27,9 @@ from hwnas.targets.kernels import Kernel
 # conv, 4 passes; without it the trees learnt "5 fused ops: slow" from small unaligned dwconvs and put a 256-channel
 # one at 2.4x its time). "one" stays last: the fixed cost per kernel.
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
-# bumped whenever the feature columns change: fitted arrays of another version are refitted on load
-FEATURES_VERSION = 3
+# bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
+# refitted on load (4: trees of 7 leaves, were 15)
+FEATURES_VERSION = 4
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
