@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -386,3 +387,19 @@ def test_optimize_with_a_storage_gives_the_local_result(tmp_path):
                                storage=f"sqlite:///{tmp_path / 'search.db'}")
     assert distributed.to_dict()["pipeline"] == local.to_dict()["pipeline"]
     assert distributed.to_dict()["search"]["best_so_far"] == local.to_dict()["search"]["best_so_far"]
+
+
+@pytest.mark.slow
+def test_workers_start_on_the_first_batch_while_the_original_is_scored(tmp_path):
+    """--evaluate-cmd scores the original alone first (its quality sets the floor): the other workers must
+    not wait for it, and every candidate is still evaluated once."""
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    command = shlex.join([sys.executable, "-c", "import time; time.sleep(2); print(0.5)", "{model}"])
+    result = api.optimize(build("mobilenetv2", resolution=32, width=0.35), "npu-32x32", trials=8, seed=0, workers=2,
+                          storage=url, evaluate_cmd=command)
+    storage = open_storage(url)
+    jobs = storage.get_all_trials(storage.get_study_id_from_name(storage.get_all_studies()[0].study_name))
+    original = next(t for t in jobs if t.user_attrs["pipeline"] == "")
+    assert any(t.datetime_start < original.datetime_complete for t in jobs if t is not original)
+    pipelines = [t.user_attrs["pipeline"] for t in jobs]
+    assert len(pipelines) == len(set(pipelines)) == result.to_dict()["search"]["candidates_scored"]

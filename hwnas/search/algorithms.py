@@ -31,6 +31,7 @@ from hwnas.search.space import SearchSpace
 from hwnas.verify.policy import Exact, Fidelity, fidelity_from_json
 
 ALGORITHMS = ("evolution", "random", "greedy", "zero-shot")
+BATCH = 8  # candidates asked at a time: a fixed number, so that a seed gives the same search on any machine
 # scores in the order asked; an iterator may compute them lazily, so that a search past its deadline
 # stops consuming (and so evaluating) after the candidate that crossed it
 ScoreBatch = Callable[[list[str]], Iterable[Score]]
@@ -131,7 +132,7 @@ def search(
     seed: int = 0,
     seeds: Sequence[Mapping[str, str]] = (),
     time_budget: float | None = None,
-    batch_size: int = 8,
+    batch_size: int = BATCH,
     progress: Callable[[int, Trial], None] | None = None,
     post: Callable[[list[str]], None] | None = None,
 ) -> list[Trial]:
@@ -186,14 +187,7 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(directions=["minimize"] * (2 if two_objectives else 1), sampler=sampler)
     distributions = {d.key: CategoricalDistribution(d.choices) for d in space.decisions}
-    if algorithm in ("evolution", "zero-shot"):  # warm start: the first generation surrounds the seeds (expert advice)
-        centers = seeds[1:] or seeds
-        count = population - len(seeds)
-        around = [neighbours(space, center, count // len(centers) + (i < count % len(centers)), seed * len(centers) + i)
-                  for i, center in enumerate(centers)]
-        # round-robin over the centers: a search shorter than one generation still surrounds every seed
-        seeds = seeds + [c for row in itertools.zip_longest(*around) for c in row if c is not None]
-    for candidate in seeds:
+    for candidate in first_candidates(space, algorithm, seeds, seed):
         study.enqueue_trial(dict(candidate))
 
     def ask(n: int) -> list[optuna.trial.Trial]:
@@ -216,6 +210,22 @@ def _optuna(space, evaluate, algorithm, limits, seed, seeds, batch_size, budget_
         if budget_left() <= 0:  # out of time (a batch asked ahead is dropped unscored) or trials
             break
         asked = ahead if ahead is not None else ask(min(batch_size, budget_left()))
+
+
+def first_candidates(space: SearchSpace, algorithm: str, seeds: Sequence[Mapping[str, str]], seed: int,
+                     ) -> list[Mapping[str, str]]:
+    """The candidates an evolution, random or zero-shot search asks first, in order, whatever their scores:
+    the seeds, and for NSGA-II the rest of its first generation around them (its warm start)."""
+    seeds = list(seeds)
+    if algorithm not in ("evolution", "zero-shot") or not seeds:
+        return seeds
+    # warm start: the first generation surrounds the seeds (expert advice)
+    centers = seeds[1:] or seeds
+    count = population_size(space) - len(seeds)
+    around = [neighbours(space, center, count // len(centers) + (i < count % len(centers)), seed * len(centers) + i)
+              for i, center in enumerate(centers)]
+    # round-robin over the centers: a search shorter than one generation still surrounds every seed
+    return seeds + [c for row in itertools.zip_longest(*around) for c in row if c is not None]
 
 
 def _same_before_told(study: optuna.Study, pending: list[optuna.trial.Trial]) -> bool:

@@ -41,7 +41,7 @@ from hwnas.passes._reconstruct import FitCache
 from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
-from hwnas.search.algorithms import ALGORITHMS, Limits, Trial, pareto_front, rank_key, search
+from hwnas.search.algorithms import ALGORITHMS, BATCH, Limits, Trial, first_candidates, pareto_front, rank_key, search
 from hwnas.search.distributed import JobStatus, StorageWorkers
 from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score, fingerprint
 from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
@@ -362,16 +362,18 @@ def run_search(
                     spent["candidates"] += 1
                 yield journal.scores[pipeline]
 
-        if isinstance(limits.fidelity, Retrain) and limits.fidelity.floor is None:
-            original_score = next(score_batch([""]))
-            limits = replace(limits, fidelity=limits.fidelity.with_floor(
-                _quality_floor(original_score, settings.quality_tolerance)))
-
         def post(pipelines: list[str]) -> None:
             """Jobs for the storage workers ahead of the batch that scores them, but none for journaled scores."""
             post_ahead([p for p in pipelines if p not in journal.scores])
 
         seeds = expert_seeds(space, memory_limited=needs_memory)
+        if isinstance(limits.fidelity, Retrain) and limits.fidelity.floor is None:
+            if post_ahead:  # the other workers start on the search's first batch while one scores the original
+                first = first_candidates(space, settings.algorithm, seeds, settings.seed)[:min(BATCH, settings.trials)]
+                post(["", *(space.compile(c) for c in first)])
+            original_score = next(score_batch([""]))
+            limits = replace(limits, fidelity=limits.fidelity.with_floor(
+                _quality_floor(original_score, settings.quality_tolerance)))
         # the default batch, not one per core: a seed must give the same search on any machine (resume elsewhere)
         trials = search(space, score_batch, settings.algorithm, settings.trials, limits, settings.seed,
                         seeds, settings.time_budget, progress=progress, post=post if post_ahead else None)
