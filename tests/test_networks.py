@@ -138,9 +138,12 @@ def test_pixel_shuffles_and_softplus_build_run_and_are_timed_in_context():
 
 def test_random_networks_draw_pixel_shuffles_softplus_and_small_networks():
     rng = np.random.default_rng(1)
-    forms, acts, small = set(), set(), []
-    for _ in range(400):
+    forms, acts, small, kept = set(), set(), [], []
+    for i in range(400):
         config = random_network(rng)
+        if i < 100:  # conv blocks keep or double their input's width more often than independent draws make them
+            _, block_inputs = build_network(config)
+            kept += [blk.c_out in (c, 2 * c) for blk, (c, _) in zip(config.blocks, block_inputs) if blk.kind == "conv"][1:]
         forms |= {b.op for b in config.blocks if b.kind == "pixel_shuffle"}
         acts |= {b.act for b in config.blocks}
         if len(config.blocks) > 13:  # more than a stem, 11 blocks and a head: only a small network has that
@@ -150,3 +153,4 @@ def test_random_networks_draw_pixel_shuffles_softplus_and_small_networks():
     # small networks (SMALL_SHARE of all; those over 13 blocks are some of them) stay narrow and low-resolution
     assert 10 <= len(small) <= SMALL_SHARE * 400
     assert all(size <= 192 and widest <= 256 for size, widest in small)
+    assert np.mean(kept) > 0.27  # 0.20 with every width drawn independently of the input's (same seed)

@@ -596,6 +596,13 @@ def _act_choice(rng: np.random.Generator) -> str:
     return str(rng.choice(ACTIVATIONS, p=np.array(_ACT_WEIGHTS) / sum(_ACT_WEIGHTS)))
 
 
+def _near_width(rng: np.random.Generator, c: int, stride: int, hi: int) -> int:
+    """The input's width `c` (doubled at a stride half the time) a third of the time, else between c/2 and 2c."""
+    if rng.random() < 0.35:
+        return max(4, min(hi, 2 * c if stride == 2 and rng.random() < 0.5 else c))
+    return _channels(rng, min(hi, max(4, c // 2)), min(hi, max(8, 2 * c)))
+
+
 def random_block(rng: np.random.Generator, c: int, h: int, small: bool = False) -> BlockConfig:
     """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows); `small`: a
     small network's block (`_SMALL_BLOCKS`, at most `_SMALL_CHANNELS` out, near its input's width)."""
@@ -605,11 +612,10 @@ def random_block(rng: np.random.Generator, c: int, h: int, small: bool = False) 
     weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
     stride = int(rng.choice([1, 1, 2])) if h >= 4 else 1
-    if small:  # widths grow with depth as in real small models: about the input's, up to twice it at a stride
-        c_out = _channels(rng, max(4, c // 2), min(_SMALL_CHANNELS, max(8, 2 * c if stride == 2 else c + c // 2)))
-    else:
-        hi = int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide layers only where the maps are small
-        c_out = _channels(rng, 4, hi)
+    hi = _SMALL_CHANNELS if small else int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide only on small maps
+    # real CNNs keep a layer's width or double it at a stride (ResNet's 3x3 pairs, MobileNet's stages):
+    # small networks always, the others half the time; else any width up to `hi`
+    c_out = _near_width(rng, c, stride, hi) if small or rng.random() < 0.5 else _channels(rng, 4, hi)
     act = _act_choice(rng)
     if kind == "conv":
         kernel = int(rng.choice([1, 1, 3, 3, 3, 5, 7]))
@@ -692,10 +698,10 @@ def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Seq
 
 def random_network(rng: np.random.Generator) -> NetworkConfig:
     """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a
-    head; or (`SMALL_SHARE` of them) a small network: a stem and 8 to 20 narrow blocks at 48² to 192²."""
+    head; or (`SMALL_SHARE` of them) a small network: a 3×3 or 7×7 stem and 8 to 20 narrow blocks at 48² to 192²."""
     if rng.random() < SMALL_SHARE:
         size = _log_uniform(rng, 48, 192) // 8 * 8
-        stem = [BlockConfig("conv", _channels(rng, 8, 32), 3, 2, act=_act_choice(rng))]
+        stem = [BlockConfig("conv", _channels(rng, 8, 32), 7 if rng.random() < 0.25 else 3, 2, act=_act_choice(rng))]
         return _grow(rng, 3, size, int(rng.integers(8, 21)), stem, small=True)
     size = _log_uniform(rng, 16, 320) if rng.random() < 0.9 else int(rng.choice([448, 512, 640]))
     c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256)
