@@ -50,7 +50,7 @@ from hwnas.verify.equivalence import worst_sample_drift
 from hwnas.verify.policy import Drift, Exact, Fidelity
 
 
-_SCALED_CACHE = 4  # depth-scaled graphs kept: the curated space's multipliers
+_SCALED_CACHE = 10  # depth-scaled graphs kept: the curated space's multipliers and ranked choices (sensitivity.py)
 # set (to anything) by the test suite: a pass's ValueError/RuntimeError in a search raises instead of being
 # counted, so no test passes over a hidden pass bug (worker processes inherit it through the environment)
 STRICT_PASSES_ENV = "HWNAS_STRICT_PASSES"

@@ -47,6 +47,7 @@ from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score, fi
 from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
 from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
+from hwnas.search.sensitivity import add_ranked_depth
 from hwnas.search.space import KEEP, PREFIX, SearchSpace, SpaceOptions, build_space
 from hwnas.targets.base import Target
 from hwnas.verify.calibration import split_calibration
@@ -329,6 +330,8 @@ def run_search(
                                                     quantized=settings.quantize is not None),
                         latency=lambda graph: estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms)
     limits = settings.limits
+    if isinstance(limits.fidelity, Drift) and evaluator.judge_feeds is not None:  # depth per group, ranked by latency per drift
+        add_ranked_depth(space, prepared, ctx, evaluator.evaluate, limits.fidelity.max)
     needs_memory = _needs_memory(limits)
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,

@@ -41,7 +41,7 @@ KEEP = "keep"
 PREFIX = "fold-bn,fold-affine,fold-constants"  # exact clean-ups every candidate starts from
 # the reference work's "handful of multipliers"; channel counts round to the PF (uncurated: to 1)
 CURATED_MULTIPLIERS = ("0.75", "0.6", "0.5", "0.4")
-_SAFE_NAME = re.compile(r"^[^,{}=;\s]+$")  # names the pipeline grammar can carry in a selector
+SAFE_NAME = re.compile(r"^[^,{}=;\s]+$")  # names the pipeline grammar can carry in a selector
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class SearchSpace:
     decisions: list[Decision]
     options: SpaceOptions
     skipped: list[str] = field(default_factory=list)  # sites left out, with the reason
+    # a non-uniform depth choice → the channel groups (site anchors) it scales (hwnas.search.sensitivity)
+    depth_sites: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def size(self) -> float:
         return math.prod(len(d.choices) for d in self.decisions)
@@ -84,7 +86,8 @@ class SearchSpace:
             choice = candidate.get(d.key, KEEP)
             if choice == KEEP:
                 continue
-            by_step.setdefault(_step_for(d.kind, choice), []).append(d.anchor)
+            anchors = self.depth_sites.get(choice, (d.anchor,)) if d.kind == "depth" else (d.anchor,)
+            by_step.setdefault(_step_for(d.kind, choice), []).extend(anchors)
         order = sorted(by_step, key=_step_order)
         return ",".join(_with_sites(step, by_step[step]) for step in order)
 
@@ -96,8 +99,8 @@ def _with_sites(step: str, anchors: list[str]) -> str:
 
 
 def _step_for(kind: str, choice: str) -> str:
-    if kind == "depth":  # "m0.75r32": multiplier 0.75, channel counts rounded to 32
-        multiplier, round_to = choice.removeprefix("m").split("r")
+    if kind == "depth":  # "m0.75r32": multiplier 0.75, channel counts rounded to 32 ("…k7": 7 ranked groups only)
+        multiplier, round_to = choice.removeprefix("m").split("k")[0].split("r")
         return f"scale-depth{{multiplier={multiplier},round_to={round_to}}}"
     if kind == "align":
         return f"align-channels{{multiple={choice.removeprefix('pad')},mode=pad}}"
@@ -199,9 +202,9 @@ def _applicable(graph: gs.Graph, ctx: PassContext, pass_name: str, **options):
 
 
 def _add(space: SearchSpace, kind: str, sites, choices, channels, nodes: Mapping[str, gs.Node], shapes: Mapping) -> None:
-    usable = [s for s in sites if _SAFE_NAME.match(s.nodes[0])]
+    usable = [s for s in sites if SAFE_NAME.match(s.nodes[0])]
     space.skipped += [f"{kind} site at {s.nodes[0]!r}: its name cannot be written in a pipeline selector"
-                      for s in sites if not _SAFE_NAME.match(s.nodes[0])]
+                      for s in sites if not SAFE_NAME.match(s.nodes[0])]
     for i, site in enumerate(usable):
         options = choices(site)
         if not options:
