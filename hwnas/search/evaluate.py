@@ -50,7 +50,7 @@ from hwnas.verify.equivalence import worst_sample_drift
 from hwnas.verify.policy import Drift, Exact, Fidelity
 
 
-_SCALED_CACHE = 10  # depth-scaled graphs kept: the curated space's multipliers and ranked choices (sensitivity.py)
+_SCALED_CACHE = 12  # depth-scaled graphs kept: the curated space's multipliers and ranked choices (sensitivity.py)
 # set (to anything) by the test suite: a pass's ValueError/RuntimeError in a search raises instead of being
 # counted, so no test passes over a hidden pass bug (worker processes inherit it through the environment)
 STRICT_PASSES_ENV = "HWNAS_STRICT_PASSES"
@@ -118,7 +118,7 @@ class CandidateEvaluator:
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
         self.quantize = quantize  # the quantize step (pipeline text): every candidate is judged as the int8 model it becomes
         self._quantized: dict[str, onnx.ModelProto] = {}  # float model fingerprint → its quantized model
-        self._scaled: dict[str, PipelineRun] = {}  # first step → its result, for the global depth multiplier
+        self._scaled: dict[str, PipelineRun] = {}  # leading scale-depth steps → their result (depth choices)
         self._depth_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
 
     @property
@@ -133,17 +133,19 @@ class CandidateEvaluator:
             return self.base, Exactness.EXACT
         steps = parse_pipeline(pipeline if self.fit_weights else architecture_only(pipeline)).steps
         done = PipelineRun(self.graph, [])
-        if steps[0].name == "scale-depth":  # refitting every layer costs most of a candidate; a few multipliers recur
-            done, steps = self._first_step(steps[0]), steps[1:]
+        # refitting every layer costs most of a candidate; a few multipliers (or ranked group choices) recur
+        lead = next((i for i, step in enumerate(steps) if step.name != "scale-depth"), len(steps))
+        if lead:
+            done, steps = self._depth_steps(steps[:lead]), steps[lead:]
         rest = PassManager(Pipeline(steps), in_place=True).run(done.graph.copy(), self.ctx)
         return to_model(rest.graph, self.base), PipelineRun(rest.graph, done.records + rest.records).exactness
 
-    def _first_step(self, spec: PassSpec) -> PipelineRun:
-        key = str(spec)
+    def _depth_steps(self, specs: list[PassSpec]) -> PipelineRun:
+        key = str(Pipeline(tuple(specs)))
         self._depth_use["depth_cache_lookups"] += 1
         self._depth_use["depth_cache_hits"] += key in self._scaled
         return _bounded(self._scaled, key, _SCALED_CACHE,
-                        lambda: PassManager(Pipeline((spec,)), in_place=True).run(self.graph.copy(), self.ctx))
+                        lambda: PassManager(Pipeline(tuple(specs)), in_place=True).run(self.graph.copy(), self.ctx))
 
     def evaluate(self, pipeline: str) -> Score:
         return self.evaluate_timed(pipeline)[0]

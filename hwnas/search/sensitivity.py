@@ -1,27 +1,31 @@
-"""Non-uniform depth: which channel groups to scale, ranked by latency saved per drift (NetAdapt / AMC style).
+"""Non-uniform depth: which channel groups to scale, and how far, ranked by latency saved per drift (NetAdapt / AMC style).
 
 One multiplier over every channel group is what the curated space offers the zoo models, but on a real
 model the groups differ by an order of magnitude in what scaling them costs in drift for what it saves in
-latency. Measured on PP-OCRv4 det at 640² (npu-32x32, 12 fit + 4 judge pages, each group alone at m = 0.5
-on the prepared graph): most groups save 1–2.5 % of the latency at a drift of 0.01–0.02 each, while a few
-of the widest (384 channels) save ~1.2 % at 0.0035–0.0065 and some save almost nothing at almost no
-drift; uniform m = 0.5 drifts 0.039, far over a 0.02 budget.
+latency. Measured on PP-OCRv4 det at 640² (npu-32x32, 12 fit + 4 judge pages, each group alone on the
+prepared graph, latency saved as a share of the baseline's): the 96-channel neck group at `p2o.Conv.37`
+saves 4.6 % at m = 0.5 (drift 0.0076) and 9.2 % at 0.25 (0.0165); the 384-channel groups save ~1.2 % at
+0.0035–0.011; the small early groups (48 channels, rounded to 32 at every curated multiplier) save
+1.3–2.5 % at 0.014–0.023 each, which is why every uniform multiplier (0.75 included) drifts ~0.04.
 
 So before the search, each scale-depth group is scaled alone at each ranking multiplier (`RANKED_MULTIPLIERS`)
 and scored by the evaluator as any candidate is (estimated latency, drift on the held-back samples):
 
     ratio(g, m) = (latency(prepared) − latency(g scaled by m)) / max(drift(g, m), DRIFT_FLOOR)
 
-and the depth decision gains one choice per (m, level): the groups in decreasing ratio order, taken while
-the sum of their lone drifts stays within level × the drift budget (`LEVELS`). Lone drifts do not add up
-(the sum over all groups is ~5× uniform m = 0.5's measured drift), so the levels go past the budget and
-the search judges each prefix by its measured drift like any candidate. A choice reads `m0.5r32k7` (the
-7 best groups at 0.5) and compiles to `scale-depth{multiplier=0.5,round_to=32,sites=@…}` with the
-groups' anchors; the expert seeds take each one on top of the full expert recipe. Prefixes with the same
-groups as a shorter level are dropped; everything is deterministic for a given model, calibration and target.
+Walking the measurements by decreasing ratio, each one is taken when it scales its group deeper than
+before, charged its lone drift beyond the group's earlier one; the depth decision gains one choice per
+level (`LEVELS`): the assignment taken while the summed drift stays within level × the drift budget.
+Lone drifts do not add up (over all groups at 0.5 they sum to ~5× uniform m = 0.5's measured 0.039),
+so the levels go past the budget and the search judges each choice by its measured drift like any
+candidate. A choice reads `ranked7r32` (the first 7 measurements taken) and compiles to one
+`scale-depth{multiplier=m,round_to=32,sites=@…}` step per multiplier it uses; the evaluator caches the
+leading scale-depth steps' graph as it does a uniform multiplier's, and the expert seeds take each
+choice on top of the full expert recipe. Everything is deterministic for a model, calibration and target.
 
-Cost: one evaluation per group and ranking multiplier in the setup (PP-OCRv4 det: 18 groups, ~5 s each).
-Only searches with a drift budget, reconstructed passes and calibration data are ranked.
+Cost: one evaluation per group and ranking multiplier in the setup (PP-OCRv4 det: 18 groups, 32
+measurements, ~5 s each alone). Only searches with a drift budget, reconstructed passes and held-back
+calibration samples are ranked; the uniform multipliers stay (the zoo models use them).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from hwnas.passes.scale_depth import ScaleDepth
 from hwnas.search.evaluate import Score
 from hwnas.search.space import SAFE_NAME, SearchSpace
 
-RANKED_MULTIPLIERS = ("0.5",)
-LEVELS = (0.5, 1, 2, 4, 8)  # × the drift budget: how much summed lone drift each ranked choice may take
+RANKED_MULTIPLIERS = ("0.5", "0.25")
+LEVELS = (0.5, 1, 1.5, 2, 3, 4, 6, 8)  # × the drift budget: how much summed lone drift each ranked choice may take
 DRIFT_FLOOR = 1e-4  # a group whose drift measures below this counts as this (no division by ~0)
 
 
@@ -57,35 +61,47 @@ class GroupSensitivity:
 def measure_groups(graph: gs.Graph, ctx: PassContext, round_to: int, evaluate: Callable[[str], Score],
                    baseline_ms: float, multipliers: tuple[str, ...] = RANKED_MULTIPLIERS) -> list[GroupSensitivity]:
     """Every applicable scale-depth group scaled alone by each multiplier, scored by `evaluate` (a
-    candidate pipeline → its score); groups the evaluator refuses are left out."""
-    found = []
+    candidate pipeline → its score), in graph order; a multiplier that leaves a group the count an
+    earlier one did is not measured again, and groups the evaluator refuses are left out."""
+    found, counts = [], {}
     for m in multipliers:
         for site in ScaleDepth(multiplier=float(m), round_to=round_to).match(graph, ctx):
-            if not (site.applicable and site.nodes and SAFE_NAME.match(site.nodes[0])):
+            anchor = site.nodes[0] if site.nodes else ""
+            if not (site.applicable and SAFE_NAME.match(anchor)) or counts.get(anchor, ()).count(site.data.target):
                 continue
-            score = evaluate(f"scale-depth{{multiplier={m},round_to={round_to},sites=@{site.nodes[0]}}}")
+            counts[anchor] = (*counts.get(anchor, ()), site.data.target)
+            score = evaluate(f"scale-depth{{multiplier={m},round_to={round_to},sites=@{anchor}}}")
             if score.error is None:
-                found.append(GroupSensitivity(site.nodes[0], m, site.data.group.channels,
-                                              baseline_ms - score.latency_ms, score.drift))
+                found.append(GroupSensitivity(anchor, m, site.data.group.channels, baseline_ms - score.latency_ms, score.drift))
     return found
 
 
-def ranked_choices(groups: list[GroupSensitivity], budget: float, round_to: int) -> dict[str, tuple[str, ...]]:
-    """Choice name (`m0.5r32k7`) → the anchors it scales: per multiplier, the best-ratio groups that save
-    latency, cut where their summed lone drift passes each level × `budget`; nested, deduplicated."""
-    choices: dict[str, tuple[str, ...]] = {}
-    for m in dict.fromkeys(g.multiplier for g in groups):
-        ranked = sorted((g for g in groups if g.multiplier == m and g.latency_saved_ms > 0),
-                        key=lambda g: (-g.ratio, g.anchor))
-        taken: set[int] = set()
-        for level in LEVELS:
-            total, k = 0.0, 0
-            while k < len(ranked) and total + ranked[k].drift <= level * budget:
-                total += ranked[k].drift
-                k += 1
-            if 0 < k < len(ranked) and k not in taken:
-                taken.add(k)
-                choices[f"m{m}r{round_to}k{k}"] = tuple(g.anchor for g in ranked[:k])
+def ranked_choices(groups: list[GroupSensitivity], budget: float, round_to: int
+                   ) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """Choice name (`ranked7r32`) → (multiplier, anchors) pairs: the (group, multiplier) measurements that
+    save latency, best ratio first, each taken when it scales its group deeper than a taken one did
+    (charged the extra lone drift), cut where the summed drift passes each level × `budget`."""
+    order = {g.anchor: i for i, g in enumerate(dict((g.anchor, g) for g in groups).values())}
+    ranked = sorted((g for g in groups if g.latency_saved_ms > 0), key=lambda g: (-g.ratio, order[g.anchor], g.multiplier))
+    taken: dict[str, GroupSensitivity] = {}
+    states, total = [], 0.0  # (summed drift, the assignment) after each measurement taken
+    for g in ranked:
+        before = taken.get(g.anchor)
+        if before is not None and float(g.multiplier) >= float(before.multiplier):
+            continue
+        total += max(g.drift - (before.drift if before else 0.0), 0.0)
+        taken[g.anchor] = g
+        states.append((total, dict(taken)))
+    choices = {}
+    for level in LEVELS:
+        within = [i for i, (drift, _) in enumerate(states) if drift <= level * budget]
+        if within:
+            k = within[-1] + 1
+            assignment = states[k - 1][1]
+            by_multiplier = {}
+            for anchor in sorted(assignment, key=order.get):
+                by_multiplier.setdefault(assignment[anchor].multiplier, []).append(anchor)
+            choices[f"ranked{k}r{round_to}"] = tuple((m, tuple(a)) for m, a in sorted(by_multiplier.items()))
     return choices
 
 
@@ -102,4 +118,3 @@ def add_ranked_depth(space: SearchSpace, graph: gs.Graph, ctx: PassContext, eval
     space.depth_sites.update(ranked)
     space.decisions[index] = replace(depth, choices=depth.choices + tuple(ranked))
     return groups
-

@@ -70,8 +70,9 @@ class SearchSpace:
     decisions: list[Decision]
     options: SpaceOptions
     skipped: list[str] = field(default_factory=list)  # sites left out, with the reason
-    # a non-uniform depth choice → the channel groups (site anchors) it scales (hwnas.search.sensitivity)
-    depth_sites: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # a non-uniform depth choice → (multiplier, the channel groups' site anchors it scales by it), one pair per
+    # multiplier it uses (hwnas.search.sensitivity)
+    depth_sites: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = field(default_factory=dict)
 
     def size(self) -> float:
         return math.prod(len(d.choices) for d in self.decisions)
@@ -86,8 +87,12 @@ class SearchSpace:
             choice = candidate.get(d.key, KEEP)
             if choice == KEEP:
                 continue
-            anchors = self.depth_sites.get(choice, (d.anchor,)) if d.kind == "depth" else (d.anchor,)
-            by_step.setdefault(_step_for(d.kind, choice), []).extend(anchors)
+            if d.kind == "depth" and choice in self.depth_sites:  # one scale-depth step per multiplier it uses
+                round_to = choice.split("r")[-1]
+                for multiplier, anchors in self.depth_sites[choice]:
+                    by_step[_step_for("depth", f"m{multiplier}r{round_to}")] = list(anchors)
+                continue
+            by_step.setdefault(_step_for(d.kind, choice), []).append(d.anchor)
         order = sorted(by_step, key=_step_order)
         return ",".join(_with_sites(step, by_step[step]) for step in order)
 
@@ -99,8 +104,8 @@ def _with_sites(step: str, anchors: list[str]) -> str:
 
 
 def _step_for(kind: str, choice: str) -> str:
-    if kind == "depth":  # "m0.75r32": multiplier 0.75, channel counts rounded to 32 ("…k7": 7 ranked groups only)
-        multiplier, round_to = choice.removeprefix("m").split("k")[0].split("r")
+    if kind == "depth":  # "m0.75r32": multiplier 0.75, channel counts rounded to 32
+        multiplier, round_to = choice.removeprefix("m").split("r")
         return f"scale-depth{{multiplier={multiplier},round_to={round_to}}}"
     if kind == "align":
         return f"align-channels{{multiple={choice.removeprefix('pad')},mode=pad}}"
