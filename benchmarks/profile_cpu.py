@@ -7,7 +7,7 @@ reported after), 1 intra-op thread:
 
     python benchmarks/profile_cpu.py --detect-fusion               # rules + 3,000 measurements (~10 min)
     python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
-    python benchmarks/profile_cpu.py --detect-fusion --int8        # + int8 kernels (every third network quantized)
+    python benchmarks/profile_cpu.py --detect-fusion --int8        # + int8 kernels (every second network quantized)
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
@@ -78,7 +78,7 @@ def main() -> int:
     parser.add_argument("--max-load", type=float, default=1.0, help="refuse to start above this 1-minute load average")
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine (the numbers will say so)")
     parser.add_argument("--int8", action="store_true",
-                        help="also profile int8 kernels: every third network quantized by the quantize pass (cpu preset)")
+                        help="also profile int8 kernels: every second network quantized by the quantize pass (cpu preset)")
     args = parser.parse_args()
 
     env = environment()

@@ -231,7 +231,7 @@ def profile(
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure `budget` sampled kernels on the target (adaptive sampling) and fit its estimator.
 
-    `int8=True`: every third profiling network is quantized by the quantize pass (cpu-like targets that
+    `int8=True`: every second profiling network is quantized by the quantize pass (cpu-like targets that
     time kernels in context), so the estimator learns int8 kernels (DQ → Conv → Q, ORT's QLinearConv)."""
     if budget < 10:
         raise BadInputError("profile: --budget must be at least 10 measurements")

@@ -19,7 +19,7 @@ training set, and the next batch perturbs the configurations with the largest er
 ±1…±PF, sizes ±25 %), so that measurements concentrate where the cost surface has cliffs. In `context`
 mode the perturbed unit is the block that produced the kernel, measured at the head of a new network.
 
-int8 (`quantize`, context mode): every third network (`INT8_EVERY`) is profiled as the QDQ model `quantize` makes of
+int8 (`quantize`, context mode): every second network is profiled as the QDQ model `quantize` makes of
 it (the caller passes the quantize pass's `quantize_model`: this layer does not import the passes),
 calibrated on 4 random inputs. ORT runs DequantizeLinear → Conv → QuantizeLinear as one QLinearConv;
 its kernels are `Kernel.int8` and get regressors of their own (`KIND/int8`, estimator.py).
@@ -71,10 +71,6 @@ def _measure(target: Target, config: KernelConfig, rules: FusionRules, overhead_
 # ---- profiling loops ----------------------------------------------------------------------------------
 
 MODES = ("kernel", "context")
-# int8 profiling quantizes one network in this many: at one in two, the int8 networks' unfused activations
-# and Q/DQ-bound elementwise kernels took a quarter of a 3,000 budget and float convs, most of real float
-# models' time, only ~460 samples
-INT8_EVERY = 3
 
 
 # (model, calibration inputs) -> the model quantized to QDQ int8 (hwnas.passes.quantize.quantize_model)
@@ -121,7 +117,7 @@ def profile_target(
     by default `context` where the target supports it. `rules`: the fusion rules the kernels are cut by
     (default: the target's). `scale_to_run` (context mode): scale each network's kernels to its
     measured run time rather than adding the measured executor overhead (`attribute`). `quantize`
-    (context mode): every third network is profiled quantized by it (int8 kernels, see above).
+    (context mode): every second network is profiled quantized by it (int8 kernels, see above).
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -265,7 +261,7 @@ class _ContextSampler:
 
     def _measure(self, config: NetworkConfig) -> list[tuple[object, Sample]]:
         model, block_inputs = build_network(config)
-        if self.quantize is not None and self.networks % INT8_EVERY == 1:
+        if self.quantize is not None and self.networks % 2 == 1:
             calibration = self.rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
             model = self.quantize(model, {"x": calibration})
             self.int8_networks += 1
