@@ -141,11 +141,12 @@ class CandidateEvaluator:
         return to_model(rest.graph, self.base), PipelineRun(rest.graph, done.records + rest.records).exactness
 
     def _depth_steps(self, specs: list[PassSpec]) -> PipelineRun:
-        key = str(Pipeline(tuple(specs)))
+        pipeline = Pipeline(tuple(specs))
+        key = str(pipeline)
         self._depth_use["depth_cache_lookups"] += 1
         self._depth_use["depth_cache_hits"] += key in self._scaled
         return _bounded(self._scaled, key, _SCALED_CACHE,
-                        lambda: PassManager(Pipeline(tuple(specs)), in_place=True).run(self.graph.copy(), self.ctx))
+                        lambda: PassManager(pipeline, in_place=True).run(self.graph.copy(), self.ctx))
 
     def evaluate(self, pipeline: str) -> Score:
         return self.evaluate_timed(pipeline)[0]
