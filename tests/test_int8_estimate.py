@@ -43,3 +43,26 @@ def test_the_shipped_cpu_estimator_knows_int8_kernels(models):
     fp32 = {k.name: k for k in estimate(float_model, "cpu").kernels if k.op == "Conv"}
     assert int8 and all(k.in_distribution for k in int8.values())
     assert any(abs(int8[n].latency_ms - fp32[n].latency_ms) > 1e-6 for n in int8 if n in fp32)
+
+
+def test_the_cpu_costs_the_dequantize_that_writes_a_graph_output(models):
+    """ORT runs a DequantizeLinear that writes a graph output, and the QuantizeLinear before it after an op
+    that writes no integers (the segmenter's final bilinear Resize runs in float): kernels on the cpu
+    (`FusionRules.output_dequantize`), free on an int8 npu. After a Gemm (QGemm writes integers) only the DQ."""
+    from hwnas.targets import get_target
+    from hwnas.targets.measure import MeasureSettings, profile_nodes
+
+    segmenter = build("segmenter", resolution=64)
+    calibration = {"input": np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)}
+    quantized = api.run(segmenter, "fold-bn,quantize{preset=cpu}", calibration=calibration, allow_drift=1.0).model
+    ran = {t.op_type for t in profile_nodes(quantized, {}, MeasureSettings(warmup=0, repeats=1, min_seconds=0),
+                                            get_target("cpu").providers)}
+    assert {"QuantizeLinear", "DequantizeLinear", "Resize"} <= ran
+    tail = [k for k in estimate(quantized, "cpu").kernels if k.kind != "free"][-3:]
+    assert [(k.op, k.kind) for k in tail] == [("Resize", "resize"), ("QuantizeLinear", "elementwise"),
+                                              ("DequantizeLinear", "elementwise")]
+    assert all(k.latency_ms > 0 for k in tail)
+    assert not [k for k in estimate(quantized, "npu-32x32").kernels
+                if k.op in ("QuantizeLinear", "DequantizeLinear") and k.kind != "free"]
+    classifier = [k for k in estimate(models[1], "cpu").kernels if k.kind != "free"][-2:]
+    assert [k.op for k in classifier] == ["Gemm", "DequantizeLinear"]

@@ -371,6 +371,8 @@ def rules_from_verdicts(verdicts: Sequence[PairMeasurement], criterion: str = "l
     )
     # not timed by a pair: where affine ops fold (before the activation) is read off ORT's optimized graphs
     values["affine_folds"] = values["affine"]
+    # nor this: ONNX Runtime runs a DequantizeLinear that writes a graph output (its optimized graphs, 1.32)
+    values["output_dequantize"] = True
     if "residual_epilogue" in {f.name for f in dataclasses.fields(FusionRules)}:  # where FusionRules can say it
         values["residual_epilogue"] = values["residual_add"] and bool(fused.get("residual_epilogue"))
     return FusionRules(**values)

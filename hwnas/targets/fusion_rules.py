@@ -13,6 +13,9 @@ follow it, as long as each intermediate tensor has no other consumer and is not 
 - `residual_add`: a final Add of a same-shape tensor computed elsewhere (the IBN skip connection);
 - `residual_epilogue`: `epilogue_ops` after that Add ride along too (ResNet's Add → Relu, which ORT runs
   inside the conv's node);
+- `output_dequantize`: a DequantizeLinear that writes a graph output is a kernel of its own, and so is the
+  QuantizeLinear before it after an op that does not write integers itself (ONNX Runtime's CPU provider runs
+  both over the whole output: ~1 ms each after a segmenter's 512² upsample); elsewhere a Q → DQ pair is free;
 - `patterns`: op chains that exporters write for one layer and the target runs as one node, each made one
   kernel named after the op it becomes (`PATTERNS`): the erf GELU `x·0.5·(1 + erf(x/√2))` (with a
   bias Add before it, ORT's BiasGelu), the decomposed LayerNorm (ReduceMean, Sub, Pow, ReduceMean, Add,
@@ -32,7 +35,7 @@ from pathlib import Path
 from hwnas.errors import BadInputError
 from hwnas.report.json_report import read_json
 
-_BOOL_KEYS = ("affine", "affine_folds", "self_gate", "residual_add", "residual_epilogue")
+_BOOL_KEYS = ("affine", "affine_folds", "self_gate", "residual_add", "residual_epilogue", "output_dequantize")
 _SET_KEYS = ("anchors", "epilogue_ops", "patterns")
 # the chains `patterns` may name (matched in hwnas.targets.kernels), by the op the target runs them as
 PATTERNS = ("Gelu", "LayerNormalization", "QuickGelu", "SimplifiedLayerNormalization")
@@ -47,6 +50,7 @@ class FusionRules:
     self_gate: bool = False
     residual_add: bool = False
     residual_epilogue: bool = False
+    output_dequantize: bool = False
     patterns: frozenset[str] = frozenset()
 
     @classmethod
@@ -80,9 +84,10 @@ class FusionRules:
         return {
             "anchors": sorted(self.anchors),
             "epilogue_ops": sorted(self.epilogue_ops),
-            # residual_epilogue and affine_folds only when set: rules written before them keep their form
+            # residual_epilogue, affine_folds and output_dequantize only when set: rules written before them
+            # keep their form
             **{key: getattr(self, key) for key in _BOOL_KEYS
-               if key not in ("residual_epilogue", "affine_folds") or getattr(self, key)},
+               if key not in ("residual_epilogue", "affine_folds", "output_dequantize") or getattr(self, key)},
             # patterns likewise only when any
             **({"patterns": sorted(self.patterns)} if self.patterns else {}),
         }

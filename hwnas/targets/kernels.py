@@ -23,7 +23,9 @@ Kinds (the op semantics, the same on every target):
                  computed from constants and shapes alone (Constant, Shape, the arithmetic that sizes a
                  Reshape, a weight's DequantizeLinear): a compiler resolves those before run time; and a
                  QuantizeLinear → DequantizeLinear pair between kernels: it marks the tensor as int8, which
-                 the kernels on either side read and write as such (ORT fuses DQ → Conv → Q into QLinearConv)
+                 the kernels on either side read and write as such (ORT fuses DQ → Conv → Q into QLinearConv);
+                 not, under the rules' `output_dequantize`, a DequantizeLinear that writes a graph output (nor
+                 the QuantizeLinear before it after an op that writes no integers): elementwise kernels
     other        anything else (Transpose, Slice, Softmax, custom ops...): kept, costed by a fallback
 
 Conv-like kernels also carry their GEMM view (`GemmShape`), the way a systolic array runs them:
@@ -83,6 +85,11 @@ _FOLDING_OPS = _AFFINE_OPS | {"BatchNormalization"} | _PASS_THROUGH
 _STATIC_SOURCES = frozenset({"Constant", "Shape", "Size"})  # outputs known before run time
 _ONNX_DOMAINS = ("", "ai.onnx")
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+# what ONNX Runtime's CPU provider runs as a kernel that writes integers when a QuantizeLinear follows
+# (QDQSelectorActionTransformer: QLinearConv, QGemm, QLinearAdd, QLinearConcat...); after any other op the
+# QuantizeLinear runs as a node of its own (`FusionRules.output_dequantize`)
+_QLINEAR_OPS = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "LeakyRelu",
+                          "Sigmoid", "Softmax", "Concat", "Where"})
 
 
 @dataclass(frozen=True)
@@ -156,12 +163,13 @@ class _Graph:
     folded: frozenset[str]
     values: Mapping[str, np.ndarray]
     opset: int  # of the default domain
+    output_dequantize: bool = False  # `FusionRules.output_dequantize`
 
 
 def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
     """The kernels `model` runs as at `input_shapes` under `rules`, in execution order."""
     shapes = resolve_input_shapes(model, input_shapes)
-    graph = _index(model, *infer_tensors(model, shapes))
+    graph = _index(model, *infer_tensors(model, shapes), output_dequantize=rules.output_dequantize)
     claimed: set[int] = set()
     groups: list[tuple[list[int], bool, str | None]] = []
     patterns = _patterns(graph, rules)
@@ -196,7 +204,8 @@ def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple
     return tuple(keys)
 
 
-def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int]) -> _Graph:
+def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int],
+           output_dequantize: bool = False) -> _Graph:
     folded, values = _folded_constants(model)
     nodes = tuple(model.graph.node)
     producer: dict[str, int] = {}
@@ -219,6 +228,7 @@ def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[s
         folded=folded,
         values=MappingProxyType(values),
         opset=next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0),
+        output_dequantize=output_dequantize,
     )
 
 
@@ -273,16 +283,27 @@ def _kind(graph: _Graph, i: int) -> str:
 
 
 def _is_int8_boundary(graph: _Graph, node: onnx.NodeProto) -> bool:
-    """A QuantizeLinear read only by DequantizeLinear nodes, or a DequantizeLinear of a QuantizeLinear."""
+    """A QuantizeLinear → DequantizeLinear pair between kernels: it marks the tensor as int8 and costs
+    nothing of its own (ORT fuses it into QLinearConv, QLinearAdd..., or runs it beside a float op, whose
+    in-context profile carries it). Under `FusionRules.output_dequantize` not a DequantizeLinear that writes
+    a graph output, nor the QuantizeLinear before it unless the op before that writes integers itself."""
     if node.domain not in _ONNX_DOMAINS:
         return False
     if node.op_type == "QuantizeLinear":
         users = graph.consumers.get(node.output[0], ())
-        return bool(users) and all(graph.nodes[u].op_type == "DequantizeLinear" for u in users)
+        if not users or not all(graph.nodes[u].op_type == "DequantizeLinear" for u in users):
+            return False
+        source = graph.producer.get(node.input[0])
+        writes_integers = source is not None and graph.nodes[source].op_type in _QLINEAR_OPS
+        return writes_integers or not any(_dequantizes_output(graph, graph.nodes[u]) for u in users)
     if node.op_type == "DequantizeLinear":
         source = graph.producer.get(node.input[0])
-        return source is not None and graph.nodes[source].op_type == "QuantizeLinear"
+        return source is not None and graph.nodes[source].op_type == "QuantizeLinear" and not _dequantizes_output(graph, node)
     return False
+
+
+def _dequantizes_output(graph: _Graph, node: onnx.NodeProto) -> bool:
+    return graph.output_dequantize and node.output[0] in graph.outputs
 
 
 # ---- fusion ------------------------------------------------------------------------------------
