@@ -714,7 +714,8 @@ def work(storage: str, study: str | None = None, *, once: bool = False, max_cand
 
     if max_candidates is not None and max_candidates < 1:
         raise BadInputError(f"--max-candidates must be at least 1, got {max_candidates}")
-    return work_loop(storage, study, build=lambda blobs: EvaluatorSpec.from_blobs(blobs, evaluate_cmd).evaluator().evaluate,
+    return work_loop(storage, study,
+                     build=lambda blobs, shared: EvaluatorSpec.from_blobs(blobs, evaluate_cmd).evaluator(shared).evaluate,
                      once=once, max_candidates=max_candidates, on_job=on_job)
 
 

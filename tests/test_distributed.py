@@ -37,7 +37,7 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import Limits, rank_key, search
-from hwnas.search.distributed import StorageWorkers, get_blobs, open_storage, put_blobs, work
+from hwnas.search.distributed import SharedBuilds, StorageWorkers, get_blobs, open_storage, put_blobs, work
 from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import EvaluatorSpec, SearchSettings, expert_candidate
 from hwnas.search.space import PREFIX, Decision, SearchSpace, SpaceOptions, build_space
@@ -280,6 +280,21 @@ def test_a_worker_builds_the_coordinators_evaluator_from_plain_data_in_the_stora
     there = replace(rebuilt, settings=replace(rebuilt.settings, quantize=None)).evaluator()
     pipelines = ["", "align-channels{multiple=8}", "fuse-ibn", "scale-depth{multiplier=0.5}"]
     assert [there.evaluate(p) for p in pipelines] == [here.evaluate(p) for p in pipelines]
+
+
+def test_workers_share_the_depth_scaled_graphs_they_build_and_score_as_if_built_alone(tmp_path):
+    model, estimator, shapes, settings, calibration = small_search_inputs()
+    spec = EvaluatorSpec(model, estimator, shapes, replace(settings, quantize=None), calibration)
+    storage = open_storage(f"sqlite:///{tmp_path / 'jobs.db'}")
+    put_blobs(storage, "s", spec.to_blobs())
+    pipelines = ["scale-depth{multiplier=0.5}", "scale-depth{multiplier=0.5},replace-conv{mode=dense,sites=0}"]
+    built = [spec.evaluator(SharedBuilds(storage, "s")).evaluate(p) for p in pipelines]
+    assert set(get_blobs(storage, "s")) == set(spec.to_blobs())  # a worker joining later reads the spec alone
+    reader = SharedBuilds(storage, "s")
+    reader.put = lambda key, data: pytest.fail(f"{key} was built again")  # put only after building
+    assert [spec.evaluator(reader).evaluate(p) for p in pipelines] == built == [spec.evaluator().evaluate(p) for p in pipelines]
+    assert all(s.error is None and not s.exact and s.drift > 0 for s in built)
+    assert built[0].latency_ms != built[1].latency_ms
 
 
 def test_a_worker_refuses_pickles_other_versions_and_commands_it_was_not_given():

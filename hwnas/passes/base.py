@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +31,11 @@ class Exactness(str, enum.Enum):
     EXACT = "exact"  # same function up to float re-association; ORT-verified
     RECONSTRUCTED = "reconstructed"  # new weights fitted by least squares; drift measured
     LOSSY = "lossy"  # changes the function without fitting
+
+
+def weakest(classes: Iterable[Exactness]) -> Exactness:
+    """The weakest of `classes` (EXACT when there are none): the class of passes run one after another."""
+    return max(classes, key=list(Exactness).index, default=Exactness.EXACT)  # declared strongest first
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.graph.gsgraph import release_weights, stable_toposort
-from hwnas.passes.base import Exactness, PassContext, Site
+from hwnas.passes.base import Exactness, PassContext, Site, weakest
 from hwnas.passes.pipeline import Pipeline
 from hwnas.passes.registry import get_pass
 from hwnas.verify.policy import Verdict
@@ -70,9 +70,7 @@ class PipelineRun:
     @property
     def exactness(self) -> Exactness:
         """The weakest class among the passes that changed something."""
-        order = [Exactness.EXACT, Exactness.RECONSTRUCTED, Exactness.LOSSY]
-        used = [r.exactness for r in self.records if r.modified]
-        return max(used, key=order.index, default=Exactness.EXACT)
+        return weakest(r.exactness for r in self.records if r.modified)
 
 
 class PassFailedVerification(CheckFailedError):

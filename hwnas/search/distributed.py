@@ -50,6 +50,7 @@ URL`; `StorageWorkers` starts local ones), with the database's driver installed 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -139,9 +140,37 @@ def put_blobs(storage, study_name: str, blobs: Mapping[str, bytes]) -> None:
 
 
 def get_blobs(storage, study_name: str) -> dict[str, bytes]:
+    """The blobs `put_blobs` stored (not the workers' `SharedBuilds`)."""
     with storage.engine.connect() as connection:
-        rows = connection.execute(sqlalchemy.select(_BLOBS.c.name, _BLOBS.c.data).where(_BLOBS.c.study == study_name))
+        rows = connection.execute(sqlalchemy.select(_BLOBS.c.name, _BLOBS.c.data).where(
+            _BLOBS.c.study == study_name, ~_BLOBS.c.name.startswith(_BUILT)))
         return {name: bytes(data) for name, data in rows}
+
+
+_BUILT = "built/"  # blob name prefix of SharedBuilds' graphs
+
+
+class SharedBuilds:
+    """Graphs a worker built that the others would build again (the depth-scaled graphs a search's
+    candidates start from, seconds of refits each), by their pipeline, in the study's blobs: each is
+    built about once per search instead of once per worker (hwnas.search.evaluate.CandidateEvaluator)."""
+
+    def __init__(self, storage, study_name: str):
+        self.storage, self.study_name = storage, study_name
+
+    def _name(self, key: str) -> str:
+        return _BUILT + hashlib.sha256(key.encode()).hexdigest()[:48]  # the name column holds 64 characters
+
+    def get(self, key: str) -> bytes | None:
+        with self.storage.engine.connect() as connection:
+            data = connection.execute(sqlalchemy.select(_BLOBS.c.data).where(
+                _BLOBS.c.study == self.study_name, _BLOBS.c.name == self._name(key))).scalar()
+        return None if data is None else bytes(data)
+
+    def put(self, key: str, data: bytes) -> None:
+        with contextlib.suppress(sqlalchemy.exc.IntegrityError):  # another worker stored it first: the same graph
+            with self.storage.engine.begin() as connection:
+                connection.execute(_BLOBS.insert(), [{"study": self.study_name, "name": self._name(key), "data": data}])
 
 
 @dataclass(frozen=True)
@@ -153,14 +182,15 @@ class WorkerRun:
 
 
 def work(url: str, study_name: str | None = None, evaluate: Callable[[str], Score] | None = None, *,
-         build: Callable[[dict[str, bytes]], Callable[[str], Score]] | None = None, once: bool = False,
+         build: Callable[[dict[str, bytes], SharedBuilds], Callable[[str], Score]] | None = None, once: bool = False,
          max_candidates: int | None = None, on_job: Callable[[str], None] | None = None) -> WorkerRun:
     """A worker's loop: claim waiting jobs of the study, evaluate them, write the scores; return when closed.
 
     `study_name`: the study to join; None waits for the newest open one. `evaluate` scores a pipeline; a
     worker on another machine passes `build` instead, which makes it from the blobs the coordinator
-    stored (plain data, see `put_blobs`). `once`: leave when no job is waiting instead of waiting for
-    more; `max_candidates`: leave after that many. Ctrl-C (KeyboardInterrupt) releases the job in hand, for another worker, and re-raises.
+    stored (plain data, see `put_blobs`) and the graphs the workers share (`SharedBuilds`). `once`: leave
+    when no job is waiting instead of waiting for more; `max_candidates`: leave after that many. Ctrl-C
+    (KeyboardInterrupt) releases the job in hand, for another worker, and re-raises.
     """
     storage = open_storage(url)
     study_id, study_name = _join(storage, study_name, wait=not once, built_here=evaluate is not None)
@@ -170,7 +200,7 @@ def work(url: str, study_name: str | None = None, evaluate: Callable[[str], Scor
     storage.engine.dispose()
     storage = open_storage(url, tuple(attrs[_HEARTBEAT]))  # heartbeats as the coordinator expects them
     if evaluate is None:
-        evaluate = build(get_blobs(storage, study_name))
+        evaluate = build(get_blobs(storage, study_name), SharedBuilds(storage, study_name))
     me = f"{socket.gethostname()}:{os.getpid()}"
     evaluated, idle = 0, _POLL_S[0]
     while max_candidates is None or evaluated < max_candidates:

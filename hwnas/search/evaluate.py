@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -41,9 +42,10 @@ from hwnas.errors import HwnasError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.memory import footprint
 from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.graph.io import external_refs
 from hwnas.graph.session import make_session, run_per_sample
-from hwnas.passes.base import Exactness, PassContext
-from hwnas.passes.manager import PassManager, PipelineRun
+from hwnas.passes.base import Exactness, PassContext, weakest
+from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
 from hwnas.search.proxy import architecture_only
 from hwnas.verify.equivalence import worst_sample_drift
@@ -55,6 +57,14 @@ _SCALED_CACHE = 12  # depth-scaled graphs kept: the curated space's multipliers 
 # counted, so no test passes over a hidden pass bug (worker processes inherit it through the environment)
 STRICT_PASSES_ENV = "HWNAS_STRICT_PASSES"
 _QUANTIZED_CACHE = 8  # quantized models kept, by their float graph: candidates whose decisions change nothing
+
+
+class SharedBuilds(Protocol):
+    """Built graphs by key (their pipeline), as bytes, shared by the workers of one search."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class CandidateEvaluator:
                  reference_outputs: Sequence[np.ndarray] | None = None, count_memory: bool = True,
                  quality: Callable[[onnx.ModelProto], float] | None = None, fit_weights: bool = True,
                  quantize: str | None = None, judge_feeds: Mapping[str, np.ndarray] | None = None,
-                 fidelity: Fidelity = Exact()):
+                 fidelity: Fidelity = Exact(), shared: SharedBuilds | None = None):
         self.base = base
         self.graph = graph
         self.ctx = ctx
@@ -118,7 +128,8 @@ class CandidateEvaluator:
         self.fit_weights = fit_weights  # off when nothing reads fitted weights (the zero-shot proxy draws its own)
         self.quantize = quantize  # the quantize step (pipeline text): every candidate is judged as the int8 model it becomes
         self._quantized: dict[str, onnx.ModelProto] = {}  # float model fingerprint → its quantized model
-        self._scaled: dict[str, PipelineRun] = {}  # leading scale-depth steps → their result (depth choices)
+        self._scaled: dict[str, tuple[gs.Graph, Exactness]] = {}  # leading scale-depth steps → their graph (depth choices)
+        self.shared = shared  # depth-scaled graphs other workers built (hwnas.search.distributed.SharedBuilds)
         self._depth_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
 
     @property
@@ -132,21 +143,36 @@ class CandidateEvaluator:
         if not pipeline:
             return self.base, Exactness.EXACT
         steps = parse_pipeline(pipeline if self.fit_weights else architecture_only(pipeline)).steps
-        done = PipelineRun(self.graph, [])
+        graph, exactness = self.graph, Exactness.EXACT
         # refitting every layer costs most of a candidate; a few multipliers (or ranked group choices) recur
         lead = next((i for i, step in enumerate(steps) if step.name != "scale-depth"), len(steps))
         if lead:
-            done, steps = self._depth_steps(steps[:lead]), steps[lead:]
-        rest = PassManager(Pipeline(steps), in_place=True).run(done.graph.copy(), self.ctx)
-        return to_model(rest.graph, self.base), PipelineRun(rest.graph, done.records + rest.records).exactness
+            (graph, exactness), steps = self._depth_steps(steps[:lead]), steps[lead:]
+        rest = PassManager(Pipeline(steps), in_place=True).run(graph.copy(), self.ctx)
+        return to_model(rest.graph, self.base), weakest((exactness, rest.exactness))
 
-    def _depth_steps(self, specs: list[PassSpec]) -> PipelineRun:
+    def _depth_steps(self, specs: list[PassSpec]) -> tuple[gs.Graph, Exactness]:
         pipeline = Pipeline(tuple(specs))
         key = str(pipeline)
         self._depth_use["depth_cache_lookups"] += 1
         self._depth_use["depth_cache_hits"] += key in self._scaled
-        return _bounded(self._scaled, key, _SCALED_CACHE,
-                        lambda: PassManager(pipeline, in_place=True).run(self.graph.copy(), self.ctx))
+        return _bounded(self._scaled, key, _SCALED_CACHE, lambda: self._scaled_graph(pipeline))
+
+    def _scaled_graph(self, pipeline: Pipeline) -> tuple[gs.Graph, Exactness]:
+        """The depth-scaled graph and its class, built here or read from `shared` (another worker built it).
+
+        Either way it is the graph read back from its ONNX bytes, so that the candidates built on it do
+        not depend on which worker built it first (a distributed search finds what the local one finds)."""
+        key = str(pipeline)
+        packed = self.shared.get(key) if self.shared is not None else None
+        if packed is None:
+            done = PassManager(pipeline, in_place=True).run(self.graph.copy(), self.ctx)
+            model = to_model(done.graph, self.base)
+            packed = done.exactness.value.encode() + b"\0" + model.SerializeToString()
+            if self.shared is not None and not external_refs(model):  # a model over 1 GiB refers to this machine's files
+                self.shared.put(key, packed)
+        exactness, model = packed.split(b"\0", 1)
+        return to_graph(onnx.load_from_string(model)), Exactness(exactness.decode())
 
     def evaluate(self, pipeline: str) -> Score:
         return self.evaluate_timed(pipeline)[0]

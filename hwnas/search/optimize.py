@@ -43,7 +43,7 @@ from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import ALGORITHMS, BATCH, Limits, Trial, first_candidates, pareto_front, rank_key, search
 from hwnas.search.distributed import JobStatus, StorageWorkers
-from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score, fingerprint
+from hwnas.search.evaluate import PHASES, CandidateEvaluator, Journal, Score, SharedBuilds, fingerprint
 from hwnas.search.external import DEFAULT_TIMEOUT_S, ExternalEvaluator
 from hwnas.search.proxy import NaswotProxy
 from hwnas.search.recipe import full_pipeline
@@ -255,8 +255,9 @@ class EvaluatorSpec:
                                 "worker with the same --evaluate-cmd to run it on this machine")
         return cls(model, estimator, shapes, settings, calibration)
 
-    def evaluator(self) -> CandidateEvaluator:
-        return prepare(self.model, self.estimator, self.shapes, self.settings, self.calibration)[2]
+    def evaluator(self, shared: SharedBuilds | None = None) -> CandidateEvaluator:
+        """The coordinator's evaluator; `shared`: where the workers share the graphs they built."""
+        return prepare(self.model, self.estimator, self.shapes, self.settings, self.calibration, shared)[2]
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -271,7 +272,8 @@ def _npz_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def prepare(original: onnx.ModelProto, estimator: LatencyEstimator, shapes: Mapping[str, Shape], settings: SearchSettings,
-            calibration: Mapping[str, np.ndarray] | None) -> tuple[gs.Graph, PassContext, CandidateEvaluator]:
+            calibration: Mapping[str, np.ndarray] | None, shared: SharedBuilds | None = None,
+            ) -> tuple[gs.Graph, PassContext, CandidateEvaluator]:
     """The prepared graph (exact prefix applied), its pass context, and the evaluator that scores candidates on it."""
     # fits see the first samples, drift is judged on the held-back rest, as the final verification does
     split = split_calibration(calibration) if calibration else None
@@ -284,7 +286,7 @@ def prepare(original: onnx.ModelProto, estimator: LatencyEstimator, shapes: Mapp
     reference = run_per_sample(make_session(original), judge) if judge else None
     evaluator = CandidateEvaluator(base, prepared, ctx, estimator, reference, count_memory=_needs_memory(limits),
                                    quality=_quality(settings, shapes), fit_weights=settings.algorithm != "zero-shot",
-                                   quantize=settings.quantize, judge_feeds=judge, fidelity=limits.fidelity)
+                                   quantize=settings.quantize, judge_feeds=judge, fidelity=limits.fidelity, shared=shared)
     return prepared, ctx, evaluator
 
 
