@@ -153,6 +153,26 @@ def test_estimator_kernels_compares_each_kernel_in_context():
     assert len(worst.splitlines()) == 2 + 3
 
 
+def test_estimator_cv_holds_each_network_out_of_its_own_fit():
+    import estimator_cv
+
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.targets import get_target
+
+    shipped = estimator_for(get_target("cpu"))
+    networks = sorted({s.network for s in shipped.samples_ if s.network is not None})[:12]
+    small = estimator_cv.refitted(shipped, [s for s in shipped.samples_ if s.network in networks])
+    predicted = estimator_cv.cross_validate(small, folds=3, seed=0)
+    in_sample = np.array([e.latency_ms for e in small.predict_kernels([s.kernel for s in small.samples_])])
+    live = np.array([s.kernel.kind != "free" for s in small.samples_])
+    assert (predicted[live] > 0).all()
+    # held out, so not the in-sample fit (which the boosted trees bend towards every sample)
+    assert np.median(np.abs(np.log(predicted[live] / in_sample[live]))) > 0.01
+    tables = estimator_cv.cv_tables(small, predicted)
+    all_row = next(line for line in tables.splitlines() if line.startswith("| all |"))
+    assert int(all_row.split(" | ")[1]) == len(networks)
+
+
 def test_residency_probe_widens_only_the_classifier():
     import residency_probe
 
