@@ -8,6 +8,7 @@ reported after), 1 intra-op thread:
     python benchmarks/profile_cpu.py --detect-fusion               # rules + 3,000 measurements (~10 min)
     python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
     python benchmarks/profile_cpu.py --detect-fusion --int8        # + int8 kernels (every second network quantized)
+    python benchmarks/profile_cpu.py --int8-only FROM/cpu.json -o DIR   # int8 kernels again, FROM's float ones kept
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
@@ -17,6 +18,10 @@ reported after), 1 intra-op thread:
    inside random networks with ORT's per-node profiler, adaptive sampling, `--budget` kernel
    measurements; the estimator is written to `OUT/cpu.json` (+ `cpu.fitted.npz`), its `target_config`
    carrying a `machine` entry (CPU, cores, ORT version, date, load average during profiling).
+3. int8 (`--int8`, `--int8-only`): the int8 networks are quantized by `hwnas.api.profiling_quantizer` (the
+   quantize pass, every second network after align-channels to 16). `--int8-only FROM.json` profiles
+   int8 networks only, `--budget` defaulting to FROM's int8 measurements, and writes FROM's float
+   measurements with the new int8 ones: the float regressors stay as they were.
 
 Then measure its accuracy: `python benchmarks/estimator_accuracy.py --targets cpu`.
 """
@@ -31,10 +36,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hwnas import api
 from hwnas.errors import BadInputError
 from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
+from hwnas.estimator.estimator import LatencyEstimator, Sample
 from hwnas.estimator.profile import MODES, profile_target
-from hwnas.passes.quantize import quantize_model
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.measure import environment
@@ -64,9 +70,25 @@ def detect(target, criterion: str, out: Path) -> FusionRules:
     return rules
 
 
+def with_float_of(base: LatencyEstimator, int8: LatencyEstimator) -> LatencyEstimator:
+    """`base`'s float measurements and `int8`'s int8 ones (its networks numbered after base's), refitted;
+    settings and per-kernel offset from `base`, `int8`'s profiling record under `int8_profiling`."""
+    first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
+    samples = [s for s in base.samples_ if not s.kernel.int8] + [
+        Sample(s.kernel, s.latency_ms, None if s.network is None else s.network + first)
+        for s in int8.samples_ if s.kernel.int8]
+    config = dict(base.target_config)
+    config["int8_profiling"] = {**int8.target_config.get("profiling", {}), "machine": int8.target_config.get("machine"),
+                                "networks_from": first}
+    merged = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
+                              base.kernel_offset_ms)
+    return merged.fit(samples)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=3000, help="kernel measurements (default 3000)")
+    parser.add_argument("--budget", type=int,
+                        help="kernel measurements (default 3000; with --int8-only, FROM_JSON's int8 measurements)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=MODES, default="context", help="how kernels are measured (default: context)")
     parser.add_argument("-o", "--output", default=str(PACKAGE / "estimator" / "data" / "estimators"), help="directory for cpu.json (default: the shipped one)")
@@ -79,7 +101,17 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine (the numbers will say so)")
     parser.add_argument("--int8", action="store_true",
                         help="also profile int8 kernels: every second network quantized by the quantize pass (cpu preset)")
+    parser.add_argument("--int8-only", metavar="FROM_JSON",
+                        help="profile int8 kernels only (every network quantized) and keep FROM_JSON's float measurements; "
+                             "--budget defaults to FROM_JSON's int8 measurements")
     args = parser.parse_args()
+    try:
+        base = LatencyEstimator.load(args.int8_only) if args.int8_only else None
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.budget is None:
+        args.budget = sum(s.kernel.int8 for s in base.samples_) if base is not None else 3000
 
     env = environment()
     load = load_average() or [float("nan")]
@@ -97,16 +129,23 @@ def main() -> int:
     start = time.perf_counter()
     with tqdm(total=args.budget, desc=f"profiling cpu ({args.mode})", unit="kernel") as bar:
         estimator, report = profile_target(target, args.budget, seed=args.seed, mode=args.mode, rules=rules,
-                                           progress=bar.update, quantize=quantize_model if args.int8 else None)
+                                           progress=bar.update,
+                                           quantize=api.profiling_quantizer() if args.int8 or base is not None else None,
+                                           int8_every=1 if base is not None else 2)
+    machine = estimator.target_config.get("machine", {})
+    profiling = estimator.target_config.get("profiling")
+    if base is not None:
+        estimator = with_float_of(base, estimator)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
     estimator.save(path)
-    machine = estimator.target_config.get("machine", {})
     print(f"wrote {path}: {report.measurements} kernel measurements"
           + (f" from {report.networks} networks" if report.networks else "")
+          + (f" (int8; with {args.int8_only}'s {sum(not x.kernel.int8 for x in estimator.samples_)} float ones)"
+             if base is not None else "")
           + f" in {time.perf_counter() - start:.0f} s; load average during profiling {machine.get('load_average_1min')}")
-    print(f"profiling: {json.dumps(estimator.target_config.get('profiling'))}")
+    print(f"profiling: {json.dumps(profiling)}")
     for i, r in enumerate(report.rounds):
         print(f"  round {i + 1}: {r['measured']} new kernels, error before refit: MAPE {r['mape_before_fit']:.1%}, "
               f"within ±5 % {r['within_5pct_before_fit']:.0%}")

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--int8", action="store_true",
-                    help="also profile int8 kernels: every second network quantized (QDQ, cpu preset); cpu targets only")
+                    help="also profile int8 kernels: every second network quantized (QDQ, cpu preset; half of those "
+                         "aligned to 16 channels first); cpu targets only")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from hwnas.estimator.profile import profile_target
 from hwnas.models import build
 from hwnas.passes.quantize import quantize_model
 from hwnas.targets import get_target
+from hwnas.targets.kernels import decompose
 
 
 @pytest.mark.slow
@@ -36,9 +40,58 @@ def test_profiling_with_quantize_fits_int8_regressors_that_int8_models_use(tmp_p
     int8 = loaded.estimate(q, shapes)
     assert int8.latency_ms > 0 and int8.latency_ms != pytest.approx(float_ms, rel=1e-6)
     # an int8 kernel of a kind profiled in int8 is predicted by the int8 regressor, not the float one
-    from hwnas.targets.kernels import decompose
-
     kind = "conv" if "conv/int8" in int8_keys else "dwconv"
     kernel = next(k for k in decompose(q, shapes, loaded.rules) if k.kind == kind and k.int8)
     as_int8, as_float = loaded.predict_kernels([kernel, dataclasses.replace(kernel, int8=False)])
     assert as_int8.latency_ms != pytest.approx(as_float.latency_ms, rel=1e-6)
+
+
+def _profile_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_cpu.py"
+    spec = importlib.util.spec_from_file_location("profile_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_int8_only_profiling_keeps_the_float_measurements_and_their_predictions():
+    """`profile_cpu.py --int8-only FROM`: FROM's float samples (and so its float predictions) stay; the int8
+    samples are the new profile's, numbered after FROM's networks."""
+    from hwnas.estimator.estimator import Sample
+
+    script = _profile_script()
+    base = LatencyEstimator.load("hwnas/estimator/data/estimators/cpu.json")
+    fresh = [Sample(s.kernel, 2 * s.latency_ms, s.network) for s in base.samples_[:400]]  # a stand-in int8 profile
+    new = LatencyEstimator(base.target, base.parallelism_factor, base.rules, {"profiling": {"budget": 400}}).fit(fresh)
+    merged = script.with_float_of(base, new)
+    assert [s for s in merged.samples_ if not s.kernel.int8] == [s for s in base.samples_ if not s.kernel.int8]
+    assert sorted(s.latency_ms for s in merged.samples_ if s.kernel.int8) == sorted(
+        s.latency_ms for s in fresh if s.kernel.int8)
+    first = merged.target_config["int8_profiling"]["networks_from"]
+    assert first > max(s.network for s in base.samples_ if s.network is not None)
+    assert all(s.network >= first for s in merged.samples_ if s.kernel.int8 and s.network is not None)
+    assert merged.rules == base.rules and merged.kernel_offset_ms == base.kernel_offset_ms
+    floats = [s.kernel for s in base.samples_ if not s.kernel.int8][:200]
+    assert [e.latency_ms for e in merged.predict_kernels(floats)] == [e.latency_ms for e in base.predict_kernels(floats)]
+
+
+def test_int8_networks_are_aligned_every_second_time_and_verified_exact():
+    """The int8 profiles' quantizer: align-channels{multiple=16} (checked exact by api.run) on every second
+    network before the quantize pass."""
+    from hwnas.estimator.networks import build_network, random_network
+
+    quantize = api.profiling_quantizer()
+    rng = np.random.default_rng(3)
+    config = random_network(rng)
+    model, _ = build_network(config)
+    calibration = {"x": rng.normal(size=(2, config.c_in, config.size, config.size)).astype(np.float32)}
+    shapes = {"x": (1, config.c_in, config.size, config.size)}
+    rules = get_target("cpu").rules
+
+    def aligned_share(q) -> float:
+        convs = [k for k in decompose(q, shapes, rules) if k.kind in ("conv", "dwconv") and k.int8]
+        return sum(k.c_out % 16 == 0 for k in convs) / len(convs)
+
+    first, second = aligned_share(quantize(model, calibration)), aligned_share(quantize(model, calibration))
+    assert first >= 0.8 and second < first  # the first call aligned (a graph output's conv keeps its width)

@@ -19,9 +19,9 @@ training set, and the next batch perturbs the configurations with the largest er
 ±1…±PF, sizes ±25 %), so that measurements concentrate where the cost surface has cliffs. In `context`
 mode the perturbed unit is the block that produced the kernel, measured at the head of a new network.
 
-int8 (`quantize`, context mode): every second network is profiled as the QDQ model `quantize` makes of
-it (the caller passes the quantize pass's `quantize_model`: this layer does not import the passes),
-calibrated on 4 random inputs. ORT runs DequantizeLinear → Conv → QuantizeLinear as one QLinearConv;
+int8 (`quantize`, context mode): every second network (`int8_every`; 1: every network) is profiled as
+the QDQ model `quantize` makes of it (the caller passes the quantize pass's `quantize_model`, or a
+function that aligns channels first: this layer does not import the passes), calibrated on 4 random inputs. ORT runs DequantizeLinear → Conv → QuantizeLinear as one QLinearConv;
 its kernels are `Kernel.int8` and get regressors of their own (`KIND/int8`, estimator.py).
 """
 
@@ -110,6 +110,7 @@ def profile_target(
     rules: FusionRules | None = None,
     scale_to_run: bool = False,
     quantize: Quantizer | None = None,
+    int8_every: int = 2,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure up to `budget` kernels on `target` with adaptive sampling and fit an estimator on them.
 
@@ -117,7 +118,7 @@ def profile_target(
     by default `context` where the target supports it. `rules`: the fusion rules the kernels are cut by
     (default: the target's). `scale_to_run` (context mode): scale each network's kernels to its
     measured run time rather than adding the measured executor overhead (`attribute`). `quantize`
-    (context mode): every second network is profiled quantized by it (int8 kernels, see above).
+    (context mode): every `int8_every`-th network is profiled quantized by it (int8 kernels, see above).
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -127,7 +128,9 @@ def profile_target(
     rules = rules or target.rules
     if quantize is not None and mode != "context":
         raise ValueError("int8 profiling (quantize) needs context mode: the int8 kernels are timed inside networks")
-    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize)
+    if int8_every < 1:
+        raise ValueError(f"int8_every must be >= 1, got {int8_every}")
+    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
@@ -136,7 +139,8 @@ def profile_target(
         estimator.target_config["machine"] = machine_entry(report)
     estimator.target_config["profiling"] = {"mode": mode, "budget": budget, "seed": seed,
                                             "measurements": report.measurements, "networks": report.networks,
-                                            "int8_networks": getattr(sampler, "int8_networks", 0)}
+                                            "int8_networks": getattr(sampler, "int8_networks", 0),
+                                            **({"int8_every": int8_every} if quantize is not None else {})}
     if mode == "context":
         estimator.kernel_offset_ms = per_kernel_offset(estimator.samples_, sampler.network_ms)
         ratios = sampler.run_over_nodes
@@ -153,10 +157,10 @@ def profile_target(
 
 
 def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
-                 quantize: Quantizer | None = None):
+                 quantize: Quantizer | None = None, int8_every: int = 2):
     """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""
     if mode == "context":
-        return _ContextSampler(target, rules, seed, scale_to_run, quantize)
+        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every)
     return _KernelSampler(target, rules, seed)
 
 
@@ -239,9 +243,10 @@ class _ContextSampler:
     measured = True
 
     def __init__(self, target: Target, rules: FusionRules, seed: int, scale_to_run: bool = False,
-                 quantize: Quantizer | None = None):
+                 quantize: Quantizer | None = None, int8_every: int = 2):
         self.target, self.rules = target, rules
         self.quantize = quantize
+        self.int8_every = int8_every
         self.int8_networks = 0
         self.rng = np.random.default_rng(seed)
         self.pf = target.parallelism_factor
@@ -261,7 +266,7 @@ class _ContextSampler:
 
     def _measure(self, config: NetworkConfig) -> list[tuple[object, Sample]]:
         model, block_inputs = build_network(config)
-        if self.quantize is not None and self.networks % 2 == 1:
+        if self.quantize is not None and self.networks % self.int8_every == self.int8_every - 1:
             calibration = self.rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
             model = self.quantize(model, {"x": calibration})
             self.int8_networks += 1
