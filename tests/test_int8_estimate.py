@@ -66,3 +66,22 @@ def test_the_cpu_costs_the_dequantize_that_writes_a_graph_output(models):
                 if k.op in ("QuantizeLinear", "DequantizeLinear") and k.kind != "free"]
     classifier = [k for k in estimate(models[1], "cpu").kernels if k.kind != "free"][-2:]
     assert [k.op for k in classifier] == ["Gemm", "DequantizeLinear"]
+
+
+def test_a_quantized_conv_outputs_transpose_to_nhwc_is_free_on_the_cpu():
+    """ORT runs int8 convs channels-last: a detector head's conv → Q → DQ → Transpose(0,2,3,1) → Q runs no
+    Transpose node (`FusionRules.int8_channels_last`); the npu keeps it a kernel."""
+    from hwnas.targets import get_target
+    from hwnas.targets.measure import MeasureSettings, profile_nodes
+
+    detector = build("ibn-detector", resolution=128)
+    calibration = {"input": np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)}
+    quantized = api.run(detector, "fold-bn,quantize{preset=cpu}", calibration=calibration, allow_drift=1.0).model
+    heads = [n.name for n in quantized.graph.node if n.op_type == "Transpose"]
+    assert len(heads) >= 4
+    ran = [t for t in profile_nodes(quantized, {}, MeasureSettings(warmup=0, repeats=1, min_seconds=0),
+                                    get_target("cpu").providers) if t.op_type == "Transpose"]
+    assert len(ran) <= 1  # the input's layout transpose only
+    on_cpu = {k.name: k.kind for k in estimate(quantized, "cpu").kernels}
+    assert all(on_cpu[h] == "free" for h in heads)
+    assert all(k.kind != "free" for k in estimate(quantized, "npu-32x32").kernels if k.name in heads)

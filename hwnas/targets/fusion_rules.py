@@ -16,6 +16,9 @@ follow it, as long as each intermediate tensor has no other consumer and is not 
 - `output_dequantize`: a DequantizeLinear that writes a graph output is a kernel of its own, and so is the
   QuantizeLinear before it after an op that does not write integers itself (ONNX Runtime's CPU provider runs
   both over the whole output: ~1 ms each after a segmenter's 512² upsample); elsewhere a Q → DQ pair is free;
+- `int8_channels_last`: the target runs int8 convs channels-last (ONNX Runtime's CPU provider: QLinearConv
+  in NHWC), so a Transpose to NHWC of a quantized conv output, between a DQ and Q of the same scale, runs
+  no node (it cancels against the conv's own layout transpose): free;
 - `patterns`: op chains that exporters write for one layer and the target runs as one node, each made one
   kernel named after the op it becomes (`PATTERNS`): the erf GELU `x·0.5·(1 + erf(x/√2))` (with a
   bias Add before it, ORT's BiasGelu), the decomposed LayerNorm (ReduceMean, Sub, Pow, ReduceMean, Add,
@@ -35,7 +38,8 @@ from pathlib import Path
 from hwnas.errors import BadInputError
 from hwnas.report.json_report import read_json
 
-_BOOL_KEYS = ("affine", "affine_folds", "self_gate", "residual_add", "residual_epilogue", "output_dequantize")
+_BOOL_KEYS = ("affine", "affine_folds", "self_gate", "residual_add", "residual_epilogue", "output_dequantize",
+              "int8_channels_last")
 _SET_KEYS = ("anchors", "epilogue_ops", "patterns")
 # the chains `patterns` may name (matched in hwnas.targets.kernels), by the op the target runs them as
 PATTERNS = ("Gelu", "LayerNormalization", "QuickGelu", "SimplifiedLayerNormalization")
@@ -51,6 +55,7 @@ class FusionRules:
     residual_add: bool = False
     residual_epilogue: bool = False
     output_dequantize: bool = False
+    int8_channels_last: bool = False
     patterns: frozenset[str] = frozenset()
 
     @classmethod
@@ -84,10 +89,11 @@ class FusionRules:
         return {
             "anchors": sorted(self.anchors),
             "epilogue_ops": sorted(self.epilogue_ops),
-            # residual_epilogue, affine_folds and output_dequantize only when set: rules written before them
-            # keep their form
+            # residual_epilogue, affine_folds and the int8 ones only when set: rules written before them keep
+            # their form
             **{key: getattr(self, key) for key in _BOOL_KEYS
-               if key not in ("residual_epilogue", "affine_folds", "output_dequantize") or getattr(self, key)},
+               if key not in ("residual_epilogue", "affine_folds", "output_dequantize", "int8_channels_last")
+               or getattr(self, key)},
             # patterns likewise only when any
             **({"patterns": sorted(self.patterns)} if self.patterns else {}),
         }

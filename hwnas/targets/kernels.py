@@ -25,7 +25,8 @@ Kinds (the op semantics, the same on every target):
                  QuantizeLinear → DequantizeLinear pair between kernels: it marks the tensor as int8, which
                  the kernels on either side read and write as such (ORT fuses DQ → Conv → Q into QLinearConv);
                  not, under the rules' `output_dequantize`, a DequantizeLinear that writes a graph output (nor
-                 the QuantizeLinear before it after an op that writes no integers): elementwise kernels
+                 the QuantizeLinear before it after an op that writes no integers): elementwise kernels;
+                 under `int8_channels_last` a quantized conv output's Transpose to NHWC (ORT: no node)
     other        anything else (Transpose, Slice, Softmax, custom ops...): kept, costed by a fallback
 
 Conv-like kernels also carry their GEMM view (`GemmShape`), the way a systolic array runs them:
@@ -164,12 +165,14 @@ class _Graph:
     values: Mapping[str, np.ndarray]
     opset: int  # of the default domain
     output_dequantize: bool = False  # `FusionRules.output_dequantize`
+    int8_channels_last: bool = False  # `FusionRules.int8_channels_last`
 
 
 def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
     """The kernels `model` runs as at `input_shapes` under `rules`, in execution order."""
     shapes = resolve_input_shapes(model, input_shapes)
-    graph = _index(model, *infer_tensors(model, shapes), output_dequantize=rules.output_dequantize)
+    graph = _index(model, *infer_tensors(model, shapes), output_dequantize=rules.output_dequantize,
+                   int8_channels_last=rules.int8_channels_last)
     claimed: set[int] = set()
     groups: list[tuple[list[int], bool, str | None]] = []
     patterns = _patterns(graph, rules)
@@ -205,7 +208,7 @@ def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple
 
 
 def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int],
-           output_dequantize: bool = False) -> _Graph:
+           output_dequantize: bool = False, int8_channels_last: bool = False) -> _Graph:
     folded, values = _folded_constants(model)
     nodes = tuple(model.graph.node)
     producer: dict[str, int] = {}
@@ -229,6 +232,7 @@ def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[s
         values=MappingProxyType(values),
         opset=next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0),
         output_dequantize=output_dequantize,
+        int8_channels_last=int8_channels_last,
     )
 
 
@@ -271,7 +275,7 @@ def _is_anchor(node: onnx.NodeProto, rules: FusionRules) -> bool:
 
 def _kind(graph: _Graph, i: int) -> str:
     node = graph.nodes[i]
-    if _is_static_node(graph, node) or _is_int8_boundary(graph, node):
+    if _is_static_node(graph, node) or _is_int8_boundary(graph, node) or _cancels_int8_layout(graph, node):
         return "free"
     if node.domain not in _ONNX_DOMAINS:
         return "other"
@@ -300,6 +304,37 @@ def _is_int8_boundary(graph: _Graph, node: onnx.NodeProto) -> bool:
         source = graph.producer.get(node.input[0])
         return source is not None and graph.nodes[source].op_type == "QuantizeLinear" and not _dequantizes_output(graph, node)
     return False
+
+
+def _cancels_int8_layout(graph: _Graph, node: onnx.NodeProto) -> bool:
+    """Under `FusionRules.int8_channels_last`: a Transpose to NHWC between a DequantizeLinear and
+    QuantizeLinears of the same scale and zero point, of what a conv wrote through a Q → DQ pair. ORT runs
+    the int8 conv channels-last already: it drops the Q/DQ and the Transpose cancels against the conv's
+    own layout transpose (a detector head's conv → Transpose → Reshape: no node)."""
+    if not graph.int8_channels_last or node.op_type != "Transpose" or node.domain not in _ONNX_DOMAINS:
+        return False
+    if list(_attr(node, "perm", [])) != [0, 2, 3, 1]:
+        return False
+    chain, tensor = [], node.input[0]
+    for op in ("DequantizeLinear", "QuantizeLinear", "Conv"):
+        i = graph.producer.get(tensor)
+        if i is None or graph.nodes[i].op_type != op:
+            return False
+        chain.append(graph.nodes[i])
+        tensor = graph.nodes[i].input[0]
+    readers = graph.consumers.get(node.output[0], ())
+    return (node.output[0] not in graph.outputs and bool(readers)
+            and all(graph.nodes[r].op_type == "QuantizeLinear" and _same_quantization(graph, chain[0], graph.nodes[r])
+                    for r in readers))
+
+
+def _same_quantization(graph: _Graph, dq: onnx.NodeProto, q: onnx.NodeProto) -> bool:
+    """Same scale and zero point: the same tensors, or constants of equal value (what ORT compares)."""
+    def params(n: onnx.NodeProto) -> list[str]:
+        return (list(n.input[1:3]) + ["", ""])[:2]
+
+    return all(a == b or (a in graph.values and b in graph.values and np.array_equal(graph.values[a], graph.values[b]))
+               for a, b in zip(params(dq), params(q)))
 
 
 def _dequantizes_output(graph: _Graph, node: onnx.NodeProto) -> bool:
