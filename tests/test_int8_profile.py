@@ -79,7 +79,7 @@ def test_int8_only_profiling_keeps_the_float_measurements_and_their_predictions(
 def test_int8_networks_are_aligned_every_second_time_and_verified_exact():
     """The int8 profiles' quantizer: align-channels{multiple=16} (checked exact by api.run) on every second
     network before the quantize pass."""
-    from hwnas.estimator.networks import build_network, random_network
+    from hwnas.estimator.networks import NetworkConfig, build_network, random_network
 
     quantize = api.profiling_quantizer()
     rng = np.random.default_rng(3)
@@ -95,3 +95,5 @@ def test_int8_networks_are_aligned_every_second_time_and_verified_exact():
 
     first, second = aligned_share(quantize(model, calibration)), aligned_share(quantize(model, calibration))
     assert first >= 0.8 and second < first  # the first call aligned (a graph output's conv keeps its width)
+    empty, _ = build_network(NetworkConfig(3, 16, ()))  # a random network can have no node: quantized as it is
+    assert quantize(empty, {"x": np.zeros((2, 3, 16, 16), np.float32)}).graph.output
