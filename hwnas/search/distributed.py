@@ -302,9 +302,10 @@ class JobStatus:
 class StorageWorkers:
     """Local worker processes around a study in `url`; `map(pipelines)` scores a batch through them.
 
-    Use as a context manager: entering creates (or, resuming, joins) the study, writes what remote
-    workers need (`spec`: named blobs of plain data, see `put_blobs`) and starts `workers` local processes (forked, so
-    they inherit `evaluate`; 0 starts none and waits for `hwnas worker` processes); leaving closes the study.
+    Use as a context manager: entering creates (or, resuming, joins) the study and writes what remote
+    workers need (`spec`: named blobs of plain data, see `put_blobs`); the first jobs posted start `workers`
+    local processes (forked then, so they inherit `evaluate` with what the coordinator cached by then; 0
+    starts none and waits for `hwnas worker` processes); leaving closes the study.
     """
 
     def __init__(self, url: str, evaluate: Callable[[str], Score], workers: int, study_name: str,
@@ -338,7 +339,7 @@ class StorageWorkers:
             self._storage.set_study_user_attr(self._study_id, _SPEC, __version__)  # workers may build now
         self._storage.set_study_user_attr(self._study_id, _CLOSED, False)
         self._context = multiprocessing.get_context("fork")
-        self._processes = [self._start() for _ in range(self.workers)]
+        self._processes: list = []
         return self
 
     def _start(self):
@@ -395,6 +396,8 @@ class StorageWorkers:
         for their scores (the search's next batch, see hwnas.search.algorithms.search). Scores and jobs
         already in the study (posted ahead, or left by a previous coordinator of this search) are taken as
         they are."""
+        if not self._processes:
+            self._processes = [self._start() for _ in range(self.workers)]
         for p, attempts in self._jobs(list(dict.fromkeys(pipelines))).items():
             if not attempts:
                 self._post(p)

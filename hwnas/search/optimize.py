@@ -294,19 +294,13 @@ def _needs_memory(limits: Limits) -> bool:
     return any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
 
 
-def _evaluate_many(stack: contextlib.ExitStack, settings: SearchSettings, evaluator: CandidateEvaluator, workers: int,
-                   board: tuple[str, dict[str, bytes]] | None, status: Callable[[JobStatus], None] | None,
+def _evaluate_many(stack: contextlib.ExitStack, evaluator: CandidateEvaluator, workers: int, board: StorageWorkers | None,
                    ) -> tuple[Callable[[list[str]], Iterable[Timed]] | None, Callable[[list[str]], None] | None]:
-    """How a batch is scored in parallel — storage workers, a process pool, or None (here, one by one) —
-    and, for storage workers, how the search posts its next batch ahead (`search`'s `post`).
-
-    `board`: with a storage, the study's name and what workers elsewhere build the evaluator from (EvaluatorSpec)."""
+    """How a batch is scored in parallel — storage workers (`board`), a process pool, or None (here, one by
+    one) — and, for storage workers, how the search posts its next batch ahead (`search`'s `post`)."""
     if board is not None:
-        study, spec = board
-        storage = stack.enter_context(StorageWorkers(settings.storage, evaluator.evaluate, workers, study, spec,
-                                                     status=status))
         # timed in the workers only
-        return (lambda pipelines: ((score, {}) for score in storage.map(pipelines))), storage.post
+        return (lambda pipelines: ((score, {}) for score in board.map(pipelines))), board.post
     if workers > 1:
         pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
         return (lambda pipelines: pool.imap(_evaluate_in_worker, pipelines)), None
@@ -328,12 +322,7 @@ def run_search(
     # with --quantize the budget is the quantizer's (an int8 search with --max-drift keeps reconstructed passes out)
     allow_reconstructed = settings.limits.fidelity.changes_function and settings.quantize is None
     prepared, ctx, evaluator = prepare(original, estimator, shapes, settings, calibration)
-    space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
-                                                    quantized=settings.quantize is not None),
-                        latency=lambda graph: estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms)
     limits = settings.limits
-    if isinstance(limits.fidelity, Drift) and evaluator.judge_feeds is not None:  # depth per group, ranked by latency per drift
-        add_ranked_depth(space, prepared, ctx, evaluator.evaluate, limits.fidelity.max)
     needs_memory = _needs_memory(limits)
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
@@ -344,14 +333,26 @@ def run_search(
         "estimator": estimator_fingerprint(estimator), "calibration": data_fingerprint(calibration),
     })
     workers = multiprocessing.cpu_count() if settings.workers is None else settings.workers
-    board = None
-    if settings.storage:  # the study is named by the search's settings: the same command run again joins it (resume)
-        board = ("hwnas-" + hashlib.sha256(journal.header.encode()).hexdigest()[:16],
-                 EvaluatorSpec(original, estimator, shapes, settings, calibration).to_blobs())
+    # the original's quality sets the floor; it is scored first
+    score_original = isinstance(limits.fidelity, Retrain) and limits.fidelity.floor is None
     spent: Counter[str] = Counter()  # seconds per evaluation phase summed over candidates (and workers); their count
-    setup_s = time.monotonic() - start
     with contextlib.ExitStack() as stack:
-        evaluate_many, post_ahead = _evaluate_many(stack, settings, evaluator, workers, board, job_status)
+        board = None
+        if settings.storage:  # the study is named by the search's settings: the same command run again joins it (resume)
+            # opened before the space is built: workers elsewhere build their evaluator meanwhile, and one
+            # of them scores the original
+            board = stack.enter_context(StorageWorkers(
+                settings.storage, evaluator.evaluate, workers, "hwnas-" + hashlib.sha256(journal.header.encode()).hexdigest()[:16],
+                EvaluatorSpec(original, estimator, shapes, settings, calibration).to_blobs(), status=job_status))
+            if score_original:
+                board.post([p for p in [""] if p not in journal.scores])
+        space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
+                                                        quantized=settings.quantize is not None),
+                            latency=lambda graph: estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms)
+        if isinstance(limits.fidelity, Drift) and evaluator.judge_feeds is not None:  # depth per group, ranked by latency per drift
+            add_ranked_depth(space, prepared, ctx, evaluator.evaluate, limits.fidelity.max)
+        setup_s = time.monotonic() - start
+        evaluate_many, post_ahead = _evaluate_many(stack, evaluator, workers, board)
 
         def score_batch(pipelines: list[str]) -> Iterator[Score]:
             """Scores in order, each as soon as it is known (the search may stop consuming mid-batch)."""
@@ -372,7 +373,7 @@ def run_search(
             post_ahead([p for p in pipelines if p not in journal.scores])
 
         seeds = expert_seeds(space, memory_limited=needs_memory)
-        if isinstance(limits.fidelity, Retrain) and limits.fidelity.floor is None:
+        if score_original:
             if post_ahead:  # the other workers start on the search's first batch while one scores the original
                 first = first_candidates(space, settings.algorithm, seeds, settings.seed)[:min(BATCH, settings.trials)]
                 post(["", *(space.compile(c) for c in first)])
