@@ -182,6 +182,46 @@ def test_each_op_of_the_catch_all_kind_has_its_own_regressor():
     assert t.in_distribution and s.in_distribution
 
 
+def _unary_samples(ops=("Relu", "Softplus")) -> list[Sample]:
+    """A Relu (~0.03 ns per element in ORT) and a Softplus (~11 ns: a scalar log(1 + exp x)) at the same sizes:
+    the same features, only the op tells them apart."""
+    samples = []
+    for i, (c, h) in enumerate((c, h) for c in (8, 16, 24, 32, 48, 64) for h in (8, 12, 16, 24, 32)):
+        b = NetworkBuilder(i)
+        x = b.input("x", (1, c, h, h))
+        model = b.model([b.node(op, [x], (1, c, h, h)) for op in ops])
+        for k in decompose(model, {}, CPU):
+            if k.kind == "elementwise":
+                samples.append(Sample(k, (3e-8 if k.op == "Relu" else 1.1e-5) * c * h * h + 0.002))
+    return samples
+
+
+def test_each_elementwise_op_has_its_own_regressor_and_a_never_profiled_one_is_flagged():
+    samples = _unary_samples()
+    estimator = LatencyEstimator("cpu", 16, CPU, {"provider": "CPUExecutionProvider"}).fit(samples)
+    assert {"elementwise:Relu", "elementwise:Softplus", "elementwise"} <= set(estimator.regressors_)
+    # a simulated target (no ONNX Runtime provider) keeps one elementwise regressor: its ops cost alike
+    assert "elementwise:Relu" not in LatencyEstimator("npu-32x32", 32, CPU).fit(samples).regressors_
+    relu, softplus = (s.kernel for s in samples[-2:])
+    r, s = estimator.predict_kernels([relu, softplus])
+    assert s.latency_ms == pytest.approx(1.1e-5 * 64 * 32 * 32 + 0.002, rel=0.15)
+    assert r.latency_ms < 0.2 * s.latency_ms and r.in_distribution and s.in_distribution
+    tanh = _unary_samples(("Tanh",))[-1].kernel  # never profiled: the kind's pooled regressor, flagged
+    t = estimator.predict_kernels([tanh])[0]
+    assert t.latency_ms > 0 and not t.in_distribution
+
+
+def test_rank_tells_a_pixel_shuffle_transpose_from_a_plain_one():
+    b = NetworkBuilder(0)
+    x = b.input("x", (1, 4, 32, 32))
+    six = b.node("Reshape", [x, b.const(np.array([1, 4, 16, 2, 16, 2], np.int64))], (1, 4, 16, 2, 16, 2))
+    model = b.model([b.node("Transpose", [six], (1, 4, 2, 2, 16, 16), perm=[0, 1, 3, 5, 2, 4]),
+                     b.node("Transpose", [x], (1, 32, 32, 4), perm=[0, 2, 3, 1])])
+    shuffle, plain = (k for k in decompose(model, {}, CPU) if k.op == "Transpose")
+    rank = list(feature_matrix([shuffle, plain], 16)[1][:, -1])
+    assert rank == [6.0, 4.0]
+
+
 def test_fitted_arrays_of_older_features_are_refitted_on_load(tmp_path):
     estimator = LatencyEstimator("cpu", 16, CPU).fit(_other_samples())
     path = tmp_path / "cpu.json"

@@ -28,8 +28,8 @@ from hwnas.targets.kernels import Kernel
 # one at 2.4x its time). "one" stays last: the fixed cost per kernel.
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
-# refitted on load (4: trees of 7 leaves, were 15)
-FEATURES_VERSION = 4
+# refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op)
+FEATURES_VERSION = 5
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -56,7 +56,7 @@ SHAPE_FEATURES = (
     "c_in", "c_out", "kernel_h", "kernel_w", "stride", "groups", "log_p", "log_k", "log_n",
     "c_in_mod_pf", "c_out_mod_pf", "c_in_mod_4", "c_in_mod_8", "c_in_mod_16", "c_out_mod_4", "c_out_mod_8",
     "c_out_mod_16", "lane_use_k", "lane_use_n", "depthwise", "fused_ops", "residual", "window",
-    "log_compute_over_bytes", "log_inner",
+    "log_compute_over_bytes", "log_inner", "rank",
 )
 
 
@@ -77,6 +77,9 @@ def shape_features(kernel: Kernel, pf: int) -> list[float]:
         kernel.c_out % 4, kernel.c_out % 8, kernel.c_out % 16, lane_k, lane_n,
         float(kernel.kind == "dwconv"), len(kernel.fused_ops), float(kernel.residual), kernel.window,
         math.log1p(compute) - math.log1p(elements), math.log1p(kernel.inner),
+        # the input's dimensions: a 6-D Transpose (a pixel shuffle's) gathers with a 2-wide innermost stride, 4-8x
+        # the time per element of a 3-/4-D one; a 3-D conv input is a 1-D conv, which ORT runs outside NCHWc
+        float(len(kernel.input_shapes[0])) if kernel.input_shapes else 0.0,
     ]
 
 
