@@ -1,5 +1,6 @@
 """The profiling networks' families beyond mobile CNNs: attention blocks, large-kernel depthwise convs,
-large-vocabulary classifiers (issue 19, deliverable 1), built, run and timed in context."""
+large-vocabulary classifiers, pixel shuffles and Softplus (issue 19, deliverable 1), built, run and timed in
+context."""
 
 from __future__ import annotations
 
@@ -94,3 +95,43 @@ def test_a_learnable_affine_around_the_activation_leaves_the_one_after_it_to_ker
                                         ("Conv", "BatchNormalization", "Relu")]
     out = run(make_session(model, optimized=True), random_feeds(model, {"x": (1, 8, 16, 16)}, seed=0))
     assert np.isfinite(out[0]).all()
+
+
+# rapidocr lite's detector: a 6-d space-to-depth Reshape/Transpose/Reshape, a DepthToSpace and a Softplus
+SHUFFLES = NetworkConfig(3, 64, (
+    BlockConfig("conv", 16, 3, 2, act="relu"),
+    BlockConfig("pixel_shuffle", 24, act="hardswish", op="space_to_depth"),  # 16 at 32² -> 64 at 16², 1x1 to 24
+    BlockConfig("pixel_shuffle", 16, act="relu", op="depth_to_space"),  # 24 at 16² -> 6 at 32², 1x1 to 16
+    BlockConfig("pixel_shuffle", 8, act="softplus", op="DepthToSpace"),  # 16 at 32² -> 4 at 64², 1x1 to 8
+), seed=2)
+
+
+def test_pixel_shuffles_and_softplus_build_run_and_are_timed_in_context():
+    model, inputs = build_network(SHUFFLES)
+    onnx.checker.check_model(model, full_check=True)
+    assert inputs == [(3, 64), (16, 32), (24, 16), (16, 32)]
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 8, 64, 64]
+    transposes = {tuple(a.ints) for n in model.graph.node if n.op_type == "Transpose" for a in n.attribute}
+    assert transposes == {(0, 1, 3, 5, 2, 4), (0, 1, 4, 2, 5, 3)}
+    assert {"DepthToSpace", "Softplus"} <= {n.op_type for n in model.graph.node}
+    shapes = {"x": (1, 3, 64, 64)}
+    out = run(make_session(model, optimized=True), random_feeds(model, shapes, seed=0))
+    assert out[0].shape == (1, 8, 64, 64) and np.isfinite(out[0]).all()
+    rules = get_target("cpu").rules
+    profile = measure_in_context(model, shapes, rules, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
+    assert profile.dropped == ()
+    timed = {k.op: k for k in profile.kernels}
+    assert {"Transpose", "DepthToSpace", "Softplus"} <= set(timed)  # Softplus: a kernel of its own (ORT fuses it nowhere)
+    assert sorted(len(k.input_shapes[0]) for k in profile.kernels if k.op == "Transpose") == [6, 6]
+    assert all(t > 0 for t in profile.latency_ms)
+
+
+def test_random_networks_draw_pixel_shuffles_and_softplus():
+    rng = np.random.default_rng(1)
+    forms, acts = set(), set()
+    for _ in range(300):
+        config = random_network(rng)
+        forms |= {b.op for b in config.blocks if b.kind == "pixel_shuffle"}
+        acts |= {b.act for b in config.blocks}
+    assert forms == {"space_to_depth", "depth_to_space", "DepthToSpace"} and "softplus" in acts

@@ -242,14 +242,17 @@ class NetworkBuilder(GraphBuilder):
 
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "hardswish_decomposed", "hardsigmoid", "sigmoid", "swish",
-               "leakyrelu", "gelu")
-_ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06, 0.05)
+               "leakyrelu", "gelu", "softplus")
+_ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06, 0.05, 0.03)
 # attention: a transformer encoder block on the map's pixels as tokens (text recognisers' SVTR necks,
 # hybrid ViTs); large_dw: a depthwise-separable block with a 7x7 or 9x9 depthwise conv (ConvNeXt, newer
-# text detectors)
+# text detectors); pixel_shuffle: a 2x space-to-depth or depth-to-space as a 6-d Reshape/Transpose/Reshape
+# (exporters' pixel shuffle, rapidocr lite's detector: 4-8x a 4-d Transpose's time per element) or the
+# DepthToSpace op, then a 1x1 conv
 BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat", "upsample", "deconv", "affine",
-          "split", "shuffle", "attention", "large_dw")
-_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04)
+          "split", "shuffle", "attention", "large_dw", "pixel_shuffle")
+_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04, 0.03)
+PIXEL_SHUFFLES = ("space_to_depth", "depth_to_space", "DepthToSpace")
 MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
 # softmax: over the channels of a map (axis 1, which ORT transposes innermost and back); softmax_last: over
 # the classes of each position after a transpose to tokens (a CTC recogniser's head, the innermost axis)
@@ -292,6 +295,8 @@ def _act(b: NetworkBuilder, x: str, act: str) -> str:
     if act == "hardswish_decomposed":  # Paddle's export: x · Clip(x + 3, 0, 6) / 6
         gate = b.node("Clip", [b.node("Add", [x, b.scalar(3.0)], shape), b.scalar(0.0), b.scalar(6.0)], shape)
         return b.node("Div", [b.node("Mul", [x, gate], shape), b.scalar(6.0)], shape)
+    if act == "softplus":  # log(1 + e^x): detectors' probability maps (rapidocr lite's DB head); ~11 ns per element in ORT
+        return b.node("Softplus", [x], shape)
     if act == "swish":
         return b.node("Mul", [x, b.node("Sigmoid", [x], shape)], shape)
     if act == "gelu":  # PyTorch's and Paddle's export: (x · (1 + erf(x / √2))) · 0.5, the order ORT fuses into Gelu
@@ -423,9 +428,31 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
         grouped = b.node("Reshape", [x, b.const(np.array([n, g, c // g, h, w], np.int64))], (n, g, c // g, h, w))
         swapped = b.node("Transpose", [grouped], (n, c // g, g, h, w), perm=[0, 2, 1, 3, 4])
         return b.node("Reshape", [swapped, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
+    if kind == "pixel_shuffle":
+        return _conv(b, _pixel_shuffle(b, x, blk.op), blk.c_out, act=blk.act)
     if kind == "head":
         return _head(b, x, blk)
     raise ValueError(f"unknown block kind {kind!r}")
+
+
+def _pixel_shuffle(b: NetworkBuilder, x: str, form: str) -> str:
+    """A 2x rearrangement of pixels and channels. `space_to_depth`: [n,c,h,w] -> [n,c,h/2,2,w/2,2] ->
+    Transpose(0,1,3,5,2,4) -> [n,4c,h/2,w/2] (rapidocr lite's detector; odd maps fall back to the next form);
+    `depth_to_space`: PyTorch's PixelShuffle, [n,c,h,w] -> [n,c/4,2,2,h,w] -> Transpose(0,1,4,2,5,3) ->
+    [n,c/4,2h,2w] (after a 1x1 conv to a multiple of 4 channels); `DepthToSpace`: the ONNX op for the same."""
+    n, c, h, w = b.shapes[x]
+    if form == "space_to_depth" and h % 2 == 0 and w % 2 == 0:
+        six = b.node("Reshape", [x, b.const(np.array([n, c, h // 2, 2, w // 2, 2], np.int64))], (n, c, h // 2, 2, w // 2, 2))
+        moved = b.node("Transpose", [six], (n, c, 2, 2, h // 2, w // 2), perm=[0, 1, 3, 5, 2, 4])
+        return b.node("Reshape", [moved, b.const(np.array([n, 4 * c, h // 2, w // 2], np.int64))], (n, 4 * c, h // 2, w // 2))
+    if c % 4:
+        x = _conv(b, x, max(4, c // 4 * 4))
+        c = b.shapes[x][1]
+    if form == "DepthToSpace":
+        return b.node("DepthToSpace", [x], (n, c // 4, 2 * h, 2 * w), blocksize=2, mode="CRD")
+    six = b.node("Reshape", [x, b.const(np.array([n, c // 4, 2, 2, h, w], np.int64))], (n, c // 4, 2, 2, h, w))
+    moved = b.node("Transpose", [six], (n, c // 4, h, 2, w, 2), perm=[0, 1, 4, 2, 5, 3])
+    return b.node("Reshape", [moved, b.const(np.array([n, c // 4, 2 * h, 2 * w], np.int64))], (n, c // 4, 2 * h, 2 * w))
 
 
 def _layer_norm(b: NetworkBuilder, x: str, decomposed: bool = False) -> str:
@@ -564,6 +591,7 @@ def _act_choice(rng: np.random.Generator) -> str:
 def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
     """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows)."""
     kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k in ("upsample", "deconv") and not 2 <= h <= 160)
+             and not (k == "pixel_shuffle" and not 2 <= h <= 80)
              and not (k == "split" and c < 2) and not (k == "attention" and (h * h > MAX_TOKENS or c < 8))]
     weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
@@ -606,6 +634,8 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
                            op=str(rng.choice(["layernorm", "decomposed_ln"])))
     if kind == "large_dw":
         return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), stride, act=str(rng.choice(["gelu", act])), op="act")
+    if kind == "pixel_shuffle":
+        return BlockConfig("pixel_shuffle", c_out, act=act, op=str(rng.choice(PIXEL_SHUFFLES)))
     if kind == "upsample":
         return BlockConfig("upsample", c_out, op=str(rng.choice(["nearest", "linear"])), act=act, residual=bool(rng.random() < 0.6))
     return BlockConfig("deconv", min(c_out, 256), int(rng.choice([2, 3, 4])), 2, act=act, bn=bool(rng.random() < 0.5))
@@ -671,6 +701,8 @@ def perturb_block(block: BlockConfig, c: int, h: int, rng: np.random.Generator, 
     h2 = max(1, int(round(h * rng.uniform(0.75, 1.25))))
     if block.kind in ("upsample", "deconv"):
         h2 = min(max(h2, 2), 160)
+    if block.kind == "pixel_shuffle":
+        h2 = min(max(h2, 2), 80)
     if block.kind == "pool" or block.stride > 1:
         h2 = max(h2, 4)
     if block.kind == "attention":
