@@ -135,3 +135,22 @@ def test_random_networks_draw_pixel_shuffles_and_softplus():
         forms |= {b.op for b in config.blocks if b.kind == "pixel_shuffle"}
         acts |= {b.act for b in config.blocks}
     assert forms == {"space_to_depth", "depth_to_space", "DepthToSpace"} and "softplus" in acts
+
+
+def test_a_1d_depthwise_block_builds_runs_and_is_timed_as_a_1d_dwconv():
+    config = NetworkConfig(3, 32, (BlockConfig("conv", 16, 3, 2, act="relu"), BlockConfig("dwsep", 24, 9, act="gelu", op="1d")))
+    model, _ = build_network(config)
+    onnx.checker.check_model(model, full_check=True)
+    shapes = {"x": (1, 3, 32, 32)}
+    out = run(make_session(model, optimized=True), random_feeds(model, shapes, seed=0))
+    assert out[0].shape == (1, 24, 16, 16) and np.isfinite(out[0]).all()
+    profile = measure_in_context(model, shapes, get_target("cpu").rules, MeasureSettings(warmup=1, repeats=3, min_seconds=0))
+    dw = [k for k in profile.kernels if k.kind == "dwconv"]
+    assert [(k.input_shapes[0], k.kernel_h, k.groups) for k in dw] == [((1, 16, 256), 9, 16)]
+    assert all(t > 0 for t in profile.latency_ms) and profile.dropped == ()
+
+
+def test_random_networks_draw_1d_depthwise_blocks():
+    rng = np.random.default_rng(2)
+    ops = {b.op for _ in range(300) for b in random_network(rng).blocks if b.kind == "dwsep"}
+    assert "1d" in ops

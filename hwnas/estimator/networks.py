@@ -246,7 +246,7 @@ ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "hardswish_decomposed", "ha
 _ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06, 0.05, 0.03)
 # attention: a transformer encoder block on the map's pixels as tokens (text recognisers' SVTR necks,
 # hybrid ViTs); large_dw: a depthwise-separable block with a 7x7 or 9x9 depthwise conv (ConvNeXt, newer
-# text detectors); pixel_shuffle: a 2x space-to-depth or depth-to-space as a 6-d Reshape/Transpose/Reshape
+# text detectors), a quarter of them 1-D over the pixels as one sequence (1-D text recognisers); pixel_shuffle: a 2x space-to-depth or depth-to-space as a 6-d Reshape/Transpose/Reshape
 # (exporters' pixel shuffle, rapidocr lite's detector: 4-8x a 4-d Transpose's time per element) or the
 # DepthToSpace op, then a 1x1 conv
 BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat", "upsample", "deconv", "affine",
@@ -339,6 +339,19 @@ def _conv(b: NetworkBuilder, x: str, c_out: int, kernel: int = 1, stride: int = 
     return _act(b, _bn(b, y) if bn else y, act)
 
 
+def _conv1d_depthwise(b: NetworkBuilder, x: str, kernel: int, act: str) -> str:
+    """A depthwise conv over the map's pixels as one sequence ([n,c,h,w] -> [n,c,h*w] -> Conv1D -> back), as 1-D
+    recognisers run theirs (rapidocr lite's, 9 taps): ORT's blocked NCHWc layout is 2-D only, so a 1-D conv
+    takes the im2col path per group, ~6x an aligned 2-D depthwise conv's time per MAC."""
+    n, c, h, w = b.shapes[x]
+    seq = b.node("Reshape", [x, b.const(np.array([n, c, h * w], np.int64))], (n, c, h * w))
+    y = b.node("Conv", [seq, b.weight([c, 1, kernel], kernel)], (n, c, h * w), kernel_shape=[kernel], strides=[1],
+               pads=[kernel // 2] * 2, group=c)
+    b.macs += n * c * h * w * kernel
+    y = _act(b, _bn(b, y), act)
+    return b.node("Reshape", [y, b.const(np.array([n, c, h, w], np.int64))], (n, c, h, w))
+
+
 def _se(b: NetworkBuilder, x: str, squeeze: int, gate: str) -> str:
     n, c, _, _ = b.shapes[x]
     pooled = b.node("GlobalAveragePool", [x], (n, c, 1, 1))
@@ -362,7 +375,7 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
         # scale first in the Mul; the one after it ORT runs as nodes of its own (`FusionRules.affine_folds`)
         return _affine(b, _act(b, y, blk.act), (1,), scale_first=True)
     if kind == "dwsep":
-        y = _conv(b, x, c, blk.kernel, blk.stride, c, True, blk.act)
+        y = _conv1d_depthwise(b, x, blk.kernel, blk.act) if blk.op == "1d" else _conv(b, x, c, blk.kernel, blk.stride, c, True, blk.act)
         if blk.se:
             y = _se(b, y, max(4, c // 4), "hardsigmoid")
         return _conv(b, y, blk.c_out, act=blk.act if blk.op == "act" else "none")
@@ -632,8 +645,10 @@ def random_block(rng: np.random.Generator, c: int, h: int) -> BlockConfig:
         # LayerNorm as the op (opset 17 exports) or decomposed (older exports, Paddle's), which ORT fuses back
         return BlockConfig("attention", c, groups=heads, hidden=_channels(rng, c, 4 * c), act=str(rng.choice(["gelu", "swish", "hardswish"])),
                            op=str(rng.choice(["layernorm", "decomposed_ln"])))
-    if kind == "large_dw":
-        return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), stride, act=str(rng.choice(["gelu", act])), op="act")
+    if kind == "large_dw":  # a quarter of them 1-D, over the map's pixels as one sequence (stride 1)
+        one_d = rng.random() < 0.25
+        return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), 1 if one_d else stride, act=str(rng.choice(["gelu", act])),
+                           op="1d" if one_d else "act")
     if kind == "pixel_shuffle":
         return BlockConfig("pixel_shuffle", c_out, act=act, op=str(rng.choice(PIXEL_SHUFFLES)))
     if kind == "upsample":
