@@ -37,6 +37,7 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.search.algorithms import Limits, rank_key, search
+from hwnas.search import distributed
 from hwnas.search.distributed import SharedBuilds, StorageWorkers, get_blobs, open_storage, put_blobs, work
 from hwnas.search.evaluate import CandidateEvaluator, Score
 from hwnas.search.optimize import EvaluatorSpec, SearchSettings, expert_candidate
@@ -295,6 +296,17 @@ def test_workers_share_the_depth_scaled_graphs_they_build_and_score_as_if_built_
     assert [spec.evaluator(reader).evaluate(p) for p in pipelines] == built == [spec.evaluator().evaluate(p) for p in pipelines]
     assert all(s.error is None and not s.exact and s.drift > 0 for s in built)
     assert built[0].latency_ms != built[1].latency_ms
+
+
+def test_a_shared_graph_is_stored_once_and_one_too_large_is_not_stored(url, monkeypatch):
+    monkeypatch.setattr(distributed, "_SHARED_BYTES", 4)
+    storage = open_storage(url)
+    put_blobs(storage, "s", {"version": b"v"})
+    first, second = SharedBuilds(storage, "s"), SharedBuilds(storage, "s")
+    first.put("large", b"12345")
+    first.put("small", b"1234")
+    second.put("small", b"1234")  # two workers built it at once: the second finds it stored
+    assert (second.get("large"), second.get("small"), second.get("other")) == (None, b"1234", None)
 
 
 def test_a_worker_refuses_pickles_other_versions_and_commands_it_was_not_given():

@@ -148,6 +148,7 @@ def get_blobs(storage, study_name: str) -> dict[str, bytes]:
 
 
 _BUILT = "built/"  # blob name prefix of SharedBuilds' graphs
+_SHARED_BYTES = 256 << 20  # larger graphs are built by each worker that needs them
 
 
 class SharedBuilds:
@@ -168,7 +169,11 @@ class SharedBuilds:
         return None if data is None else bytes(data)
 
     def put(self, key: str, data: bytes) -> None:
-        with contextlib.suppress(sqlalchemy.exc.IntegrityError):  # another worker stored it first: the same graph
+        if len(data) > _SHARED_BYTES:  # a copy per multiplier of a large model would swell the database
+            return
+        # IntegrityError: another worker stored it first (the same graph); others: a graph the database will
+        # not take (MySQL's max_allowed_packet) is not shared, and the candidate goes on with its own
+        with contextlib.suppress(sqlalchemy.exc.DBAPIError):
             with self.storage.engine.begin() as connection:
                 connection.execute(_BLOBS.insert(), [{"study": self.study_name, "name": self._name(key), "data": data}])
 
