@@ -7,9 +7,11 @@ For each model and target, the CLI as a user runs it, in a child process timed b
 
 FIT and HELD are `hwnas.verify.calib_data.calibration_sets(MODEL, 16, 16, seed=0)` (16 rendered text pages
 or scenes each, different seeds; the search fits on the first 12 of FIT and judges drift on its last 4,
-HELD is never seen). Per run: candidates evaluated and per minute of search, where the time went (the
-candidates' passes and refits, estimation, drift), the fit cache's hit rate (refits reused by candidates
-sharing a pipeline prefix) and the depth cache's, the whole command's wall time and peak RSS (the largest
+HELD is never seen). Per run: candidates evaluated and per minute of search (after the setup: the exact
+prefix, the space, the depth ranking), where the time went (the candidates' passes and refits,
+estimation, drift) and how busy the workers were (those seconds over workers × search seconds), the fit
+cache's hit rate (refits reused by candidates sharing a pipeline prefix) and the depth cache's (with how
+many hits a worker loaded from another's work), the setup's seconds, the whole command's wall time and peak RSS (the largest
 process: the coordinator or a worker), the chosen model's estimated latency cut and its drift on HELD, and
 the best feasible cut after 25/50/100/200/... evaluations (the best-so-far curve).
 
@@ -54,7 +56,7 @@ def run(model: str, target: str, workers: int, args: argparse.Namespace, folder:
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        return [model, target, str(workers), f"failed: {done.stderr.strip().splitlines()[-1]}"] + [""] * 9
+        return [model, target, str(workers), f"failed: {done.stderr.strip().splitlines()[-1]}"] + [""] * 11
     peak_kb, wall = done.stderr.strip().splitlines()[-1].split()
     r = json.loads(report.read_text())
     s = r["search"]
@@ -67,8 +69,10 @@ def run(model: str, target: str, workers: int, args: argparse.Namespace, folder:
         model, target, str(workers), str(s["candidates_evaluated"]),
         f"{60 * s['candidates_scored'] / max(seconds['search'], 1e-9):.1f}",
         f"{seconds['candidates_build']:.0f} / {seconds['candidates_estimate']:.0f} / {seconds['candidates_drift']:.0f}",
-        f"{fits['fit_cache_hits']}/{fits['fit_cache_lookups']}", f"{depth['depth_cache_hits']}/{depth['depth_cache_lookups']}",
-        f"{float(wall):.0f}", mb(int(peak_kb) * 1024), pct(r["latency_reduction"]),
+        pct(sum(seconds[f"candidates_{k}"] for k in ("build", "quantize", "estimate", "drift")) / (workers * seconds["search"])),
+        f"{fits['fit_cache_hits']}/{fits['fit_cache_lookups']} ({fits['fit_cache_shared_hits']})",
+        f"{depth['depth_cache_hits']}/{depth['depth_cache_lookups']} ({depth['depth_cache_shared_hits']})",
+        f"{seconds['setup']:.0f}", f"{float(wall):.0f}", mb(int(peak_kb) * 1024), pct(r["latency_reduction"]),
         f"{1 - r['holdout']['cosine']:.2g}", " ".join(cuts),
     ]  # fmt: skip
 
@@ -90,8 +94,8 @@ def main() -> None:
                     print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(command_line())
     print(table(["model", "target", "workers", "candidates", "per minute of search",
-                 "seconds: passes+fits / estimate / drift (all workers)", "fit cache hits", "depth cache hits",
-                 "wall s", "peak RSS", "latency cut", "held-out drift",
+                 "seconds: passes+fits / estimate / drift (all workers)", "workers busy",
+                 "fit cache hits (from another worker)", "depth cache hits (from another worker)", "setup s", "wall s", "peak RSS", "latency cut", "held-out drift",
                  "best cut after " + "/".join(map(str, CURVE_AT)) + " evaluations"], rows))
 
 

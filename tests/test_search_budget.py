@@ -3,6 +3,8 @@ which the budget ran out, mid-batch included, and the report says where the time
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -72,8 +74,8 @@ def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
     assert seconds["candidates_quantize"] == pytest.approx(0, abs=0.05)  # float candidates are not quantized
     assert seconds["candidates_build"] > 0 and seconds["candidates_estimate"] > 0
     assert seconds["candidates_drift"] == pytest.approx(0, abs=0.05)  # exact candidates are not run
-    assert search_report["depth_cache"] == {"depth_cache_lookups": 0, "depth_cache_hits": 0}
-    assert search_report["fit_cache"] == {"fit_cache_lookups": 0, "fit_cache_hits": 0}  # exact: nothing fitted
+    assert search_report["depth_cache"] == {"depth_cache_lookups": 0, "depth_cache_hits": 0, "depth_cache_shared_hits": 0}
+    assert search_report["fit_cache"] == {"fit_cache_lookups": 0, "fit_cache_hits": 0, "fit_cache_shared_hits": 0}  # exact: nothing fitted
     assert seconds["setup"] + seconds["search"] == pytest.approx(search_report["wall_s"], abs=2e-3)  # rounded to ms
 
 
@@ -87,7 +89,7 @@ def test_depth_and_fit_cache_use_is_counted_over_the_candidates_scored():
     assert search_report["seconds"]["candidates_drift"] > 0  # reconstructed candidates are run
 
 
-def test_candidates_sharing_a_prefix_reuse_its_fits():
+def test_candidates_sharing_a_prefix_reuse_its_fits(tmp_path):
     """The evaluator's fit cache: a candidate that fuses a subset of an earlier one's first sites makes no
     fit, and scores the same drift as a fresh evaluator (no cache hit) does."""
     from hwnas.estimator.defaults import estimator_for
@@ -106,6 +108,15 @@ def test_candidates_sharing_a_prefix_reuse_its_fits():
     assert evaluator.cache_use["fit_cache_lookups"] == 7 and evaluator.cache_use["fit_cache_hits"] == 3
     _, _, fresh = prepare(model, estimator, shapes, settings, calibration)
     assert fresh.evaluate("fuse-ibn{mode=mbconv,sites=0:3}").drift == score.drift
+    # workers sharing a folder: the fits one made, another reads instead of fitting again, bitwise
+    _, _, first = prepare(model, estimator, shapes, settings, calibration)
+    _, _, second = prepare(model, estimator, shapes, settings, calibration)
+    first.share(str(tmp_path))
+    second.share(str(tmp_path))
+    assert first.evaluate("fuse-ibn{mode=mbconv,sites=0:3}") == fresh.evaluate("fuse-ibn{mode=mbconv,sites=0:3}")
+    assert first.cache_use["fit_cache_shared_hits"] == 0 and len(list(tmp_path.glob("fit-*.npz"))) == 3
+    assert second.evaluate("fuse-ibn{mode=mbconv,sites=0:3}") == score
+    assert second.cache_use["fit_cache_shared_hits"] == second.cache_use["fit_cache_lookups"] == 3
 
 
 def test_the_best_exact_candidate_is_verified_before_falling_back_to_the_input(monkeypatch):
@@ -131,3 +142,29 @@ def test_the_best_exact_candidate_is_verified_before_falling_back_to_the_input(m
     exact_tried = [t for t in tried if t.score.exact]
     assert exact_tried and exact_tried[0].pipeline  # not only the input's own pipeline
     assert result.to_dict()["exact"] and result.to_dict()["latency_reduction"] > 0
+
+
+@pytest.mark.slow
+def test_two_workers_score_what_one_does_and_build_each_depth_choice_once():
+    """The pool (the setup's depth ranking included) gives the trials one worker gives, score for score;
+    a depth-scaled graph built by one worker is loaded by the other (a shared hit), not refitted."""
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.search.optimize import SearchSettings, run_search
+    from hwnas.targets import get_target
+    from hwnas.verify import random_calibration
+
+    model = build("mobilenetv2", resolution=32, width=0.35)
+    shapes = {model.graph.input[0].name: (1, 3, 32, 32)}
+    calibration = random_calibration(model, shapes, samples=8, seed=0)
+    target = get_target("npu-32x32")
+    outcomes = [run_search(model, target, estimator_for(target), shapes,
+                           SearchSettings(trials=24, limits=Limits(Drift(0.2)), workers=workers), calibration)
+                for workers in (1, 2)]
+    one, two = ([(t.pipeline, t.score) for t in o.trials] for o in outcomes)
+    assert [p for p, _ in one] == [p for p, _ in two] and len(one) == 24
+    assert any(p.startswith("scale-depth") for p, _ in one)
+    for (_, a), (_, b) in zip(one, two):  # a refit's sums may differ in the last bits: one worker's BLAS runs a
+        # thread per core, a pool worker's one thread
+        assert replace(a, drift=0.0) == replace(b, drift=0.0) and b.drift == pytest.approx(a.drift, rel=1e-5, abs=1e-9)
+    assert outcomes[0].depth_cache["depth_cache_shared_hits"] == 0  # one worker: nothing to share
+    assert outcomes[1].depth_cache["depth_cache_shared_hits"] > 0

@@ -33,7 +33,11 @@ def test_ranked_depth_choices_scale_only_their_groups():
     settings = SearchSettings(limits=Limits(fidelity=Drift(0.05)), workers=1)
     prepared, ctx, evaluator = prepare(model, estimator_for(get_target("npu-32x32")), shapes, settings, calibration)
     space = build_space(prepared, ctx, SpaceOptions(8, allow_reconstructed=True))
-    groups = add_ranked_depth(space, prepared, ctx, evaluator.evaluate, 0.05)
+
+    def score_all(pipelines: list[str]) -> list:
+        return [evaluator.evaluate(p) for p in pipelines]
+
+    groups = add_ranked_depth(space, prepared, ctx, score_all, 0.05)
     depth = next(d for d in space.decisions if d.kind == "depth")
     assert len({g.anchor for g in groups}) > 3 and {g.multiplier for g in groups} == {"0.5", "0.25"}
     assert depth.choices[: 1 + len(CURATED_MULTIPLIERS)] == ("keep", *(f"m{m}r8" for m in CURATED_MULTIPLIERS))
@@ -55,7 +59,7 @@ def test_ranked_depth_choices_scale_only_their_groups():
     # every ranked choice is a seed on top of the expert recipe, and the ranking is deterministic
     assert {s[depth.key] for s in expert_seeds(space)} >= set(ranked)
     again = build_space(prepared, ctx, SpaceOptions(8, allow_reconstructed=True))
-    add_ranked_depth(again, prepared, ctx, evaluator.evaluate, 0.05)
+    add_ranked_depth(again, prepared, ctx, score_all, 0.05)
     assert again.depth_sites == space.depth_sites
 
 

@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -471,6 +473,11 @@ class FitCache:
     them, so a hit returns exactly the fit a fresh run would make (bitwise: the same rows, the same solve).
     Entries are the fitted weights (float32), bounded by `limit_bytes` in all; the least recently used go
     first. `lookups` and `hits` count use; the search reports them.
+
+    `shared_dir`: a folder the search's worker processes share (set before they start); every fit made
+    here is also written there (up to `limit_bytes` per process), and a fit not held here is read from
+    there when another worker made it (counted in `shared_hits`, not `hits`), so a fit is made once per
+    search rather than once per worker.
     """
 
     def __init__(self, limit_bytes: int = 256 << 20):
@@ -479,6 +486,9 @@ class FitCache:
         self.bytes = 0
         self.lookups = 0
         self.hits = 0
+        self.shared_hits = 0
+        self.shared_dir: str | None = None
+        self.shared_bytes = 0  # fitted weights this process wrote to `shared_dir`
         self._data: tuple[object, str] | None = None  # (calibration mapping, its digest): hashed once
 
     def data_key(self, source: object, feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
@@ -504,17 +514,45 @@ class FitCache:
         if fit is not None:
             self.hits += 1
             self.entries[key] = fit  # most recently used last
+        elif (fit := self._read(key)) is not None:
+            self.shared_hits += 1
+            self._hold(key, fit)
         return fit
 
     def put(self, key: str | None, fit: ConvFit) -> None:
+        if key is None or key in self.entries:
+            return
+        self._hold(key, fit)
         size = fit.weight.nbytes + fit.bias.nbytes
-        if key is None or key in self.entries or size > self.limit_bytes:
+        # each process writes at most `limit_bytes` there: the folder's disk use stays bounded as memory's is
+        if self.shared_dir is not None and self.shared_bytes + size <= self.limit_bytes:
+            self.shared_bytes += size
+            # written whole under another name, then renamed: readers see all or nothing
+            partial = self._path(key).with_suffix(f".{os.getpid()}.partial")
+            with partial.open("wb") as f:
+                np.savez(f, weight=fit.weight, bias=fit.bias, rows=np.int64(fit.rows),
+                         residuals=np.array([fit.residual, fit.prior_residual]))
+            os.replace(partial, self._path(key))
+
+    def _hold(self, key: str, fit: ConvFit) -> None:
+        size = fit.weight.nbytes + fit.bias.nbytes
+        if size > self.limit_bytes:
             return
         while self.entries and self.bytes + size > self.limit_bytes:
             old = self.entries.pop(next(iter(self.entries)))
             self.bytes -= old.weight.nbytes + old.bias.nbytes
         self.entries[key] = fit
         self.bytes += size
+
+    def _path(self, key: str) -> Path:
+        return Path(self.shared_dir, f"fit-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz")
+
+    def _read(self, key: str) -> ConvFit | None:
+        if self.shared_dir is None or not self._path(key).exists():
+            return None
+        with np.load(self._path(key), allow_pickle=False) as data:
+            residual, prior = data["residuals"]
+            return ConvFit(data["weight"], data["bias"], int(data["rows"]), float(residual), float(prior))
 
 
 def _node_digest(node: gs.Node) -> bytes | None:

@@ -67,6 +67,24 @@ class SharedBuilds(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
 
 
+class FolderBuilds:
+    """SharedBuilds in a folder on this machine: a process pool's (hwnas.search.optimize.PoolWorkers)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"built-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+    def get(self, key: str) -> bytes | None:
+        return self._path(key).read_bytes() if self._path(key).exists() else None
+
+    def put(self, key: str, data: bytes) -> None:
+        partial = self._path(key).with_suffix(f".{os.getpid()}.partial")  # whole, then renamed: readers see all or nothing
+        partial.write_bytes(data)
+        os.replace(partial, self._path(key))
+
+
 @dataclass(frozen=True)
 class Score:
     latency_ms: float
@@ -130,14 +148,24 @@ class CandidateEvaluator:
         self._quantized: dict[str, onnx.ModelProto] = {}  # float model fingerprint → its quantized model
         self._scaled: dict[str, tuple[gs.Graph, Exactness]] = {}  # leading scale-depth steps → their graph (depth choices)
         self.shared = shared  # depth-scaled graphs other workers built (hwnas.search.distributed.SharedBuilds)
-        self._depth_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0}  # of `_scaled`, in this process
+        # of `_scaled`, in this process; shared hits: graphs read from `shared` (another worker built them)
+        self._depth_use = {"depth_cache_lookups": 0, "depth_cache_hits": 0, "depth_cache_shared_hits": 0}
+
+    def share(self, folder: str | None) -> None:
+        """Share depth-scaled graphs and fits with the other worker processes of a pool through `folder`
+        (None: stop), set before they start: what one worker built, the others read instead of building it."""
+        self.shared = FolderBuilds(folder) if folder else None
+        if self.ctx.fit_cache is not None:
+            self.ctx.fit_cache.shared_dir = folder
 
     @property
     def cache_use(self) -> dict[str, int]:
         """Lookups and hits, in this process, of the depth-scaled graph cache and of the fit cache (refits
-        reused by candidates that share a pipeline prefix: hwnas.passes._reconstruct.FitCache)."""
+        reused by candidates that share a pipeline prefix: hwnas.passes._reconstruct.FitCache); shared hits:
+        those read from what another worker built."""
         fits = self.ctx.fit_cache
-        return {**self._depth_use, "fit_cache_lookups": fits.lookups if fits else 0, "fit_cache_hits": fits.hits if fits else 0}
+        return {**self._depth_use, **{f"fit_cache_{k}": getattr(fits, k) if fits else 0
+                                      for k in ("lookups", "hits", "shared_hits")}}
 
     def build(self, pipeline: str) -> tuple[onnx.ModelProto, Exactness]:
         if not pipeline:
@@ -165,6 +193,7 @@ class CandidateEvaluator:
         not depend on which worker built it first (a distributed search finds what the local one finds)."""
         key = str(pipeline)
         packed = self.shared.get(key) if self.shared is not None else None
+        self._depth_use["depth_cache_shared_hits"] += packed is not None
         if packed is None:
             done = PassManager(pipeline, in_place=True).run(self.graph.copy(), self.ctx)
             model = to_model(done.graph, self.base)

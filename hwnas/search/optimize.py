@@ -20,10 +20,12 @@ import hashlib
 import io
 import json
 import multiprocessing
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from multiprocessing.pool import AsyncResult
 
 import numpy as np
 import onnx
@@ -158,7 +160,7 @@ def expert_seeds(space: SearchSpace, memory_limited: bool = False) -> list[dict[
             seeds += [{**space.baseline(), depth.key: m} for m in multipliers]
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in seeds)]
 
-
+Timed = tuple[Score, dict[str, float]]
 _WORKER: CandidateEvaluator | None = None
 
 
@@ -170,8 +172,42 @@ def _init_worker(evaluator: CandidateEvaluator) -> None:
     threadpool_limits(1)
 
 
-def _evaluate_in_worker(pipeline: str) -> tuple[Score, dict[str, float]]:
+def _evaluate_in_worker(pipeline: str) -> Timed:
     return _timed_with_cache_use(_WORKER, pipeline)
+
+
+class PoolWorkers:
+    """Worker processes scoring pipelines: `map` gives a batch's scores in order, `post` starts jobs ahead.
+
+    Forked, each inherits the evaluator; a job is a pipeline (a string) and its result a score (small): no
+    model crosses between processes. Jobs run in the order posted, each on the first free worker. The
+    search posts its next batch before the current one is scored wherever the next cannot depend on the
+    current scores (hwnas.search.algorithms.search), so a worker done early starts on it instead of
+    waiting for the batch's slowest candidate. The workers share a temporary folder through which a
+    depth-scaled graph or a fit one of them made is read by the others (CandidateEvaluator.share): each
+    is made about once per search, not once per worker. Use within `stack`, which closes both.
+    """
+
+    def __init__(self, stack: contextlib.ExitStack, evaluator: CandidateEvaluator, workers: int):
+        evaluator.share(stack.enter_context(tempfile.TemporaryDirectory(prefix="hwnas-workers-")))
+        stack.callback(evaluator.share, None)  # the folder goes when the stack closes
+        self._pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
+        self._jobs: dict[str, AsyncResult] = {}
+
+    def post(self, pipelines: Iterable[str]) -> None:
+        """Start jobs for those of `pipelines` that have none."""
+        for p in pipelines:
+            if p not in self._jobs:
+                self._jobs[p] = self._pool.apply_async(_evaluate_in_worker, (p,))
+
+    def map(self, pipelines: list[str]) -> Iterator[Timed]:
+        """The scores and seconds of `pipelines`, in order, each as soon as it is known."""
+        self.post(pipelines)
+        done: dict[str, Timed] = {}
+        for p in pipelines:
+            if p not in done:
+                done[p] = self._jobs.pop(p).get()
+            yield done[p]
 
 
 def _timed_with_cache_use(evaluator: CandidateEvaluator, pipeline: str) -> tuple[Score, dict[str, float]]:
@@ -195,9 +231,6 @@ def _quality_floor(original: Score, tolerance: float) -> float:
     if original.error is not None or original.quality is None:
         raise CheckFailedError(f"cannot score the original model's quality: {original.error}")
     return original.quality - tolerance * abs(original.quality)
-
-
-Timed = tuple[Score, dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -294,16 +327,15 @@ def _needs_memory(limits: Limits) -> bool:
     return any(x is not None for x in (limits.memory_budget, limits.max_params, limits.max_peak_act))
 
 
-def _evaluate_many(stack: contextlib.ExitStack, evaluator: CandidateEvaluator, workers: int, board: StorageWorkers | None,
+def _evaluate_many(board: StorageWorkers | None, pool: PoolWorkers | None,
                    ) -> tuple[Callable[[list[str]], Iterable[Timed]] | None, Callable[[list[str]], None] | None]:
     """How a batch is scored in parallel — storage workers (`board`), a process pool, or None (here, one by
-    one) — and, for storage workers, how the search posts its next batch ahead (`search`'s `post`)."""
+    one) — and how the search posts its next batch ahead (`search`'s `post`)."""
     if board is not None:
         # timed in the workers only
         return (lambda pipelines: ((score, {}) for score in board.map(pipelines))), board.post
-    if workers > 1:
-        pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, _init_worker, (evaluator,)))
-        return (lambda pipelines: pool.imap(_evaluate_in_worker, pipelines)), None
+    if pool is not None:
+        return pool.map, pool.post
     return None, None
 
 
@@ -349,16 +381,21 @@ def run_search(
         space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
                                                         quantized=settings.quantize is not None),
                             latency=lambda graph: estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms)
+        # forked once the space is built: the setup's depth ranking runs on it too
+        pool = PoolWorkers(stack, evaluator, workers) if board is None and workers > 1 else None
         if isinstance(limits.fidelity, Drift) and evaluator.judge_feeds is not None:  # depth per group, ranked by latency per drift
-            add_ranked_depth(space, prepared, ctx, evaluator.evaluate, limits.fidelity.max)
+            score_all = ((lambda pipelines: [score for score, _ in pool.map(pipelines)]) if pool
+                         else (lambda pipelines: [evaluator.evaluate(p) for p in pipelines]))
+            add_ranked_depth(space, prepared, ctx, score_all, limits.fidelity.max)
         setup_s = time.monotonic() - start
-        evaluate_many, post_ahead = _evaluate_many(stack, evaluator, workers, board)
+        evaluate_many, post_ahead = _evaluate_many(board, pool)
 
         def score_batch(pipelines: list[str]) -> Iterator[Score]:
             """Scores in order, each as soon as it is known (the search may stop consuming mid-batch)."""
             todo = list(dict.fromkeys(p for p in pipelines if p not in journal.scores))
-            # with a storage every job goes through it: the coordinator may have no workers of its own
-            fresh = zip(todo, evaluate_many(todo) if evaluate_many and todo and (settings.storage or len(todo) > 1)
+            # with workers every job goes to them: a storage's coordinator may have none of its own, and a pool's
+            # may be scoring it already (posted ahead)
+            fresh = zip(todo, evaluate_many(todo) if evaluate_many and todo
                         else (_timed_with_cache_use(evaluator, p) for p in todo))
             for pipeline in pipelines:
                 if pipeline not in journal.scores:  # the next one of `todo`: same order
@@ -369,7 +406,7 @@ def run_search(
                 yield journal.scores[pipeline]
 
         def post(pipelines: list[str]) -> None:
-            """Jobs for the storage workers ahead of the batch that scores them, but none for journaled scores."""
+            """Jobs for the workers ahead of the batch that scores them, but none for journaled scores."""
             post_ahead([p for p in pipelines if p not in journal.scores])
 
         seeds = expert_seeds(space, memory_limited=needs_memory)
@@ -389,8 +426,8 @@ def run_search(
     seconds = {"setup": setup_s, "search": wall - setup_s, **{f"candidates_{k}": spent[k] for k in PHASES}}
     return SearchOutcome(space, trials, ranked[0], baseline, full_pipeline(ranked[0].pipeline), wall,
                          limits, pareto_front(trials, limits), seconds, int(spent["candidates"]),
-                         {k: int(spent[k]) for k in ("depth_cache_lookups", "depth_cache_hits")},
-                         {k: int(spent[k]) for k in ("fit_cache_lookups", "fit_cache_hits")})
+                         {k: int(spent[k]) for k in ("depth_cache_lookups", "depth_cache_hits", "depth_cache_shared_hits")},
+                         {k: int(spent[k]) for k in ("fit_cache_lookups", "fit_cache_hits", "fit_cache_shared_hits")})
 
 
 def ranked_pipelines(outcome: SearchOutcome, limits: Limits) -> list[Trial]:

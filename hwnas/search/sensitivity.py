@@ -9,7 +9,8 @@ saves 4.6 % at m = 0.5 (drift 0.0076) and 9.2 % at 0.25 (0.0165); the 384-channe
 1.3–2.5 % at 0.014–0.023 each, which is why every uniform multiplier (0.75 included) drifts ~0.04.
 
 So before the search, each scale-depth group is scaled alone at each ranking multiplier (`RANKED_MULTIPLIERS`)
-and scored by the evaluator as any candidate is (estimated latency, drift on the held-back samples):
+and scored by the evaluator as any candidate is (estimated latency, drift on the held-back samples;
+in the search's worker processes, in parallel):
 
     ratio(g, m) = (latency(prepared) − latency(g scaled by m)) / max(drift(g, m), DRIFT_FLOOR)
 
@@ -58,22 +59,24 @@ class GroupSensitivity:
         return self.latency_saved_ms / max(self.drift, DRIFT_FLOOR)
 
 
-def measure_groups(graph: gs.Graph, ctx: PassContext, round_to: int, evaluate: Callable[[str], Score],
-                   baseline_ms: float, multipliers: tuple[str, ...] = RANKED_MULTIPLIERS) -> list[GroupSensitivity]:
-    """Every applicable scale-depth group scaled alone by each multiplier, scored by `evaluate` (a
-    candidate pipeline → its score), in graph order; a multiplier that leaves a group the count an
-    earlier one did is not measured again, and groups the evaluator refuses are left out."""
-    found, counts = [], {}
+def measure_groups(graph: gs.Graph, ctx: PassContext, round_to: int, score_all: Callable[[list[str]], list[Score]],
+                   multipliers: tuple[str, ...] = RANKED_MULTIPLIERS) -> list[GroupSensitivity]:
+    """Every applicable scale-depth group scaled alone by each multiplier, scored by `score_all` (candidate
+    pipelines → their scores, in order: the search's workers score them in parallel) with the prepared
+    graph (the empty pipeline) in the same call, in graph order; a multiplier that leaves a group the count an earlier one did is not measured again, and groups the
+    evaluator refuses are left out."""
+    measured, counts = [], {}
     for m in multipliers:
         for site in ScaleDepth(multiplier=float(m), round_to=round_to).match(graph, ctx):
             anchor = site.nodes[0] if site.nodes else ""
             if not (site.applicable and SAFE_NAME.match(anchor)) or counts.get(anchor, ()).count(site.data.target):
                 continue
             counts[anchor] = (*counts.get(anchor, ()), site.data.target)
-            score = evaluate(f"scale-depth{{multiplier={m},round_to={round_to},sites=@{anchor}}}")
-            if score.error is None:
-                found.append(GroupSensitivity(anchor, m, site.data.group.channels, baseline_ms - score.latency_ms, score.drift))
-    return found
+            measured.append((anchor, m, site.data.group.channels))
+    baseline, *scores = score_all(["", *(f"scale-depth{{multiplier={m},round_to={round_to},sites=@{anchor}}}"
+                                         for anchor, m, _ in measured)])
+    return [GroupSensitivity(anchor, m, channels, baseline.latency_ms - score.latency_ms, score.drift)
+            for (anchor, m, channels), score in zip(measured, scores) if score.error is None]
 
 
 def ranked_choices(groups: list[GroupSensitivity], budget: float, round_to: int
@@ -105,15 +108,16 @@ def ranked_choices(groups: list[GroupSensitivity], budget: float, round_to: int
     return choices
 
 
-def add_ranked_depth(space: SearchSpace, graph: gs.Graph, ctx: PassContext, evaluate: Callable[[str], Score],
+def add_ranked_depth(space: SearchSpace, graph: gs.Graph, ctx: PassContext, score_all: Callable[[list[str]], list[Score]],
                      budget: float) -> list[GroupSensitivity]:
-    """Give `space`'s depth decision the ranked choices (module docstring); returns the measurements."""
+    """Give `space`'s depth decision the ranked choices (module docstring); returns the measurements.
+    `score_all`: candidate pipelines → their scores, in order."""
     index = next((i for i, d in enumerate(space.decisions) if d.kind == "depth"), None)
     if index is None:
         return []
     depth = space.decisions[index]
     round_to = space.options.parallelism_factor if space.options.curated else 1
-    groups = measure_groups(graph, ctx, round_to, evaluate, evaluate("").latency_ms)
+    groups = measure_groups(graph, ctx, round_to, score_all)
     ranked = ranked_choices(groups, budget, round_to)
     space.depth_sites.update(ranked)
     space.decisions[index] = replace(depth, choices=depth.choices + tuple(ranked))
