@@ -7,6 +7,7 @@ import pytest
 
 import hwnas.api as api
 from hwnas.estimator.estimate import estimate
+from hwnas.estimator.networks import BlockConfig, NetworkConfig, build_network
 from hwnas.models import build
 
 
@@ -85,3 +86,24 @@ def test_a_quantized_conv_outputs_transpose_to_nhwc_is_free_on_the_cpu():
     on_cpu = {k.name: k.kind for k in estimate(quantized, "cpu").kernels}
     assert all(on_cpu[h] == "free" for h in heads)
     assert all(k.kind != "free" for k in estimate(quantized, "npu-32x32").kernels if k.name in heads)
+
+
+def test_an_interpolating_resize_between_q_and_dq_is_a_float_kernel_on_the_cpu():
+    """ORT runs a linear Resize of a QDQ model in float (DQ → Resize → Q stay nodes) and a nearest one on the
+    integers (the Q/DQ dropped): `FusionRules.float_linear_resize` makes only the first a float kernel."""
+    from hwnas.passes.quantize import quantize_model
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+    from hwnas.targets.measure import MeasureSettings, profile_nodes
+
+    rng = np.random.default_rng(0)
+    cpu, npu = get_target("cpu").rules, get_target("npu-32x32").rules
+    for mode, runs_float in (("linear", True), ("nearest", False)):
+        blocks = (BlockConfig("conv", 16, 3), BlockConfig("upsample", 16, op=mode), BlockConfig("conv", 16, 1))
+        model, _ = build_network(NetworkConfig(3, 32, blocks))
+        q = quantize_model(model, {"x": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)})
+        nodes = [t.op_type for t in profile_nodes(q, {}, MeasureSettings(warmup=0, repeats=1, min_seconds=0),
+                                                  get_target("cpu").providers)]
+        assert ("DequantizeLinear" in nodes[:nodes.index("Resize")]) == runs_float
+        resize = lambda rules: next(k for k in decompose(q, {}, rules) if k.op == "Resize")  # noqa: E731
+        assert resize(cpu).int8 is not runs_float and resize(npu).int8

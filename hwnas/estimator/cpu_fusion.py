@@ -371,9 +371,9 @@ def rules_from_verdicts(verdicts: Sequence[PairMeasurement], criterion: str = "l
     )
     # not timed by a pair: where affine ops fold (before the activation) is read off ORT's optimized graphs
     values["affine_folds"] = values["affine"]
-    # nor these: ONNX Runtime runs a DequantizeLinear that writes a graph output, and its int8 convs
-    # channels-last (its optimized graphs, 1.32)
-    values["output_dequantize"] = values["int8_channels_last"] = True
+    # nor these: ONNX Runtime runs a DequantizeLinear that writes a graph output, its int8 convs channels-last,
+    # and an interpolating Resize in float between Q and DQ (its optimized graphs, 1.32)
+    values["output_dequantize"] = values["int8_channels_last"] = values["float_linear_resize"] = True
     if "residual_epilogue" in {f.name for f in dataclasses.fields(FusionRules)}:  # where FusionRules can say it
         values["residual_epilogue"] = values["residual_add"] and bool(fused.get("residual_epilogue"))
     return FusionRules(**values)

@@ -19,6 +19,8 @@ follow it, as long as each intermediate tensor has no other consumer and is not 
 - `int8_channels_last`: the target runs int8 convs channels-last (ONNX Runtime's CPU provider: QLinearConv
   in NHWC), so a Transpose to NHWC of a quantized conv output, between a DQ and Q of the same scale, runs
   no node (it cancels against the conv's own layout transpose): free;
+- `float_linear_resize`: a Resize that interpolates (linear, cubic) between a DQ and a Q runs in float (ONNX
+  Runtime's CPU provider keeps the DQ and Q: its integer Resize is nearest only), so its kernel is float;
 - `patterns`: op chains that exporters write for one layer and the target runs as one node, each made one
   kernel named after the op it becomes (`PATTERNS`): the erf GELU `x·0.5·(1 + erf(x/√2))` (with a
   bias Add before it, ORT's BiasGelu), the decomposed LayerNorm (ReduceMean, Sub, Pow, ReduceMean, Add,
@@ -39,7 +41,7 @@ from hwnas.errors import BadInputError
 from hwnas.report.json_report import read_json
 
 _BOOL_KEYS = ("affine", "affine_folds", "self_gate", "residual_add", "residual_epilogue", "output_dequantize",
-              "int8_channels_last")
+              "int8_channels_last", "float_linear_resize")
 _SET_KEYS = ("anchors", "epilogue_ops", "patterns")
 # the chains `patterns` may name (matched in hwnas.targets.kernels), by the op the target runs them as
 PATTERNS = ("Gelu", "LayerNormalization", "QuickGelu", "SimplifiedLayerNormalization")
@@ -56,6 +58,7 @@ class FusionRules:
     residual_epilogue: bool = False
     output_dequantize: bool = False
     int8_channels_last: bool = False
+    float_linear_resize: bool = False
     patterns: frozenset[str] = frozenset()
 
     @classmethod
@@ -92,8 +95,8 @@ class FusionRules:
             # residual_epilogue, affine_folds and the int8 ones only when set: rules written before them keep
             # their form
             **{key: getattr(self, key) for key in _BOOL_KEYS
-               if key not in ("residual_epilogue", "affine_folds", "output_dequantize", "int8_channels_last")
-               or getattr(self, key)},
+               if key not in ("residual_epilogue", "affine_folds", "output_dequantize", "int8_channels_last",
+                              "float_linear_resize") or getattr(self, key)},
             # patterns likewise only when any
             **({"patterns": sorted(self.patterns)} if self.patterns else {}),
         }

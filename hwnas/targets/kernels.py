@@ -26,7 +26,8 @@ Kinds (the op semantics, the same on every target):
                  the kernels on either side read and write as such (ORT fuses DQ → Conv → Q into QLinearConv);
                  not, under the rules' `output_dequantize`, a DequantizeLinear that writes a graph output (nor
                  the QuantizeLinear before it after an op that writes no integers): elementwise kernels;
-                 under `int8_channels_last` a quantized conv output's Transpose to NHWC (ORT: no node)
+                 under `int8_channels_last` a quantized conv output's Transpose to NHWC (ORT: no node);
+                 under `float_linear_resize` an interpolating Resize between Q/DQ is a float kernel
     other        anything else (Transpose, Slice, Softmax, custom ops...): kept, costed by a fallback
 
 Conv-like kernels also carry their GEMM view (`GemmShape`), the way a systolic array runs them:
@@ -166,13 +167,14 @@ class _Graph:
     opset: int  # of the default domain
     output_dequantize: bool = False  # `FusionRules.output_dequantize`
     int8_channels_last: bool = False  # `FusionRules.int8_channels_last`
+    float_linear_resize: bool = False  # `FusionRules.float_linear_resize`
 
 
 def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
     """The kernels `model` runs as at `input_shapes` under `rules`, in execution order."""
     shapes = resolve_input_shapes(model, input_shapes)
     graph = _index(model, *infer_tensors(model, shapes), output_dequantize=rules.output_dequantize,
-                   int8_channels_last=rules.int8_channels_last)
+                   int8_channels_last=rules.int8_channels_last, float_linear_resize=rules.float_linear_resize)
     claimed: set[int] = set()
     groups: list[tuple[list[int], bool, str | None]] = []
     patterns = _patterns(graph, rules)
@@ -208,7 +210,8 @@ def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple
 
 
 def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int],
-           output_dequantize: bool = False, int8_channels_last: bool = False) -> _Graph:
+           output_dequantize: bool = False, int8_channels_last: bool = False,
+           float_linear_resize: bool = False) -> _Graph:
     folded, values = _folded_constants(model)
     nodes = tuple(model.graph.node)
     producer: dict[str, int] = {}
@@ -233,6 +236,7 @@ def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[s
         opset=next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0),
         output_dequantize=output_dequantize,
         int8_channels_last=int8_channels_last,
+        float_linear_resize=float_linear_resize,
     )
 
 
@@ -335,6 +339,14 @@ def _same_quantization(graph: _Graph, dq: onnx.NodeProto, q: onnx.NodeProto) -> 
 
     return all(a == b or (a in graph.values and b in graph.values and np.array_equal(graph.values[a], graph.values[b]))
                for a, b in zip(params(dq), params(q)))
+
+
+def _resizes_in_float(graph: _Graph, node: onnx.NodeProto) -> bool:
+    """Under `FusionRules.float_linear_resize`: a Resize that interpolates (not nearest) runs in float between
+    its DequantizeLinear and QuantizeLinear (ORT CPU's integer Resize is nearest only): a float kernel."""
+    mode = _attr(node, "mode", b"nearest")
+    return (graph.float_linear_resize and node.op_type == "Resize" and node.domain in _ONNX_DOMAINS
+            and (mode.decode() if isinstance(mode, bytes) else mode) != "nearest")
 
 
 def _dequantizes_output(graph: _Graph, node: onnx.NodeProto) -> bool:
@@ -669,7 +681,7 @@ def _make_kernel(graph: _Graph, members: list[int], residual: bool, pattern: str
         output_elements=sum(math.prod(graph.shapes[n]) for n in leaving),
         residual=residual,
         int8=kind != "free" and any(graph.nodes[graph.producer[n]].op_type == "DequantizeLinear"
-                                    for n in activations if n in graph.producer),
+                                    for n in activations if n in graph.producer) and not _resizes_in_float(graph, head),
         float_elements=sum(count for count, size in sizes if size is None),
         fixed_bytes=sum(count * size for count, size in sizes if size is not None),
         **(_head_features(graph, head, kind) if pattern is None else
