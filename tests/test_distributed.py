@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import sqlalchemy
 
 from hwnas import api
 from hwnas.errors import BadInputError
@@ -414,6 +415,21 @@ def test_optimize_with_a_storage_gives_the_local_result(tmp_path):
                                storage=f"sqlite:///{tmp_path / 'search.db'}")
     assert distributed.to_dict()["pipeline"] == local.to_dict()["pipeline"]
     assert distributed.to_dict()["search"]["best_so_far"] == local.to_dict()["search"]["best_so_far"]
+
+
+@pytest.mark.slow
+def test_local_storage_workers_and_the_coordinator_share_their_depth_scaled_graphs(tmp_path):
+    """--max-drift: the coordinator ranks depth choices in setup; its graphs and the workers' go to the study."""
+    model = build("mobilenetv2", resolution=32, width=0.35)
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    local = api.optimize(model, "npu-32x32", max_drift=0.05, trials=10, seed=0, workers=1)
+    distributed = api.optimize(model, "npu-32x32", max_drift=0.05, trials=10, seed=0, workers=2, storage=url)
+    assert distributed.to_dict()["pipeline"] == local.to_dict()["pipeline"]
+    assert distributed.to_dict()["search"]["best_so_far"] == local.to_dict()["search"]["best_so_far"]
+    storage = open_storage(url)
+    with storage.engine.connect() as connection:
+        built = connection.execute(sqlalchemy.text("SELECT count(*) FROM hwnas_blobs WHERE name LIKE 'built/%'")).scalar()
+    assert built > 0
 
 
 @pytest.mark.slow

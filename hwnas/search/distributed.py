@@ -188,14 +188,16 @@ class WorkerRun:
 
 def work(url: str, study_name: str | None = None, evaluate: Callable[[str], Score] | None = None, *,
          build: Callable[[dict[str, bytes], SharedBuilds], Callable[[str], Score]] | None = None, once: bool = False,
-         max_candidates: int | None = None, on_job: Callable[[str], None] | None = None) -> WorkerRun:
+         max_candidates: int | None = None, on_job: Callable[[str], None] | None = None,
+         share: Callable[[SharedBuilds], None] | None = None) -> WorkerRun:
     """A worker's loop: claim waiting jobs of the study, evaluate them, write the scores; return when closed.
 
     `study_name`: the study to join; None waits for the newest open one. `evaluate` scores a pipeline; a
     worker on another machine passes `build` instead, which makes it from the blobs the coordinator
-    stored (plain data, see `put_blobs`) and the graphs the workers share (`SharedBuilds`). `once`: leave
-    when no job is waiting instead of waiting for more; `max_candidates`: leave after that many. Ctrl-C
-    (KeyboardInterrupt) releases the job in hand, for another worker, and re-raises.
+    stored (plain data, see `put_blobs`) and the graphs the workers share (`SharedBuilds`); with
+    `evaluate`, `share` is told them. `once`: leave when no job is waiting instead of waiting for more;
+    `max_candidates`: leave after that many. Ctrl-C (KeyboardInterrupt) releases the job in hand, for
+    another worker, and re-raises.
     """
     storage = open_storage(url)
     study_id, study_name = _join(storage, study_name, wait=not once, built_here=evaluate is not None)
@@ -206,6 +208,8 @@ def work(url: str, study_name: str | None = None, evaluate: Callable[[str], Scor
     storage = open_storage(url, tuple(attrs[_HEARTBEAT]))  # heartbeats as the coordinator expects them
     if evaluate is None:
         evaluate = build(get_blobs(storage, study_name), SharedBuilds(storage, study_name))
+    elif share is not None:
+        share(SharedBuilds(storage, study_name))
     me = f"{socket.gethostname()}:{os.getpid()}"
     evaluated, idle = 0, _POLL_S[0]
     while max_candidates is None or evaluated < max_candidates:
@@ -275,9 +279,10 @@ def _fail(storage, trial_id: int, error: str, released: bool = False) -> None:
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
-def _local_worker(url: str, study_name: str, evaluate: Callable[[str], Score]) -> None:
+def _local_worker(url: str, study_name: str, evaluate: Callable[[str], Score],
+                  share: Callable[[SharedBuilds], None] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle: it closes the study
-    work(url, study_name, evaluate)
+    work(url, study_name, evaluate, share=share)
 
 
 def _claim(storage, study_id: int, me: str) -> tuple[int, str] | None:
@@ -310,12 +315,13 @@ class StorageWorkers:
     Use as a context manager: entering creates (or, resuming, joins) the study and writes what remote
     workers need (`spec`: named blobs of plain data, see `put_blobs`); the first jobs posted start `workers`
     local processes (forked then, so they inherit `evaluate` with what the coordinator cached by then; 0
-    starts none and waits for `hwnas worker` processes); leaving closes the study.
+    starts none and waits for `hwnas worker` processes); leaving closes the study. `share`: told, in each
+    local process, the `SharedBuilds` it reads and stores built graphs through (its own connection).
     """
 
     def __init__(self, url: str, evaluate: Callable[[str], Score], workers: int, study_name: str,
                  spec: Mapping[str, bytes] | None = None, heartbeat: tuple[int, int] = (HEARTBEAT_S, GRACE_S),
-                 status: Callable[[JobStatus], None] | None = None):
+                 status: Callable[[JobStatus], None] | None = None, share: Callable[[SharedBuilds], None] | None = None):
         if workers < 0:
             raise BadInputError(f"--workers must be at least 0 with --storage, got {workers}")
         if workers == 0 and spec is None:
@@ -327,6 +333,7 @@ class StorageWorkers:
         self.spec = spec
         self.heartbeat = heartbeat
         self.status = status
+        self.share = share
 
     def __enter__(self) -> StorageWorkers:
         self._storage = open_storage(self.url, self.heartbeat)
@@ -339,6 +346,7 @@ class StorageWorkers:
                 raise BadInputError(f"cannot create study {self.study_name!r} in {self.url!r}: {e}") from None
         self._study = optuna.load_study(study_name=self.study_name, storage=self._storage)
         self._storage.set_study_user_attr(self._study_id, _HEARTBEAT, list(self.heartbeat))
+        _BLOBS.create(self._storage.engine, checkfirst=True)  # also where the workers share their builds
         if self.spec is not None:
             put_blobs(self._storage, self.study_name, self.spec)
             self._storage.set_study_user_attr(self._study_id, _SPEC, __version__)  # workers may build now
@@ -348,9 +356,14 @@ class StorageWorkers:
         return self
 
     def _start(self):
-        p = self._context.Process(target=_local_worker, args=(self.url, self.study_name, self.evaluate), daemon=True)
+        p = self._context.Process(target=_local_worker, args=(self.url, self.study_name, self.evaluate, self.share),
+                                  daemon=True)
         p.start()
         return p
+
+    def shared_builds(self) -> SharedBuilds:
+        """The graphs the workers share, for the coordinator's own evaluations (not for a forked process)."""
+        return SharedBuilds(self._storage, self.study_name)
 
     def __exit__(self, *exc) -> None:
         self._storage.set_study_user_attr(self._study_id, _CLOSED, True)

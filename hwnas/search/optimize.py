@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -375,7 +376,10 @@ def run_search(
             # of them scores the original
             board = stack.enter_context(StorageWorkers(
                 settings.storage, evaluator.evaluate, workers, "hwnas-" + hashlib.sha256(journal.header.encode()).hexdigest()[:16],
-                EvaluatorSpec(original, estimator, shapes, settings, calibration).to_blobs(), status=job_status))
+                EvaluatorSpec(original, estimator, shapes, settings, calibration).to_blobs(), status=job_status,
+                share=functools.partial(setattr, evaluator, "shared")))
+            # what the coordinator builds (the ranked depth choices) the workers read, local and elsewhere
+            evaluator.shared = board.shared_builds()
             if score_original:
                 board.post([p for p in [""] if p not in journal.scores])
         space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
