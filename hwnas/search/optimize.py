@@ -146,17 +146,22 @@ def expert_seeds(space: SearchSpace, memory_limited: bool = False) -> list[dict[
     """The baseline, the alignment advice alone, then the full advice: on targets where regrouping
     depthwise convs hurts (ORT CPU runs depthwise natively) the first piece still pays on its own.
 
-    Where reconstructed passes are allowed, the full advice with each depth multiplier (the reference
-    work's V1 on top of its expert recipe); under a memory limit also every multiplier alone: the
-    latency advice adds parameters (regrouped convs hold zeros), and a random walk rarely finds a
-    small multiplier with nothing else.
+    Then, where the space knows them (`space.fastest`), the exact choices each estimated fastest alone,
+    together: the advice as the target's estimate gives it, site by site (the expert recipe pads and
+    regroups every site, also where that costs on the target).
+
+    Where reconstructed passes are allowed, each depth choice on top of the fastest exact choices, or
+    where the space knows none, of the full advice (the reference work's V1 on top of its expert recipe);
+    under a memory limit also every multiplier alone: the latency advice adds parameters (regrouped convs
+    hold zeros), and a random walk rarely finds a small multiplier with nothing else.
     """
     full = expert_candidate(space)
     align_only = {d.key: full[d.key] if d.kind == "align" else KEEP for d in space.decisions}
-    seeds = [space.baseline(), align_only, full]
+    fastest = {**space.baseline(), **space.fastest}
+    seeds = [space.baseline(), align_only, full] + ([fastest] if space.fastest else [])
     for depth in (d for d in space.decisions if d.kind == "depth"):
         multipliers = [c for c in depth.choices if c != KEEP]
-        seeds += [{**full, depth.key: m} for m in multipliers]
+        seeds += [{**(fastest if space.fastest else full), depth.key: m} for m in multipliers]
         if memory_limited:
             seeds += [{**space.baseline(), depth.key: m} for m in multipliers]
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in seeds)]
@@ -356,6 +361,10 @@ def run_search(
     allow_reconstructed = settings.limits.fidelity.changes_function and settings.quantize is None
     prepared, ctx, evaluator = prepare(original, estimator, shapes, settings, calibration)
     limits = settings.limits
+
+    def latency(graph: gs.Graph) -> float:
+        return estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms
+
     needs_memory = _needs_memory(limits)
     journal = Journal(settings.journal, {
         "model": fingerprint(original), "target": target.name, "algorithm": settings.algorithm, "seed": settings.seed,
@@ -383,14 +392,13 @@ def run_search(
             if score_original:
                 board.post([p for p in [""] if p not in journal.scores])
         space = build_space(prepared, ctx, SpaceOptions(target.parallelism_factor, settings.curated, allow_reconstructed,
-                                                        quantized=settings.quantize is not None),
-                            latency=lambda graph: estimator.estimate(to_model(graph.copy(), original), shapes).latency_ms)
+                                                        quantized=settings.quantize is not None), latency=latency)
         # forked once the space is built: the setup's depth ranking runs on it too
         pool = PoolWorkers(stack, evaluator, workers) if board is None and workers > 1 else None
         if isinstance(limits.fidelity, Drift) and evaluator.judge_feeds is not None:  # depth per group, ranked by latency per drift
             score_all = ((lambda pipelines: [score for score, _ in pool.map(pipelines)]) if pool
                          else (lambda pipelines: [evaluator.evaluate(p) for p in pipelines]))
-            add_ranked_depth(space, prepared, ctx, score_all, limits.fidelity.max)
+            add_ranked_depth(space, prepared, ctx, score_all, limits.fidelity.max, latency)
         setup_s = time.monotonic() - start
         evaluate_many, post_ahead = _evaluate_many(board, pool)
 

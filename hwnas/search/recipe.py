@@ -60,6 +60,27 @@ def transfer(recipe: Mapping, space: SearchSpace) -> dict[str, str]:
         nearest = min(rules, key=lambda r: _distance(r, d))
         if nearest.get("choice") in d.choices:
             candidate[d.key] = nearest["choice"]
+    return _with_padding(candidate, space)
+
+
+def _with_padding(candidate: dict[str, str], space: SearchSpace) -> dict[str, str]:
+    """A depthwise site regrouped by a group size that divides only its padded channel count takes its
+    group's padding too (or stays as it is): the rules of a model whose counts were multiples of the
+    size may not say to pad."""
+    decisions = {d.key: d for d in space.decisions}
+    for key, align_key in space.pad_for.items():
+        size = candidate.get(key, KEEP).removeprefix("g")
+        if (not size.isdigit() or key not in decisions or decisions[key].channels % int(size) == 0
+                or candidate.get(align_key, KEEP) != KEEP):
+            continue
+        if align_key not in decisions:
+            candidate[key] = KEEP
+            continue
+        pads = [c for c in decisions[align_key].choices if c.startswith("pad") and int(c.removeprefix("pad")) % int(size) == 0]
+        if pads:
+            candidate[align_key] = pads[0]
+        else:
+            candidate[key] = KEEP
     return candidate
 
 

@@ -8,25 +8,35 @@ saves 4.6 % at m = 0.5 (drift 0.0076) and 9.2 % at 0.25 (0.0165); the 384-channe
 0.0035–0.011; the small early groups (48 channels, rounded to 32 at every curated multiplier) save
 1.3–2.5 % at 0.014–0.023 each, which is why every uniform multiplier (0.75 included) drifts ~0.04.
 
-So before the search, each scale-depth group is scaled alone at each ranking multiplier (`RANKED_MULTIPLIERS`)
-and scored by the evaluator as any candidate is (estimated latency, drift on the held-back samples;
-in the search's worker processes, in parallel):
+So before the search, each scale-depth group is scaled alone at each ranking multiplier (`RANKED_MULTIPLIERS`),
+its count rounded to the target's parallelism factor PF and, at the mildest multiplier, also to PF/4, and
+scored by the evaluator as any candidate is (estimated latency, drift on the held-back samples; in the
+search's worker processes, in parallel):
 
-    ratio(g, m) = (latency(prepared) − latency(g scaled by m)) / max(drift(g, m), DRIFT_FLOOR)
+    ratio(g, c) = (latency(prepared) − latency(g scaled to c channels)) / max(drift(g, c), DRIFT_FLOOR)
+
+Why the finer rounding: a K×K conv reading the group is a GEMM whose depth is K²·C, so on an array of PF
+rows its folds are ceil(K²·C / PF), not K²·ceil(C / PF): PP-OCRv4 det's 96-channel neck group, read by
+two 3×3 convs at 160², saves 6.7 % (on top of the exact passes) at 48 channels, the nearest multiple of
+8 to 0.5 × 96, at drift 0.008, and 4.6 % at 64, the nearest multiple of 32. A count whose scaled graph
+the estimate (weights need not be fitted for it) says is no faster is not measured: no drift is spent
+on what cannot pay.
 
 Walking the measurements by decreasing ratio, each one is taken when it scales its group deeper than
 before, charged its lone drift beyond the group's earlier one; the depth decision gains one choice per
 level (`LEVELS`): the assignment taken while the summed drift stays within level × the drift budget.
 Lone drifts do not add up (over all groups at 0.5 they sum to ~5× uniform m = 0.5's measured 0.039),
 so the levels go past the budget and the search judges each choice by its measured drift like any
-candidate. A choice reads `ranked7r32` (the first 7 measurements taken) and compiles to one
-`scale-depth{multiplier=m,round_to=32,sites=@…}` step per multiplier it uses; the evaluator caches the
-leading scale-depth steps' graph as it does a uniform multiplier's, and the expert seeds take each
-choice on top of the full expert recipe. Everything is deterministic for a model, calibration and target.
+candidate. A choice reads `ranked7` (the first 7 measurements taken) and compiles to one
+`scale-depth{multiplier=m,round_to=N,sites=@…}` step per multiplier and rounding it uses; the evaluator
+caches the leading scale-depth steps' graph as it does a uniform multiplier's, and the seeds take each
+choice on top of the fastest exact choices (hwnas.search.optimize.expert_seeds). Everything is
+deterministic for a model, calibration and target.
 
-Cost: one evaluation per group and ranking multiplier in the setup (PP-OCRv4 det: 18 groups, 32
-measurements, ~5 s each alone). Only searches with a drift budget, reconstructed passes and held-back
-calibration samples are ranked; the uniform multipliers stay (the zoo models use them).
+Cost: one evaluation per group and ranked count in the setup (PP-OCRv4 det: ~5 s each alone), and one
+cheap estimate per group, multiplier and rounding to leave out the counts that save nothing. Only
+searches with a drift budget, reconstructed passes and held-back calibration samples are ranked; the
+uniform multipliers stay (the zoo models use them).
 """
 
 from __future__ import annotations
@@ -37,11 +47,14 @@ from dataclasses import dataclass, replace
 import onnx_graphsurgeon as gs
 
 from hwnas.passes.base import PassContext
-from hwnas.passes.scale_depth import ScaleDepth
+from hwnas.passes.manager import PassManager
+from hwnas.passes.pipeline import parse_pipeline
+from hwnas.passes.scale_depth import ScaleDepth, scaled_count
 from hwnas.search.evaluate import Score
 from hwnas.search.space import SAFE_NAME, SearchSpace
 
 RANKED_MULTIPLIERS = ("0.5", "0.25")
+FINER = 4  # counts are ranked rounded to the parallelism factor, and at the first multiplier to it / FINER too
 LEVELS = (0.5, 1, 1.5, 2, 3, 4, 6, 8)  # × the drift budget: how much summed lone drift each ranked choice may take
 DRIFT_FLOOR = 1e-4  # a group whose drift measures below this counts as this (no division by ~0)
 
@@ -53,44 +66,73 @@ class GroupSensitivity:
     channels: int
     latency_saved_ms: float
     drift: float
+    round_to: int = 1
 
     @property
     def ratio(self) -> float:
         return self.latency_saved_ms / max(self.drift, DRIFT_FLOOR)
 
+    @property
+    def count(self) -> int:
+        """The group's channels once scaled."""
+        return scaled_count(self.channels, float(self.multiplier), self.round_to)
 
-def measure_groups(graph: gs.Graph, ctx: PassContext, round_to: int, score_all: Callable[[list[str]], list[Score]],
-                   multipliers: tuple[str, ...] = RANKED_MULTIPLIERS) -> list[GroupSensitivity]:
-    """Every applicable scale-depth group scaled alone by each multiplier, scored by `score_all` (candidate
-    pipelines → their scores, in order: the search's workers score them in parallel) with the prepared
-    graph (the empty pipeline) in the same call, in graph order; a multiplier that leaves a group the count an earlier one did is not measured again, and groups the
-    evaluator refuses are left out."""
+    def step(self) -> str:
+        return f"scale-depth{{multiplier={self.multiplier},round_to={self.round_to},sites=@{self.anchor}}}"
+
+
+def ranking_steps(parallelism_factor: int) -> tuple[tuple[str, int], ...]:
+    """The (multiplier, round_to) pairs each group is measured at (module docstring)."""
+    finer = [(RANKED_MULTIPLIERS[0], max(parallelism_factor // FINER, 1))]
+    steps = [(m, parallelism_factor) for m in RANKED_MULTIPLIERS]
+    return tuple(dict.fromkeys(steps[:1] + finer + steps[1:]))
+
+
+def measure_groups(graph: gs.Graph, ctx: PassContext, steps: tuple[tuple[str, int], ...],
+                   score_all: Callable[[list[str]], list[Score]],
+                   latency: Callable[[gs.Graph], float] | None = None) -> list[GroupSensitivity]:
+    """Every applicable scale-depth group scaled alone by each (multiplier, round_to) of `steps`, scored by
+    `score_all` (candidate pipelines → their scores, in order: the search's workers score them in parallel)
+    with the prepared graph (the empty pipeline) in the same call, in graph order; a count an earlier step
+    gave the group is not measured again, nor (given `latency`, a graph's estimate) one whose graph,
+    weights unfitted, is estimated no faster than `graph`; groups the evaluator refuses are left out."""
     measured, counts = [], {}
-    for m in multipliers:
+    before = latency(graph) if latency is not None else None
+    for m, round_to in steps:
         for site in ScaleDepth(multiplier=float(m), round_to=round_to).match(graph, ctx):
             anchor = site.nodes[0] if site.nodes else ""
             if not (site.applicable and SAFE_NAME.match(anchor)) or counts.get(anchor, ()).count(site.data.target):
                 continue
             counts[anchor] = (*counts.get(anchor, ()), site.data.target)
-            measured.append((anchor, m, site.data.group.channels))
-    baseline, *scores = score_all(["", *(f"scale-depth{{multiplier={m},round_to={round_to},sites=@{anchor}}}"
-                                         for anchor, m, _ in measured)])
-    return [GroupSensitivity(anchor, m, channels, baseline.latency_ms - score.latency_ms, score.drift)
-            for (anchor, m, channels), score in zip(measured, scores) if score.error is None]
+            group = GroupSensitivity(anchor, m, site.data.group.channels, 0.0, 0.0, round_to)
+            if before is None or _shape_latency(graph, ctx, group, latency) < before:
+                measured.append(group)
+    baseline, *scores = score_all(["", *(g.step() for g in measured)])
+    return [replace(g, latency_saved_ms=baseline.latency_ms - score.latency_ms, drift=score.drift)
+            for g, score in zip(measured, scores) if score.error is None]
 
 
-def ranked_choices(groups: list[GroupSensitivity], budget: float, round_to: int
-                   ) -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """Choice name (`ranked7r32`) → (multiplier, anchors) pairs: the (group, multiplier) measurements that
-    save latency, best ratio first, each taken when it scales its group deeper than a taken one did
-    (charged the extra lone drift), cut where the summed drift passes each level × `budget`."""
+def _shape_latency(graph: gs.Graph, ctx: PassContext, group: GroupSensitivity,
+                   latency: Callable[[gs.Graph], float]) -> float:
+    """`latency` of `graph` with the group scaled, its channels chosen by weight norms and nothing refitted
+    (the estimate reads shapes only: no calibration pass, no least squares)."""
+    step = group.step().replace("}", ",importance=weight,refit=false}")
+    return latency(PassManager(parse_pipeline(step), in_place=True).run(graph.copy(), ctx).graph)
+
+
+def ranked_choices(groups: list[GroupSensitivity], budget: float
+                   ) -> dict[str, tuple[tuple[str, int, tuple[str, ...]], ...]]:
+    """Choice name (`ranked7`) → (multiplier, round_to, anchors) triples: the (group, count) measurements
+    that save latency, best ratio first, each taken when it scales its group to fewer channels than a
+    taken one did (charged the extra lone drift), cut where the summed drift passes each level × `budget`."""
     order = {g.anchor: i for i, g in enumerate(dict((g.anchor, g) for g in groups).values())}
-    ranked = sorted((g for g in groups if g.latency_saved_ms > 0), key=lambda g: (-g.ratio, order[g.anchor], g.multiplier))
+    ranked = sorted((g for g in groups if g.latency_saved_ms > 0),
+                    key=lambda g: (-g.ratio, order[g.anchor], g.multiplier, g.round_to))
     taken: dict[str, GroupSensitivity] = {}
     states, total = [], 0.0  # (summed drift, the assignment) after each measurement taken
     for g in ranked:
         before = taken.get(g.anchor)
-        if before is not None and float(g.multiplier) >= float(before.multiplier):
+        if before is not None and g.count >= before.count:
             continue
         total += max(g.drift - (before.drift if before else 0.0), 0.0)
         taken[g.anchor] = g
@@ -101,24 +143,26 @@ def ranked_choices(groups: list[GroupSensitivity], budget: float, round_to: int
         if within:
             k = within[-1] + 1
             assignment = states[k - 1][1]
-            by_multiplier = {}
+            by_step = {}
             for anchor in sorted(assignment, key=order.get):
-                by_multiplier.setdefault(assignment[anchor].multiplier, []).append(anchor)
-            choices[f"ranked{k}r{round_to}"] = tuple((m, tuple(a)) for m, a in sorted(by_multiplier.items()))
+                g = assignment[anchor]
+                by_step.setdefault((g.multiplier, g.round_to), []).append(anchor)
+            choices[f"ranked{k}"] = tuple((m, r, tuple(a)) for (m, r), a in sorted(by_step.items()))
     return choices
 
 
 def add_ranked_depth(space: SearchSpace, graph: gs.Graph, ctx: PassContext, score_all: Callable[[list[str]], list[Score]],
-                     budget: float) -> list[GroupSensitivity]:
+                     budget: float, latency: Callable[[gs.Graph], float] | None = None) -> list[GroupSensitivity]:
     """Give `space`'s depth decision the ranked choices (module docstring); returns the measurements.
-    `score_all`: candidate pipelines → their scores, in order."""
+    `score_all`: candidate pipelines → their scores, in order; `latency` (a graph's estimate) leaves out the
+    counts that save nothing before their drift is measured."""
     index = next((i for i, d in enumerate(space.decisions) if d.kind == "depth"), None)
     if index is None:
         return []
     depth = space.decisions[index]
-    round_to = space.options.parallelism_factor if space.options.curated else 1
-    groups = measure_groups(graph, ctx, round_to, score_all)
-    ranked = ranked_choices(groups, budget, round_to)
+    pf = space.options.parallelism_factor if space.options.curated else 1
+    groups = measure_groups(graph, ctx, ranking_steps(pf), score_all, latency=latency)
+    ranked = ranked_choices(groups, budget)
     space.depth_sites.update(ranked)
     space.decisions[index] = replace(depth, choices=depth.choices + tuple(ranked))
     return groups

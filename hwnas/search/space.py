@@ -3,7 +3,8 @@
 The reference work's central lesson is curation: on an accelerator the cost landscape is rocky, so a
 curated space offers only choices aligned to the target's parallelism factor (PF) — depthwise convs
 kept, regrouped with PF or PF/2 channels per group, or made dense; channel groups padded to a
-multiple of PF or left; each exact fusion taken or not; Fused-MBConv per expand pattern when drift is
+multiple of PF or left; each exact fusion taken or not; each transposed conv whose kernel equals its
+stride rewritten as a 1×1 conv and a DepthToSpace or not; Fused-MBConv per expand pattern when drift is
 allowed; cross-layer equalization (one global choice) when the candidates will be quantized. The
 uncurated space offers every group size that divides the channel count and every power-of-two multiple
 for padding, for comparison.
@@ -14,6 +15,11 @@ K²·C_out/(C_out + K²) times the expand and depthwise convs' MACs: on wide blo
 each listed in `skipped` with both estimates. Such a site can only slow a candidate down and lose
 accuracy, and its least-squares fit is the costliest part of a candidate (C_in·K² + 1 weights per
 output channel: 4,801 on PP-OCRv4 det's 192-channel 5×5 blocks); the uncurated space keeps them.
+
+Given `latency`, the space also records `fastest`: for every exact decision, its choice estimated fastest
+when taken alone, where that beats the graph without it (a seed: on PP-OCRv4 det at 640², npu-32x32, those
+choices together cut 40 % where the reference work's expert recipe, which pads and regroups every site
+whether it pays on the target or not, cuts 19 %).
 
 A candidate is one choice per decision (the first choice of each decision changes nothing). It
 compiles to a pipeline string whose site selectors name the anchor node of each site (`sites=@name`),
@@ -49,7 +55,7 @@ class Decision:
     """One site and what may be done there. `choices[0]` is always "keep" (leave the site as it is)."""
 
     key: str
-    kind: str  # "depth" (global multiplier), "dw", "align", "fuse", "mbconv", "equalize" (global)
+    kind: str  # "depth" (global multiplier), "dw", "align", "fuse", "deconv", "mbconv", "equalize" (global)
     anchor: str
     choices: tuple[str, ...]
     channels: int = 0
@@ -70,9 +76,12 @@ class SearchSpace:
     decisions: list[Decision]
     options: SpaceOptions
     skipped: list[str] = field(default_factory=list)  # sites left out, with the reason
-    # a non-uniform depth choice → (multiplier, the channel groups' site anchors it scales by it), one pair per
-    # multiplier it uses (hwnas.search.sensitivity)
-    depth_sites: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = field(default_factory=dict)
+    # a non-uniform depth choice → (multiplier, round_to, the channel groups' site anchors it scales so), one
+    # triple per scale-depth step it compiles to (hwnas.search.sensitivity)
+    depth_sites: dict[str, tuple[tuple[str, int, tuple[str, ...]], ...]] = field(default_factory=dict)
+    fastest: dict[str, str] = field(default_factory=dict)  # exact decision → its choice estimated fastest alone
+    # depthwise decision → the align decision of its channel group (a group size may divide only the padded count)
+    pad_for: dict[str, str] = field(default_factory=dict)
 
     def size(self) -> float:
         return math.prod(len(d.choices) for d in self.decisions)
@@ -87,9 +96,8 @@ class SearchSpace:
             choice = candidate.get(d.key, KEEP)
             if choice == KEEP:
                 continue
-            if d.kind == "depth" and choice in self.depth_sites:  # one scale-depth step per multiplier it uses
-                round_to = choice.split("r")[-1]
-                for multiplier, anchors in self.depth_sites[choice]:
+            if d.kind == "depth" and choice in self.depth_sites:  # one scale-depth step per multiplier and rounding
+                for multiplier, round_to, anchors in self.depth_sites[choice]:
                     by_step[_step_for("depth", f"m{multiplier}r{round_to}")] = list(anchors)
                 continue
             by_step.setdefault(_step_for(d.kind, choice), []).append(d.anchor)
@@ -100,7 +108,8 @@ class SearchSpace:
 def _with_sites(step: str, anchors: list[str]) -> str:
     if anchors == [""]:  # a global decision: the pass runs everywhere
         return step
-    return step.replace("}", f",sites={';'.join('@' + a for a in anchors)}}}")
+    sites = f"sites={';'.join('@' + a for a in anchors)}"
+    return step.replace("}", f",{sites}}}") if step.endswith("}") else f"{step}{{{sites}}}"
 
 
 def _step_for(kind: str, choice: str) -> str:
@@ -113,6 +122,8 @@ def _step_for(kind: str, choice: str) -> str:
         return "fuse-ibn{mode=linear}"
     if kind == "mbconv":
         return "fuse-ibn{mode=mbconv}"
+    if kind == "deconv":
+        return "deconv-to-conv"
     if kind == "equalize":
         return "equalize"
     if choice == "dense":
@@ -122,9 +133,9 @@ def _step_for(kind: str, choice: str) -> str:
 
 def _step_order(step: str) -> tuple:
     """Pad first (regrouping needs the padded counts; grouped convs block channel groups), then fuse, then
-    regroup; equalize last, on the convs as they will be quantized."""
+    regroup and rewrite transposed convs; equalize last, on the convs as they will be quantized."""
     rank = {"scale-depth": -1, "align-channels": 0, "fuse-ibn{mode=linear": 1, "fuse-ibn{mode=mbconv": 2,
-            "replace-conv": 3, "equalize": 4}
+            "replace-conv": 3, "deconv-to-conv": 3, "equalize": 4}
     return next(v for k, v in rank.items() if step.startswith(k)), step
 
 
@@ -145,6 +156,8 @@ def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions,
     _add(space, "align", align_sites, lambda s: tuple(f"pad{m}" for m in multiples), lambda s: s.data.group.channels, nodes, shapes)
 
     dw_sites = _applicable(graph, ctx, "replace-conv", mode="dense")
+    group_of = {name: f"align:{site.nodes[0]}" for site in align_sites for name in site.nodes}
+    space.pad_for = {f"dw:{s.nodes[0]}": group_of[s.nodes[0]] for s in dw_sites if s.nodes[0] in group_of}
 
     def dw_choices(site) -> tuple[str, ...]:
         c = _conv_channels(nodes[site.nodes[0]])
@@ -169,9 +182,34 @@ def build_space(graph: gs.Graph, ctx: PassContext, options: SpaceOptions,
         if options.curated and latency is not None:
             mb_sites = _paying_alone(graph, ctx, space, mb_sites, latency)
         _add(space, "mbconv", mb_sites, lambda s: ("fuse",), lambda s: 0, nodes, shapes)
+    _add(space, "deconv", _applicable(graph, ctx, "deconv-to-conv"), lambda s: ("conv",), lambda s: 0, nodes, shapes)
     if options.quantized and _applicable(graph, ctx, "equalize"):
         space.decisions.append(Decision("equalize:model", "equalize", "", (KEEP, "equalize")))
+    if latency is not None:
+        space.fastest = _fastest_alone(graph, ctx, space, latency)
     return space
+
+
+EXACT_KINDS = ("align", "dw", "fuse", "deconv")
+
+
+def _fastest_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace,
+                   latency: Callable[[gs.Graph], float]) -> dict[str, str]:
+    """For each exact decision, the choice whose pipeline alone `latency` estimates fastest, where faster
+    than `graph` (module docstring)."""
+    before = latency(graph)
+    fastest = {}
+    for d in space.decisions:
+        if d.kind not in EXACT_KINDS:
+            continue
+        timed = []
+        for choice in d.choices[1:]:
+            steps = parse_pipeline(space.compile({d.key: choice}))
+            timed.append((latency(PassManager(steps, in_place=True).run(graph.copy(), ctx).graph), choice))
+        best, choice = min(timed, default=(before, KEEP))
+        if best < before:
+            fastest[d.key] = choice
+    return fastest
 
 
 def _paying_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace, sites: list,
