@@ -42,6 +42,7 @@ from hwnas.passes.base import PassContext
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.registry import get_pass
+from hwnas.search.forked import map_forked
 
 KEEP = "keep"
 PREFIX = "fold-bn,fold-affine,fold-constants"  # exact clean-ups every candidate starts from
@@ -198,18 +199,24 @@ def _fastest_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace,
     """For each exact decision, the choice whose pipeline alone `latency` estimates fastest, where faster
     than `graph` (module docstring)."""
     before = latency(graph)
+    alone = [(d.key, choice) for d in space.decisions if d.kind in EXACT_KINDS for choice in d.choices[1:]]
+    timed: dict[str, list[tuple[float, str]]] = {}
+    for (key, choice), estimate in zip(alone, _latencies_alone(graph, ctx, latency, [space.compile({k: c}) for k, c in alone])):
+        timed.setdefault(key, []).append((estimate, choice))
     fastest = {}
-    for d in space.decisions:
-        if d.kind not in EXACT_KINDS:
-            continue
-        timed = []
-        for choice in d.choices[1:]:
-            steps = parse_pipeline(space.compile({d.key: choice}))
-            timed.append((latency(PassManager(steps, in_place=True).run(graph.copy(), ctx).graph), choice))
-        best, choice = min(timed, default=(before, KEEP))
+    for key, estimates in timed.items():
+        best, choice = min(estimates)
         if best < before:
-            fastest[d.key] = choice
+            fastest[key] = choice
     return fastest
+
+
+def _latencies_alone(graph: gs.Graph, ctx: PassContext, latency: Callable[[gs.Graph], float],
+                     pipelines: list[str]) -> list[float]:
+    """`latency` of `graph` through each of `pipelines`; each independent of the others, so spread over the
+    cores (during setup no worker has a job yet)."""
+    return map_forked(lambda p: latency(PassManager(parse_pipeline(p), in_place=True).run(graph.copy(), ctx).graph),
+                      pipelines)
 
 
 def _paying_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace, sites: list,
@@ -218,10 +225,8 @@ def _paying_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace, sites: 
     the estimate says is faster than `graph`; the others go to `space.skipped` with both estimates."""
     before = latency(graph)
     kept = []
-    for site in sites:
-        spec = f"fuse-ibn{{mode=mbconv,fit=compose,sites=@{site.nodes[0]}}}"
-        fused = PassManager(parse_pipeline(spec), in_place=True).run(graph.copy(), ctx).graph
-        after = latency(fused)
+    fused_alone = [f"fuse-ibn{{mode=mbconv,fit=compose,sites=@{site.nodes[0]}}}" for site in sites]
+    for site, after in zip(sites, _latencies_alone(graph, ctx, latency, fused_alone)):
         if after < before:
             kept.append(site)
         else:
