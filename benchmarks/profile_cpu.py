@@ -78,8 +78,12 @@ def with_float_of(base: LatencyEstimator, int8: LatencyEstimator) -> LatencyEsti
         Sample(s.kernel, s.latency_ms, None if s.network is None else s.network + first)
         for s in int8.samples_ if s.kernel.int8]
     config = dict(base.target_config)
+    around = sum(a["measurements"] for a in base.target_config.get("profiled_around", []))
+    # what is kept of each run (the budget counts both): base's float kernels, int8's int8 kernels
+    config["profiling"] = {**base.target_config.get("profiling", {}),
+                           "float_kept": sum(not s.kernel.int8 for s in base.samples_) - around}
     config["int8_profiling"] = {**int8.target_config.get("profiling", {}), "machine": int8.target_config.get("machine"),
-                                "networks_from": first}
+                                "networks_from": first, "int8_kept": sum(s.kernel.int8 for s in int8.samples_)}
     merged = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
                               base.kernel_offset_ms)
     return merged.fit(samples)
