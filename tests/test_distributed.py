@@ -437,7 +437,7 @@ def test_workers_start_on_the_first_batch_while_the_original_is_scored(tmp_path)
     """--evaluate-cmd scores the original alone first (its quality sets the floor): the other workers must
     not wait for it, and every candidate is still evaluated once."""
     url = f"sqlite:///{tmp_path / 'search.db'}"
-    command = shlex.join([sys.executable, "-c", "import time; time.sleep(2); print(0.5)", "{model}"])
+    command = shlex.join([sys.executable, "-c", "import time; time.sleep(5); print(0.5)", "{model}"])
     result = api.optimize(build("mobilenetv2", resolution=32, width=0.35), "npu-32x32", trials=8, seed=0, workers=2,
                           storage=url, evaluate_cmd=command)
     storage = open_storage(url)
