@@ -40,6 +40,7 @@ image): fewer rows cost less im2col and AᵀA work; the forward runs are the sam
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -474,7 +475,7 @@ class FitCache:
     Entries are the fitted weights (float32), bounded by `limit_bytes` in all; the least recently used go
     first. `lookups` and `hits` count use; the search reports them.
 
-    `shared_dir`: a folder the search's worker processes share (set before they start); every fit made
+    `shared`: a folder the search's worker processes share (set before they start); every fit made
     here is also written there (up to `limit_bytes` per process), and a fit not held here is read from
     there when another worker made it (counted in `shared_hits`, not `hits`), so a fit is made once per
     search rather than once per worker.
@@ -487,8 +488,8 @@ class FitCache:
         self.lookups = 0
         self.hits = 0
         self.shared_hits = 0
-        self.shared_dir: str | None = None
-        self.shared_bytes = 0  # fitted weights this process wrote to `shared_dir`
+        self.shared: SharedFolder | None = None
+        self.shared_bytes = 0  # fitted weights this process wrote to `shared`
         self._data: tuple[object, str] | None = None  # (calibration mapping, its digest): hashed once
 
     def data_key(self, source: object, feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
@@ -525,14 +526,12 @@ class FitCache:
         self._hold(key, fit)
         size = fit.weight.nbytes + fit.bias.nbytes
         # each process writes at most `limit_bytes` there: the folder's disk use stays bounded as memory's is
-        if self.shared_dir is not None and self.shared_bytes + size <= self.limit_bytes:
+        if self.shared is not None and self.shared_bytes + size <= self.limit_bytes:
             self.shared_bytes += size
-            # written whole under another name, then renamed: readers see all or nothing
-            partial = self._path(key).with_suffix(f".{os.getpid()}.partial")
-            with partial.open("wb") as f:
-                np.savez(f, weight=fit.weight, bias=fit.bias, rows=np.int64(fit.rows),
-                         residuals=np.array([fit.residual, fit.prior_residual]))
-            os.replace(partial, self._path(key))
+            packed = io.BytesIO()
+            np.savez(packed, weight=fit.weight, bias=fit.bias, rows=np.int64(fit.rows),
+                     residuals=np.array([fit.residual, fit.prior_residual]))
+            self.shared.put(key, packed.getvalue())
 
     def _hold(self, key: str, fit: ConvFit) -> None:
         size = fit.weight.nbytes + fit.bias.nbytes
@@ -544,15 +543,34 @@ class FitCache:
         self.entries[key] = fit
         self.bytes += size
 
-    def _path(self, key: str) -> Path:
-        return Path(self.shared_dir, f"fit-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz")
-
     def _read(self, key: str) -> ConvFit | None:
-        if self.shared_dir is None or not self._path(key).exists():
+        packed = self.shared.get(key) if self.shared is not None else None
+        if packed is None:
             return None
-        with np.load(self._path(key), allow_pickle=False) as data:
+        with np.load(io.BytesIO(packed), allow_pickle=False) as data:  # arrays, never code
             residual, prior = data["residuals"]
             return ConvFit(data["weight"], data["bias"], int(data["rows"]), float(residual), float(prior))
+
+
+class SharedFolder:
+    """Bytes by key in a folder on this machine that a search's worker processes share (a pool's: hwnas.search.
+    optimize.PoolWorkers): what one of them made (a fit, a depth-scaled graph), the others read. `kind` keeps
+    the kinds of entry apart in one folder; `suffix` says what a file holds."""
+
+    def __init__(self, folder: str | os.PathLike, kind: str, suffix: str = ""):
+        self.folder, self.kind, self.suffix = Path(folder), kind, suffix
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{self.kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}{self.suffix}"
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.exists() else None
+
+    def put(self, key: str, data: bytes) -> None:
+        partial = self._path(key).with_suffix(f".{os.getpid()}.partial")  # whole, then renamed: readers see all or nothing
+        partial.write_bytes(data)
+        os.replace(partial, self._path(key))
 
 
 def _node_digest(node: gs.Node) -> bytes | None:

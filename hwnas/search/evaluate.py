@@ -44,6 +44,7 @@ from hwnas.estimator.memory import footprint
 from hwnas.graph.gsgraph import to_graph, to_model
 from hwnas.graph.io import external_refs
 from hwnas.graph.session import make_session, run_per_sample
+from hwnas.passes._reconstruct import SharedFolder
 from hwnas.passes.base import Exactness, PassContext, weakest
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
@@ -65,24 +66,6 @@ class SharedBuilds(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
     def put(self, key: str, data: bytes) -> None: ...
-
-
-class FolderBuilds:
-    """SharedBuilds in a folder on this machine: a process pool's (hwnas.search.optimize.PoolWorkers)."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"built-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
-
-    def get(self, key: str) -> bytes | None:
-        return self._path(key).read_bytes() if self._path(key).exists() else None
-
-    def put(self, key: str, data: bytes) -> None:
-        partial = self._path(key).with_suffix(f".{os.getpid()}.partial")  # whole, then renamed: readers see all or nothing
-        partial.write_bytes(data)
-        os.replace(partial, self._path(key))
 
 
 @dataclass(frozen=True)
@@ -154,9 +137,9 @@ class CandidateEvaluator:
     def share(self, folder: str | None) -> None:
         """Share depth-scaled graphs and fits with the other worker processes of a pool through `folder`
         (None: stop), set before they start: what one worker built, the others read instead of building it."""
-        self.shared = FolderBuilds(folder) if folder else None
+        self.shared = SharedFolder(folder, "built") if folder else None
         if self.ctx.fit_cache is not None:
-            self.ctx.fit_cache.shared_dir = folder
+            self.ctx.fit_cache.shared = SharedFolder(folder, "fit", ".npz") if folder else None
 
     @property
     def cache_use(self) -> dict[str, int]:

@@ -47,11 +47,9 @@ from dataclasses import dataclass, replace
 import onnx_graphsurgeon as gs
 
 from hwnas.passes.base import PassContext
-from hwnas.passes.manager import PassManager
-from hwnas.passes.pipeline import parse_pipeline
 from hwnas.passes.scale_depth import ScaleDepth, scaled_count
 from hwnas.search.evaluate import Score
-from hwnas.search.space import SAFE_NAME, SearchSpace
+from hwnas.search.space import SAFE_NAME, SearchSpace, latencies_alone
 
 RANKED_MULTIPLIERS = ("0.5", "0.25")
 FINER = 4  # counts are ranked rounded to the parallelism factor, and at the first multiplier to it / FINER too
@@ -97,27 +95,21 @@ def measure_groups(graph: gs.Graph, ctx: PassContext, steps: tuple[tuple[str, in
     gave the group is not measured again, nor (given `latency`, a graph's estimate) one whose graph,
     weights unfitted, is estimated no faster than `graph`; groups the evaluator refuses are left out."""
     measured, counts = [], {}
-    before = latency(graph) if latency is not None else None
     for m, round_to in steps:
         for site in ScaleDepth(multiplier=float(m), round_to=round_to).match(graph, ctx):
             anchor = site.nodes[0] if site.nodes else ""
             if not (site.applicable and SAFE_NAME.match(anchor)) or counts.get(anchor, ()).count(site.data.target):
                 continue
             counts[anchor] = (*counts.get(anchor, ()), site.data.target)
-            group = GroupSensitivity(anchor, m, site.data.group.channels, 0.0, 0.0, round_to)
-            if before is None or _shape_latency(graph, ctx, group, latency) < before:
-                measured.append(group)
+            measured.append(GroupSensitivity(anchor, m, site.data.group.channels, 0.0, 0.0, round_to))
+    if latency is not None:
+        # channels chosen by weight norms and nothing refitted: the estimate reads shapes only
+        unfitted = [g.step().replace("}", ",importance=weight,refit=false}") for g in measured]
+        before = latency(graph)
+        measured = [g for g, after in zip(measured, latencies_alone(graph, ctx, latency, unfitted)) if after < before]
     baseline, *scores = score_all(["", *(g.step() for g in measured)])
     return [replace(g, latency_saved_ms=baseline.latency_ms - score.latency_ms, drift=score.drift)
             for g, score in zip(measured, scores) if score.error is None]
-
-
-def _shape_latency(graph: gs.Graph, ctx: PassContext, group: GroupSensitivity,
-                   latency: Callable[[gs.Graph], float]) -> float:
-    """`latency` of `graph` with the group scaled, its channels chosen by weight norms and nothing refitted
-    (the estimate reads shapes only: no calibration pass, no least squares)."""
-    step = group.step().replace("}", ",importance=weight,refit=false}")
-    return latency(PassManager(parse_pipeline(step), in_place=True).run(graph.copy(), ctx).graph)
 
 
 def ranked_choices(groups: list[GroupSensitivity], budget: float

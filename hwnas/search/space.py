@@ -201,7 +201,7 @@ def _fastest_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace,
     before = latency(graph)
     alone = [(d.key, choice) for d in space.decisions if d.kind in EXACT_KINDS for choice in d.choices[1:]]
     timed: dict[str, list[tuple[float, str]]] = {}
-    for (key, choice), estimate in zip(alone, _latencies_alone(graph, ctx, latency, [space.compile({k: c}) for k, c in alone])):
+    for (key, choice), estimate in zip(alone, latencies_alone(graph, ctx, latency, [space.compile({k: c}) for k, c in alone])):
         timed.setdefault(key, []).append((estimate, choice))
     fastest = {}
     for key, estimates in timed.items():
@@ -211,8 +211,8 @@ def _fastest_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace,
     return fastest
 
 
-def _latencies_alone(graph: gs.Graph, ctx: PassContext, latency: Callable[[gs.Graph], float],
-                     pipelines: list[str]) -> list[float]:
+def latencies_alone(graph: gs.Graph, ctx: PassContext, latency: Callable[[gs.Graph], float],
+                    pipelines: list[str]) -> list[float]:
     """`latency` of `graph` through each of `pipelines`; each independent of the others, so spread over the
     cores (during setup no worker has a job yet)."""
     return map_forked(lambda p: latency(PassManager(parse_pipeline(p), in_place=True).run(graph.copy(), ctx).graph),
@@ -226,7 +226,7 @@ def _paying_alone(graph: gs.Graph, ctx: PassContext, space: SearchSpace, sites: 
     before = latency(graph)
     kept = []
     fused_alone = [f"fuse-ibn{{mode=mbconv,fit=compose,sites=@{site.nodes[0]}}}" for site in sites]
-    for site, after in zip(sites, _latencies_alone(graph, ctx, latency, fused_alone)):
+    for site, after in zip(sites, latencies_alone(graph, ctx, latency, fused_alone)):
         if after < before:
             kept.append(site)
         else:

@@ -42,6 +42,8 @@ from hwnas.report.json_report import read_json
 
 _BOOL_KEYS = ("affine", "affine_folds", "self_gate", "residual_add", "residual_epilogue", "output_dequantize",
               "int8_channels_last", "float_linear_resize")
+# written only when set: rules written before these keys keep their form
+_WRITTEN_WHEN_SET = ("residual_epilogue", "affine_folds", "output_dequantize", "int8_channels_last", "float_linear_resize")
 _SET_KEYS = ("anchors", "epilogue_ops", "patterns")
 # the chains `patterns` may name (matched in hwnas.targets.kernels), by the op the target runs them as
 PATTERNS = ("Gelu", "LayerNormalization", "QuickGelu", "SimplifiedLayerNormalization")
@@ -92,11 +94,7 @@ class FusionRules:
         return {
             "anchors": sorted(self.anchors),
             "epilogue_ops": sorted(self.epilogue_ops),
-            # residual_epilogue, affine_folds and the int8 ones only when set: rules written before them keep
-            # their form
-            **{key: getattr(self, key) for key in _BOOL_KEYS
-               if key not in ("residual_epilogue", "affine_folds", "output_dequantize", "int8_channels_last",
-                              "float_linear_resize") or getattr(self, key)},
+            **{key: getattr(self, key) for key in _BOOL_KEYS if key not in _WRITTEN_WHEN_SET or getattr(self, key)},
             # patterns likewise only when any
             **({"patterns": sorted(self.patterns)} if self.patterns else {}),
         }

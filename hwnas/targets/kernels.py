@@ -165,16 +165,13 @@ class _Graph:
     folded: frozenset[str]
     values: Mapping[str, np.ndarray]
     opset: int  # of the default domain
-    output_dequantize: bool = False  # `FusionRules.output_dequantize`
-    int8_channels_last: bool = False  # `FusionRules.int8_channels_last`
-    float_linear_resize: bool = False  # `FusionRules.float_linear_resize`
+    rules: FusionRules  # what the int8 boundary checks read (output_dequantize, int8_channels_last, float_linear_resize)
 
 
 def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: FusionRules) -> list[Kernel]:
     """The kernels `model` runs as at `input_shapes` under `rules`, in execution order."""
     shapes = resolve_input_shapes(model, input_shapes)
-    graph = _index(model, *infer_tensors(model, shapes), output_dequantize=rules.output_dequantize,
-                   int8_channels_last=rules.int8_channels_last, float_linear_resize=rules.float_linear_resize)
+    graph = _index(model, *infer_tensors(model, shapes), rules)
     claimed: set[int] = set()
     groups: list[tuple[list[int], bool, str | None]] = []
     patterns = _patterns(graph, rules)
@@ -210,8 +207,7 @@ def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple
 
 
 def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[str, int],
-           output_dequantize: bool = False, int8_channels_last: bool = False,
-           float_linear_resize: bool = False) -> _Graph:
+           rules: FusionRules) -> _Graph:
     folded, values = _folded_constants(model)
     nodes = tuple(model.graph.node)
     producer: dict[str, int] = {}
@@ -234,9 +230,7 @@ def _index(model: onnx.ModelProto, shapes: Mapping[str, Shape], types: Mapping[s
         folded=folded,
         values=MappingProxyType(values),
         opset=next((o.version for o in model.opset_import if o.domain in _ONNX_DOMAINS), 0),
-        output_dequantize=output_dequantize,
-        int8_channels_last=int8_channels_last,
-        float_linear_resize=float_linear_resize,
+        rules=rules,
     )
 
 
@@ -315,7 +309,7 @@ def _cancels_int8_layout(graph: _Graph, node: onnx.NodeProto) -> bool:
     QuantizeLinears of the same scale and zero point, of what a conv wrote through a Q → DQ pair. ORT runs
     the int8 conv channels-last already: it drops the Q/DQ and the Transpose cancels against the conv's
     own layout transpose (a detector head's conv → Transpose → Reshape: no node)."""
-    if not graph.int8_channels_last or node.op_type != "Transpose" or node.domain not in _ONNX_DOMAINS:
+    if not graph.rules.int8_channels_last or node.op_type != "Transpose" or node.domain not in _ONNX_DOMAINS:
         return False
     if list(_attr(node, "perm", [])) != [0, 2, 3, 1]:
         return False
@@ -345,12 +339,12 @@ def _resizes_in_float(graph: _Graph, node: onnx.NodeProto) -> bool:
     """Under `FusionRules.float_linear_resize`: a Resize that interpolates (not nearest) runs in float between
     its DequantizeLinear and QuantizeLinear (ORT CPU's integer Resize is nearest only): a float kernel."""
     mode = _attr(node, "mode", b"nearest")
-    return (graph.float_linear_resize and node.op_type == "Resize" and node.domain in _ONNX_DOMAINS
+    return (graph.rules.float_linear_resize and node.op_type == "Resize" and node.domain in _ONNX_DOMAINS
             and (mode.decode() if isinstance(mode, bytes) else mode) != "nearest")
 
 
 def _dequantizes_output(graph: _Graph, node: onnx.NodeProto) -> bool:
-    return graph.output_dequantize and node.output[0] in graph.outputs
+    return graph.rules.output_dequantize and node.output[0] in graph.outputs
 
 
 # ---- fusion ------------------------------------------------------------------------------------
