@@ -28,8 +28,9 @@ from hwnas.targets.kernels import Kernel
 # one at 2.4x its time). "one" stays last: the fixed cost per kernel.
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
-# refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op)
-FEATURES_VERSION = 5
+# refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
+# corrections fit a quantile, `estimator.MEASURED_QUANTILE`)
+FEATURES_VERSION = 6
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:

@@ -79,12 +79,14 @@ class KernelRegressor:
     (`estimator_accuracy.py --measured`); a few hundred samples per kind support no deeper trees."""
 
     def __init__(self, n_work: int, max_iter: int = 120, learning_rate: float = 0.1, max_leaf_nodes: int = 7,
-                 random_state: int = 0):
+                 random_state: int = 0, quantile: float | None = None):
         self.n_work = n_work
         self.max_iter = max_iter
         self.learning_rate = learning_rate
         self.max_leaf_nodes = max_leaf_nodes
         self.random_state = random_state
+        # None: the correction fits the mean log ratio (simulated targets: deterministic); q: its q-quantile
+        self.quantile = quantile
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> KernelRegressor:
         # imported here: estimating with a fitted regressor needs no scikit-learn (a second of start-up)
@@ -102,6 +104,7 @@ class KernelRegressor:
             booster = HistGradientBoostingRegressor(
                 max_iter=self.max_iter, learning_rate=self.learning_rate, max_leaf_nodes=self.max_leaf_nodes,
                 random_state=self.random_state, early_stopping=False, min_samples_leaf=max(2, min(20, len(y) // 50)),
+                **({"loss": "quantile", "quantile": self.quantile} if self.quantile is not None else {}),
             )
             with threadpool_limits(**_ONE_THREAD):
                 booster.fit(X, np.log(y) - np.log(self._baseline(work)))
