@@ -187,4 +187,5 @@ def test_measured_targets_fit_a_low_quantile_of_one_sided_noise_and_simulated_on
     assert measured.regressors_["conv"].quantile == MEASURED_QUANTILE
     assert simulated.regressors_["conv"].quantile is None
     ratio = lambda e: np.mean([p.latency_ms for p in e.predict_kernels(kernels)] / true)  # noqa: E731
-    assert ratio(measured) < 1.05 < 1.10 < ratio(simulated)  # 1.02 and 1.13 on this seed
+    assert ratio(measured) < 1.05  # 1.02 on this seed
+    assert ratio(simulated) > 1.10  # 1.13

@@ -108,16 +108,11 @@ class LatencyEstimate:
         }
 
 
-# On a measured target (an estimator whose `target_config` names its machine) the boosted correction fits the
-# 40th percentile of the log ratio, not its mean. A kernel's time in a random profiling network spreads with
-# what its features cannot see (its neighbours' layouts, the caches they leave, a neighbour VM's burst: all
-# slow it, none speeds it up), and real models — aligned end to end, one layout throughout — run at the fast
-# end of that spread. 7 profiles of 3,000 measurements (the shipped one and 6 fresh ones, seeds 0-2,
-# 2026-12-06) refitted, on the 31 held-out models: with the mean every profile overestimated (median error
-# +7.6 %), mean MAPE 16.2 %, within ±10 % 51 % of the models; with the 40th percentile 13.2 %, 60 % (the
-# 20th-45th: 11.8-14.1 %, 59-62 %); the int8 benchmark models within ±10 % 46 -> 55 %. The shipped samples
-# against two held-out measurements: 45/68 -> 52/74 % within ±5/±10 %, 52/71 -> 52/71 %, MAPE 11.3 -> 10.0 %,
-# 10.2 -> 9.2 % (benchmarks/studies/estimator-history.md, 2026-12-06).
+# On a measured target (an estimator whose `target_config` names its machine) the boosted correction fits this
+# quantile of the log ratio, not its mean: a kernel's time in a random profiling network spreads with what its
+# features cannot see (neighbours' layouts, the caches they leave, a neighbouring VM's burst), all of which only
+# slow it, and real models run at the fast end of that spread. With the mean, each of 7 profiles overestimated
+# the held-out models (median +7.6 %); how the 40th percentile was chosen: estimator-history.md, 2026-12-06.
 MEASURED_QUANTILE = 0.40
 
 
