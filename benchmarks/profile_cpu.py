@@ -9,6 +9,7 @@ reported after), 1 intra-op thread:
     python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
     python benchmarks/profile_cpu.py --detect-fusion --int8        # + int8 kernels (every second network quantized)
     python benchmarks/profile_cpu.py --int8-only FROM/cpu.json -o DIR   # int8 kernels again, FROM's float ones kept
+    python benchmarks/profile_cpu.py --int8 --replace-kinds resize --from FROM/cpu.json -o DIR   # FROM but its Resizes
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
@@ -21,7 +22,10 @@ reported after), 1 intra-op thread:
 3. int8 (`--int8`, `--int8-only`): the int8 networks are quantized by `hwnas.api.profiling_quantizer` (the
    quantize pass, every second network after align-channels to 16). `--int8-only FROM.json` profiles
    int8 networks only, `--budget` defaulting to FROM's int8 measurements, and writes FROM's float
-   measurements with the new int8 ones: the float regressors stay as they were.
+   measurements with the new int8 ones: the float regressors stay as they were. `--replace-kinds K... --from
+   FROM.json` profiles as usual and keeps only its kernels of kinds K, with FROM's of every other kind (after
+   the profiling vocabulary of those kinds changed: e.g. a Resize's interpolation, which older samples lack).
+   The budget counts what FROM kept and everything the new run measured (`LABEL_profiling` in target_config).
 
 Then measure its accuracy: `python benchmarks/estimator_accuracy.py --targets cpu`.
 """
@@ -32,6 +36,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -43,6 +48,7 @@ from hwnas.estimator.estimator import LatencyEstimator, Sample
 from hwnas.estimator.profile import MODES, profile_target
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules
+from hwnas.targets.kernels import Kernel
 from hwnas.targets.measure import environment
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hwnas"
@@ -70,23 +76,24 @@ def detect(target, criterion: str, out: Path) -> FusionRules:
     return rules
 
 
-def with_float_of(base: LatencyEstimator, int8: LatencyEstimator) -> LatencyEstimator:
-    """`base`'s float measurements and `int8`'s int8 ones (its networks numbered after base's), refitted;
-    settings and per-kernel offset from `base`, `int8`'s profiling record under `int8_profiling`."""
+def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[Kernel], bool], label: str) -> LatencyEstimator:
+    """`base`'s measurements of the kernels `replaced` rejects and `fresh`'s of those it accepts (its networks
+    numbered after base's), refitted; settings and per-kernel offset from `base`, `fresh`'s profiling record
+    under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds)."""
     first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
-    samples = [s for s in base.samples_ if not s.kernel.int8] + [
+    samples = [s for s in base.samples_ if not replaced(s.kernel)] + [
         Sample(s.kernel, s.latency_ms, None if s.network is None else s.network + first)
-        for s in int8.samples_ if s.kernel.int8]
+        for s in fresh.samples_ if replaced(s.kernel)]
     config = dict(base.target_config)
     around = sum(a["measurements"] for a in base.target_config.get("profiled_around", []))
-    # what is kept of each run (the budget counts both): base's float kernels, int8's int8 kernels
+    # what is kept of each run (the budget counts both): base's other kernels, fresh's replaced ones
     config["profiling"] = {**base.target_config.get("profiling", {}),
-                           "float_kept": sum(not s.kernel.int8 for s in base.samples_) - around}
-    config["int8_profiling"] = {**int8.target_config.get("profiling", {}), "machine": int8.target_config.get("machine"),
-                                "networks_from": first, "int8_kept": sum(s.kernel.int8 for s in int8.samples_)}
-    merged = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
+                           "base_kept": sum(not replaced(s.kernel) for s in base.samples_) - around}
+    config[f"{label}_profiling"] = {**fresh.target_config.get("profiling", {}), "machine": fresh.target_config.get("machine"),
+                                    "networks_from": first, "kept": sum(replaced(s.kernel) for s in fresh.samples_)}
+    result = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
                               base.kernel_offset_ms)
-    return merged.fit(samples)
+    return result.fit(samples)
 
 
 def main() -> int:
@@ -108,14 +115,20 @@ def main() -> int:
     parser.add_argument("--int8-only", metavar="FROM_JSON",
                         help="profile int8 kernels only (every network quantized) and keep FROM_JSON's float measurements; "
                              "--budget defaults to FROM_JSON's int8 measurements")
+    parser.add_argument("--replace-kinds", nargs="+", metavar="KIND",
+                        help="keep only the new profile's kernels of these kinds, and --from's of every other kind")
+    parser.add_argument("--from", dest="from_json", metavar="FROM_JSON", help="the estimator --replace-kinds keeps kernels of")
     args = parser.parse_args()
+    if bool(args.replace_kinds) != bool(args.from_json) or (args.replace_kinds and args.int8_only):
+        print("error: --replace-kinds and --from go together, and not with --int8-only", file=sys.stderr)
+        return 2
     try:
-        base = LatencyEstimator.load(args.int8_only) if args.int8_only else None
+        base = LatencyEstimator.load(args.int8_only or args.from_json) if args.int8_only or args.from_json else None
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.budget is None:
-        args.budget = sum(s.kernel.int8 for s in base.samples_) if base is not None else 3000
+        args.budget = sum(s.kernel.int8 for s in base.samples_) if args.int8_only else 3000
 
     env = environment()
     load = load_average() or [float("nan")]
@@ -134,12 +147,14 @@ def main() -> int:
     with tqdm(total=args.budget, desc=f"profiling cpu ({args.mode})", unit="kernel") as bar:
         estimator, report = profile_target(target, args.budget, seed=args.seed, mode=args.mode, rules=rules,
                                            progress=bar.update,
-                                           quantize=api.profiling_quantizer() if args.int8 or base is not None else None,
-                                           int8_every=1 if base is not None else 2)
+                                           quantize=api.profiling_quantizer() if args.int8 or args.int8_only else None,
+                                           int8_every=1 if args.int8_only else 2)
     machine = estimator.target_config.get("machine", {})
     profiling = estimator.target_config.get("profiling")
-    if base is not None:
-        estimator = with_float_of(base, estimator)
+    if args.int8_only:
+        estimator = merged(base, estimator, lambda k: k.int8, "int8")
+    elif base is not None:
+        estimator = merged(base, estimator, lambda k: k.kind in args.replace_kinds, "kinds")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
@@ -147,7 +162,8 @@ def main() -> int:
     print(f"wrote {path}: {report.measurements} kernel measurements"
           + (f" from {report.networks} networks" if report.networks else "")
           + (f" (int8; with {args.int8_only}'s {sum(not x.kernel.int8 for x in estimator.samples_)} float ones)"
-             if base is not None else "")
+             if args.int8_only else "")
+          + (f" (kept: {', '.join(args.replace_kinds)}; every other kind's from {args.from_json})" if args.from_json else "")
           + f" in {time.perf_counter() - start:.0f} s; load average during profiling {machine.get('load_average_1min')}")
     print(f"profiling: {json.dumps(profiling)}")
     for i, r in enumerate(report.rounds):

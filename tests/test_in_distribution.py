@@ -171,3 +171,59 @@ def test_profile_around_names_what_no_profiling_unit_expresses(tmp_path, capsys)
     fc = next(k for k in decompose(classifier(1280, 1000), {"x": (1, 1280, 7, 7)}, rules) if k.kind == "gemm")
     block, c, _ = block_unit(fc)
     assert (block.kind, block.op, block.c_out, c) == ("head", "classifier", 1000, 1280)
+
+
+def test_a_resize_is_inside_only_at_an_interpolation_that_was_profiled():
+    """ORT's CPU replicates pixels (nearest, asymmetric, floor: PyTorch's export) in its blocked layout ~10x
+    faster than it runs the ONNX default nearest: a Resize of an interpolation no sample has is flagged;
+    estimators whose samples do not record interpolations (written before they did) flag none."""
+    import dataclasses
+
+    from hwnas.estimator.estimator import LatencyEstimator, Sample
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+
+    rules = get_target("cpu").rules
+
+    def resize(side: int, **attrs):
+        scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+        model = _model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **attrs)],
+                       [1, 16, side, side], [1, 16, 2 * side, 2 * side], [scales])
+        return next(k for k in decompose(model, {"x": (1, 16, side, side)}, rules) if k.kind == "resize")
+
+    replicate = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    samples = [Sample(resize(s, **replicate), 0.1e-6 * 64 * s * s) for s in range(8, 120, 4)]
+    samples += [Sample(resize(s), 1.0e-6 * 64 * s * s) for s in range(8, 120, 4)]
+    estimator = LatencyEstimator("cpu", 16, rules, {"provider": "CPUExecutionProvider"}).fit(samples)
+    fast, default, cubic = estimator.predict_kernels([resize(40, **replicate), resize(40), resize(40, mode="cubic")])
+    assert fast.in_distribution and default.in_distribution and not cubic.in_distribution
+    assert default.latency_ms > 5 * fast.latency_ms  # the interpolation's codes are features
+    unrecorded = [Sample(dataclasses.replace(s.kernel, interpolation=""), s.latency_ms) for s in samples]
+    old = LatencyEstimator("cpu", 16, rules, {"provider": "CPUExecutionProvider"}).fit(unrecorded)
+    assert old.predict_kernels([resize(40, mode="cubic")])[0].in_distribution
+
+
+def test_a_float_op_profiled_in_int8_networks_only_takes_its_int8_regressor_flagged():
+    """Softplus cannot be quantized by ORT: in a QDQ network it runs in float between its DequantizeLinear and
+    QuantizeLinear, at its own ~11 ns per element; the elementwise ops pooled with it run at ~0.03."""
+    import dataclasses
+
+    from hwnas.estimator.estimator import LatencyEstimator, Sample
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+
+    rules = get_target("cpu").rules
+
+    def kernel(op: str, side: int, int8: bool):
+        model = _unary(op, [1, 8, side, side]) if op != "Add" else _model(
+            [helper.make_node("Add", ["x", "x"], ["y"], name="add")], [1, 8, side, side], [1, 8, side, side])
+        k = next(k for k in decompose(model, {"x": (1, 8, side, side)}, rules) if k.kind != "free")
+        return dataclasses.replace(k, int8=int8)
+
+    sides = range(16, 160, 4)
+    samples = [Sample(kernel("Softplus", s, True), 11e-6 * 8 * s * s) for s in sides]
+    samples += [Sample(kernel("Add", s, False), 0.03e-6 * 8 * s * s) for s in sides]
+    estimator = LatencyEstimator("cpu", 16, rules, {"provider": "CPUExecutionProvider"}).fit(samples)
+    (got,) = estimator.predict_kernels([kernel("Softplus", 64, False)])
+    assert got.latency_ms == pytest.approx(11e-6 * 8 * 64 * 64, rel=0.2)
+    assert not got.in_distribution and not got.fallback

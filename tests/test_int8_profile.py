@@ -64,7 +64,7 @@ def test_int8_only_profiling_keeps_the_float_measurements_and_their_predictions(
     base = LatencyEstimator.load("hwnas/estimator/data/estimators/cpu.json")
     fresh = [Sample(s.kernel, 2 * s.latency_ms, s.network) for s in base.samples_[:400]]  # a stand-in int8 profile
     new = LatencyEstimator(base.target, base.parallelism_factor, base.rules, {"profiling": {"budget": 400}}).fit(fresh)
-    merged = script.with_float_of(base, new)
+    merged = script.merged(base, new, lambda k: k.int8, "int8")
     assert [s for s in merged.samples_ if not s.kernel.int8] == [s for s in base.samples_ if not s.kernel.int8]
     assert sorted(s.latency_ms for s in merged.samples_ if s.kernel.int8) == sorted(
         s.latency_ms for s in fresh if s.kernel.int8)
@@ -97,3 +97,20 @@ def test_int8_networks_are_aligned_every_second_time_and_verified_exact():
     assert first >= 0.8 and second < first  # the first call aligned (a graph output's conv keeps its width)
     empty, _ = build_network(NetworkConfig(3, 16, ()))  # a random network can have no node: quantized as it is
     assert quantize(empty, {"x": np.zeros((2, 3, 16, 16), np.float32)}).graph.output
+
+
+def test_replace_kinds_keeps_the_other_kinds_and_needs_its_base(monkeypatch, capsys):
+    """`profile_cpu.py --replace-kinds K --from FROM`: FROM's kernels of every kind but K, the new run's of K;
+    either option alone is bad input (exit 2, one line, before anything is measured)."""
+    script = _profile_script()
+    base = LatencyEstimator.load("hwnas/estimator/data/estimators/cpu.json")
+    fresh = LatencyEstimator(base.target, base.parallelism_factor, base.rules, {"profiling": {"budget": 300}}).fit(
+        [s for s in base.samples_ if s.kernel.kind in ("resize", "conv")][:300])
+    merged = script.merged(base, fresh, lambda k: k.kind == "resize", "kinds")
+    assert [s for s in merged.samples_ if s.kernel.kind != "resize"] == [s for s in base.samples_ if s.kernel.kind != "resize"]
+    assert sum(s.kernel.kind == "resize" for s in merged.samples_) == sum(s.kernel.kind == "resize" for s in fresh.samples_)
+    assert merged.target_config["kinds_profiling"]["kept"] == sum(s.kernel.kind == "resize" for s in fresh.samples_)
+    for argv in (["--replace-kinds", "resize"], ["--from", "x.json"]):
+        monkeypatch.setattr(sys, "argv", ["profile_cpu.py", *argv])
+        assert script.main() == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

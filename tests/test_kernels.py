@@ -262,6 +262,20 @@ def test_gemm_and_matmul_views():
     assert by_name["attn"].gemm == GemmShape(p=4, k=4, n=6, groups=12) and by_name["attn"].macs == 12 * 4 * 6 * 4
 
 
+@pytest.mark.parametrize("attrs, expected", [
+    ({}, "nearest:half_pixel:round_prefer_floor"),
+    (dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"), "nearest:asymmetric:floor"),
+    (dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), "linear:pytorch_half_pixel"),
+    (dict(mode="cubic"), "cubic:half_pixel"),
+])
+def test_a_resize_kernel_records_how_outputs_find_their_inputs(attrs, expected):
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **attrs)
+    model = make_model([node], {"x": (1, 8, 10, 10)}, {"scales": np.array([1, 1, 2, 2], np.float32)})
+    kernel = only(decompose(model, {"x": (1, 8, 10, 10)}, NPU), op="Resize")
+    assert kernel.interpolation == expected and kernel.output_elements == 8 * 20 * 20
+    assert only(decompose(conv_model(8, 4, 4), {"x": (1, 4, 8, 8)}, NPU), op="Conv").interpolation == ""
+
+
 def test_pool_window_counts_what_each_output_reads():
     nodes = [
         helper.make_node("MaxPool", ["x"], ["m"], name="max", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),

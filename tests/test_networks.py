@@ -9,7 +9,15 @@ import onnx
 import pytest
 
 from hwnas.estimator.attribution import measure_in_context
-from hwnas.estimator.networks import BlockConfig, NetworkConfig, block_of, build_network, random_head, random_network
+from hwnas.estimator.networks import (
+    UPSAMPLES,
+    BlockConfig,
+    NetworkConfig,
+    block_of,
+    build_network,
+    random_head,
+    random_network,
+)
 from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.targets import get_target
 from hwnas.targets.kernels import decompose
@@ -82,6 +90,29 @@ def test_profile_around_turns_attention_kernels_into_attention_blocks_of_their_s
         assert (block.kind, c, h, block.c_out) == ("attention", 48, 16, 48)
         assert block.groups == (4 if k.op == "MatMul" else 1)
     assert isinstance(kernel_unit(scores[0]), str)  # no one-kernel model has GEMM rows yet: a reason
+
+
+@pytest.mark.parametrize("form, scale, skip", [("nearest_asymmetric", 4, "add"), ("linear_pytorch", 2, "concat"),
+                                              ("nearest", 8, "")])
+def test_upsample_blocks_write_the_exporters_resize_and_profile_around_rebuilds_it(form, scale, skip):
+    """A feature pyramid's merge (upsample, lateral 1x1 conv, Add) or a segmentation head's 4x/8x upsample,
+    with the Resize attributes an exporter writes; `profile --around` builds that block back from the kernel."""
+    from hwnas.estimator.around import block_unit
+
+    downs = tuple(BlockConfig("conv", 16, 3, 2) for _ in range(scale.bit_length() - 1))  # back to the skip's size
+    blocks = (BlockConfig("conv", 8, 3, 1), *downs, BlockConfig("upsample", 8, op=form, scale=scale, skip=skip))
+    shapes = {"x": (1, 3, 32, 32)}
+    model, _ = build_network(NetworkConfig(3, 32, blocks))
+    kernels = decompose(model, shapes, get_target("cpu").rules)
+    resize = next(k for k in kernels if k.op == "Resize")
+    assert (resize.input_shapes[0][2], resize.output_shapes[0][2]) == (32 // scale, 32)
+    assert resize.interpolation.split(":")[0] == UPSAMPLES[form]["mode"]
+    joins = [op for k in kernels for op in k.ops if op in ("Add", "Concat")]  # the Add rides in the lateral conv
+    assert joins == {"add": ["Add"], "concat": ["Concat"]}.get(skip, [])
+    block, c, h = block_unit(resize)
+    assert (block.kind, block.op, block.scale, c, h) == ("upsample", form, scale, 16, 32 // scale)
+    out = run(make_session(model, optimized=True), random_feeds(model, shapes, seed=0))
+    assert np.isfinite(out[0]).all()
 
 
 def test_a_learnable_affine_around_the_activation_leaves_the_one_after_it_to_kernels_of_its_own():

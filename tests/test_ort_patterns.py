@@ -17,7 +17,7 @@ import pytest
 
 from hwnas.errors import BadInputError
 from hwnas.estimator.estimator import LatencyEstimator, Sample, _kernel_from_dict
-from hwnas.estimator.features import FEATURES_VERSION, feature_matrix
+from hwnas.estimator.features import FEATURES_VERSION, SHAPE_FEATURES, feature_matrix
 from hwnas.estimator.networks import BlockConfig, NetworkBuilder, NetworkConfig, _act, _layer_norm, build_network
 from hwnas.targets.fusion_rules import FusionRules, builtin_rules
 from hwnas.targets.kernels import decompose
@@ -218,7 +218,7 @@ def test_rank_tells_a_pixel_shuffle_transpose_from_a_plain_one():
     model = b.model([b.node("Transpose", [six], (1, 4, 2, 2, 16, 16), perm=[0, 1, 3, 5, 2, 4]),
                      b.node("Transpose", [x], (1, 32, 32, 4), perm=[0, 2, 3, 1])])
     shuffle, plain = (k for k in decompose(model, {}, CPU) if k.op == "Transpose")
-    rank = list(feature_matrix([shuffle, plain], 16)[1][:, -1])
+    rank = list(feature_matrix([shuffle, plain], 16)[1][:, SHAPE_FEATURES.index("rank")])
     assert rank == [6.0, 4.0]
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from hwnas.estimator.estimator import LatencyEstimator, Sample
-from hwnas.estimator.networks import MAX_TOKENS, BlockConfig, KernelConfig
+from hwnas.estimator.networks import MAX_TOKENS, UPSAMPLES, BlockConfig, KernelConfig
 from hwnas.estimator.profile import default_mode, make_sampler
 from hwnas.graph.shapes import Shape
 from hwnas.targets.base import Target
-from hwnas.targets.kernels import Kernel, decompose
+from hwnas.targets.kernels import Kernel, decompose, interpolation_of
 
 _ELEMENTWISE = ("Add", "Mul", "Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid")
 _POOLS = ("GlobalAveragePool", "MaxPool", "AveragePool")
@@ -117,12 +117,22 @@ def block_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str:
         "deconv": lambda: BlockConfig("deconv", unit.c_out, k, 2, act="none") if k in (2, 3, 4) else None,
         "gemm": lambda: BlockConfig("head", unit.c_out, op="classifier", act="none"),
         "pool": lambda: BlockConfig("pool", c, op=unit.op) if unit.op != "GlobalAveragePool" else None,
-        "resize": lambda: BlockConfig("upsample", c, op="nearest", act="none"),
+        "resize": lambda: _upsample(kernel, c),
     }
     block = blocks.get(unit.kind, lambda: None)()
     if block is None:
         return f"a {kernel.op} ({kernel.kind}) in context: no random-network block builds it alone"
     return block, c, h
+
+
+def _upsample(kernel: Kernel, c: int) -> BlockConfig | None:
+    """An upsample block of the Resize's interpolation and integer factor, if the vocabulary has them."""
+    forms = {interpolation_of(onnx.helper.make_node("Resize", ["x"], ["y"], **attrs)): form for form, attrs in UPSAMPLES.items()}
+    form = forms.get(kernel.interpolation)
+    (_, _, h_in, *_), (_, _, h_out, *_) = kernel.input_shapes[0], kernel.output_shapes[0]
+    if kernel.op != "Resize" or form is None or h_out % h_in or h_out // h_in < 2:
+        return None
+    return BlockConfig("upsample", c, op=form, scale=h_out // h_in, act="none")
 
 
 def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.ModelProto, shapes: Mapping[str, Shape],

@@ -179,12 +179,20 @@ class LatencyEstimator:
         for key, idx in by_key.items():
             group = [kernels[i] for i in idx]
             kind = group[0].kind
-            # an int8 kernel of a kind never profiled in int8: the float kind's regressor (flagged below); an op
-            # of the catch-all kind never profiled: the one pooled over its profiled ops (flagged as a guess)
-            regressor = next((self.regressors_[k] for k in (key, key.removesuffix("/int8"), kind) if k in self.regressors_),
-                             None)
-            # inside: a measured op at sizes its kind (its op, for the catch-all kind) was profiled at
-            inside = self._in_range(kind, group) & np.array([kind == "free" or k.op in self.measured_ops_ for k in group])
+            # an int8 kernel of a kind never profiled in int8: the float kind's regressor (flagged below); a float
+            # op of a per-op kind profiled in int8 networks only: its int8 regressor (flagged: an op ORT cannot
+            # quantize, e.g. Softplus at ~11 ns per element, runs in float between its DequantizeLinear and
+            # QuantizeLinear there, far from the ~0.1 ns of the ops pooled with it); an op of the catch-all kind
+            # never profiled: the one pooled over its profiled ops (flagged as a guess)
+            other_precision = f"{key}/int8" if kind in self.per_op_kinds and not key.endswith("/int8") else None
+            found = next((k for k in (key, key.removesuffix("/int8"), other_precision, kind) if k in self.regressors_), None)
+            regressor = self.regressors_[found] if found is not None else None
+            # inside: a measured op (a Resize: of a measured interpolation) at sizes its kind (its op, for the
+            # catch-all kind) was profiled at, at its precision
+            inside = self._in_range(kind, group) & np.array([
+                kind == "free" or k.op in self.measured_ops_ and self._interpolation_profiled(k) for k in group])
+            if found is not None and found == other_precision:
+                inside[:] = False
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)
             elif regressor is not None:
@@ -307,6 +315,7 @@ class LatencyEstimator:
         self.roofline_ = Roofline.from_measurements([s.kernel for s in self.samples_], [s.latency_ms for s in self.samples_],
                                                     {kind: r.fixed_ms for kind, r in self.regressors_.items()})
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
+        self.interpolations_ = frozenset(s.kernel.interpolation for s in self.samples_ if s.kernel.interpolation)
         by_kind: dict[str, list[Kernel]] = {}
         for s in self.samples_:
             by_kind.setdefault(s.kernel.kind, []).append(s.kernel)
@@ -337,6 +346,10 @@ class LatencyEstimator:
                 lo, hi = self.ranges_[key]
                 inside[i] = bool(np.all((sizes[i] >= lo) & (sizes[i] <= hi)))
         return inside
+
+    def _interpolation_profiled(self, kernel: Kernel) -> bool:
+        """Whether a Resize's interpolation was profiled (estimators whose samples do not record it: any)."""
+        return not kernel.interpolation or not self.interpolations_ or kernel.interpolation in self.interpolations_
 
     def _rows_profiled(self, key: str, kernels: Sequence[Kernel]) -> np.ndarray:
         """Per kernel: whether its GEMM rows (P) lie within those regressor `key` was profiled at."""

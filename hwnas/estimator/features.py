@@ -29,8 +29,8 @@ from hwnas.targets.kernels import Kernel
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
-# corrections fit a quantile, `estimator.MEASURED_QUANTILE`)
-FEATURES_VERSION = 6
+# corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation)
+FEATURES_VERSION = 7
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -57,8 +57,14 @@ SHAPE_FEATURES = (
     "c_in", "c_out", "kernel_h", "kernel_w", "stride", "groups", "log_p", "log_k", "log_n",
     "c_in_mod_pf", "c_out_mod_pf", "c_in_mod_4", "c_in_mod_8", "c_in_mod_16", "c_out_mod_4", "c_out_mod_8",
     "c_out_mod_16", "lane_use_k", "lane_use_n", "depthwise", "fused_ops", "residual", "window",
-    "log_compute_over_bytes", "log_inner", "rank",
+    "log_compute_over_bytes", "log_inner", "rank", "taps", "coordinates", "nearest_mode",
 )
+# A Resize's interpolation (`Kernel.interpolation`) as numbers: inputs read per output along each resized axis,
+# and the position of its coordinate transformation and nearest modes below (0: none, or one not listed)
+_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}
+_COORDINATES = ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel", "half_pixel_symmetric",
+                "tf_crop_and_resize")
+_NEAREST_MODES = ("round_prefer_floor", "floor", "round_prefer_ceil", "ceil")
 
 
 def shape_features(kernel: Kernel, pf: int) -> list[float]:
@@ -81,7 +87,19 @@ def shape_features(kernel: Kernel, pf: int) -> list[float]:
         # the input's dimensions: a 6-D Transpose (a pixel shuffle's) gathers with a 2-wide innermost stride, 4-8x
         # the time per element of a 3-/4-D one; a 3-D conv input is a 1-D conv, which ORT runs outside NCHWc
         float(len(kernel.input_shapes[0])) if kernel.input_shapes else 0.0,
+        *_interpolation_codes(kernel.interpolation),
     ]
+
+
+def _interpolation_codes(interpolation: str) -> tuple[float, float, float]:
+    if not interpolation:
+        return 0.0, 0.0, 0.0
+    mode, coordinates, *nearest = interpolation.split(":")
+
+    def position(value: str, names: tuple[str, ...]) -> float:
+        return float(names.index(value) + 1) if value in names else 0.0
+
+    return float(_TAPS.get(mode, 0)), position(coordinates, _COORDINATES), position(nearest[0] if nearest else "", _NEAREST_MODES)
 
 
 def feature_matrix(kernels: list[Kernel], pf: int) -> tuple[np.ndarray, np.ndarray]:

@@ -251,8 +251,23 @@ _ACT_WEIGHTS = (0.12, 0.22, 0.2, 0.16, 0.1, 0.04, 0.04, 0.06, 0.06, 0.05, 0.03)
 # DepthToSpace op, then a 1x1 conv
 BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat", "upsample", "deconv", "affine",
           "split", "shuffle", "attention", "large_dw", "pixel_shuffle")
-_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.07, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04, 0.03)
+_BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.1, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04, 0.03)
 PIXEL_SHUFFLES = ("space_to_depth", "depth_to_space", "DepthToSpace")
+# depth-to-space forms on maps of at most 80x80; space-to-depth (a detector's stem or head: rapidocr lite's at
+# 320x320) up to this side
+MAX_SPACE_TO_DEPTH = 320
+# Resize attributes as exporters write them: PyTorch's and Paddle's nearest (pixel replication, which ORT's CPU
+# runs in its blocked layout at ~0.1 ns per output element), ONNX's defaults (~0.7-1.5), PyTorch's bilinear
+# (pytorch_half_pixel, ~1.5: not blocked) and align_corners=True, and half_pixel (~0.4, blocked)
+UPSAMPLES = {
+    "nearest_asymmetric": dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+    "nearest": dict(mode="nearest"),
+    "linear": dict(mode="linear"),
+    "linear_pytorch": dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+    "linear_align_corners": dict(mode="linear", coordinate_transformation_mode="align_corners"),
+}
+_UPSAMPLE_WEIGHTS = (0.35, 0.15, 0.2, 0.2, 0.1)
+MAX_UPSAMPLED = 320  # an upsample block's output side at most
 MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
 # softmax: over the channels of a map (axis 1, which ORT transposes innermost and back); softmax_last: over
 # the classes of each position after a transpose to tokens (a CTC recogniser's head, the innermost axis)
@@ -272,9 +287,11 @@ class BlockConfig:
     group_size: int = 1  # grouped: channels per group; classifier head: width of the 1x1 conv before the pool
     act: str = "relu"
     bn: bool = True
-    residual: bool = False  # ibn/fused-ibn: skip connection when shapes allow; upsample: concat a skip
+    residual: bool = False  # ibn/fused-ibn: skip connection when shapes allow
+    skip: str = ""  # upsample: how an earlier map of the output's size joins ("concat", "add"), if one does
+    scale: int = 2  # upsample: the factor
     se: bool = False
-    op: str = ""  # flavour: pool type, resize mode, head type, affine form, attention's LayerNorm form; ibn: "post_act" after the residual
+    op: str = ""  # flavour: pool type, resize form (UPSAMPLES), head type, affine form, attention's LayerNorm form; ibn: "post_act" after the residual
     groups: int = 2  # shuffle: channel groups
 
 
@@ -410,11 +427,15 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
         right = _conv(b, x, blk.c_out - first, 3, blk.stride, act=blk.act)
         return b.node("Concat", [left, right], (n, blk.c_out, *b.shapes[left][2:]), axis=1)
     if kind == "upsample":
-        scales = b.const(np.array([1, 1, 2, 2], np.float32))
-        y = b.node("Resize", [x, "", scales], (n, c, 2 * h, 2 * w), mode=blk.op or "nearest")
-        skip = skips.get(2 * h)
-        if blk.residual and skip is not None and b.shapes[skip][3] == 2 * w:
-            y = b.node("Concat", [y, skip], (n, c + b.shapes[skip][1], 2 * h, 2 * w), axis=1)
+        f = blk.scale
+        scales = b.const(np.array([1, 1, f, f], np.float32))
+        y = b.node("Resize", [x, "", scales], (n, c, f * h, f * w), **UPSAMPLES[blk.op or "nearest"])
+        skip = skips.get(f * h)
+        if blk.skip and skip is not None and b.shapes[skip][3] == f * w:
+            if blk.skip == "add":  # a feature pyramid's top-down path: the skip through a 1x1 lateral conv, added
+                y = b.node("Add", [y, _conv(b, skip, c, 1, bn=False, act="none")], (n, c, f * h, f * w))
+            else:
+                y = b.node("Concat", [y, skip], (n, c + b.shapes[skip][1], f * h, f * w), axis=1)
         return _conv(b, y, blk.c_out, 1, act=blk.act)
     if kind == "deconv":
         k = blk.kernel
@@ -616,8 +637,9 @@ def _act_choice(rng: np.random.Generator) -> str:
 def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False) -> BlockConfig:
     """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows); `aligned`: its
     channel counts multiples of 8 or 16 (`ALIGNED_NETWORKS`)."""
-    kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k in ("upsample", "deconv") and not 2 <= h <= 160)
-             and not (k == "pixel_shuffle" and not 2 <= h <= 80)
+    kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k == "deconv" and not 2 <= h <= 160)
+             and not (k == "upsample" and not 2 <= h <= MAX_UPSAMPLED // 2)
+             and not (k == "pixel_shuffle" and not 2 <= h <= MAX_SPACE_TO_DEPTH)
              and not (k == "split" and c < 2) and not (k == "attention" and (h * h > MAX_TOKENS or c < 8))]
     weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
@@ -663,9 +685,11 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
         return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), 1 if one_d else stride, act=str(rng.choice(["gelu", act])),
                            op="1d" if one_d else "act")
     if kind == "pixel_shuffle":
-        return BlockConfig("pixel_shuffle", c_out, act=act, op=str(rng.choice(PIXEL_SHUFFLES)))
-    if kind == "upsample":
-        return BlockConfig("upsample", c_out, op=str(rng.choice(["nearest", "linear"])), act=act, residual=bool(rng.random() < 0.6))
+        return BlockConfig("pixel_shuffle", c_out, act=act, op=str(rng.choice(PIXEL_SHUFFLES)) if h <= 80 else "space_to_depth")
+    if kind == "upsample":  # 2x mostly; 4x and 8x as segmentation heads and feature pyramids' merges do
+        factor = int(rng.choice([f for f in (2, 2, 2, 4, 8) if f * h <= MAX_UPSAMPLED]))
+        form = str(rng.choice(list(UPSAMPLES), p=np.array(_UPSAMPLE_WEIGHTS) / sum(_UPSAMPLE_WEIGHTS)))
+        return BlockConfig("upsample", c_out, op=form, scale=factor, act=act, skip=str(rng.choice(["", "concat", "add"], p=[0.4, 0.3, 0.3])))
     return BlockConfig("deconv", min(c_out, 256), int(rng.choice([2, 3, 4])), 2, act=act, bn=bool(rng.random() < 0.5))
 
 
@@ -729,10 +753,12 @@ def perturb_block(block: BlockConfig, c: int, h: int, rng: np.random.Generator, 
 
     c2 = move(c)
     h2 = max(1, int(round(h * rng.uniform(0.75, 1.25))))
-    if block.kind in ("upsample", "deconv"):
+    if block.kind == "deconv":
         h2 = min(max(h2, 2), 160)
+    if block.kind == "upsample":
+        h2 = min(max(h2, 2), MAX_UPSAMPLED // block.scale)
     if block.kind == "pixel_shuffle":
-        h2 = min(max(h2, 2), 80)
+        h2 = min(max(h2, 2), MAX_SPACE_TO_DEPTH if block.op == "space_to_depth" else 80)
     if block.kind == "pool" or block.stride > 1:
         h2 = max(h2, 4)
     if block.kind == "attention":

@@ -137,6 +137,10 @@ class Kernel:
     # the rest, whose type fixes their size (`_stored_itemsize`)
     float_elements: int | None = None
     fixed_bytes: int = 0
+    # Resize/Upsample: how an output finds its inputs, `mode:coordinate_transformation_mode[:nearest_mode]`
+    # ("nearest:asymmetric:floor", PyTorch's and Paddle's exports, is pure pixel replication, which ORT's CPU
+    # runs in its blocked layout ~10x faster than "nearest:half_pixel:round_prefer_floor"); "" elsewhere
+    interpolation: str = ""
 
     @property
     def fused_ops(self) -> tuple[str, ...]:
@@ -716,6 +720,8 @@ def _head_features(graph: _Graph, node: onnx.NodeProto, kind: str) -> dict:
     features = {"c_in": _channels(data_in), "c_out": _channels(data_out)}
     if kind == "pool":
         features.update(_pool_features(node, data_in, data_out))
+    if node.op_type in ("Resize", "Upsample"):
+        features["interpolation"] = interpolation_of(node)
     if node.op_type in _SOFTMAX_OPS and data_in and graph.opset >= 13:
         # before opset 13 Softmax normalizes the flattened axes from `axis` on: the innermost, always
         axis = _attr(node, "axis", -1) % len(data_in)
@@ -777,6 +783,21 @@ def _matmul_features(graph: _Graph, node: onnx.NodeProto) -> dict:
     else:
         gemm = GemmShape(p=a[-2] if len(a) >= 2 else 1, k=k, n=n, groups=math.prod(y[:-2]))
     return {"c_in": k, "c_out": n, "macs": math.prod(y) * k, "gemm": gemm}
+
+
+def interpolation_of(node: onnx.NodeProto) -> str:
+    """A Resize's (an Upsample's: asymmetric coordinates) `mode:coordinate_transformation_mode[:nearest_mode]`,
+    the attributes' defaults filled in."""
+    def text(name: str, default: str) -> str:
+        value = _attr(node, name, default)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    mode = text("mode", "nearest")
+    coordinates = "asymmetric" if node.op_type == "Upsample" else text("coordinate_transformation_mode", "half_pixel")
+    if mode != "nearest":
+        return f"{mode}:{coordinates}"
+    nearest = "floor" if node.op_type == "Upsample" else text("nearest_mode", "round_prefer_floor")
+    return f"{mode}:{coordinates}:{nearest}"
 
 
 def _pool_features(node: onnx.NodeProto, data_in: Shape, data_out: Shape) -> dict:
