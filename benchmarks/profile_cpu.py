@@ -115,6 +115,8 @@ def main() -> int:
     parser.add_argument("--int8-only", metavar="FROM_JSON",
                         help="profile int8 kernels only (every network quantized) and keep FROM_JSON's float measurements; "
                              "--budget defaults to FROM_JSON's int8 measurements")
+    parser.add_argument("--no-quiet-gate", action="store_true",
+                        help="measure each network at once, without waiting out a neighbour's burst (hwnas/estimator/quiet.py)")
     parser.add_argument("--replace-kinds", nargs="+", metavar="KIND",
                         help="keep only the new profile's kernels of these kinds, and --from's of every other kind")
     parser.add_argument("--from", dest="from_json", metavar="FROM_JSON", help="the estimator --replace-kinds keeps kernels of")
@@ -148,7 +150,7 @@ def main() -> int:
         estimator, report = profile_target(target, args.budget, seed=args.seed, mode=args.mode, rules=rules,
                                            progress=bar.update,
                                            quantize=api.profiling_quantizer() if args.int8 or args.int8_only else None,
-                                           int8_every=1 if args.int8_only else 2)
+                                           int8_every=1 if args.int8_only else 2, quiet_gate=not args.no_quiet_gate)
     machine = estimator.target_config.get("machine", {})
     profiling = estimator.target_config.get("profiling")
     if args.int8_only:

@@ -229,18 +229,22 @@ def profile(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     int8: bool = False,
+    quiet_gate: bool = True,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure `budget` sampled kernels on the target (adaptive sampling) and fit its estimator.
 
     `int8=True`: every second profiling network is quantized (`profiling_quantizer`; cpu-like targets that
-    time kernels in context), so the estimator learns int8 kernels (DQ → Conv → Q, ORT's QLinearConv)."""
+    time kernels in context), so the estimator learns int8 kernels (DQ → Conv → Q, ORT's QLinearConv).
+    `quiet_gate` (targets timed in context): wait out a neighbour's burst before and after each profiling
+    network (`hwnas.estimator.quiet`); off, a profile taken on a noisy VM can come out ~20 % slow throughout."""
     if budget < 10:
         raise BadInputError("profile: --budget must be at least 10 measurements")
     the_target = get_target(target) if isinstance(target, str) else target
     if int8 and default_mode(the_target) != "context":
         raise BadInputError(f"profile: --int8 needs a target whose kernels are timed inside networks (cpu, ort:CPU...); "
                             f"{the_target.name} is not one")
-    return profile_target(the_target, budget, seed=seed, progress=progress, quantize=profiling_quantizer() if int8 else None)
+    return profile_target(the_target, budget, seed=seed, progress=progress, quantize=profiling_quantizer() if int8 else None,
+                          quiet_gate=quiet_gate and default_mode(the_target) == "context")
 
 
 def profiling_quantizer(multiple: int = 16) -> Callable[[onnx.ModelProto, Mapping[str, np.ndarray]], onnx.ModelProto]:

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--int8", action="store_true",
                     help="also profile int8 kernels: every second network quantized (QDQ, cpu preset; half of those "
                          "aligned to 16 channels first); cpu targets only")
+    pr.add_argument("--no-quiet-gate", action="store_true",
+                    help="cpu targets: measure each profiling network at once instead of first waiting out a "
+                         "neighbour's burst on a shared machine (a small reference model timed before and after)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -411,7 +414,8 @@ def cmd_profile(args) -> int:
         return 0
     budget = 2000 if args.budget is None else args.budget
     with tqdm(total=budget, desc=f"profiling {args.target}", unit="kernel", disable=args.quiet or None) as bar:
-        estimator, report = api.profile(args.target, budget, seed=args.seed, progress=bar.update, int8=args.int8)
+        estimator, report = api.profile(args.target, budget, seed=args.seed, progress=bar.update, int8=args.int8,
+                                        quiet_gate=not args.no_quiet_gate)
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
     estimator.save(path)

@@ -397,3 +397,26 @@ def test_stored_measurements_are_reused_and_a_missing_model_fails_closed(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         script.measured_cpu(models + [script.HeldOut("b", script.resnet(0.25, 32), {})], args)
     assert exit_info.value.code == 2 and "no oracle sum for 'b'" in capsys.readouterr().err
+
+
+def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkeypatch):
+    """A reference model slower than its quietest by more than the tolerance means a neighbour's burst: wait and
+    look again; past `patience`, go ahead and count it. The context sampler measures a network again when a
+    burst began while it ran."""
+    from hwnas.estimator import profile as profile_module
+    from hwnas.estimator.quiet import QuietGate
+
+    gate = QuietGate(get_target(FAST).settings, pause=0.0)
+    quiet = gate.quietest_ms
+    looks = iter([1.5 * quiet, 1.3 * quiet, 1.01 * quiet])
+    monkeypatch.setattr(gate, "reference_ms", lambda runs=15: next(looks))
+    assert gate.wait() and gate.gave_up == 0
+    monkeypatch.setattr(gate, "reference_ms", lambda runs=15: 2 * quiet)
+    gate.patience = 0.0
+    assert not gate.wait() and gate.gave_up == 1
+
+    sampler = profile_module.make_sampler(get_target(FAST), get_target(FAST).rules, 0, "context", quiet_gate=True)
+    after_run = iter([False, True])  # a burst began during the first run; quiet after the second
+    monkeypatch.setattr(sampler.gate, "wait", lambda: True)
+    monkeypatch.setattr(sampler.gate, "quiet", lambda: next(after_run))
+    assert sampler.random() and sampler.remeasured == 1

@@ -271,7 +271,8 @@ MAX_UPSAMPLED = 320  # an upsample block's output side at most
 MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
 # softmax: over the channels of a map (axis 1, which ORT transposes innermost and back); softmax_last: over
 # the classes of each position after a transpose to tokens (a CTC recogniser's head, the innermost axis)
-HEADS = ("classifier", "transpose", "softmax", "softmax_last", "sigmoid")
+HEADS = ("classifier", "transpose", "softmax", "softmax_last", "sigmoid", "lstm")
+MAX_LSTM_STEPS = 128  # an LSTM head only on maps at most this wide: its steps run one after another
 _MAX_NETWORK_MACS = 400e6  # ~10-20 ms on one core: a network is run ~50 times
 
 
@@ -292,7 +293,7 @@ class BlockConfig:
     scale: int = 2  # upsample: the factor
     se: bool = False
     op: str = ""  # flavour: pool type, resize form (UPSAMPLES), head type, affine form, attention's LayerNorm form; ibn: "post_act" after the residual
-    groups: int = 2  # shuffle: channel groups
+    groups: int = 2  # shuffle: channel groups; lstm head: directions
 
 
 @dataclass(frozen=True)
@@ -567,6 +568,16 @@ def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
                        (n, blk.hidden), transB=1)
             b.macs += n * blk.c_out * blk.hidden
         return y
+    if blk.op == "lstm":  # a CRNN recogniser's: the map's height averaged away, its columns a sequence through an LSTM
+        seq = b.node("ReduceMean", [x], (n, c, w), axes=[2], keepdims=0)
+        steps = b.node("Transpose", [seq], (w, n, c), perm=[2, 0, 1])
+        dirs, hidden = blk.groups, blk.hidden
+        weights = [b.weight([dirs, 4 * hidden, c], c), b.weight([dirs, 4 * hidden, hidden], hidden),
+                   b.const(np.zeros((dirs, 8 * hidden), np.float32))]
+        y = b.node("LSTM", [steps, *weights], (w, dirs, n, hidden), hidden_size=hidden,
+                   direction="bidirectional" if dirs == 2 else "forward")
+        b.macs += w * dirs * n * (c + hidden) * 4 * hidden
+        return b.node("Reshape", [y, b.const(np.array([w, n, dirs * hidden], np.int64))], (w, n, dirs * hidden))
     y = _conv(b, x, blk.c_out, 1, bn=False)
     if blk.op in ("transpose", "softmax_last"):
         t = b.node("Transpose", [y], (n, h, w, blk.c_out), perm=[0, 2, 3, 1])
@@ -694,7 +705,11 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
 
 
 def random_head(rng: np.random.Generator, c: int, h: int = 1, aligned: bool = False) -> BlockConfig:
-    op = str(rng.choice(HEADS, p=[0.6, 0.125, 0.1, 0.1, 0.075]))
+    op = str(rng.choice(HEADS, p=[0.5, 0.12, 0.1, 0.1, 0.06, 0.12]))
+    if op == "lstm" and h <= MAX_LSTM_STEPS:  # hidden sizes of CRNN recognisers; bidirectional mostly
+        return BlockConfig("head", 1, op=op, hidden=int(rng.choice([32, 48, 64, 96, 128, 256])),
+                           groups=2 if rng.random() < 0.7 else 1)
+    op = "classifier" if op == "lstm" else op
     if op == "classifier":  # ImageNet's 1000 classes often, large vocabularies (text) sometimes; a wide 1x1 conv first half the time
         r = rng.random()
         classes = 1000 if r < 0.35 else _channels(rng, 2000, 10000, aligned) if r < 0.5 else _channels(rng, 8, 1280, aligned)

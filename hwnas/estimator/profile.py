@@ -38,6 +38,7 @@ import onnx
 
 from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
+from hwnas.estimator.quiet import QuietGate
 from hwnas.estimator.networks import (
     BlockConfig,
     KernelConfig,
@@ -111,6 +112,7 @@ def profile_target(
     scale_to_run: bool = False,
     quantize: Quantizer | None = None,
     int8_every: int = 2,
+    quiet_gate: bool = False,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure up to `budget` kernels on `target` with adaptive sampling and fit an estimator on them.
 
@@ -119,6 +121,7 @@ def profile_target(
     (default: the target's). `scale_to_run` (context mode): scale each network's kernels to its
     measured run time rather than adding the measured executor overhead (`attribute`). `quantize`
     (context mode): every `int8_every`-th network is profiled quantized by it (int8 kernels, see above).
+    `quiet_gate` (context mode): before and after each network, wait out a neighbour's burst (`quiet.QuietGate`).
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -130,7 +133,7 @@ def profile_target(
         raise ValueError("int8 profiling (quantize) needs context mode: the int8 kernels are timed inside networks")
     if int8_every < 1:
         raise ValueError(f"int8_every must be >= 1, got {int8_every}")
-    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every)
+    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every, quiet_gate)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
@@ -153,14 +156,18 @@ def profile_target(
             # whole-network latencies: what the kernels of each network should add up to (cross-validation)
             network_ms=[round(t, 5) for t in sampler.network_ms],
             kernel_offset_us=round(estimator.kernel_offset_ms * 1e3, 3))
+        if sampler.gate is not None:
+            estimator.target_config["profiling"]["quiet_gate"] = {
+                "waited_s": round(sampler.gate.waited_s, 1), "gave_up": sampler.gate.gave_up,
+                "remeasured_networks": sampler.remeasured, "reference_ms": round(sampler.gate.quietest_ms, 4)}
     return estimator, report
 
 
 def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
-                 quantize: Quantizer | None = None, int8_every: int = 2):
+                 quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False):
     """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""
     if mode == "context":
-        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every)
+        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every, quiet_gate)
     return _KernelSampler(target, rules, seed)
 
 
@@ -243,7 +250,7 @@ class _ContextSampler:
     measured = True
 
     def __init__(self, target: Target, rules: FusionRules, seed: int, scale_to_run: bool = False,
-                 quantize: Quantizer | None = None, int8_every: int = 2):
+                 quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False):
         self.target, self.rules = target, rules
         self.quantize = quantize
         self.int8_every = int8_every
@@ -256,6 +263,8 @@ class _ContextSampler:
         self.run_over_nodes: list[float] = []  # each network's plain-run median / profiled node sum
         self.network_ms: list[float] = []  # each network's plain-run median (index: `Sample.network`)
         self.overheads = measure_node_overheads(target.settings, target.providers)
+        self.gate = QuietGate(target.settings, tuple(target.providers)) if quiet_gate else None
+        self.remeasured = 0  # networks measured again: a burst began while they ran
 
     def random(self) -> list[tuple[object, Sample]]:
         return self._measure(random_network(self.rng))
@@ -271,8 +280,15 @@ class _ContextSampler:
             model = self.quantize(model, {"x": calibration})
             self.int8_networks += 1
         self.load.append(_load())
-        profile = measure_in_context(model, {"x": (1, config.c_in, config.size, config.size)}, self.rules,
-                                     self.target.settings, self.target.providers, self.overheads, self.scale_to_run)
+        shapes = {"x": (1, config.c_in, config.size, config.size)}
+        for attempt in range(2):
+            if self.gate is not None:
+                self.gate.wait()
+            profile = measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
+                                         self.overheads, self.scale_to_run)
+            if self.gate is None or attempt == 1 or self.gate.quiet():
+                break
+            self.remeasured += 1
         network = self.networks
         self.networks += 1
         self.run_over_nodes.append(profile.total_ms / max(profile.nodes_ms, 1e-9))
