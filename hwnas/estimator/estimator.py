@@ -313,7 +313,8 @@ class LatencyEstimator:
         """State that follows from the samples and regressors: the roofline, the ops ever measured, the
         profiled range of each kind's size features."""
         self.roofline_ = Roofline.from_measurements([s.kernel for s in self.samples_], [s.latency_ms for s in self.samples_],
-                                                    {kind: r.fixed_ms for kind, r in self.regressors_.items()})
+                                                    {kind: r.fixed_ms for kind, r in self.regressors_.items()},
+                                                    int(self.target_config.get("config", {}).get("bytes_per_element", 4)))
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
         self.interpolations_ = frozenset(s.kernel.interpolation for s in self.samples_ if s.kernel.interpolation)
         by_kind: dict[str, list[Kernel]] = {}

@@ -7,10 +7,13 @@ physics says instead:
     t = max(macs / P, elements / B(elements)) + c_kind
 
 - `P`, the peak compute throughput: a high quantile (p99) of MACs per ms over every measured kernel;
-- `B(e)`, the memory throughput at working set `e` (input + weights + output elements): a high quantile
-  (p95) of elements per ms over the measured kernels whose working set lies within 4x of `e` (the
-  largest ones where none is that big), so a kernel far beyond the last-level cache gets the DRAM
-  throughput the large profiled kernels reached, and a small one the cache's;
+- `B(e)`, the memory throughput at working set `e` (the bytes of input + weights + output, each tensor at its
+  stored size: float elements at the target's bytes per element, int8 ones at 1): a high quantile (p95) of
+  bytes per ms over the measured kernels whose working set lies within 4x of `e` (the largest ones where none
+  is that big), so a kernel far beyond the last-level cache gets the DRAM throughput the large profiled
+  kernels reached, and a small one the cache's. In elements, the int8 kernels of a cpu profile (1 byte each)
+  set the largest sizes' throughput at ~55 GB/s-equivalent and a 5.5M-element float Add of a detector's
+  feature pyramid was costed at 0.95 ms (5.0 in context); in bytes at ~19 GB/s;
 - `c_kind`, the fixed cost per kernel of its kind: the constant term of its kind's non-negative linear
   baseline (`regressor.KernelRegressor`), the median over kinds for a kind never measured.
 
@@ -37,32 +40,34 @@ _NEIGHBOURHOOD = 4.0  # working sets within this factor count as "the same size"
 _MIN_NEIGHBOURS = 5
 
 
-def working_set(kernel: Kernel) -> int:
-    return kernel.input_elements + kernel.weight_elements + kernel.output_elements
+def working_set(kernel: Kernel, bytes_per_element: int = 4) -> int:
+    """Bytes the kernel moves: float elements at `bytes_per_element`, the others at their stored size."""
+    return kernel.bytes_moved(bytes_per_element)
 
 
 @dataclass(frozen=True)
 class Roofline:
     peak_macs_per_ms: float
-    sizes: np.ndarray  # every measured kernel's working set (elements), ascending
-    throughput: np.ndarray  # its elements per ms, in the same order
+    sizes: np.ndarray  # every measured kernel's working set (bytes), ascending
+    throughput: np.ndarray  # its bytes per ms, in the same order
     fixed_ms: Mapping[str, float]  # per kind
+    bytes_per_element: int = 4  # of a float element, on the target
 
     @classmethod
     def from_measurements(cls, kernels: Sequence[Kernel], latency_ms: Sequence[float],
-                          fixed_ms: Mapping[str, float]) -> Roofline:
+                          fixed_ms: Mapping[str, float], bytes_per_element: int = 4) -> Roofline:
         live = [(k, t) for k, t in zip(kernels, latency_ms) if k.kind != "free" and t > 0]
         macs = np.array([k.macs / t for k, t in live if k.macs > 0])
-        sizes = np.array([working_set(k) for k, _ in live], dtype=np.float64)
-        throughput = np.array([working_set(k) / t for k, t in live], dtype=np.float64)
+        sizes = np.array([working_set(k, bytes_per_element) for k, _ in live], dtype=np.float64)
+        throughput = np.array([working_set(k, bytes_per_element) / t for k, t in live], dtype=np.float64)
         order = np.argsort(sizes, kind="stable")
         return cls(float(np.percentile(macs, _COMPUTE_QUANTILE)) if len(macs) else 0.0, sizes[order], throughput[order],
-                   dict(fixed_ms))
+                   dict(fixed_ms), bytes_per_element)
 
-    def memory_throughput(self, elements: float) -> float:
-        """Elements per ms the measured kernels of about this working set reached (`_MEMORY_QUANTILE`)."""
-        lo = np.searchsorted(self.sizes, elements / _NEIGHBOURHOOD, side="left")
-        hi = np.searchsorted(self.sizes, elements * _NEIGHBOURHOOD, side="right")
+    def memory_throughput(self, size: float) -> float:
+        """Bytes per ms the measured kernels of about this working set reached (`_MEMORY_QUANTILE`)."""
+        lo = np.searchsorted(self.sizes, size / _NEIGHBOURHOOD, side="left")
+        hi = np.searchsorted(self.sizes, size * _NEIGHBOURHOOD, side="right")
         if hi - lo < _MIN_NEIGHBOURS:  # beyond (or before) what was measured: the nearest end's kernels
             lo, hi = ((max(0, len(self.sizes) - _MIN_NEIGHBOURS), len(self.sizes)) if lo >= len(self.sizes) // 2
                       else (0, min(len(self.sizes), _MIN_NEIGHBOURS)))
@@ -74,8 +79,8 @@ class Roofline:
         for i, k in enumerate(kernels):
             if k.kind == "free" or not len(self.sizes):
                 continue
-            elements = working_set(k)
+            size = working_set(k, self.bytes_per_element)
             compute = k.macs / self.peak_macs_per_ms if self.peak_macs_per_ms > 0 else 0.0
-            memory = elements / max(self.memory_throughput(elements), 1e-12)
+            memory = size / max(self.memory_throughput(size), 1e-12)
             out[i] = max(compute, memory) + self.fixed_ms.get(k.kind, default)
         return out
