@@ -26,9 +26,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("estimator", ("hwnas.estimator",)),
     ("targets", ("hwnas.targets",)),
     ("verify", ("hwnas.verify",)),
-    # the bottom floor: model files, graphs, shapes, ORT sessions; JSON files; errors; the model zoo's builders
+    # the bottom floor: model files, graphs, shapes, ORT sessions; JSON files; errors; the model zoo's builders; the
+    # folder a search's worker processes share
     ("graph", ("hwnas.graph", "hwnas.errors", "hwnas.version", "hwnas.report", "hwnas.report.json_report",
-               "hwnas.models")),
+               "hwnas.models", "hwnas.shared_folder")),
 ]
 
 

@@ -42,10 +42,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -57,6 +55,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from hwnas.errors import BadInputError
 from hwnas.graph.gsgraph import const_value
 from hwnas.graph.session import make_session
+from hwnas.shared_folder import SharedFolder
 
 MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
 MAX_FEATURES = 8192  # F above this: the normal matrix alone would exceed 512 MiB (float64)
@@ -550,27 +549,6 @@ class FitCache:
         with np.load(io.BytesIO(packed), allow_pickle=False) as data:  # arrays, never code
             residual, prior = data["residuals"]
             return ConvFit(data["weight"], data["bias"], int(data["rows"]), float(residual), float(prior))
-
-
-class SharedFolder:
-    """Bytes by key in a folder on this machine that a search's worker processes share (a pool's: hwnas.search.
-    optimize.PoolWorkers): what one of them made (a fit, a depth-scaled graph), the others read. `kind` keeps
-    the kinds of entry apart in one folder; `suffix` says what a file holds."""
-
-    def __init__(self, folder: str | os.PathLike, kind: str, suffix: str = ""):
-        self.folder, self.kind, self.suffix = Path(folder), kind, suffix
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"{self.kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}{self.suffix}"
-
-    def get(self, key: str) -> bytes | None:
-        path = self._path(key)
-        return path.read_bytes() if path.exists() else None
-
-    def put(self, key: str, data: bytes) -> None:
-        partial = self._path(key).with_suffix(f".{os.getpid()}.partial")  # whole, then renamed: readers see all or nothing
-        partial.write_bytes(data)
-        os.replace(partial, self._path(key))
 
 
 def _node_digest(node: gs.Node) -> bytes | None:

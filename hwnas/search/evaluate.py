@@ -44,7 +44,7 @@ from hwnas.estimator.memory import footprint
 from hwnas.graph.gsgraph import to_graph, to_model
 from hwnas.graph.io import external_refs
 from hwnas.graph.session import make_session, run_per_sample
-from hwnas.passes._reconstruct import SharedFolder
+from hwnas.shared_folder import SharedFolder
 from hwnas.passes.base import Exactness, PassContext, weakest
 from hwnas.passes.manager import PassManager
 from hwnas.passes.pipeline import PassSpec, Pipeline, parse_pipeline
