@@ -168,6 +168,9 @@ def main() -> int:
           + (f" (kept: {', '.join(args.replace_kinds)}; every other kind's from {args.from_json})" if args.from_json else "")
           + f" in {time.perf_counter() - start:.0f} s; load average during profiling {machine.get('load_average_1min')}")
     print(f"profiling: {json.dumps(profiling)}")
+    if report.rounds:
+        print("adaptive rounds (each: neighbours of the worst-fitted kernels, scored before they join the fit, so high "
+              "by design; the accuracy on models: benchmarks/estimator_accuracy.py):")
     for i, r in enumerate(report.rounds):
         print(f"  round {i + 1}: {r['measured']} new kernels, error before refit: MAPE {r['mape_before_fit']:.1%}, "
               f"within ±5 % {r['within_5pct_before_fit']:.0%}")
