@@ -424,7 +424,7 @@ def cmd_profile(args) -> int:
     print(f"wrote {path}: {report.measurements} kernel measurements; last round's error before refit: "
           f"MAPE {last.get('mape_before_fit', float('nan')):.2%}, within ±5% {last.get('within_5pct_before_fit', float('nan')):.0%} "
           f"(on neighbours of the worst-fitted kernels, before they joined the fit: high by design; the accuracy on "
-          f"models: benchmarks/estimator_accuracy.py)")
+          f"models: docs/estimator.md, Accuracy)")
     return 0
 
 
