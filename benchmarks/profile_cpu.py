@@ -33,6 +33,7 @@ Then measure its accuracy: `python benchmarks/estimator_accuracy.py --targets cp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -44,7 +45,7 @@ from tqdm import tqdm
 from hwnas import api
 from hwnas.errors import BadInputError
 from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
-from hwnas.estimator.estimator import LatencyEstimator, Sample
+from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.profile import MODES, profile_target
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules
@@ -82,7 +83,7 @@ def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[
     under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds)."""
     first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
     samples = [s for s in base.samples_ if not replaced(s.kernel)] + [
-        Sample(s.kernel, s.latency_ms, None if s.network is None else s.network + first)
+        dataclasses.replace(s, network=None if s.network is None else s.network + first)
         for s in fresh.samples_ if replaced(s.kernel)]
     config = dict(base.target_config)
     around = sum(a["measurements"] for a in base.target_config.get("profiled_around", []))

@@ -161,7 +161,7 @@ def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.Mode
     while len(new) < budget and i < 20 * budget:
         got = [s for _, s in sampler.around(origins[i % len(origins)])][: budget - len(new)]
         # a network index of this run would collide with the stored ones' (`per_kernel_offset`)
-        new += [Sample(s.kernel, s.latency_ms) for s in got]
+        new += [Sample(s.kernel, s.latency_ms, network_ms=s.network_ms) for s in got]
         if progress and got:
             progress(len(got))
         i += 1

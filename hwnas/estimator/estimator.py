@@ -71,11 +71,23 @@ _P_COLUMN = _SIZE_FEATURES.index("log_p")
 _RANGE_SLACK = np.array([0.05 if f.startswith("log_") else 0.0 for f in _SIZE_FEATURES])
 
 
+# A kernel inside a network whose plain run takes under this many ms runs ~20 % faster than the same kernel in a
+# network of 4-12 ms (one MobileNetV2 conv timed in 17 networks: 40-42 us against 47-55; what a run touches stays
+# cached from one run to the next): a profiling sample's network, and a model (by a first pass of the estimate), is
+# "small" below it, a feature of its own (`small_network`). estimator-history.md, 2026-12-06.
+SMALL_NETWORK_MS = 2.0
+
+
 @dataclass(frozen=True)
 class Sample:
     kernel: Kernel
     latency_ms: float
     network: int | None = None  # in-context profiling: which profiled network the kernel ran in
+    network_ms: float | None = None  # in-context profiling: that network's plain run (median)
+
+    @property
+    def small_network(self) -> bool:
+        return self.network_ms is not None and self.network_ms < SMALL_NETWORK_MS
 
 
 @dataclass(frozen=True)
@@ -160,18 +172,29 @@ class LatencyEstimator:
         return f"{kernel.kind}:{kernel.op}" if kernel.kind in self.per_op_kinds else kernel.kind
 
     def _fit(self, samples: list[Sample]) -> KernelRegressor:
-        X = self._features([s.kernel for s in samples])
+        X = self._features([s.kernel for s in samples], [s.small_network for s in samples])
         y = np.array([s.latency_ms for s in samples])
         quantile = MEASURED_QUANTILE if self.target_config.get("machine") else None
         return KernelRegressor(len(WORK_FEATURES), random_state=self.random_state, quantile=quantile).fit(X, y)
 
-    def _features(self, kernels: Sequence[Kernel]) -> np.ndarray:
+    def _features(self, kernels: Sequence[Kernel], small: Sequence[bool]) -> np.ndarray:
         work, shape = feature_matrix(list(kernels), self.parallelism_factor)
-        return np.hstack([work, shape])
+        return np.hstack([work, shape, np.asarray(small, dtype=np.float64).reshape(len(kernels), 1)])
 
-    def predict_kernels(self, kernels: Sequence[Kernel]) -> list[KernelEstimate]:
+    def predict_kernels(self, kernels: Sequence[Kernel], small: bool | Sequence[bool] | None = None) -> list[KernelEstimate]:
         """Latency of each kernel. Beyond the sizes its kind was profiled at, and for a kind never
-        profiled (flagged `fallback`), the physical terms instead of the regressor (`roofline.py`)."""
+        profiled (flagged `fallback`), the physical terms instead of the regressor (`roofline.py`).
+
+        `small`: whether the kernels run in a network of under `SMALL_NETWORK_MS` (one flag, or one per kernel);
+        by default the kernels are one model's, small when a first estimate of them all says so."""
+        if small is not None:
+            return self._predict(kernels, [small] * len(kernels) if isinstance(small, bool) else list(small))
+        first = self._predict(kernels, [False] * len(kernels))
+        if not self.small_networks_ or sum(e.latency_ms for e in first) >= SMALL_NETWORK_MS:
+            return first
+        return self._predict(kernels, [True] * len(kernels))
+
+    def _predict(self, kernels: Sequence[Kernel], small: list[bool]) -> list[KernelEstimate]:
         out: list[KernelEstimate | None] = [None] * len(kernels)
         by_key: dict[str, list[int]] = {}
         for i, k in enumerate(kernels):
@@ -196,7 +219,7 @@ class LatencyEstimator:
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)
             elif regressor is not None:
-                X = self._features(group)
+                X = self._features(group, [small[i] for i in idx])
                 values, fallback = regressor.predict(X), False
                 if not inside.all():
                     # the boosted correction holds its edge value out there, on its kind's baseline that keeps
@@ -292,7 +315,8 @@ class LatencyEstimator:
                 int(data.get("random_state", 0)), float(data.get("kernel_offset_ms", 0.0)),
             )
             samples = [Sample(_kernel_from_dict(s["kernel"]), float(s["latency_ms"]),
-                              None if s.get("network") is None else int(s["network"])) for s in data["samples"]]
+                              None if s.get("network") is None else int(s["network"]),
+                              None if s.get("network_ms") is None else float(s["network_ms"])) for s in data["samples"]]
         except (KeyError, TypeError, ValueError) as e:
             raise BadInputError(f"{origin}: malformed estimator data ({type(e).__name__}: {e})") from None
         if fitted is not None and _fitted_matches(fitted, data["samples"]):
@@ -316,6 +340,7 @@ class LatencyEstimator:
                                                     {kind: r.fixed_ms for kind, r in self.regressors_.items()},
                                                     int(self.target_config.get("config", {}).get("bytes_per_element", 4)))
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
+        self.small_networks_ = any(s.small_network for s in self.samples_)
         self.interpolations_ = frozenset(s.kernel.interpolation for s in self.samples_ if s.kernel.interpolation)
         by_kind: dict[str, list[Kernel]] = {}
         for s in self.samples_:
@@ -401,6 +426,8 @@ def _sample_to_dict(sample: Sample) -> dict:
     data = {"kernel": _kernel_to_dict(sample.kernel), "latency_ms": sample.latency_ms}
     if sample.network is not None:  # absent for one-kernel measurements (the npu estimators' files)
         data["network"] = sample.network
+    if sample.network_ms is not None:
+        data["network_ms"] = sample.network_ms
     return data
 
 

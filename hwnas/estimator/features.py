@@ -29,8 +29,9 @@ from hwnas.targets.kernels import Kernel
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
-# corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation)
-FEATURES_VERSION = 7
+# corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
+# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`)
+FEATURES_VERSION = 8
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:

@@ -296,7 +296,7 @@ class _ContextSampler:
         out, block = [], 0
         for k, t in zip(profile.kernels, profile.latency_ms):
             block = block_of(k, default=block)  # an unnamed node a rewrite added: the block before it
-            out.append(((config.blocks[block], *block_inputs[block]), Sample(k, t, network)))
+            out.append(((config.blocks[block], *block_inputs[block]), Sample(k, t, network, profile.total_ms)))
         return out
 
 
@@ -329,7 +329,7 @@ def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: in
         got = take(lambda i: sampler.around(worst[(i // 2) % len(worst)]) if i % 2 == 0 else sampler.random(), per_round)
         if not got:
             break
-        predicted = [e.latency_ms for e in estimator.predict_kernels([s.kernel for _, s in got])]
+        predicted = [e.latency_ms for e in estimator.predict_kernels([s.kernel for _, s in got], [s.small_network for _, s in got])]
         err = relative_errors(predicted, [s.latency_ms for _, s in got])
         report.rounds.append({"measured": len(got), "mape_before_fit": float(np.mean(err)),
                               "within_5pct_before_fit": float(np.mean(err <= 0.05))})
@@ -346,7 +346,7 @@ def _new_estimator(target: Target, rules: FusionRules, seed: int) -> LatencyEsti
 
 def _worst(estimator: LatencyEstimator, origins: list, samples: list[Sample], keep: int) -> list:
     """The origins (configurations, blocks) of the kernels the estimator fits worst (in-sample relative error)."""
-    predicted = [e.latency_ms for e in estimator.predict_kernels([s.kernel for s in samples])]
+    predicted = [e.latency_ms for e in estimator.predict_kernels([s.kernel for s in samples], [s.small_network for s in samples])]
     err = relative_errors(predicted, [s.latency_ms for s in samples])
     order = np.argsort(-err)[:keep]
     return [origins[i] for i in order]
