@@ -420,7 +420,6 @@ def cmd_profile(args) -> int:
     path = out_dir / f"{estimator.target}.json"
     estimator.save(path)
     last = report.rounds[-1] if report.rounds else {}
-    # each round measures neighbours of the kernels fitted worst, before they join the fit: a hard batch by design
     print(f"wrote {path}: {report.measurements} kernel measurements; last round's error before refit: "
           f"MAPE {last.get('mape_before_fit', float('nan')):.2%}, within ±5% {last.get('within_5pct_before_fit', float('nan')):.0%} "
           f"(on neighbours of the worst-fitted kernels, before they joined the fit: high by design; the accuracy on "

@@ -214,7 +214,7 @@ class LatencyEstimator:
             # catch-all kind) was profiled at, at its precision
             inside = self._in_range(kind, group) & np.array([
                 kind == "free" or k.op in self.measured_ops_ and self._interpolation_profiled(k) for k in group])
-            if found is not None and found == other_precision:
+            if other_precision is not None and found == other_precision:
                 inside[:] = False
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)

@@ -253,9 +253,9 @@ BLOCKS = ("conv", "dwsep", "ibn", "fused_ibn", "grouped", "se", "pool", "concat"
           "split", "shuffle", "attention", "large_dw", "pixel_shuffle")
 _BLOCK_WEIGHTS = (0.16, 0.14, 0.2, 0.06, 0.04, 0.04, 0.04, 0.06, 0.1, 0.03, 0.07, 0.05, 0.04, 0.06, 0.04, 0.03)
 PIXEL_SHUFFLES = ("space_to_depth", "depth_to_space", "DepthToSpace")
-# depth-to-space forms on maps of at most 80x80; space-to-depth (a detector's stem or head: rapidocr lite's at
-# 320x320) up to this side
-MAX_SPACE_TO_DEPTH = 320
+# the side of the map a pixel shuffle reads: depth-to-space forms at most 80; space-to-depth (a detector's stem or
+# head: rapidocr lite's at 320x320) at most 320
+MAX_DEPTH_TO_SPACE, MAX_SPACE_TO_DEPTH = 80, 320
 # Resize attributes as exporters write them: PyTorch's and Paddle's nearest (pixel replication, which ORT's CPU
 # runs in its blocked layout at ~0.1 ns per output element), ONNX's defaults (~0.7-1.5), PyTorch's bilinear
 # (pytorch_half_pixel, ~1.5: not blocked) and align_corners=True, and half_pixel (~0.4, blocked)
@@ -696,7 +696,7 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
         return BlockConfig("dwsep", c_out, int(rng.choice([7, 9])), 1 if one_d else stride, act=str(rng.choice(["gelu", act])),
                            op="1d" if one_d else "act")
     if kind == "pixel_shuffle":
-        return BlockConfig("pixel_shuffle", c_out, act=act, op=str(rng.choice(PIXEL_SHUFFLES)) if h <= 80 else "space_to_depth")
+        return BlockConfig("pixel_shuffle", c_out, act=act, op=str(rng.choice(PIXEL_SHUFFLES)) if h <= MAX_DEPTH_TO_SPACE else "space_to_depth")
     if kind == "upsample":  # 2x mostly; 4x and 8x as segmentation heads and feature pyramids' merges do
         factor = int(rng.choice([f for f in (2, 2, 2, 4, 8) if f * h <= MAX_UPSAMPLED]))
         form = str(rng.choice(list(UPSAMPLES), p=np.array(_UPSAMPLE_WEIGHTS) / sum(_UPSAMPLE_WEIGHTS)))
@@ -773,7 +773,7 @@ def perturb_block(block: BlockConfig, c: int, h: int, rng: np.random.Generator, 
     if block.kind == "upsample":
         h2 = min(max(h2, 2), MAX_UPSAMPLED // block.scale)
     if block.kind == "pixel_shuffle":
-        h2 = min(max(h2, 2), MAX_SPACE_TO_DEPTH if block.op == "space_to_depth" else 80)
+        h2 = min(max(h2, 2), MAX_SPACE_TO_DEPTH if block.op == "space_to_depth" else MAX_DEPTH_TO_SPACE)
     if block.kind == "pool" or block.stride > 1:
         h2 = max(h2, 4)
     if block.kind == "attention":

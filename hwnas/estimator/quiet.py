@@ -1,12 +1,10 @@
 """Waiting out a neighbour's burst before a profiling network is measured.
 
 On a shared machine (a VM, a CI runner) another tenant slows everything on this one in bursts of seconds that
-the load average does not show: MobileNetV2 0.5 at 128², timed in 0.5 s windows on a 2-core EPYC VM, ran
-0.92–1.03 ms in quiet stretches and up to 1.7 ms in a burst. A network profiled inside a burst gives samples
-20–50 % slow, and a profile taken in a noisy quarter of an hour came out +21 % on every held-out model
-(estimator-history.md, 2026-12-06). `QuietGate` times a small fixed reference model before and after each
-network; while the reference runs more than `tolerance` slower than the quietest it has run, the machine is
-taken as busy: wait and look again, and measure the network again if the burst began during it.
+the load average does not show, and a profile taken in such a stretch comes out slow throughout (one came out
++21 % on every held-out model: estimator-history.md, 2026-12-06). `QuietGate` times a small fixed reference model
+before and after each network; while the reference runs more than `tolerance` slower than the quietest it has
+run, the machine is taken as busy: wait and look again, and measure the network again if the burst began during it.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hwnas.estimator.networks import BlockConfig, NetworkConfig, build_network
+from hwnas.targets.measure import MeasureSettings
 
 
 @dataclass
@@ -25,7 +24,7 @@ class QuietGate:
     `patience` seconds, then it lets the measurement go ahead and counts it in `gave_up`); `quiet()` says
     whether it does now."""
 
-    settings: object  # the target's MeasureSettings (threads)
+    settings: MeasureSettings  # the target's (its thread count)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     tolerance: float = 0.06
     patience: float = 30.0
@@ -41,7 +40,7 @@ class QuietGate:
         # a conv stack of ~0.3 ms that moves data as the profiled kernels do (compute and cache traffic)
         blocks = (BlockConfig("conv", 32, 3, 1), BlockConfig("dwsep", 64, 3, 1), BlockConfig("conv", 32, 1, 1))
         model, _ = build_network(NetworkConfig(16, 32, blocks))
-        session = make_session(model, optimized=True, threads=getattr(self.settings, "threads", 1),
+        session = make_session(model, optimized=True, threads=self.settings.threads,
                                providers=list(self.providers))
         feeds = random_feeds(model, {"x": (1, 16, 32, 32)}, seed=0)
         self._run = lambda: run(session, feeds)

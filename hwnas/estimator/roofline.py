@@ -11,9 +11,8 @@ physics says instead:
   stored size: float elements at the target's bytes per element, int8 ones at 1): a high quantile (p95) of
   bytes per ms over the measured kernels whose working set lies within 4x of `e` (the largest ones where none
   is that big), so a kernel far beyond the last-level cache gets the DRAM throughput the large profiled
-  kernels reached, and a small one the cache's. In elements, the int8 kernels of a cpu profile (1 byte each)
-  set the largest sizes' throughput at ~55 GB/s-equivalent and a 5.5M-element float Add of a detector's
-  feature pyramid was costed at 0.95 ms (5.0 in context); in bytes at ~19 GB/s;
+  kernels reached, and a small one the cache's. Bytes, not elements: counted in elements, a cpu profile's
+  int8 kernels (1 byte each) made the large float ones look 4x faster than they run;
 - `c_kind`, the fixed cost per kernel of its kind: the constant term of its kind's non-negative linear
   baseline (`regressor.KernelRegressor`), the median over kinds for a kind never measured.
 
