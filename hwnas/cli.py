@@ -577,8 +577,8 @@ def cmd_check(args) -> int:
             print(f"{'PASS' if item.passed else 'FAIL'}  {item.message}")
             if item.name.startswith("qnn-htp"):  # the nodes off the NPU, the culprit's quantization
                 print("".join(f"      {d}\n" for d in item.details[:40]), end="")
-        for warning in result.warnings if result.deploy is not None else ():
-            print(f"note: {warning}")
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         failed = [i.name for i in result.failed]
         print(f"{args.input}: {len(failed)} of {len(result.items)} budgets failed ({', '.join(failed)})" if failed
               else f"{args.input}: all {len(result.items)} budgets pass on {result.target}")

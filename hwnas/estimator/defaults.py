@@ -1,20 +1,23 @@
 """The estimators that ship with hwnas, one per preset target, loaded on first use.
 
 `data/estimators/<target name>.json` holds a target's kernel measurements (and `.fitted.npz` the fitted
-trees). The npu presets are profiled on the simulator; `cpu` was profiled on a 2-core x86 machine and
-only fits machines like it (re-profile with `hwnas profile --target cpu -o DIR`, then pass
-`--estimator DIR/cpu.json`).
+trees). The npu presets are profiled on the simulator. A measured target's estimator only fits the machine it
+was profiled on (`hwnas.targets.machine`): `cpu` ships one per machine the project was profiled on, `cpu.json`
+and `cpu@<machine>.json`, and the one whose machine is this one is used (else `cpu.json`, with a warning from
+`machine_warning`: re-profile with `hwnas profile --target cpu -o DIR`, then pass `--estimator DIR/cpu.json`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from importlib import resources
 from pathlib import Path
 
 from hwnas.errors import BadInputError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.targets.base import Target
+from hwnas.targets.machine import Machine
 
 _DATA = "data/estimators"
 
@@ -24,10 +27,36 @@ def shipped_estimators() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json")) if folder.is_dir() else []
 
 
+def _shipped_path(name: str) -> Path:
+    return Path(str(resources.files("hwnas.estimator") / _DATA / f"{name}.json"))
+
+
 @functools.lru_cache(maxsize=8)
 def _load_shipped(name: str) -> LatencyEstimator:
-    path = Path(str(resources.files("hwnas.estimator") / _DATA / f"{name}.json"))
-    return LatencyEstimator.load(path)
+    return LatencyEstimator.load(_shipped_path(name))
+
+
+@functools.lru_cache(maxsize=8)
+def shipped_for_this_machine(name: str) -> str:
+    """Among the shipped `name` and its `name@<machine>` variants, the one profiled on this machine, else `name`."""
+    variants = [v for v in shipped_estimators() if v.startswith(name + "@")]
+    here = Machine.current()
+    for variant in variants:
+        entry = json.loads(_shipped_path(variant).read_text(encoding="utf-8"))["target_config"].get("machine")
+        if entry and not Machine.from_entry(entry).differences(here):
+            return variant
+    return name
+
+
+def machine_warning(estimator: LatencyEstimator) -> str | None:
+    """One line when a measured estimator was profiled on another machine than this one (None otherwise)."""
+    entry = estimator.target_config.get("machine")
+    differences = Machine.from_entry(entry).differences(Machine.current()) if entry else []
+    if not differences:
+        return None
+    return (f"the {estimator.target} estimator was profiled on another machine (here: {'; '.join(differences)}): its "
+            f"estimates can be tens of percent off on this one; profile it with 'hwnas profile --target "
+            f"{estimator.target} -o DIR' and pass --estimator DIR/{estimator.target}.json")
 
 
 def estimator_for(target: Target, path: str | Path | None = None) -> LatencyEstimator:
@@ -38,7 +67,7 @@ def estimator_for(target: Target, path: str | Path | None = None) -> LatencyEsti
             raise BadInputError(f"estimator {path} was profiled on {estimator.target!r}, not on target {target.name!r}")
         return estimator
     if target.estimator_name in shipped_estimators():
-        return _load_shipped(target.estimator_name)
+        return _load_shipped(shipped_for_this_machine(target.estimator_name))
     raise BadInputError(
         f"no estimator ships for target {target.name!r} (shipped: {', '.join(shipped_estimators()) or 'none'}); "
         f"run 'hwnas profile --target {target.name} -o DIR' and pass --estimator DIR/{target.name}.json"

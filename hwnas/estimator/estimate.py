@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from hwnas.estimator.defaults import estimator_for
+from hwnas.estimator.defaults import estimator_for, machine_warning
 from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
 from hwnas.estimator.memory import MemoryFootprint, footprint
 from hwnas.graph.io import ModelLike, as_model
@@ -89,7 +89,8 @@ def estimate(
         cycles=round(result.latency_ms * clock * 1e6) if clock else None,
         kernels=result.kernels,
         memory=footprint(result.inlined or onnx_model, shapes),
-        warnings=[the_target.latency_note] * bool(the_target.latency_note) + result.warnings
+        warnings=[the_target.latency_note] * bool(the_target.latency_note)
+        + [w for w in [machine_warning(latency_model)] if w] + result.warnings
         + _precision_warnings(the_target, onnx_model) + lane_warnings(the_target, onnx_model, shapes),
         measured_ms=the_target.measure(onnx_model, shapes).latency_ms if measure else None,
     )

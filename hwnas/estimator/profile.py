@@ -55,6 +55,7 @@ from hwnas.estimator.networks import (
 )
 from hwnas.targets.base import Target
 from hwnas.targets.fusion_rules import FusionRules
+from hwnas.targets.machine import Machine
 from hwnas.targets.kernels import decompose
 
 def _measure(target: Target, config: KernelConfig, rules: FusionRules, overhead_ms: float = 0.0) -> Sample | None:
@@ -194,16 +195,10 @@ def per_kernel_offset(samples: Sequence[Sample], network_ms: Sequence[float]) ->
 
 
 def machine_entry(report: ProfileReport) -> dict:
-    """What a measured estimator only fits: this CPU, this ONNX Runtime, and how busy the machine was."""
-    import onnxruntime as ort
-
-    from hwnas.targets.measure import cpu_model
-
+    """What a measured estimator only fits: this machine (`Machine`), and how busy it was."""
     load = report.load_average
     return {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "onnxruntime": ort.__version__,
+        **Machine.current().to_entry(),
         "date": datetime.date.today().isoformat(),
         "load_average_1min": ({"min": round(min(load), 2), "mean": round(float(np.mean(load)), 2), "max": round(max(load), 2)}
                               if load else None),

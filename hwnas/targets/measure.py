@@ -40,6 +40,7 @@ from hwnas.graph.io import load_model, save_model
 from hwnas.graph.session import make_session, random_feeds, run, session_options
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.targets.base import Measurement
+from hwnas.targets.machine import Machine
 
 # ORT's `providers` argument: provider names, or (name, {option: value}) pairs; the first one is the target.
 Providers = Sequence[str | tuple[str, Mapping[str, str]]]
@@ -128,18 +129,8 @@ def positive_int(options: Mapping[str, str], key: str, where: str) -> int | None
 
 def environment() -> dict:
     """What a measured number depends on besides the model: runtime version and the host CPU."""
-    return {"onnxruntime": ort.__version__, "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass  # not Linux; platform.processor() is often empty too, so say so plainly
-    return "unknown"
+    machine = Machine.current()
+    return {"onnxruntime": machine.onnxruntime, "cpu": machine.cpu, "isa": machine.isa, "logical_cpus": machine.logical_cpus}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""A measured estimator names the machine it fits; used on another one it says so, and the shipped `cpu`
+estimator is chosen by machine among the variants profiled on the project's machines."""
+
+import copy
+import dataclasses
+
+import pytest
+
+from hwnas import api
+from hwnas.estimator import defaults
+from hwnas.estimator.defaults import estimator_for, machine_warning, shipped_estimators, shipped_for_this_machine
+from hwnas.estimator.estimator import LatencyEstimator
+from hwnas.models import build
+from hwnas.targets import get_target
+from hwnas.targets.machine import Machine
+
+HERE = Machine("Example CPU", ("avx2", "avx512f", "avx512_vnni"), 2, "1.32.0")
+
+
+def test_differences_name_each_field_and_skip_what_either_side_did_not_record():
+    other = Machine("Other CPU", ("avx2", "avx512f", "amx_int8"), 4, "1.31.0")
+    assert HERE.differences(other) == ["CPU 'Other CPU', not 'Example CPU'", "instruction sets +amx_int8, -avx512_vnni",
+                                       "4 logical CPUs, not 2", "onnxruntime 1.31.0, not 1.32.0"]
+    assert HERE.differences(HERE) == []
+    unrecorded = Machine("Example CPU", None, None, None)  # an estimator profiled before the ISA was recorded
+    assert HERE.differences(unrecorded) == [] and unrecorded.differences(HERE) == []
+    assert Machine.from_entry(HERE.to_entry()) == HERE
+
+
+def test_the_current_machine_reads_its_kernel_instruction_sets():
+    here = Machine.current()
+    assert here.cpu and here.logical_cpus
+    assert here.isa is None or set(here.isa) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                                 "avx512_fp16", "amx_int8", "amx_bf16"}
+
+
+def _profiled_on(machine: Machine) -> LatencyEstimator:
+    estimator = copy.copy(estimator_for(get_target("cpu")))  # the fitted trees shared, the machine replaced
+    estimator.target_config = {**estimator.target_config, "machine": {**machine.to_entry(), "date": "2026-12-06"}}
+    return estimator
+
+
+def test_an_estimator_of_another_machine_warns_in_estimate_and_one_of_this_machine_does_not():
+    model = build("mobilenetv2", width=0.5, resolution=96)
+    elsewhere = dataclasses.replace(Machine.current(), cpu="Some Other CPU")
+    warned = [w for w in api.estimate(model, "cpu", estimator=_profiled_on(elsewhere)).warnings if "another machine" in w]
+    assert warned == [machine_warning(_profiled_on(elsewhere))]
+    assert f"CPU {Machine.current().cpu!r}, not 'Some Other CPU'" in warned[0] and "hwnas profile --target cpu" in warned[0]
+    assert not any("another machine" in w for w in api.estimate(model, "cpu", estimator=_profiled_on(Machine.current())).warnings)
+    assert machine_warning(estimator_for(get_target("npu-32x32"))) is None  # simulated: fits every machine
+
+
+def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine(monkeypatch):
+    variants = [name for name in shipped_estimators() if name.startswith("cpu@")]
+    if not variants:
+        pytest.skip("one cpu estimator ships: nothing to choose between")
+    for name in ["cpu", *variants]:
+        machine = Machine.from_entry(LatencyEstimator.load(defaults._shipped_path(name)).target_config["machine"])
+        monkeypatch.setattr(Machine, "current", classmethod(lambda cls, m=machine: m))
+        shipped_for_this_machine.cache_clear()
+        assert shipped_for_this_machine("cpu") == name
+    monkeypatch.setattr(Machine, "current", classmethod(lambda cls: HERE))
+    shipped_for_this_machine.cache_clear()
+    assert shipped_for_this_machine("cpu") == "cpu"  # no variant fits: the default, which then warns
+    shipped_for_this_machine.cache_clear()
