@@ -44,6 +44,7 @@ from hwnas import api, models  # noqa: E402
 from hwnas.estimator.estimate import estimate  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator  # noqa: E402
 from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
+from hwnas.search.space import PREFIX  # noqa: E402
 from hwnas.targets.measure import MeasureSettings, measure_interleaved  # noqa: E402
 from hwnas.verify.calib_data import calibration_sets, scene_batch  # noqa: E402
 from hwnas.verify.fidelity import measure_fidelity  # noqa: E402
@@ -180,7 +181,7 @@ def _steps(pipeline: str) -> str:
             current = ""
             continue
         current += ch
-    kept = [n for n in dict.fromkeys(names) if n not in ("fold-bn", "fold-affine", "fold-constants")]
+    kept = [n for n in dict.fromkeys(names) if n not in PREFIX.split(",")]
     return " → ".join(kept) or "(exact prefix only)"
 
 

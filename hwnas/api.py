@@ -22,7 +22,7 @@ from hwnas.advice import hints as advise
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.estimator.around import AroundReport
 from hwnas.estimator.around import profile_around as around_model
-from hwnas.estimator.defaults import estimator_for
+from hwnas.estimator.defaults import estimator_for, machine_warning
 from hwnas.estimator.estimate import EstimateResult, estimate
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.profile import ProfileReport, default_mode, profile_target

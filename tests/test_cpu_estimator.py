@@ -386,7 +386,7 @@ def test_stored_measurements_are_reused_and_a_missing_model_fails_closed(tmp_pat
     script = _accuracy_script()
     models = [script.HeldOut("a", script.resnet(0.25, 32), {})]
     path = tmp_path / "measured.json"
-    args = argparse.Namespace(measured=str(path), oracle=True, repeats=2, rounds=1)
+    args = argparse.Namespace(measured=str(path), oracle=True, repeats=2, rounds=1, no_quiet_gate=True)
     measured, spread, load, oracle = script.measured_cpu(models, args)
     stored = json.loads(path.read_text())
     assert stored["measured_ms"] == measured and stored["oracle_ms"] == oracle and len(load) == 2

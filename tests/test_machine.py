@@ -3,12 +3,11 @@ estimator is chosen by machine among the variants profiled on the project's mach
 
 import copy
 import dataclasses
-
-import pytest
+import json
 
 from hwnas import api
 from hwnas.estimator import defaults
-from hwnas.estimator.defaults import estimator_for, machine_warning, shipped_estimators, shipped_for_this_machine
+from hwnas.estimator.defaults import estimator_for, machine_warning, shipped_for_this_machine
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.models import build
 from hwnas.targets import get_target
@@ -50,16 +49,14 @@ def test_an_estimator_of_another_machine_warns_in_estimate_and_one_of_this_machi
     assert machine_warning(estimator_for(get_target("npu-32x32"))) is None  # simulated: fits every machine
 
 
-def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine(monkeypatch):
-    variants = [name for name in shipped_estimators() if name.startswith("cpu@")]
-    if not variants:
-        pytest.skip("one cpu estimator ships: nothing to choose between")
-    for name in ["cpu", *variants]:
-        machine = Machine.from_entry(LatencyEstimator.load(defaults._shipped_path(name)).target_config["machine"])
+def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine(monkeypatch, tmp_path):
+    elsewhere = Machine("Other CPU", ("avx2",), 2, "1.32.0")
+    for name, machine in (("cpu", elsewhere), ("cpu@here", HERE), ("cpu@third", dataclasses.replace(HERE, cpu="Third"))):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"target_config": {"machine": machine.to_entry()}}))
+    monkeypatch.setattr(defaults, "_shipped_path", lambda name: tmp_path / f"{name}.json")
+    monkeypatch.setattr(defaults, "shipped_estimators", lambda: ["cpu", "cpu@here", "cpu@third", "npu-32x32"])
+    for machine, expected in ((HERE, "cpu@here"), (elsewhere, "cpu"), (Machine("Unknown", None, 2, "1.32.0"), "cpu")):
         monkeypatch.setattr(Machine, "current", classmethod(lambda cls, m=machine: m))
         shipped_for_this_machine.cache_clear()
-        assert shipped_for_this_machine("cpu") == name
-    monkeypatch.setattr(Machine, "current", classmethod(lambda cls: HERE))
-    shipped_for_this_machine.cache_clear()
-    assert shipped_for_this_machine("cpu") == "cpu"  # no variant fits: the default, which then warns
+        assert shipped_for_this_machine("cpu") == expected  # no variant fits: the default, which then warns
     shipped_for_this_machine.cache_clear()

@@ -37,7 +37,7 @@ from hwnas.graph.shapes import Shape
 from hwnas.report.json_report import read_json
 
 from hwnas.targets.fusion_rules import FusionRules
-from hwnas.targets.kernels import GemmShape, Kernel, decompose
+from hwnas.targets.kernels import GemmShape, Kernel, decompose, denormal_uses
 from hwnas.targets.npu import computes_in_int8
 
 # the version the fitted arrays are tied to, read without importing scikit-learn (a second of start-up
@@ -250,9 +250,11 @@ class LatencyEstimator:
     def estimate(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> LatencyEstimate:
         """The model's latency, If/Loop bodies included (`hwnas.graph.control_flow`)."""
         flat = flatten_control_flow(model, input_shapes, cost=lambda m: self._top_level_ms(m, input_shapes))
+        kernels = decompose(flat.model, input_shapes, self.rules)
+        assists = self._denormal_assists_ms(flat.model, kernels)
         estimates = [
-            dataclasses.replace(e, latency_ms=e.latency_ms * flat.repeats[e.nodes[0]]) if e.nodes[0] in flat.repeats else e
-            for e in self.predict_kernels(decompose(flat.model, input_shapes, self.rules))
+            dataclasses.replace(e, latency_ms=(e.latency_ms + assists.get(e.name, 0.0)) * flat.repeats.get(e.nodes[0], 1))
+            for e in self.predict_kernels(kernels)
         ]
         warnings = flat.warnings + [
             f"{e.op} {e.name}: no {self.target} measurements of this op; fallback estimate {e.latency_ms:.4f} ms"
@@ -264,8 +266,20 @@ class LatencyEstimator:
             warnings.append(f"{len(outside)} kernel(s) outside the ops, precisions and sizes {self.target} was "
                             f"profiled at (beyond the ops and sizes costed by the roofline fallback, an int8 kernel "
                             f"profiled in float only by its float estimate): {shown}")
+        if sum(assists.values()) > 0.01 * sum(e.latency_ms for e in estimates):
+            warnings.append(f"{len(assists)} kernel(s) read denormal weights, {sum(assists.values()):.3g} ms of microcode "
+                            f"assists on the machine {self.target} was profiled on (pass flush-denormals zeroes them, "
+                            f"exactly): {', '.join(list(assists)[:8])}")
         return LatencyEstimate(self.target, float(sum(e.latency_ms for e in estimates)), estimates, warnings,
                                flat.model if flat.model is not model else None)
+
+    def _denormal_assists_ms(self, model: onnx.ModelProto, kernels: Sequence[Kernel]) -> dict[str, float]:
+        """By kernel, the time its reads of denormal weights cost at the profiled machine's price per assist
+        (`hwnas.estimator.denormal`; none where the profile did not measure it, the simulated targets)."""
+        assist_ns = (self.target_config.get("profiling") or {}).get("denormal_assist_ns")
+        if not assist_ns:
+            return {}
+        return {name: uses * assist_ns * 1e-6 for name, uses in denormal_uses(model, kernels, self.parallelism_factor).items()}
 
     def _top_level_ms(self, model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> float:
         return float(sum(e.latency_ms for e in self.predict_kernels(decompose(model, input_shapes, self.rules))))

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
+from hwnas.estimator.denormal import measure_assist_ns
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
 from hwnas.estimator.quiet import QuietGate
 from hwnas.estimator.networks import (
@@ -156,7 +157,8 @@ def profile_target(
             if ratios else None,
             # whole-network latencies: what the kernels of each network should add up to (cross-validation)
             network_ms=[round(t, 5) for t in sampler.network_ms],
-            kernel_offset_us=round(estimator.kernel_offset_ms * 1e3, 3))
+            kernel_offset_us=round(estimator.kernel_offset_ms * 1e3, 3),
+            denormal_assist_ns=measure_assist_ns(target, seed))
         if sampler.gate is not None:
             estimator.target_config["profiling"]["quiet_gate"] = {
                 "waited_s": round(sampler.gate.waited_s, 1), "gave_up": sampler.gate.gave_up,

@@ -20,6 +20,11 @@ _SCALAR_ATTRS = {
 }
 
 
+def denormal_mask(values: np.ndarray) -> np.ndarray:
+    """Where `values` (a float array) is denormal: non-zero and smaller in magnitude than its dtype's tiny."""
+    return (values != 0) & (np.abs(values) < np.finfo(values.dtype).tiny)
+
+
 def constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     """The tensor a Constant node produces, or None for forms we do not lift (sparse, strings)."""
     for attr in node.attribute:

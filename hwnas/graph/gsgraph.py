@@ -88,8 +88,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
-    """Every Constant of the graph and of its subgraphs, each once."""
+def constant_holders(graph: gs.Graph) -> Iterator[tuple[gs.Constant, gs.Node | None]]:
+    """Every Constant of the graph and of its subgraphs, each once, with the node whose attribute holds it
+    (a Constant node inside an If/Loop body: `to_graph` lifts only top-level ones) or None for a tensor
+    that nodes read."""
     seen: set[int] = set()
     pending = [graph]
     while pending:
@@ -97,14 +99,19 @@ def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
         for tensor in g.tensors().values():
             if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
                 seen.add(id(tensor))
-                yield tensor
+                yield tensor, None
         for node in g.nodes:
             for value in node.attrs.values():
                 if isinstance(value, gs.Graph):
                     pending.append(value)
                 elif isinstance(value, gs.Constant) and id(value) not in seen:
                     seen.add(id(value))
-                    yield value
+                    yield value, node
+
+
+def _constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every Constant of the graph and of its subgraphs, each once."""
+    return (tensor for tensor, _ in constant_holders(graph))
 
 
 def _weight_nbytes(tensor: gs.Constant) -> int:

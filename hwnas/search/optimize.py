@@ -1,6 +1,7 @@
 """`optimize`: prepare the model, build the space, search, apply the winner, verify it, report.
 
-1. The exact prefix (fold-bn, fold-affine, fold-constants) runs once; candidates start from its graph.
+1. The exact prefix (fold-bn, fold-affine, fold-constants, flush-denormals) runs once; candidates start
+   from its graph.
 2. The space is built from that graph and the target's parallelism factor (curated by default).
 3. Seed candidates — the baseline and the expert recipe (every depthwise conv regrouped with PF
    channels per group, every channel group padded to a multiple of PF) — go in first; then the

@@ -45,7 +45,7 @@ from hwnas.passes.registry import get_pass
 from hwnas.search.forked import map_forked
 
 KEEP = "keep"
-PREFIX = "fold-bn,fold-affine,fold-constants"  # exact clean-ups every candidate starts from
+PREFIX = "fold-bn,fold-affine,fold-constants,flush-denormals"  # exact clean-ups every candidate starts from
 # the reference work's "handful of multipliers"; channel counts round to the PF (uncurated: to 1)
 CURATED_MULTIPLIERS = ("0.75", "0.6", "0.5", "0.4")
 SAFE_NAME = re.compile(r"^[^,{}=;\s]+$")  # names the pipeline grammar can carry in a selector

@@ -44,7 +44,7 @@ DequantizeLinear boundary the integer tensor between them is what is stored (`_s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from hwnas.graph.constants import denormal_mask
 from hwnas.graph.shapes import Shape, infer_tensors, resolve_input_shapes
 from hwnas.targets.fusion_rules import FusionRules
 
@@ -829,3 +830,85 @@ def _attr(node: onnx.NodeProto, name: str, default):
         if attr.name == name:
             return helper.get_attribute_value(attr)
     return default
+
+
+def denormal_uses(model: onnx.ModelProto, kernels: Sequence[Kernel], lanes: int = 16) -> dict[str, int]:
+    """By kernel name, the vector multiply-adds that read a denormal (subnormal) weight, where any.
+
+    A CPU without denormals-are-zero set (ORT sets it on its pool threads only, never on the caller thread a
+    1-thread session runs on) takes a microcode assist for each such instruction: ~46 ns on the Intel Xeon
+    this was measured on, where 8 % denormal weights made a 1x1 conv 150x slower (2026-12-06). ORT's CPU
+    kernels hold `lanes` output channels of a weight in one vector (MLAS's packed GEMM panels and NCHWc
+    blocks alike), and reuse each such vector at every output row of the kernel's GEMM view: the count is the
+    weight vectors holding a denormal times those rows. Weights stored outside the file are not read."""
+    heads = {kernel.name: kernel for kernel in kernels if kernel.gemm is not None and kernel.kind in ("conv", "dwconv", "gemm")}
+    if not heads:
+        return {}
+    constants = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    keys = node_keys(model.graph.node)
+    by_key = dict(zip(keys, model.graph.node))
+    uses = {}
+    for key, node in zip(keys, model.graph.node):
+        kernel = heads.get(key)
+        if kernel is None or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        weight = numpy_helper.to_array(constants[node.input[1]])
+        if weight.dtype.kind != "f" or weight.ndim < 2:
+            continue
+        if kernel.ops[1:2] == ("BatchNormalization",) and node.op_type == "Conv":
+            # ORT folds the batch norm into the weights before it runs them (PP-OCRv3 det: denormals scaled normal)
+            weight = _bn_folded(by_key[kernel.nodes[1]], weight, constants)
+        denormal = denormal_mask(weight)
+        if not denormal.any():
+            continue
+        if node.op_type == "Conv":
+            # a tap is read only at the outputs where it lands inside the input: ORT's blocked convs skip the
+            # padding (PP-OCRv3 rec's 3x3 convs over a 1-row map, 2/3 of their weights denormal, cost nothing)
+            by_output = denormal.reshape(*denormal.shape[:2], -1)
+            reads = _tap_reads(node, kernel.input_shapes[0], kernel.output_shapes[0], denormal.shape[2:])
+        else:  # a MatMul's (K, N) or a Gemm's B, output channels first; every vector read at each of the P rows
+            by_output = (denormal if _attr(node, "transB", 0) else denormal.reshape(-1, denormal.shape[-1]).T)[:, :, None]
+            reads = np.full(1, kernel.gemm.p)
+        blocks = -(-by_output.shape[0] // lanes)
+        padded = np.zeros((blocks * lanes, *by_output.shape[1:]), dtype=bool)
+        padded[: by_output.shape[0]] = by_output
+        vectors_per_tap = padded.reshape(blocks, lanes, *by_output.shape[1:]).any(axis=1).sum(axis=(0, 1))
+        if count := int(vectors_per_tap @ reads):
+            uses[kernel.name] = count
+    return uses
+
+
+def _tap_reads(node: onnx.NodeProto, data_in: Shape, data_out: Shape, window: tuple[int, ...]) -> np.ndarray:
+    """For each tap of a conv window (flattened), the output positions at which it reads inside the input."""
+    spatial = len(window)
+    strides = _attr(node, "strides", [1] * spatial)
+    dilations = _attr(node, "dilations", [1] * spatial)
+    pads = _attr(node, "pads", [0] * 2 * spatial)
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    per_axis = []
+    for axis in range(spatial):
+        size_in, size_out, k = data_in[2 + axis], data_out[2 + axis], window[axis]
+        begin = pads[axis]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = max((size_out - 1) * strides[axis] + (k - 1) * dilations[axis] + 1 - size_in, 0)
+            begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+        elif auto_pad == "VALID":
+            begin = 0
+        at = np.arange(size_out)[:, None] * strides[axis] - begin + np.arange(k)[None, :] * dilations[axis]
+        per_axis.append(((at >= 0) & (at < size_in)).sum(axis=0) * data_out[0] if axis == 0 else ((at >= 0) & (at < size_in)).sum(axis=0))
+    reads = per_axis[0]
+    for counts in per_axis[1:]:
+        reads = np.multiply.outer(reads, counts)
+    return np.asarray(reads).reshape(-1)
+
+
+def _bn_folded(bn: onnx.NodeProto, weight: np.ndarray, constants: Mapping[str, onnx.TensorProto]) -> np.ndarray:
+    """Conv weights times the batch norm's per-channel scale, in the weights' precision as ORT folds them."""
+    if len(bn.input) < 5 or any(name not in constants for name in bn.input[1:5:3]):
+        return weight
+    gamma, var = (numpy_helper.to_array(constants[name]).astype(weight.dtype) for name in bn.input[1:5:3])
+    scale = gamma / np.sqrt(var + weight.dtype.type(_attr(bn, "epsilon", 1e-5)))
+    return weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
