@@ -48,6 +48,7 @@ from hwnas.models import build
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules, builtin_rules
 from hwnas.targets.kernels import decompose
+from hwnas.targets.machine import Machine
 from hwnas.targets.measure import MeasureSettings, NodeTiming, measure_model
 from tests.graphs import const, make_model, tensor
 
@@ -271,7 +272,9 @@ def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path):
     assert all(s.latency_ms > 0 for s in estimator.samples_)
     machine = estimator.target_config["machine"]
     assert {"cpu", "logical_cpus", "onnxruntime", "date", "load_average_1min"} <= set(machine)
+    assert not Machine.from_entry(machine).differences(Machine.current())  # the isa too: it is this machine's
     assert estimator.target_config["profiling"]["mode"] == "context"
+    assert estimator.target_config["profiling"]["denormal_assist_ns"] >= 0  # priced here (0: no assists)
     # each sample knows its network and each network its plain run: what the per-kernel offset is fitted on
     assert len(estimator.target_config["profiling"]["network_ms"]) == report.networks
     assert {s.network for s in estimator.samples_} <= set(range(report.networks))
