@@ -272,20 +272,14 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int,
     gate = QuietGate(settings) if quiet_gate else None
     load = [os.getloadavg()[0]]
     samples: dict[str, list[float]] = {m.name: [] for m in models}
-    remeasured = 0
     for _ in range(rounds):
         for m in models:
-            for attempt in (0, 1):
-                if gate is not None:
-                    gate.wait()
-                runs = measure_model(m.model, {}, settings).samples_ms
-                if gate is None or attempt == 1 or gate.quiet():
-                    break
-                remeasured += 1
-            samples[m.name] += runs
+            def measured(model=m.model):
+                return measure_model(model, {}, settings).samples_ms
+            samples[m.name] += measured() if gate is None else gate.measure(measured)
     load.append(os.getloadavg()[0])
     if gate is not None:
-        print(f"quiet gate: waited {gate.waited_s:.0f} s, {remeasured} measurement(s) taken again, gave up waiting "
+        print(f"quiet gate: waited {gate.waited_s:.0f} s, {gate.remeasured} measurement(s) taken again, gave up waiting "
               f"{gate.gave_up} time(s)", file=sys.stderr)
     summaries = {name: summarize(values) for name, values in samples.items()}
     return ({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()}, load)

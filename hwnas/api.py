@@ -22,7 +22,7 @@ from hwnas.advice import hints as advise
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.estimator.around import AroundReport
 from hwnas.estimator.around import profile_around as around_model
-from hwnas.estimator.defaults import estimator_for, machine_warning
+from hwnas.estimator.defaults import estimator_for, machine_warnings
 from hwnas.estimator.estimate import EstimateResult, estimate
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.estimator.profile import ProfileReport, default_mode, profile_target
@@ -594,7 +594,7 @@ def _prepare(model: ModelLike, target: str | Target, *, exact: bool | None, max_
     the_target = get_target(target) if isinstance(target, str) else target
     shapes = resolve_input_shapes(original, input_shapes)
     latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
-    warnings: list[str] = [w for w in [machine_warning(latency_model)] if w]
+    warnings = machine_warnings(latency_model)
     fidelity = _requested_fidelity(exact, max_drift, retrain=algorithm == "zero-shot" or evaluate_cmd is not None)
     if deploy_check is not None:
         from hwnas.targets.qnn_htp import NAME as QNN_HTP, require_qnn

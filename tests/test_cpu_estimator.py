@@ -422,4 +422,4 @@ def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkey
     after_run = iter([False, True])  # a burst began during the first run; quiet after the second
     monkeypatch.setattr(sampler.gate, "wait", lambda: True)
     monkeypatch.setattr(sampler.gate, "quiet", lambda: next(after_run))
-    assert sampler.random() and sampler.remeasured == 1
+    assert sampler.random() and sampler.gate.remeasured == 1

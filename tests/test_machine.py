@@ -7,7 +7,7 @@ import json
 
 from hwnas import api
 from hwnas.estimator import defaults
-from hwnas.estimator.defaults import estimator_for, machine_warning, shipped_for_this_machine
+from hwnas.estimator.defaults import estimator_for, machine_warnings, shipped_for_this_machine
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.models import build
 from hwnas.targets import get_target
@@ -43,10 +43,10 @@ def test_an_estimator_of_another_machine_warns_in_estimate_and_one_of_this_machi
     model = build("mobilenetv2", width=0.5, resolution=96)
     elsewhere = dataclasses.replace(Machine.current(), cpu="Some Other CPU")
     warned = [w for w in api.estimate(model, "cpu", estimator=_profiled_on(elsewhere)).warnings if "another machine" in w]
-    assert warned == [machine_warning(_profiled_on(elsewhere))]
+    assert warned == machine_warnings(_profiled_on(elsewhere))
     assert f"CPU {Machine.current().cpu!r}, not 'Some Other CPU'" in warned[0] and "hwnas profile --target cpu" in warned[0]
     assert not any("another machine" in w for w in api.estimate(model, "cpu", estimator=_profiled_on(Machine.current())).warnings)
-    assert machine_warning(estimator_for(get_target("npu-32x32"))) is None  # simulated: fits every machine
+    assert machine_warnings(estimator_for(get_target("npu-32x32"))) == []  # simulated: fits every machine
 
 
 def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine(monkeypatch, tmp_path):

@@ -4,7 +4,7 @@
 trees). The npu presets are profiled on the simulator. A measured target's estimator only fits the machine it
 was profiled on (`hwnas.targets.machine`): `cpu` ships one per machine the project was profiled on, `cpu.json`
 and `cpu@<machine>.json`, and the one whose machine is this one is used (else `cpu.json`, with a warning from
-`machine_warning`: re-profile with `hwnas profile --target cpu -o DIR`, then pass `--estimator DIR/cpu.json`).
+`machine_warnings`: re-profile with `hwnas profile --target cpu -o DIR`, then pass `--estimator DIR/cpu.json`).
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ def shipped_for_this_machine(name: str) -> str:
     return name
 
 
-def machine_warning(estimator: LatencyEstimator) -> str | None:
-    """One line when a measured estimator was profiled on another machine than this one (None otherwise)."""
+def machine_warnings(estimator: LatencyEstimator) -> list[str]:
+    """One line when a measured estimator was profiled on another machine than this one, else none."""
     entry = estimator.target_config.get("machine")
     differences = Machine.from_entry(entry).differences(Machine.current()) if entry else []
     if not differences:
-        return None
-    return (f"the {estimator.target} estimator was profiled on another machine (here: {'; '.join(differences)}): its "
+        return []
+    return [f"the {estimator.target} estimator was profiled on another machine (here: {'; '.join(differences)}): its "
             f"estimates can be tens of percent off on this one; profile it with 'hwnas profile --target "
-            f"{estimator.target} -o DIR' and pass --estimator DIR/{estimator.target}.json")
+            f"{estimator.target} -o DIR' and pass --estimator DIR/{estimator.target}.json"]
 
 
 def estimator_for(target: Target, path: str | Path | None = None) -> LatencyEstimator:

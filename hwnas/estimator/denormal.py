@@ -2,9 +2,8 @@
 
 A vector multiply-add that reads a denormal (subnormal) float takes a microcode assist on CPUs that do not treat
 denormals as zero, and ORT's CPU kernels run a 1-thread session on the caller's thread, where its
-`session.set_denormal_as_zero` option does not reach. On the Intel Xeon profiled on 2026-12-06 an assist cost
-~46 ns and trained Paddle detectors ran 1.3-3.5x slower for it (PP-OCRv6 det small 418 ms, 121 with the
-denormals zeroed, outputs bitwise equal); on the AMD EPYC profiled before, nothing. No feature of a kernel's
+`session.set_denormal_as_zero` option does not reach. What an assist costs is the CPU's (tens of ns on an
+Intel Xeon, nothing on an AMD EPYC; benchmarks/studies/estimator-history.md), and no feature of a kernel's
 shape shows it, so the estimator adds it as a physical term: `kernels.denormal_uses` counts the assisted
 instructions, this probe prices one.
 """
@@ -15,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from hwnas.targets.base import Target
 from hwnas.targets.kernels import decompose, denormal_uses
 from hwnas.targets.measure import measure_interleaved
 
@@ -31,7 +31,7 @@ def _probe(weight: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def measure_assist_ns(target, seed: int = 0) -> float:
+def measure_assist_ns(target: Target, seed: int = 0) -> float:
     """ns per weight-vector read that holds a denormal on a measured target (`cpu`, `ort:`): the probe conv with
     one denormal in every 8th vector of the target's parallelism factor of output channels against the same
     conv without, interleaved; 0 where the difference is noise."""

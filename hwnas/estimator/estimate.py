@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from hwnas.estimator.defaults import estimator_for, machine_warning
+from hwnas.estimator.defaults import estimator_for, machine_warnings
 from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
 from hwnas.estimator.memory import MemoryFootprint, footprint
 from hwnas.graph.io import ModelLike, as_model
@@ -90,7 +90,7 @@ def estimate(
         kernels=result.kernels,
         memory=footprint(result.inlined or onnx_model, shapes),
         warnings=[the_target.latency_note] * bool(the_target.latency_note)
-        + [w for w in [machine_warning(latency_model)] if w] + result.warnings
+        + machine_warnings(latency_model) + result.warnings
         + _precision_warnings(the_target, onnx_model) + lane_warnings(the_target, onnx_model, shapes),
         measured_ms=the_target.measure(onnx_model, shapes).latency_ms if measure else None,
     )

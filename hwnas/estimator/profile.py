@@ -39,7 +39,6 @@ import onnx
 from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.estimator.denormal import measure_assist_ns
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
-from hwnas.estimator.quiet import QuietGate
 from hwnas.estimator.networks import (
     BlockConfig,
     KernelConfig,
@@ -54,10 +53,11 @@ from hwnas.estimator.networks import (
     random_config,
     random_network,
 )
+from hwnas.estimator.quiet import QuietGate
 from hwnas.targets.base import Target
 from hwnas.targets.fusion_rules import FusionRules
-from hwnas.targets.machine import Machine
 from hwnas.targets.kernels import decompose
+from hwnas.targets.machine import Machine
 
 def _measure(target: Target, config: KernelConfig, rules: FusionRules, overhead_ms: float = 0.0) -> Sample | None:
     model = build_kernel_model(config, residual_allowed=rules.residual_add)
@@ -162,7 +162,7 @@ def profile_target(
         if sampler.gate is not None:
             estimator.target_config["profiling"]["quiet_gate"] = {
                 "waited_s": round(sampler.gate.waited_s, 1), "gave_up": sampler.gate.gave_up,
-                "remeasured_networks": sampler.remeasured, "reference_ms": round(sampler.gate.quietest_ms, 4)}
+                "remeasured_networks": sampler.gate.remeasured, "reference_ms": round(sampler.gate.quietest_ms, 4)}
     return estimator, report
 
 
@@ -261,7 +261,6 @@ class _ContextSampler:
         self.network_ms: list[float] = []  # each network's plain-run median (index: `Sample.network`)
         self.overheads = measure_node_overheads(target.settings, target.providers)
         self.gate = QuietGate(target.settings, tuple(target.providers)) if quiet_gate else None
-        self.remeasured = 0  # networks measured again: a burst began while they ran
 
     def random(self) -> list[tuple[object, Sample]]:
         return self._measure(random_network(self.rng))
@@ -278,14 +277,10 @@ class _ContextSampler:
             self.int8_networks += 1
         self.load.append(_load())
         shapes = {"x": (1, config.c_in, config.size, config.size)}
-        for attempt in range(2):
-            if self.gate is not None:
-                self.gate.wait()
-            profile = measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
-                                         self.overheads, self.scale_to_run)
-            if self.gate is None or attempt == 1 or self.gate.quiet():
-                break
-            self.remeasured += 1
+        def measured():
+            return measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
+                                      self.overheads, self.scale_to_run)
+        profile = measured() if self.gate is None else self.gate.measure(measured)
         network = self.networks
         self.networks += 1
         self.run_over_nodes.append(profile.total_ms / max(profile.nodes_ms, 1e-9))

@@ -10,12 +10,16 @@ run, the machine is taken as busy: wait and look again, and measure the network 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from hwnas.estimator.networks import BlockConfig, NetworkConfig, build_network
 from hwnas.targets.measure import MeasureSettings
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class QuietGate:
     quietest_ms: float = float("inf")
     waited_s: float = 0.0
     gave_up: int = 0
+    remeasured: int = 0  # measurements taken again: a burst began while they ran
     _run: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,3 +77,13 @@ class QuietGate:
             time.sleep(self.pause)
             self.waited_s += self.pause
         return True
+
+    def measure(self, measurement: Callable[[], T]) -> T:
+        """`measurement()` once the machine is quiet, taken again (once) when a burst began while it ran."""
+        self.wait()
+        result = measurement()
+        if not self.quiet():
+            self.remeasured += 1
+            self.wait()
+            result = measurement()
+        return result

@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from hwnas.graph.constants import denormal_mask
+from hwnas.graph.constants import constant_node_value, denormal_mask
 from hwnas.graph.shapes import Shape, infer_tensors, resolve_input_shapes
 from hwnas.targets.fusion_rules import FusionRules
 
@@ -836,17 +836,17 @@ def denormal_uses(model: onnx.ModelProto, kernels: Sequence[Kernel], lanes: int 
     """By kernel name, the vector multiply-adds that read a denormal (subnormal) weight, where any.
 
     A CPU without denormals-are-zero set (ORT sets it on its pool threads only, never on the caller thread a
-    1-thread session runs on) takes a microcode assist for each such instruction: ~46 ns on the Intel Xeon
-    this was measured on, where 8 % denormal weights made a 1x1 conv 150x slower (2026-12-06). ORT's CPU
-    kernels hold `lanes` output channels of a weight in one vector (MLAS's packed GEMM panels and NCHWc
-    blocks alike), and reuse each such vector at every output row of the kernel's GEMM view: the count is the
-    weight vectors holding a denormal times those rows. Weights stored outside the file are not read."""
+    1-thread session runs on) takes a microcode assist for each such instruction (`hwnas.estimator.denormal`
+    prices one). ORT's CPU kernels hold `lanes` output channels of a weight in one vector (MLAS's packed GEMM
+    panels and NCHWc blocks alike) and read each such vector at every output row of the kernel's GEMM view
+    where its tap lands inside the input: the count is the weight vectors holding a denormal times those
+    reads. Weights stored outside the file are not read."""
     heads = {kernel.name: kernel for kernel in kernels if kernel.gemm is not None and kernel.kind in ("conv", "dwconv", "gemm")}
     if not heads:
         return {}
     constants = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
-    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
-                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    constants.update({n.output[0]: value for n in model.graph.node
+                      if n.op_type == "Constant" and (value := constant_node_value(n)) is not None})
     keys = node_keys(model.graph.node)
     by_key = dict(zip(keys, model.graph.node))
     uses = {}
@@ -898,17 +898,20 @@ def _tap_reads(node: onnx.NodeProto, data_in: Shape, data_out: Shape, window: tu
         elif auto_pad == "VALID":
             begin = 0
         at = np.arange(size_out)[:, None] * strides[axis] - begin + np.arange(k)[None, :] * dilations[axis]
-        per_axis.append(((at >= 0) & (at < size_in)).sum(axis=0) * data_out[0] if axis == 0 else ((at >= 0) & (at < size_in)).sum(axis=0))
-    reads = per_axis[0]
-    for counts in per_axis[1:]:
+        per_axis.append(((at >= 0) & (at < size_in)).sum(axis=0))
+    reads = np.array(data_out[0])  # every image of the batch
+    for counts in per_axis:
         reads = np.multiply.outer(reads, counts)
-    return np.asarray(reads).reshape(-1)
+    return reads.reshape(-1)
 
 
 def _bn_folded(bn: onnx.NodeProto, weight: np.ndarray, constants: Mapping[str, onnx.TensorProto]) -> np.ndarray:
     """Conv weights times the batch norm's per-channel scale, in the weights' precision as ORT folds them."""
-    if len(bn.input) < 5 or any(name not in constants for name in bn.input[1:5:3]):
+    if len(bn.input) < 5:
         return weight
-    gamma, var = (numpy_helper.to_array(constants[name]).astype(weight.dtype) for name in bn.input[1:5:3])
+    gamma_name, var_name = bn.input[1], bn.input[4]
+    if gamma_name not in constants or var_name not in constants:
+        return weight
+    gamma, var = (numpy_helper.to_array(constants[name]).astype(weight.dtype) for name in (gamma_name, var_name))
     scale = gamma / np.sqrt(var + weight.dtype.type(_attr(bn, "epsilon", 1e-5)))
     return weight * scale.reshape(-1, *[1] * (weight.ndim - 1))

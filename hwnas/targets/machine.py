@@ -2,9 +2,9 @@
 
 A measured estimator (`cpu`, `ort:<EP>`) fits the machine it was profiled on: ORT's CPU kernels (MLAS)
 dispatch on the instruction sets the CPU has, and the caches decide what a kernel of a given size costs.
-The same 2-core float model ran within a few percent on the two x86 machines this project was profiled on,
-while the large detectors ran 3-4x slower on one of them (benchmarks/studies/estimator-history.md,
-2026-12-06), so an estimator used on a machine it was not profiled on says so instead of being quietly wrong.
+An estimator profiled on one of the two x86 machines this project was profiled on missed models on the other
+by tens of percent (benchmarks/studies/estimator-history.md, 2026-12-06), so an estimator used on a machine it
+was not profiled on says so instead of being quietly wrong.
 """
 
 from __future__ import annotations
