@@ -60,3 +60,18 @@ def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine(monke
         shipped_for_this_machine.cache_clear()
         assert shipped_for_this_machine("cpu") == expected  # no variant fits: the default, which then warns
     shipped_for_this_machine.cache_clear()
+
+
+def test_each_shipped_cpu_estimator_names_a_machine_of_its_own_and_estimates():
+    names = [name for name in defaults.shipped_estimators() if name == "cpu" or name.startswith("cpu@")]
+    assert len(names) >= 2  # the AMD EPYC default and at least one variant
+    machines = []
+    for name in names:
+        estimator = LatencyEstimator.load(defaults._shipped_path(name))
+        machine = Machine.from_entry(estimator.target_config["machine"])
+        assert machine.cpu and machine.logical_cpus and machine.onnxruntime
+        assert name == "cpu" or machine.isa, f"{name}: a variant must record its instruction sets to be chosen by them"
+        machines.append(machine)
+        assert estimator.estimate(build("mobilenetv2", width=0.5, resolution=96), None).latency_ms > 0
+    # two of them on one machine would make the choice depend on the listing's order
+    assert all(a.differences(b) for i, a in enumerate(machines) for b in machines[i + 1:])
