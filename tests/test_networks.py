@@ -185,3 +185,19 @@ def test_random_networks_draw_1d_depthwise_blocks():
     rng = np.random.default_rng(2)
     ops = {b.op for _ in range(300) for b in random_network(rng).blocks if b.kind == "dwsep"}
     assert "1d" in ops
+
+
+def test_random_networks_draw_resnet_stems_and_segmentation_heads():
+    rng = np.random.default_rng(3)
+    configs = [random_network(rng) for _ in range(300)]
+    assert {3, 5, 7} <= {c.blocks[0].kernel for c in configs if c.c_in == 3 and c.size >= 32}
+    segmenters = [c for c in configs if c.blocks and c.blocks[-1].kind == "head" and c.blocks[-1].op == "segment"]
+    assert segmenters
+    for config in segmenters[:3]:  # the classes bilinearly resized back to the input's side (2x if not smaller)
+        model, inputs = build_network(config)
+        side = max(config.size, 2 * inputs[-1][1])
+        last = model.graph.node[-1]
+        assert last.op_type == "Resize" and {a.name: a.s for a in last.attribute}["mode"] == b"linear"
+        feeds = random_feeds(model, {"x": (1, config.c_in, config.size, config.size)}, seed=0)
+        (y,) = run(make_session(model, optimized=True, threads=1), feeds)
+        assert y.shape == (1, config.blocks[-1].c_out, side, side)

@@ -271,7 +271,10 @@ MAX_UPSAMPLED = 320  # an upsample block's output side at most
 MAX_TOKENS = 1024  # attention only on maps of at most 32x32: its scores grow with tokens squared
 # softmax: over the channels of a map (axis 1, which ORT transposes innermost and back); softmax_last: over
 # the classes of each position after a transpose to tokens (a CTC recogniser's head, the innermost axis)
-HEADS = ("classifier", "transpose", "softmax", "softmax_last", "sigmoid", "lstm")
+# segment: per-pixel classes bilinearly resized back to the input's side (a segmenter's last op: 8x to 512² in the
+# zoo's); upsample blocks stop at MAX_UPSAMPLED and had never drawn an 8x linear one, which on a 2-core Xeon
+# ran 2-3x a 2x one's time per element
+HEADS = ("classifier", "transpose", "softmax", "softmax_last", "sigmoid", "lstm", "segment")
 MAX_LSTM_STEPS = 128  # an LSTM head only on maps at most this wide: its steps run one after another
 _MAX_NETWORK_MACS = 400e6  # ~10-20 ms on one core: a network is run ~50 times
 
@@ -294,6 +297,7 @@ class BlockConfig:
     se: bool = False
     op: str = ""  # flavour: pool type, resize form (UPSAMPLES), head type, affine form, attention's LayerNorm form; ibn: "post_act" after the residual
     groups: int = 2  # shuffle: channel groups; lstm head: directions
+    interpolation: str = ""  # segment head: its Resize's form (UPSAMPLES)
 
 
 @dataclass(frozen=True)
@@ -579,6 +583,10 @@ def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
         b.macs += w * dirs * n * (c + hidden) * 4 * hidden
         return b.node("Reshape", [y, b.const(np.array([w, n, dirs * hidden], np.int64))], (w, n, dirs * hidden))
     y = _conv(b, x, blk.c_out, 1, bn=False)
+    if blk.op == "segment":  # to the input's side (2x where the map is that size already)
+        side = max(b.shapes["x"][2], 2 * h)
+        sizes = b.const(np.array([n, blk.c_out, side, side], np.int64))
+        return b.node("Resize", [y, "", "", sizes], (n, blk.c_out, side, side), **UPSAMPLES[blk.interpolation])
     if blk.op in ("transpose", "softmax_last"):
         t = b.node("Transpose", [y], (n, h, w, blk.c_out), perm=[0, 2, 3, 1])
         tokens = b.node("Reshape", [t, b.const(np.array([n, -1, blk.c_out], np.int64))], (n, h * w, blk.c_out))
@@ -705,7 +713,7 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
 
 
 def random_head(rng: np.random.Generator, c: int, h: int = 1, aligned: bool = False) -> BlockConfig:
-    op = str(rng.choice(HEADS, p=[0.5, 0.12, 0.1, 0.1, 0.06, 0.12]))
+    op = str(rng.choice(HEADS, p=[0.38, 0.12, 0.1, 0.1, 0.06, 0.12, 0.12]))
     if op == "lstm" and h <= MAX_LSTM_STEPS:  # hidden sizes of CRNN recognisers; bidirectional mostly
         return BlockConfig("head", 1, op=op, hidden=int(rng.choice([32, 48, 64, 96, 128, 256])),
                            groups=2 if rng.random() < 0.7 else 1)
@@ -717,6 +725,9 @@ def random_head(rng: np.random.Generator, c: int, h: int = 1, aligned: bool = Fa
         widen = widen if c * widen * h * h <= 100e6 else 1  # not a conv of billions of MACs on a big map
         return BlockConfig("head", classes, op=op, hidden=_channels(rng, 2, 1000, aligned) if rng.random() < 0.3 else 0,
                            act=_act_choice(rng), group_size=widen)
+    if op == "segment":
+        return BlockConfig("head", _channels(rng, 2, 32, aligned), op=op,
+                           interpolation=str(rng.choice([f for f in UPSAMPLES if f.startswith("linear")])))
     return BlockConfig("head", _channels(rng, 1, 128, aligned), op=op)
 
 
@@ -750,8 +761,9 @@ def random_network(rng: np.random.Generator) -> NetworkConfig:
     aligned = bool(rng.random() < ALIGNED_NETWORKS)
     c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256, aligned)
     stem = []
-    if c_in == 3 and size >= 32:
-        stem.append(BlockConfig("conv", _channels(rng, 8, 48, aligned), 3, 2, act=_act_choice(rng)))
+    if c_in == 3 and size >= 32:  # 3x3 mostly; 7x7 as ResNets' stems (over-predicted 2x before any was drawn), 5x5
+        kernel = int(rng.choice([3, 5, 7], p=[0.75, 0.1, 0.15]))
+        stem.append(BlockConfig("conv", _channels(rng, 8, 64, aligned), kernel, 2, act=_act_choice(rng)))
     return _grow(rng, c_in, size, int(rng.integers(3, 12)), stem, aligned)
 
 
