@@ -164,6 +164,7 @@ def test_a_candidate_that_fails_twice_is_a_failed_candidate_and_the_search_goes_
     assert attempts(url, "s")["flaky"] == ["FAIL", "FAIL"]
 
 
+@pytest.mark.slow
 def test_a_candidate_that_kills_its_worker_twice_is_a_failed_candidate(url):
     with StorageWorkers(url, always_killed, 1, "s", heartbeat=(1, 2)) as workers:
         deadly, ok = within(60, lambda: workers.map(["deadly", "ok"]))
@@ -262,6 +263,7 @@ def small_search_inputs():
     return model, estimator_for(get_target("npu-32x32")), shapes, settings, calibration
 
 
+@pytest.mark.slow
 def test_a_worker_builds_the_coordinators_evaluator_from_plain_data_in_the_storage(tmp_path):
     model, estimator, shapes, settings, calibration = small_search_inputs()
     spec = EvaluatorSpec(model, estimator, shapes, settings, calibration)
@@ -284,6 +286,7 @@ def test_a_worker_builds_the_coordinators_evaluator_from_plain_data_in_the_stora
     assert [there.evaluate(p) for p in pipelines] == [here.evaluate(p) for p in pipelines]
 
 
+@pytest.mark.slow
 def test_workers_share_the_depth_scaled_graphs_they_build_and_score_as_if_built_alone(tmp_path):
     model, estimator, shapes, settings, calibration = small_search_inputs()
     spec = EvaluatorSpec(model, estimator, shapes, replace(settings, quantize=None), calibration)
@@ -432,12 +435,29 @@ def test_local_storage_workers_and_the_coordinator_share_their_depth_scaled_grap
     assert built > 0
 
 
+_HOLD_UNTIL_A_SECOND_EVALUATION = """
+import os, sys, time
+folder = sys.argv[1]
+open(os.path.join(folder, str(os.getpid())), "w").close()
+deadline = time.monotonic() + 60
+while len(os.listdir(folder)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(0.5)
+"""
+
+
 @pytest.mark.slow
 def test_workers_start_on_the_first_batch_while_the_original_is_scored(tmp_path):
     """--evaluate-cmd scores the original alone first (its quality sets the floor): the other workers must
     not wait for it, and every candidate is still evaluated once."""
     url = f"sqlite:///{tmp_path / 'search.db'}"
-    command = shlex.join([sys.executable, "-c", "import time; time.sleep(5); print(0.5)", "{model}"])
+    # Each evaluation holds until a second one has started (or 60 s have passed), then scores 0.5. A fixed
+    # sleep assumed the first batch is posted within it, which a loaded machine broke: the coordinator
+    # builds the search space before posting it. Workers that wait for the original still fail the
+    # assertion below (its evaluation finishes, after 60 s, before any other starts).
+    started = tmp_path / "started"
+    started.mkdir()
+    command = shlex.join([sys.executable, "-c", _HOLD_UNTIL_A_SECOND_EVALUATION, str(started), "{model}"])
     result = api.optimize(build("mobilenetv2", resolution=32, width=0.35), "npu-32x32", trials=8, seed=0, workers=2,
                           storage=url, evaluate_cmd=command)
     storage = open_storage(url)

@@ -388,7 +388,8 @@ class FreshRun:
 
 @pytest.mark.parametrize(
     "pipeline",
-    ["fuse-ibn{mode=mbconv,refit_project=true}", "scale-depth{multiplier=0.5,round_to=4}",
+    [pytest.param("fuse-ibn{mode=mbconv,refit_project=true}", marks=pytest.mark.slow),
+     pytest.param("scale-depth{multiplier=0.5,round_to=4}", marks=pytest.mark.slow),
      "align-channels{multiple=32,mode=trim}"],
 )  # fmt: skip
 def test_sequential_calibration_fits_as_fresh_runs_do(pipeline, monkeypatch):
@@ -430,6 +431,7 @@ def assert_fits_as_fresh_runs(model, pipeline, monkeypatch, **kwargs):
     assert max(float(np.max(np.abs(got[n] - want[n]), initial=0.0)) for n in got) <= 1e-5
 
 
+@pytest.mark.slow
 def test_positions_option_samples_that_many_positions_per_image():
     """positions=N: each fit samples N output positions per calibration image (every one when fewer),
     seeded, so the same N gives the same model; 0 (the default) keeps the default rows."""
@@ -512,7 +514,8 @@ def test_fit_cache_is_bounded_and_evicts_the_least_recently_used():
     assert cache.get(None) is None and cache.lookups == 2  # an uncacheable fit is not a lookup
 
 
-@pytest.mark.parametrize("pipeline", ["fuse-ibn{mode=mbconv,refit_project=true}", "scale-depth{multiplier=0.5,round_to=4}"])
+@pytest.mark.parametrize("pipeline", ["fuse-ibn{mode=mbconv,refit_project=true}",
+                                      pytest.param("scale-depth{multiplier=0.5,round_to=4}", marks=pytest.mark.slow)])
 def test_cholesky_solve_fits_as_the_lu_solve_did(pipeline, monkeypatch):
     """The ridge system is solved by one Cholesky factorisation; an LU solve (numpy's, before) gives the same
     refitted weights (issue 18 acceptance: max abs diff ≤ 1e-5; measured 2e-6 on fuse-ibn, 5e-10 on scale-depth)."""

@@ -210,6 +210,7 @@ def test_renders_in_headless_chromium(tmp_path, page):
         shutil.copyfile(png, os.environ["HWNAS_SAVE_SCREENSHOT"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
 def test_a_real_optimize_report_renders_in_headless_chromium(tmp_path):
     import matplotlib.image

@@ -99,6 +99,7 @@ def test_int8_networks_are_aligned_every_second_time_and_verified_exact():
     assert quantize(empty, {"x": np.zeros((2, 3, 16, 16), np.float32)}).graph.output
 
 
+@pytest.mark.slow
 def test_replace_kinds_keeps_the_other_kinds_and_needs_its_base(monkeypatch, capsys):
     """`profile_cpu.py --replace-kinds K --from FROM`: FROM's kernels of every kind but K, the new run's of K;
     either option alone is bad input (exit 2, one line, before anything is measured)."""

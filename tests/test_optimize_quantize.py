@@ -22,6 +22,7 @@ def scenes(seed: int, count: int = 4) -> dict[str, np.ndarray]:
     return {"input": scene_batch(np.random.default_rng(seed), count, (64, 64))[0]}
 
 
+@pytest.mark.slow
 def test_search_scores_int8_candidates_and_writes_the_winner_quantized(small_mnv2, tmp_path):
     result = api.optimize(small_mnv2, "npu-16x16", quantize="int8", max_drift=0.05, calibration=scenes(0),
                           holdout=scenes(1), trials=8, seed=0, workers=1, journal=tmp_path / "j.jsonl")
@@ -123,6 +124,7 @@ def _optimize_on(noisy: _NoisyCpu, model, monkeypatch):
                         seed=0, workers=1)
 
 
+@pytest.mark.slow
 def test_a_measured_ab_loss_is_looked_at_twice_before_the_candidate_is_rejected(small_mnv2, monkeypatch):
     quiet = _optimize_on(_NoisyCpu([1.0]), small_mnv2, monkeypatch)
     noisy = _NoisyCpu([1.06, 1.0])  # every first look 6 % slower (noise), every second within 3 %

@@ -201,6 +201,7 @@ def test_optimize_passes_over_a_winner_that_does_not_compile(monkeypatch, tmp_pa
     assert "checked at input:1x3x64x64" in deploy["note"]
 
 
+@pytest.mark.slow
 def test_optimize_reports_and_prints_the_deploy_check_with_the_compiler_faked(monkeypatch, tmp_path, capsys):
     """Runs everywhere: the first candidate's (fake) compile fails, the next one's places every node on the
     NPU; the report's fields, its JSON and the CLI's lines say so."""

@@ -184,6 +184,7 @@ def test_a_node_without_a_qdq_form_is_not_excluded_from_what_preprocessing_makes
     assert "HardSigmoid" in quantized  # the Mul of the decomposition reads it quantized
 
 
+@pytest.mark.slow
 def test_max_drift_keeps_the_input_side_float_until_the_drift_holds():
     from hwnas.graph.session import run_per_sample
     from hwnas.models import build

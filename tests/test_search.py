@@ -52,13 +52,14 @@ def test_exact_search_reduces_npu_latency_and_verifies(small_mnv2, tmp_path):
     assert sum(p["chosen"] for p in report["pareto"]) <= 1
 
 
-@pytest.mark.parametrize("algorithm", ["random", "greedy"])
+@pytest.mark.parametrize("algorithm", [pytest.param("random", marks=pytest.mark.slow), "greedy"])
 def test_other_algorithms_run_and_improve(small_mnv2, algorithm):
     result = api.optimize(small_mnv2, "npu-16x16", algorithm=algorithm, trials=25, seed=1, workers=1)
     assert result.to_dict()["latency_reduction"] > 0
     assert result.to_dict()["search"]["algorithm"] == algorithm
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_to_the_same_result(small_mnv2, tmp_path):
     uninterrupted = api.optimize(small_mnv2, "npu-32x32", trials=30, seed=3, workers=1)
     journal = tmp_path / "resume.jsonl"
@@ -77,6 +78,7 @@ def test_interrupted_search_resumes_to_the_same_result(small_mnv2, tmp_path):
     assert resumed.to_dict()["search"]["best_so_far"] == uninterrupted.to_dict()["search"]["best_so_far"]
 
 
+@pytest.mark.slow
 def test_recipe_transfers_to_other_models(small_mnv2, tmp_path):
     found = api.optimize(small_mnv2, "npu-32x32", trials=30, seed=0, workers=1)
     for other in (build("mobilenetv2", width=0.75, resolution=96), build("ibn-detector", resolution=128)):
@@ -126,6 +128,7 @@ def test_bad_options_are_bad_input(small_mnv2):
         api.optimize(small_mnv2, "npu-32x32", exact=False, trials=2, workers=1)
 
 
+@pytest.mark.slow
 def test_optimize_cli_writes_model_report_and_recipe(tmp_path, capsys, small_mnv2):
     model_path = tmp_path / "m.onnx"
     onnx.save_model(small_mnv2, str(model_path))
@@ -141,6 +144,7 @@ def test_optimize_cli_writes_model_report_and_recipe(tmp_path, capsys, small_mnv
     assert main(["run", str(model_path), "--recipe", str(recipe), "-o", str(tmp_path / "again.onnx")]) == 0
 
 
+@pytest.mark.slow
 def test_holdout_drift_is_reported_for_the_written_model(tmp_path, capsys, small_mnv2):
     import numpy as np
 
@@ -200,6 +204,7 @@ def test_depth_scaled_graph_is_reused_and_scores_stay_the_same(small_mnv2):
     assert scores[1].latency_ms != scores[0].latency_ms
 
 
+@pytest.mark.slow
 def test_curated_space_leaves_out_fusions_that_do_not_pay_alone():
     """Fused-MBConv sites whose fusion alone the estimator says is no faster are not offered by the curated
     space (their fits are the costliest part of a candidate), each skipped with its estimates; the

@@ -61,7 +61,7 @@ def test_a_list_of_scores_still_works_and_stops_recording_at_the_budget(monkeypa
     assert len(trials) == 1
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
     model = build("mobilenetv2", resolution=64)
     report = api.optimize(model, "npu-32x32", trials=16, seed=0, workers=workers).to_dict()
@@ -79,6 +79,7 @@ def test_optimize_reports_candidates_scored_and_where_the_time_went(workers):
     assert seconds["setup"] + seconds["search"] == pytest.approx(search_report["wall_s"], abs=2e-3)  # rounded to ms
 
 
+@pytest.mark.slow
 def test_depth_and_fit_cache_use_is_counted_over_the_candidates_scored():
     model = build("mobilenetv2", resolution=64)
     # past the seeds (each depth choice on the fastest exact choices), so that Fused-MBConv candidates are scored
@@ -90,6 +91,7 @@ def test_depth_and_fit_cache_use_is_counted_over_the_candidates_scored():
     assert search_report["seconds"]["candidates_drift"] > 0  # reconstructed candidates are run
 
 
+@pytest.mark.slow
 def test_candidates_sharing_a_prefix_reuse_its_fits(tmp_path):
     """The evaluator's fit cache: a candidate that fuses a subset of an earlier one's first sites makes no
     fit, and scores the same drift as a fresh evaluator (no cache hit) does."""
@@ -120,6 +122,7 @@ def test_candidates_sharing_a_prefix_reuse_its_fits(tmp_path):
     assert second.cache_use["fit_cache_shared_hits"] == second.cache_use["fit_cache_lookups"] == 3
 
 
+@pytest.mark.slow
 def test_the_best_exact_candidate_is_verified_before_falling_back_to_the_input(monkeypatch):
     """Reconstructed winners can fail verification; the exact passes' result must not be lost then."""
     from hwnas.search import optimize as search_optimize

@@ -91,6 +91,7 @@ def test_the_test_suite_fails_on_a_pass_bug_met_in_a_search(monkeypatch):
         api.optimize(build("mobilenetv2", resolution=64), "npu-32x32", trials=4, seed=0, workers=1)
 
 
+@pytest.mark.slow
 def test_a_sound_search_reports_no_pass_errors():
     from hwnas import api
 
@@ -98,16 +99,17 @@ def test_a_sound_search_reports_no_pass_errors():
     assert report["search"]["pass_errors"] == {"count": 0, "first": []}
 
 
+@pytest.mark.slow
 def test_a_resume_after_changing_the_calibration_data_or_the_estimator_scores_again(tmp_path):
     """The journal's header named neither: a resume reused scores (drift, latency) of other data or another
     estimator as if they were this search's."""
     from hwnas import api
 
-    model = build("mobilenetv2", resolution=64)
+    model = build("mobilenetv2", resolution=32, width=0.35)  # small: each of the four searches ranks depth choices first
     journal = tmp_path / "j.jsonl"
 
     def calib(seed):
-        return {"input": np.random.default_rng(seed).standard_normal((2, 3, 64, 64)).astype(np.float32)}
+        return {"input": np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)}
 
     def scored(**kwargs):
         result = api.optimize(model, "npu-32x32", max_drift=0.2, trials=6, seed=0, workers=1, journal=journal, **kwargs)

@@ -28,6 +28,7 @@ def test_a_broken_exact_pass_is_caught_inside_a_mixed_pipeline_whatever_the_drif
         api.run(mobilenet, "fold-bn,scale-depth{multiplier=0.75}", calibration=_calibration(), allow_drift=0.9)
 
 
+@pytest.mark.slow
 def test_a_sound_mixed_pipeline_passes_and_records_each_step(mobilenet):
     result = api.run(mobilenet, "fold-bn,scale-depth{multiplier=0.75}", calibration=_calibration(), allow_drift=0.9)
     assert [r.verified for r in result.records if r.modified] == [True, True]
@@ -60,6 +61,7 @@ def test_the_baseline_fallback_is_never_written_over_a_memory_budget(monkeypatch
         api.optimize(mobilenet, "npu-32x32", trials=4, workers=1, exact=True, memory_budget=10**9)
 
 
+@pytest.mark.slow
 def test_no_verify_does_not_lift_the_rule_that_a_changed_function_needs_a_drift_budget(mobilenet):
     from hwnas.errors import BadInputError
 
@@ -68,6 +70,7 @@ def test_no_verify_does_not_lift_the_rule_that_a_changed_function_needs_a_drift_
 
 
 
+@pytest.mark.slow
 def test_without_calibration_data_drift_is_judged_on_an_input_the_fits_never_saw(monkeypatch, mobilenet):
     """Without --calib the refits use seeded random samples; the one random input verification and the drift
     report used was the same draw as fitting sample 0, so the fit was judged on its own data."""
@@ -93,6 +96,7 @@ def test_without_calibration_data_drift_is_judged_on_an_input_the_fits_never_saw
     assert judged and not any(np.array_equal(j, f) for j in judged for f in fitted)
 
 
+@pytest.mark.slow
 def test_drift_is_judged_on_calibration_samples_the_fits_did_not_use():
     """Verification and the drift report used the same samples the least-squares fits were taken from,
     which flatters a fitted model: the last quarter is now held back from fitting and judged alone."""
