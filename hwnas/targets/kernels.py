@@ -871,10 +871,8 @@ def denormal_uses(model: onnx.ModelProto, kernels: Sequence[Kernel], lanes: int 
         else:  # a MatMul's (K, N) or a Gemm's B, output channels first; every vector read at each of the P rows
             by_output = (denormal if _attr(node, "transB", 0) else denormal.reshape(-1, denormal.shape[-1]).T)[:, :, None]
             reads = np.full(1, kernel.gemm.p)
-        blocks = -(-by_output.shape[0] // lanes)
-        padded = np.zeros((blocks * lanes, *by_output.shape[1:]), dtype=bool)
-        padded[: by_output.shape[0]] = by_output
-        vectors_per_tap = padded.reshape(blocks, lanes, *by_output.shape[1:]).any(axis=1).sum(axis=(0, 1))
+        padded = np.pad(by_output, [(0, -by_output.shape[0] % lanes), (0, 0), (0, 0)])  # to whole vectors
+        vectors_per_tap = padded.reshape(-1, lanes, *by_output.shape[1:]).any(axis=1).sum(axis=(0, 1))
         if count := int(vectors_per_tap @ reads):
             uses[kernel.name] = count
     return uses
