@@ -31,7 +31,7 @@ from hwnas.estimator.cpu_fusion import (
     rules_from_verdicts,
 )
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.attribution import attribute, measure_in_context, ort_layout_copies, with_layout_copies
+from hwnas.estimator.attribution import attribute, measure_in_context
 from hwnas.estimator.networks import (
     BlockConfig,
     NetworkConfig,
@@ -219,20 +219,14 @@ def _timing(name: str, op: str, ms: float) -> NodeTiming:
     return NodeTiming(name, op, "CPUExecutionProvider", (), (), ms, 1)
 
 
-def _hardswish_between_convs() -> tuple[onnx.ModelProto, np.ndarray]:
-    """x → conv → HardSwish → conv, 8 channels of 4×4, and its weights (ORT's graph of it: `_optimized_graph`)."""
+def test_layout_copies_and_inlined_nodes_go_to_the_plain_layout_op():
+    """x → conv → HardSwish → conv; ORT: blocked convs, the copies around the HardSwish it inlined."""
     w = np.ones((8, 8, 1, 1), np.float32)
     model = make_model(
         [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
          helper.make_node("HardSwish", ["a"], ["b"], name="hswish"),
          helper.make_node("Conv", ["b", "w"], ["y"], name="conv2")],
         [tensor("x", [1, 8, 4, 4])], [tensor("y", [1, 8, 4, 4])], [const("w", w)])
-    return model, w
-
-
-def test_layout_copies_and_inlined_nodes_go_to_the_plain_layout_op():
-    """ORT: blocked convs, the copies around the HardSwish it inlined."""
-    model, w = _hardswish_between_convs()
     kernels = decompose(model, {}, FusionRules(anchors=frozenset({"Conv"})))
     optimized = _optimized_graph(w)
     timings = [_timing("ReorderInput", "ReorderInput", 1.0), _timing("conv_nchwc", "Conv", 10.0),
@@ -244,42 +238,6 @@ def test_layout_copies_and_inlined_nodes_go_to_the_plain_layout_op():
     # the model input's copy belongs to the conv reading it; the copies around the inlined HardSwish to it;
     # the copy to the model output to the conv that writes it
     assert times == {"conv": 11.0, "hswish": 2.0 + 3.0 + 4.0 + 5.0, "conv2": 26.0}
-
-
-def test_each_kernel_records_the_elements_of_the_layout_copies_it_owns():
-    """Read from ORT's graph without timings: the inlined HardSwish's unnamed nodes still wire its copies to it."""
-    model, w = _hardswish_between_convs()
-    kernels = decompose(model, {}, FusionRules(anchors=frozenset({"Conv"})))
-    copied = {k.name: k.relayout_elements for k in with_layout_copies(model, {}, kernels, _optimized_graph(w))}
-    assert copied == {"conv": 128, "hswish": 2 * 128, "conv2": 128}
-
-
-def _shuffle_after_conv(c_in: int) -> onnx.ModelProto:
-    """x → 1×1 conv to 32 channels → a channel shuffle's Reshape → Transpose → Reshape."""
-    rng = np.random.default_rng(0)
-    model = make_model(
-        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
-         helper.make_node("Reshape", ["a", "s5"], ["r"], name="split_groups"),
-         helper.make_node("Transpose", ["r"], ["t"], name="shuffle", perm=[0, 2, 1, 3, 4]),
-         helper.make_node("Reshape", ["t", "s4"], ["y"], name="merge_groups")],
-        [tensor("x", [1, c_in, 8, 8])], [tensor("y", [1, 32, 8, 8])],
-        [const("w", rng.standard_normal((32, c_in, 1, 1)).astype(np.float32)),
-         const("s5", np.array([1, 2, 16, 8, 8], np.int64)), const("s4", np.array([1, 32, 8, 8], np.int64))])
-    return model
-
-
-@pytest.mark.parametrize("c_in, blocked", [(16, True), (18, False)])
-def test_onnxruntime_says_which_kernels_read_its_blocked_layout(c_in, blocked):
-    """ORT runs a conv in its blocked layout only for some channel counts (ORT 1.32: 16 inputs yes, 18 no); the
-    Transpose after a blocked one reads a copy back to NCHW. The estimate asks ORT as profiling does."""
-    model = _shuffle_after_conv(c_in)
-    rules = get_target("cpu").rules
-    kernels = ort_layout_copies(model, {}, decompose(model, {}, rules))
-    shuffle = next(k for k in kernels if k.op == "Transpose")
-    assert shuffle.relayout_elements == (32 * 8 * 8 if blocked else 0)
-    profiled = measure_in_context(model, {}, rules, FAST_SETTINGS)
-    assert {k.name: k.relayout_elements for k in profiled.kernels} == {k.name: k.relayout_elements for k in kernels
-                                                                       if k.name in {p.name for p in profiled.kernels}}
 
 
 def _optimized_graph(w: np.ndarray) -> onnx.ModelProto:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -22,8 +21,7 @@ import numpy as np
 import onnx
 
 from hwnas.estimator.networks import NetworkBuilder
-from hwnas.graph.session import make_session
-from hwnas.graph.shapes import Shape, infer_tensors
+from hwnas.graph.shapes import Shape
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.kernels import Kernel, decompose, node_keys
 
@@ -52,7 +50,7 @@ def measure_in_context(model: onnx.ModelProto, shapes: Mapping[str, Shape], rule
                        scale_to_run: bool = False) -> NetworkProfile:
     """Run `model` with ORT's profiler (and plainly, for `total_ms`) and attribute the time to its kernels."""
     plain_ms, timings, optimized = _profile_and_time(model, shapes, settings, providers)
-    kernels = with_layout_copies(model, shapes, decompose(model, shapes, rules), optimized)
+    kernels = decompose(model, shapes, rules)
     return attribute(model, kernels, timings, optimized, float(np.median(plain_ms)), overheads, scale_to_run)
 
 
@@ -86,7 +84,7 @@ def _profile_and_time(model: onnx.ModelProto, shapes: Mapping[str, Shape], setti
     alternation would leave each run the other's caches: 20-50 % slower on a 1 ms model)."""
     from hwnas.graph.shapes import resolve_input_shapes
     from hwnas.targets.measure import interleave, node_timings, profiling_session
-    from hwnas.graph.session import random_feeds, run
+    from hwnas.graph.session import make_session, random_feeds, run
 
     feeds = random_feeds(model, resolve_input_shapes(model, shapes), seed=0)
     with tempfile.TemporaryDirectory(prefix="hwnas-context-") as tmp:
@@ -126,11 +124,74 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
     Kernels ORT ran no node for (it fused them into another kernel's
     node) are dropped, with the kernels that feed them (`dropped`).
     """
-    owners = _OrtOwners(model, kernels, optimized, timings)
+    owner = {key: i for i, k in enumerate(kernels) for key in k.nodes}
+    original_producer = {o: owner[key] for key, n in zip(_keys(model), model.graph.node) for o in n.output if o}
+    graph = optimized.graph
+    ort_nodes = _named_ort_nodes(graph, timings)
+    producer = {o: name for name, n in ort_nodes.items() for o in n.output if o}
+    consumers: dict[str, list[str]] = {}
+    for name, n in ort_nodes.items():
+        for t in dict.fromkeys(t for t in n.input if t):
+            consumers.setdefault(t, []).append(name)
+
+    def direct(name: str) -> int | None:
+        """The kernel of the original node this ORT node is named after: `X`, `X_nchwc`, `fused X`,
+        `X/QuickGeluFusion/`... X is a node name, or for a blocked-layout node (`X_nchwc`) the name of the
+        tensor it writes: ORT names those after their output, which only models whose nodes are named
+        like their outputs (the profiling networks, the zoo) cannot tell apart."""
+        blocked = name.endswith("_nchwc")
+        name = name.removeprefix("fused ").removesuffix("_nchwc")
+        for names in ((original_producer, owner) if blocked else (owner, original_producer)):
+            if name in names:
+                return names[name]
+        cuts = [i for i, ch in enumerate(name) if ch in "/_:"]
+        return next((owner[name[:i]] for i in reversed(cuts) if name[:i] in owner), None)
+
+    def written(node) -> int | None:
+        return next((original_producer[t] for t in node.output if t in original_producer), None)
+
+    def downstream(name: str, seen: set[str]) -> int | None:
+        """The kernel of a node ORT made: the original tensor it or a later made node writes, or the op it feeds."""
+        hit = direct(name)
+        if hit is not None or name in seen or name not in ort_nodes:
+            return hit
+        seen.add(name)
+        node = ort_nodes[name]
+        hit = written(node)
+        if hit is not None or node.op_type == "ReorderOutput":
+            return hit
+        return next((k for t in node.output for c in consumers.get(t, ()) if (k := downstream(c, seen)) is not None), None)
+
+    def upstream(name: str, seen: set[str]) -> int | None:
+        hit = direct(name)
+        if hit is not None or name in seen or name not in ort_nodes:
+            return hit
+        seen.add(name)
+        return next((k for t in ort_nodes[name].input if t in producer if (k := upstream(producer[t], seen)) is not None), None)
+
+    def resolve(name: str, seen: frozenset[str] = frozenset()) -> int | None:
+        hit = direct(name)
+        node = ort_nodes.get(name)
+        if hit is not None or node is None or name in seen:
+            return hit
+        seen = seen | {name}
+        readers = [c for t in node.output for c in consumers.get(t, ())]
+        writers = [producer[t] for t in node.input if t in producer]
+        if node.op_type == "ReorderOutput":
+            found = (resolve(c, seen) for c in readers)
+            return next((k for k in found if k is not None), written(node))
+        if node.op_type == "ReorderInput":
+            found = (resolve(n, seen) for n in writers + readers)
+            return next((k for k in found if k is not None), None)
+        found = downstream(name, set())
+        return found if found is not None else upstream(name, set())
+
     times = np.zeros(len(kernels))
     counts = np.zeros(len(kernels))
+    carrier = _carriers(kernels)
     for t in timings:
-        k = owners.kernel_of(t.name)
+        k = resolve(t.name)
+        k = carrier[k] if k is not None else None
         if k is not None:
             times[k] += max(t.duration_ms - overheads.profiler_ms, 0.05 * t.duration_ms) + overheads.executor_ms
             counts[k] += 1
@@ -146,118 +207,10 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
                           tuple(sorted(dropped)))
 
 
-def with_layout_copies(model: onnx.ModelProto, shapes: Mapping[str, Shape], kernels: Sequence[Kernel],
-                       optimized: onnx.ModelProto) -> list[Kernel]:
-    """`kernels` with `relayout_elements`: the elements of the layout copies ORT runs for each (ReorderInput,
-    ReorderOutput of its blocked NCHWc layout, owned as `attribute` owns their time), read from `optimized`,
-    ORT's graph of `model`. A copy is a pass over memory of its own (~0.3-0.5 ns an element, fitted on a profile
-    of a 2-core Xeon), and which ops get one follows ORT's rules, not the op's own shape: a channel shuffle's
-    Transpose reads a ReorderOutput in a network whose convs ORT blocks and none in ShuffleNet, where the Concat
-    before it does."""
-    owners = _OrtOwners(model, kernels, optimized)
-    tensor_shapes = infer_tensors(model, shapes)[0]
-    moved = [0] * len(kernels)
-    for name, node in owners.ort_nodes.items():
-        if node.op_type not in ("ReorderInput", "ReorderOutput"):
-            continue
-        k = owners.kernel_of(name)
-        if k is None:
-            continue
-        plain = node.output[0] if node.op_type == "ReorderOutput" else node.input[0]
-        shape = tensor_shapes.get(plain)
-        moved[k] += math.prod(shape) if shape else kernels[k].input_elements
-    return [dataclasses.replace(k, relayout_elements=m) if m else k for k, m in zip(kernels, moved)]
-
-
-def ort_layout_copies(model: onnx.ModelProto, shapes: Mapping[str, Shape], kernels: Sequence[Kernel],
-                      providers=("CPUExecutionProvider",), threads: int = 1) -> list[Kernel]:
-    """`with_layout_copies` for a model not profiled: ORT optimizes it (a session is made, nothing is run)."""
-    with tempfile.TemporaryDirectory(prefix="hwnas-layout-") as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, optimized=True, threads=threads, providers=list(providers), optimized_model_path=path)
-        optimized = onnx.load(path, load_external_data=False)
-    return with_layout_copies(model, shapes, kernels, optimized)
-
-
-class _OrtOwners:
-    """Which kernel each node of ORT's optimized graph counts for (the rules `attribute` documents)."""
-
-    def __init__(self, model: onnx.ModelProto, kernels: Sequence[Kernel], optimized: onnx.ModelProto, timings=()):
-        self.owner = {key: i for i, k in enumerate(kernels) for key in k.nodes}
-        self.original_producer = {o: self.owner[key] for key, n in zip(_keys(model), model.graph.node) for o in n.output if o}
-        self.ort_nodes = _named_ort_nodes(optimized.graph, timings)
-        self.producer = {o: name for name, n in self.ort_nodes.items() for o in n.output if o}
-        self.consumers: dict[str, list[str]] = {}
-        for name, n in self.ort_nodes.items():
-            for t in dict.fromkeys(t for t in n.input if t):
-                self.consumers.setdefault(t, []).append(name)
-        self.carrier = _carriers(kernels)
-
-    def kernel_of(self, name: str) -> int | None:
-        """The kernel that carries this ORT node's time: its own, or for a free kernel the next one."""
-        k = self._resolve(name)
-        return self.carrier[k] if k is not None else None
-
-    def _direct(self, name: str) -> int | None:
-        """The kernel of the original node this ORT node is named after: `X`, `X_nchwc`, `fused X`,
-        `X/QuickGeluFusion/`... X is a node name, or for a blocked-layout node (`X_nchwc`) the name of the
-        tensor it writes: ORT names those after their output, which only models whose nodes are named
-        like their outputs (the profiling networks, the zoo) cannot tell apart."""
-        blocked = name.endswith("_nchwc")
-        name = name.removeprefix("fused ").removesuffix("_nchwc")
-        for names in ((self.original_producer, self.owner) if blocked else (self.owner, self.original_producer)):
-            if name in names:
-                return names[name]
-        cuts = [i for i, ch in enumerate(name) if ch in "/_:"]
-        return next((self.owner[name[:i]] for i in reversed(cuts) if name[:i] in self.owner), None)
-
-    def _written(self, node) -> int | None:
-        return next((self.original_producer[t] for t in node.output if t in self.original_producer), None)
-
-    def _downstream(self, name: str, seen: set[str]) -> int | None:
-        """The kernel of a node ORT made: the original tensor it or a later made node writes, or the op it feeds."""
-        hit = self._direct(name)
-        if hit is not None or name in seen or name not in self.ort_nodes:
-            return hit
-        seen.add(name)
-        node = self.ort_nodes[name]
-        hit = self._written(node)
-        if hit is not None or node.op_type == "ReorderOutput":
-            return hit
-        return next((k for t in node.output for c in self.consumers.get(t, ())
-                     if (k := self._downstream(c, seen)) is not None), None)
-
-    def _upstream(self, name: str, seen: set[str]) -> int | None:
-        hit = self._direct(name)
-        if hit is not None or name in seen or name not in self.ort_nodes:
-            return hit
-        seen.add(name)
-        return next((k for t in self.ort_nodes[name].input if t in self.producer
-                     if (k := self._upstream(self.producer[t], seen)) is not None), None)
-
-    def _resolve(self, name: str, seen: frozenset[str] = frozenset()) -> int | None:
-        hit = self._direct(name)
-        node = self.ort_nodes.get(name)
-        if hit is not None or node is None or name in seen:
-            return hit
-        seen = seen | {name}
-        readers = [c for t in node.output for c in self.consumers.get(t, ())]
-        writers = [self.producer[t] for t in node.input if t in self.producer]
-        if node.op_type == "ReorderOutput":
-            found = (self._resolve(c, seen) for c in readers)
-            return next((k for k in found if k is not None), self._written(node))
-        if node.op_type == "ReorderInput":
-            found = (self._resolve(n, seen) for n in writers + readers)
-            return next((k for k in found if k is not None), None)
-        found = self._downstream(name, set())
-        return found if found is not None else self._upstream(name, set())
-
-
 def _named_ort_nodes(graph: onnx.GraphProto, timings) -> dict[str, onnx.NodeProto]:
     """ORT's graph by the names its profiler uses. The saved graph leaves the nodes of an inlined function
     (HardSwish → HardSigmoid, Mul) unnamed while the profiler calls them `<op>_<index>`: those are
-    matched by op type in execution order, which is the saved graph's order; without timings (a graph
-    read, not run) they keep their place in the wiring under a name no kernel has."""
+    matched by op type in execution order, which is the saved graph's order."""
     named = {n.name: n for n in graph.node if n.name}
     unnamed: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
@@ -266,8 +219,6 @@ def _named_ort_nodes(graph: onnx.GraphProto, timings) -> dict[str, onnx.NodeProt
     for t in timings:
         if t.name not in named and unnamed.get(t.op_type):
             named[t.name] = unnamed[t.op_type].pop(0)
-    for op, nodes in unnamed.items():
-        named.update({f"<unnamed {op} {i}>": n for i, n in enumerate(nodes)})
     return named
 
 

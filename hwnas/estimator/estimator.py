@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.attribution import ort_layout_copies
 from hwnas.estimator.features import FEATURES_VERSION, SHAPE_FEATURES, WORK_FEATURES, feature_matrix
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.estimator.roofline import Roofline
@@ -252,9 +251,6 @@ class LatencyEstimator:
         """The model's latency, If/Loop bodies included (`hwnas.graph.control_flow`)."""
         flat = flatten_control_flow(model, input_shapes, cost=lambda m: self._top_level_ms(m, input_shapes))
         kernels = decompose(flat.model, input_shapes, self.rules)
-        if self.layout_copies_:
-            kernels = ort_layout_copies(flat.model, input_shapes, kernels, [self.target_config["provider"]],
-                                        int(self.target_config.get("threads", 1)))
         assists = self._denormal_assists_ms(flat.model, kernels)
         estimates = [
             dataclasses.replace(e, latency_ms=(e.latency_ms + assists.get(e.name, 0.0)) * flat.repeats.get(e.nodes[0], 1))
@@ -359,8 +355,6 @@ class LatencyEstimator:
                                                     int(self.target_config.get("config", {}).get("bytes_per_element", 4)))
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
         self.small_networks_ = any(s.small_network for s in self.samples_)
-        # profiled with the layout copies ORT made for each kernel: a model's are read from ORT's graph of it too
-        self.layout_copies_ = "provider" in self.target_config and any(s.kernel.relayout_elements for s in self.samples_)
         self.interpolations_ = frozenset(s.kernel.interpolation for s in self.samples_ if s.kernel.interpolation)
         by_kind: dict[str, list[Kernel]] = {}
         for s in self.samples_:
@@ -452,10 +446,7 @@ def _sample_to_dict(sample: Sample) -> dict:
 
 
 def _kernel_to_dict(kernel: Kernel) -> dict:
-    data = dataclasses.asdict(kernel)
-    if not kernel.relayout_elements:  # written where profiling read ORT's layout copies and found some
-        del data["relayout_elements"]
-    return data
+    return dataclasses.asdict(kernel)
 
 
 def _kernel_from_dict(data: Mapping) -> Kernel:

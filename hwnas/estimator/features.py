@@ -25,19 +25,13 @@ from hwnas.targets.kernels import Kernel
 # tells the two apart from few samples. "epilogue_elements": output elements × fused ops, what the ops
 # riding along cost where the target runs them as passes of their own (ORT CPU: a decomposed hard-swish after a
 # conv, 4 passes; without it the trees learnt "5 fused ops: slow" from small unaligned dwconvs and put a 256-channel
-# one at 2.4x its time). "relayout_elements": what ORT's CPU copies into or out of its blocked layout for a kernel
-# without a GEMM (`Kernel.relayout_elements`: a pass of its own, owned by the plain-layout op beside it; a channel
-# shuffle's Transpose has one in a network of blocked convs and none in ShuffleNet). A conv's own copies (blocked,
-# between the plain passes of a decomposed activation) come with its epilogue, which epilogue_elements prices: as a
-# term of their own too, the two split one cost and PP-OCRv3 rec's convs came out 1.3-2.6x (A/B on a profile's
-# first 1,000 samples, estimator-history.md 2026-12-06 stop 32). "one" stays last: the fixed cost per kernel.
-WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements",
-                 "relayout_elements", "one")
+# one at 2.4x its time). "one" stays last: the fixed cost per kernel.
+WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
 # corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
-# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: layout copies)
-FEATURES_VERSION = 9
+# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`)
+FEATURES_VERSION = 8
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -56,8 +50,7 @@ def work_features(kernel: Kernel, pf: int) -> list[float]:
     if kernel.kind == "free":
         return [0.0] * len(WORK_FEATURES)
     return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0,
-            float(kernel.output_elements * len(kernel.fused_ops)),
-            0.0 if kernel.gemm is not None else float(kernel.relayout_elements), 1.0]
+            float(kernel.output_elements * len(kernel.fused_ops)), 1.0]
 
 
 SHAPE_FEATURES = (

@@ -59,16 +59,8 @@ def make_session(
     optimized: bool = False,
     threads: int = 1,
     providers: list | None = None,
-    optimized_model_path: str | None = None,
 ) -> ort.InferenceSession | MappedSession:
-    """A session of `model`; `optimized_model_path`: where ORT writes its optimized graph, with every weight
-    over 1 KiB in a file beside it (no protobuf of a large model's size is built)."""
     opts = session_options(optimized, threads)
-    if optimized_model_path:
-        opts.optimized_model_filepath = optimized_model_path
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                      os.path.basename(optimized_model_path) + ".data")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     providers = providers or ["CPUExecutionProvider"]
     shell, folder = with_relative_refs(model)
     if folder:  # weights on disk: ORT reads them from `folder`

@@ -142,10 +142,6 @@ class Kernel:
     # ("nearest:asymmetric:floor", PyTorch's and Paddle's exports, is pure pixel replication, which ORT's CPU
     # runs in its blocked layout ~10x faster than "nearest:half_pixel:round_prefer_floor"); "" elsewhere
     interpolation: str = ""
-    # elements ORT's CPU copies between its blocked layout (NCHWc) and the plain one for this kernel: the
-    # ReorderInput/ReorderOutput nodes its measured time includes (`hwnas.estimator.attribution.with_layout_copies`;
-    # 0 where not asked)
-    relayout_elements: int = 0
 
     @property
     def fused_ops(self) -> tuple[str, ...]:
