@@ -30,7 +30,7 @@ from hwnas.estimator.cpu_fusion import (
     rules_document,
     rules_from_verdicts,
 )
-from hwnas.estimator.estimator import LatencyEstimator
+from hwnas.estimator.estimator import MEASURED_QUANTILE, LatencyEstimator
 from hwnas.estimator.attribution import attribute, measure_in_context
 from hwnas.estimator.networks import (
     BlockConfig,
@@ -266,9 +266,11 @@ def test_cpu_profiles_in_context_by_default_and_the_npu_cannot():
         profile_target(get_target("npu-16x16"), 10, mode="context")
 
 
-def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path):
-    estimator, report = profile_target(get_target(FAST), 40, seed=0)
-    assert report.mode == "context" and 0 < report.measurements <= 40 and report.networks >= 1
+def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path, monkeypatch):
+    # enough measurements that some kind has boosted corrections (24 samples), which fit a quantile on a measured target
+    estimator, report = profile_target(get_target(FAST), 100, seed=0)
+    assert report.mode == "context" and 0 < report.measurements <= 100 and report.networks >= 1
+    assert any(r.forest_ is not None for r in estimator.regressors_.values())
     assert all(s.latency_ms > 0 for s in estimator.samples_)
     machine = estimator.target_config["machine"]
     assert {"cpu", "logical_cpus", "onnxruntime", "date", "load_average_1min"} <= set(machine)
@@ -290,6 +292,22 @@ def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path):
     loaded = LatencyEstimator.load(path)
     assert loaded.target_config["machine"] == machine
     assert loaded.estimate(model, shapes).latency_ms == pytest.approx(result.latency_ms, rel=1e-9)
+    # the corrections profiling wrote fit the measured target's quantile, as a refit of its samples does (they
+    # fitted the mean, until profiling refitted once the machine was recorded); arrays of another fit are refitted
+    assert estimator.fitted_quantile_ == loaded.fitted_quantile_ == MEASURED_QUANTILE
+    with np.load(tmp_path / "cpu.fitted.npz", allow_pickle=False) as npz:
+        arrays = dict(npz)
+    meta = json.loads(str(arrays["meta"]))
+    assert meta["quantile"] == MEASURED_QUANTILE
+    refits = []
+    fit = LatencyEstimator.fit
+    monkeypatch.setattr(LatencyEstimator, "fit", lambda self, samples: refits.append(1) or fit(self, samples))
+    LatencyEstimator.load(path)
+    assert not refits
+    arrays["meta"] = np.array(json.dumps({**meta, "quantile": None}))
+    np.savez_compressed(tmp_path / "cpu.fitted.npz", **arrays)
+    LatencyEstimator.load(path)
+    assert refits
 
 
 def test_kernel_mode_on_cpu_subtracts_the_empty_run():

@@ -150,6 +150,7 @@ class LatencyEstimator:
             by_key.setdefault(key, []).append(s)
             if s.kernel.kind in self.per_op_kinds:  # and pooled over the kind's ops: for an op never profiled
                 by_key.setdefault(key.replace(self._range_key(s.kernel), s.kernel.kind, 1), []).append(s)
+        self.fitted_quantile_ = self.correction_quantile
         self.regressors_ = {key: self._fit(group) for key, group in by_key.items()}
         return self._derive()
 
@@ -171,11 +172,17 @@ class LatencyEstimator:
         ops (`per_op_kinds`: a Transpose's sizes say nothing about a Softmax's), its op."""
         return f"{kernel.kind}:{kernel.op}" if kernel.kind in self.per_op_kinds else kernel.kind
 
+    @property
+    def correction_quantile(self) -> float | None:
+        """What the boosted corrections fit: the `MEASURED_QUANTILE` of the log ratio on a measured target (its
+        `target_config` names the machine), the mean (None) on a simulated one."""
+        return MEASURED_QUANTILE if self.target_config.get("machine") else None
+
     def _fit(self, samples: list[Sample]) -> KernelRegressor:
         X = self._features([s.kernel for s in samples], [s.small_network for s in samples])
         y = np.array([s.latency_ms for s in samples])
-        quantile = MEASURED_QUANTILE if self.target_config.get("machine") else None
-        return KernelRegressor(len(WORK_FEATURES), random_state=self.random_state, quantile=quantile).fit(X, y)
+        return KernelRegressor(len(WORK_FEATURES), random_state=self.random_state,
+                               quantile=self.fitted_quantile_).fit(X, y)
 
     def _features(self, kernels: Sequence[Kernel], small: Sequence[bool]) -> np.ndarray:
         work, shape = feature_matrix(list(kernels), self.parallelism_factor)
@@ -314,7 +321,8 @@ class LatencyEstimator:
         (`data`: this estimator's `to_dict()`, when already made)."""
         samples = (data or self.to_dict())["samples"]
         arrays = {f"{kind}/{key}": value for kind, reg in self.regressors_.items() for key, value in reg.to_arrays().items()}
-        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(samples), "features": FEATURES_VERSION}
+        meta = {"scikit-learn": _SKLEARN_VERSION, "samples_sha256": _samples_digest(samples), "features": FEATURES_VERSION,
+                "quantile": self.fitted_quantile_}
         return {"meta": np.array(json.dumps(meta)), **arrays}
 
     @classmethod
@@ -333,12 +341,13 @@ class LatencyEstimator:
                               None if s.get("network_ms") is None else float(s["network_ms"])) for s in data["samples"]]
         except (KeyError, TypeError, ValueError) as e:
             raise BadInputError(f"{origin}: malformed estimator data ({type(e).__name__}: {e})") from None
-        if fitted is not None and _fitted_matches(fitted, data["samples"]):
+        if fitted is not None and _fitted_matches(fitted, data["samples"], estimator.correction_quantile):
             return estimator._restore(samples, fitted)
         return estimator.fit(samples)
 
     def _restore(self, samples: list[Sample], fitted: Mapping[str, np.ndarray]) -> LatencyEstimator:
         self.samples_ = samples
+        self.fitted_quantile_ = self.correction_quantile  # what `_fitted_matches` checked the arrays were fitted with
         by_kind: dict[str, dict[str, np.ndarray]] = {}
         for key, value in fitted.items():
             if "/" in key:  # REGRESSOR/ARRAY, the regressor's key itself may be KIND/int8
@@ -426,14 +435,15 @@ def _samples_digest(samples: list) -> str:
     return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()
 
 
-def _fitted_matches(fitted: Mapping[str, np.ndarray], samples: list) -> bool:
+def _fitted_matches(fitted: Mapping[str, np.ndarray], samples: list, quantile: float | None) -> bool:
+    """Whether the stored arrays are what fitting `samples` here would give. Arrays written before the version
+    was recorded are of version 1, before the quantile was, of an unknown one."""
     try:
         meta = json.loads(str(fitted["meta"]))
     except (KeyError, ValueError):
         return False
-    # arrays written before the version was recorded are of version 1
     return (meta.get("scikit-learn") == _SKLEARN_VERSION and meta.get("samples_sha256") == _samples_digest(samples)
-            and meta.get("features", 1) == FEATURES_VERSION)
+            and meta.get("features", 1) == FEATURES_VERSION and meta.get("quantile", "unknown") == quantile)
 
 
 def _sample_to_dict(sample: Sample) -> dict:

@@ -142,6 +142,9 @@ def profile_target(
     report.load_average = sampler.load
     if sampler.measured:
         estimator.target_config["machine"] = machine_entry(report)
+        # a measured target's corrections fit a quantile (`correction_quantile`), which the fits of the adaptive
+        # rounds, made before the machine was recorded, did not: the file would hold other trees than a refit of it
+        estimator.fit(estimator.samples_)
     estimator.target_config["profiling"] = {"mode": mode, "budget": budget, "seed": seed,
                                             "measurements": report.measurements, "networks": report.networks,
                                             "int8_networks": getattr(sampler, "int8_networks", 0),
