@@ -420,6 +420,17 @@ def test_stored_measurements_are_reused_and_a_missing_model_fails_closed(tmp_pat
     assert exit_info.value.code == 2 and "no oracle sum for 'b'" in capsys.readouterr().err
 
 
+def test_node_overheads_are_the_least_of_a_few_looks(monkeypatch):
+    """A burst only adds time: each overhead is its least over the looks, whichever look that comes from."""
+    from hwnas.estimator import profile as profile_module
+    from hwnas.estimator.attribution import NodeOverheads
+
+    looks = iter([NodeOverheads(4.4e-3, 0.6e-3, 9.1e-3), NodeOverheads(2.4e-3, 0.7e-3, 5.6e-3),
+                  NodeOverheads(3.0e-3, 0.5e-3, 6.0e-3)])
+    monkeypatch.setattr(profile_module, "measure_node_overheads", lambda settings, providers: next(looks))
+    assert profile_module.least_node_overheads(get_target(FAST), None) == NodeOverheads(2.4e-3, 0.5e-3, 5.6e-3)
+
+
 def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkeypatch):
     """A reference model slower than its quietest by more than the tolerance means a neighbour's burst: wait and
     look again; past `patience`, go ahead and count it. The context sampler measures a network again when a
@@ -437,6 +448,7 @@ def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkey
     assert not gate.wait() and gate.gave_up == 1
 
     sampler = profile_module.make_sampler(get_target(FAST), get_target(FAST).rules, 0, "context", quiet_gate=True)
+    assert sampler.overheads.profiler_ms > 0
     after_run = iter([False, True])  # a burst began during the first run; quiet after the second
     monkeypatch.setattr(sampler.gate, "wait", lambda: True)
     monkeypatch.setattr(sampler.gate, "quiet", lambda: next(after_run))
