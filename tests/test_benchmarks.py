@@ -173,6 +173,22 @@ def test_estimator_cv_holds_each_network_out_of_its_own_fit():
     assert int(all_row.split(" | ")[1]) == len(networks)
 
 
+@pytest.mark.slow
+def test_profile_replay_rebuilds_the_random_third_of_a_profile():
+    import profile_replay
+
+    from hwnas import api
+    from hwnas.estimator.profile import profile_target
+    from hwnas.targets import get_target
+
+    estimator, _ = profile_target(get_target("cpu:warmup=1,repeats=3,min_seconds=0"), 90, seed=3,
+                                  quantize=api.profiling_quantizer())
+    third = estimator.samples_[:30]  # the profile's random third, two networks: a float one, then an int8 one
+    matched = profile_replay.matched_samples(estimator)
+    assert [s for s, _ in matched] == third  # every sample of the third, its kernel rebuilt
+    assert any(k.int8 for _, k in matched) and all(s.kernel == k for s, k in matched)
+
+
 def test_residency_probe_widens_only_the_classifier():
     import residency_probe
 
