@@ -293,7 +293,7 @@ def test_profiled_cpu_estimator_predicts_and_stores_without_pickle(tmp_path, mon
     assert loaded.target_config["machine"] == machine
     assert loaded.estimate(model, shapes).latency_ms == pytest.approx(result.latency_ms, rel=1e-9)
     # the corrections profiling wrote fit the measured target's quantile, as a refit of its samples does (they
-    # fitted the mean, until profiling refitted once the machine was recorded); arrays of another fit are refitted
+    # fitted the mean, until a measured profile named its machine from its first fit on); arrays of another fit are refitted
     assert estimator.fitted_quantile_ == loaded.fitted_quantile_ == MEASURED_QUANTILE
     with np.load(tmp_path / "cpu.fitted.npz", allow_pickle=False) as npz:
         arrays = dict(npz)

@@ -26,32 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hwnas import api  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator, Sample  # noqa: E402
-from hwnas.estimator.networks import build_network, random_network  # noqa: E402
+from hwnas.estimator.networks import random_network  # noqa: E402
+from hwnas.estimator.profile import profiled_network  # noqa: E402
 from hwnas.targets.kernels import Kernel, decompose  # noqa: E402
+
+
+def random_third(estimator: LatencyEstimator) -> list[Sample]:
+    """The samples of the profile's random third (`profile._adaptive`'s first draw)."""
+    return estimator.samples_[: estimator.target_config["profiling"]["budget"] // 3]
 
 
 def replay(estimator: LatencyEstimator) -> Iterator[tuple[int, onnx.ModelProto, dict, list[Kernel]]]:
     """(network index, model, input shapes, kernels) of each network of the profile's random third."""
     profiling = estimator.target_config["profiling"]
-    first = estimator.samples_[: profiling["budget"] // 3]
-    every = profiling.get("int8_every", 0)
+    every = profiling.get("int8_every", 1)
     rng = np.random.default_rng(profiling["seed"])
-    quantize = api.profiling_quantizer() if every else None
-    for network in range(max(s.network for s in first) + 1):
+    quantize = api.profiling_quantizer() if "int8_every" in profiling else None
+    for network in range(max(s.network for s in random_third(estimator)) + 1):
         config = random_network(rng)
-        model, _ = build_network(config)
-        if quantize is not None and network % every == every - 1:
-            calibration = rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
-            model = quantize(model, {"x": calibration})
+        model, _, _ = profiled_network(config, network, rng, quantize, every)
         shapes = {"x": (1, config.c_in, config.size, config.size)}
         yield network, model, shapes, decompose(model, shapes, estimator.rules)
 
 
 def matched_samples(estimator: LatencyEstimator) -> list[tuple[Sample, Kernel]]:
     """The random third's samples, each with its kernel as built again (those whose kernel did not match left out)."""
-    first = estimator.samples_[: estimator.target_config["profiling"]["budget"] // 3]
     by_network: dict[int, list[Sample]] = {}
-    for s in first:
+    for s in random_third(estimator):
         by_network.setdefault(s.network, []).append(s)
     out = []
     for network, _, _, kernels in replay(estimator):
@@ -68,9 +69,8 @@ def main() -> None:
     parser.add_argument("profile", help="a context profile's estimator file (profile_cpu.py -o DIR: DIR/cpu.json)")
     args = parser.parse_args()
     estimator = LatencyEstimator.load(args.profile)
-    third = estimator.target_config["profiling"]["budget"] // 3
     matched = matched_samples(estimator)
-    print(f"{len(matched)} of the random third's {third} samples matched their rebuilt kernels")
+    print(f"{len(matched)} of the random third's {len(random_third(estimator))} samples matched their rebuilt kernels")
 
 
 if __name__ == "__main__":

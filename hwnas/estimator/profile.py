@@ -140,11 +140,8 @@ def profile_target(
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
     report.load_average = sampler.load
-    if sampler.measured:
+    if sampler.measured:  # recorded at every fit already (`_new_estimator`); now with the load it was measured at
         estimator.target_config["machine"] = machine_entry(report)
-        # a measured target's corrections fit a quantile (`correction_quantile`), which the fits of the adaptive
-        # rounds, made before the machine was recorded, did not: the file would hold other trees than a refit of it
-        estimator.fit(estimator.samples_)
     estimator.target_config["profiling"] = {"mode": mode, "budget": budget, "seed": seed,
                                             "measurements": report.measurements, "networks": report.networks,
                                             "int8_networks": getattr(sampler, "int8_networks", 0),
@@ -287,11 +284,8 @@ class _ContextSampler:
         return self._measure(network_around(self.rng, block, c, h))
 
     def _measure(self, config: NetworkConfig) -> list[tuple[object, Sample]]:
-        model, block_inputs = build_network(config)
-        if self.quantize is not None and self.networks % self.int8_every == self.int8_every - 1:
-            calibration = self.rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
-            model = self.quantize(model, {"x": calibration})
-            self.int8_networks += 1
+        model, block_inputs, int8 = profiled_network(config, self.networks, self.rng, self.quantize, self.int8_every)
+        self.int8_networks += int8
         self.load.append(_load())
         shapes = {"x": (1, config.c_in, config.size, config.size)}
         def measured():
@@ -307,6 +301,17 @@ class _ContextSampler:
             block = block_of(k, default=block)  # an unnamed node a rewrite added: the block before it
             out.append(((config.blocks[block], *block_inputs[block]), Sample(k, t, network, profile.total_ms)))
         return out
+
+
+def profiled_network(config: NetworkConfig, index: int, rng: np.random.Generator, quantize: Quantizer | None,
+                     int8_every: int) -> tuple[onnx.ModelProto, list, bool]:
+    """(model, block inputs, quantized) of a profile's `index`-th network: every `int8_every`-th one quantized by
+    `quantize`, on calibration inputs drawn from `rng` (the profile's generator, which the draw advances)."""
+    model, block_inputs = build_network(config)
+    if quantize is None or index % int8_every != int8_every - 1:
+        return model, block_inputs, False
+    calibration = rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
+    return quantize(model, {"x": calibration}), block_inputs, True
 
 
 def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: int, rounds: int,
@@ -332,7 +337,7 @@ def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: in
     samples += [s for _, s in first]
     origins += [o for o, _ in first]
     per_round = max(1, (budget - len(samples)) // max(rounds, 1))
-    estimator = _new_estimator(target, rules, seed).fit(samples)
+    estimator = _new_estimator(target, rules, seed, sampler.measured).fit(samples)
     while len(samples) < budget:
         worst = _worst(estimator, origins, samples, keep=max(4, per_round // 4))
         got = take(lambda i: sampler.around(worst[(i // 2) % len(worst)]) if i % 2 == 0 else sampler.random(), per_round)
@@ -344,13 +349,16 @@ def _adaptive(target: Target, rules: FusionRules, sampler, budget: int, seed: in
                               "within_5pct_before_fit": float(np.mean(err <= 0.05))})
         samples += [s for _, s in got]
         origins += [o for o, _ in got]
-        estimator = _new_estimator(target, rules, seed).fit(samples)
+        estimator = _new_estimator(target, rules, seed, sampler.measured).fit(samples)
     report.measurements = len(samples)
     return estimator, report
 
 
-def _new_estimator(target: Target, rules: FusionRules, seed: int) -> LatencyEstimator:
-    return LatencyEstimator(target.name, target.parallelism_factor, rules, target.describe(), random_state=seed)
+def _new_estimator(target: Target, rules: FusionRules, seed: int, measured: bool) -> LatencyEstimator:
+    """An estimator of the target; a measured one names its machine from its first fit on, so every fit (the
+    rounds' and the one written) fits what loading it fits (`LatencyEstimator.correction_quantile`)."""
+    config = {**target.describe(), **({"machine": machine_entry(ProfileReport())} if measured else {})}
+    return LatencyEstimator(target.name, target.parallelism_factor, rules, config, random_state=seed)
 
 
 def _worst(estimator: LatencyEstimator, origins: list, samples: list[Sample], keep: int) -> list:
