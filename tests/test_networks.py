@@ -201,3 +201,36 @@ def test_random_networks_draw_resnet_stems_and_segmentation_heads():
         feeds = random_feeds(model, {"x": (1, config.c_in, config.size, config.size)}, seed=0)
         (y,) = run(make_session(model, optimized=True, threads=1), feeds)
         assert y.shape == (1, config.blocks[-1].c_out, side, side)
+
+
+def _conv_counts(config: NetworkConfig) -> list[int]:
+    model, _ = build_network(config)
+    weights = {i.name: i.dims for i in model.graph.initializer}
+    return [weights[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"]
+
+
+def test_random_networks_keep_one_channel_layout_as_real_models_do():
+    """Aligned networks: nearly every conv's output a multiple of 8 (SE squeezes and splits derive theirs); unaligned ones (ShuffleNet's 58/116, widths without a
+    divisor): rarely a multiple of 8, so ORT's blocked layout is the exception there, not a change at every conv."""
+    rng = np.random.default_rng(4)
+    by_layout: dict[str, list[float]] = {"aligned": [], "unaligned": []}
+    for layout, shares in by_layout.items():
+        for _ in range(60):
+            counts = [c for c in _conv_counts(random_network(rng, layout)) if c > 8]
+            if counts:
+                shares.append(np.mean([c % 8 == 0 for c in counts]))
+    assert len(by_layout["aligned"]) > 30 and len(by_layout["unaligned"]) > 20
+    assert np.mean(by_layout["aligned"]) > 0.9
+    assert np.mean(by_layout["unaligned"]) < 0.3
+
+
+def test_an_lstm_head_scores_each_step_over_a_vocabulary_as_ctc_recognisers_do():
+    head = BlockConfig("head", 6625, op="lstm", hidden=512, groups=2)
+    config = NetworkConfig(3, 32, (BlockConfig("conv", 64, 3, 2), BlockConfig("conv", 64, 3, 2), head))
+    model, _ = build_network(config)
+    assert [n.op_type for n in model.graph.node[-3:]] == ["LSTM", "Reshape", "Gemm"]
+    (y,) = run(make_session(model, optimized=True, threads=1), random_feeds(model, {"x": (1, 3, 32, 32)}, seed=0))
+    assert y.shape == (8, 6625) and np.isfinite(y).all()
+    rng = np.random.default_rng(5)
+    heads = [h for h in (random_head(rng, 512, 16) for _ in range(600)) if h.op == "lstm"]
+    assert {h.hidden for h in heads} >= {256, 512} and any(h.c_out >= 1000 for h in heads) and any(h.c_out == 1 for h in heads)

@@ -581,7 +581,12 @@ def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
         y = b.node("LSTM", [steps, *weights], (w, dirs, n, hidden), hidden_size=hidden,
                    direction="bidirectional" if dirs == 2 else "forward")
         b.macs += w * dirs * n * (c + hidden) * 4 * hidden
-        return b.node("Reshape", [y, b.const(np.array([w, n, dirs * hidden], np.int64))], (w, n, dirs * hidden))
+        if blk.c_out == 1:
+            return b.node("Reshape", [y, b.const(np.array([w, n, dirs * hidden], np.int64))], (w, n, dirs * hidden))
+        rows = b.node("Reshape", [y, b.const(np.array([w * n, dirs * hidden], np.int64))], (w * n, dirs * hidden))
+        b.macs += w * n * dirs * hidden * blk.c_out
+        return b.node("Gemm", [rows, b.weight([blk.c_out, dirs * hidden], dirs * hidden), b.const(np.zeros(blk.c_out, np.float32))],
+                      (w * n, blk.c_out), transB=1)
     y = _conv(b, x, blk.c_out, 1, bn=False)
     if blk.op == "segment":  # to the input's side (2x where the map is that size already)
         side = max(b.shapes["x"][2], 2 * h)
@@ -629,23 +634,29 @@ def block_of(kernel: Kernel, default: int | None = None) -> int:
     return default
 
 
-# The share of random networks whose every channel count is a multiple of 16 or 8, as real models' are. ORT's CPU
-# runs a conv in its blocked layout (NCHWc, 16 channels a block with AVX-512) only when its input channels are a
-# multiple of the block, so a real model runs blocked from end to end, while a network of mixed counts changes layout
-# around each unaligned conv: of the shipped 481 float conv samples, 6 of 100k-1.6M MACs were aligned to 16 on both
-# sides (none 3x3), and there the unaligned ones ran at 10-27 MACs/ns where the small held-out models' aligned convs
-# run at 36-57: the regressors priced those models' convs like the unaligned ones (+30-50 %).
-ALIGNED_NETWORKS = 0.35
+# How a random network's channel counts are drawn, and the share of networks drawn each way. ORT's CPU runs a conv in
+# its blocked layout (NCHWc, 16 channels a block with AVX-512) only when its channels are multiples of the block, and
+# changes layout (a copy) where a blocked conv meets an unblocked op. Real models keep one layout from end to end:
+# - "aligned": every count a multiple of 8 or 16, as most models are. Of the 481 float conv samples of a profile with
+#   mixed networks only, 6 of 100k-1.6M MACs were aligned to 16 on both sides; the unaligned ones ran at 10-27
+#   MACs/ns where the small held-out models' aligned convs run at 36-57, and were priced like them (+30-50 %).
+# - "unaligned": counts as width multipliers without a divisor and ShuffleNets give them (58, 116, 174, 41, 83):
+#   rounded to 2 or not at all, so ORT blocks a conv only where a count happens to be a multiple of 16. Without
+#   these, unaligned convs and channel shuffles were only seen next to layout copies: ShuffleNet 1.0's 58- and
+#   116-channel 1x1 convs were over-predicted by 20-35 % and its shuffle Transposes 3-5x (stop 33).
+# - "mixed": rounded to 8, 16, 4 or not at all, each count on its own: layout changes everywhere.
+CHANNEL_LAYOUTS = ("aligned", "unaligned", "mixed")
+_CHANNEL_LAYOUT_WEIGHTS = (0.35, 0.25, 0.4)
 
 
-def _channels(rng: np.random.Generator, lo: int, hi: int, aligned: bool = False) -> int:
-    """Log-uniform in [lo, hi]; mostly rounded to 8 or 16 as real models are, often not (`aligned`: always)."""
+def _channels(rng: np.random.Generator, lo: int, hi: int, layout: str = "mixed") -> int:
+    """Log-uniform in [lo, hi], rounded down to a multiple as a network of `layout` (CHANNEL_LAYOUTS) rounds."""
     c = _log_uniform(rng, lo, max(lo, hi))
     r = rng.random()
-    if aligned:
+    if layout == "aligned":
         multiple = 16 if r < 0.6 else 8
         return max(lo, c // multiple * multiple) if multiple <= c else multiple
-    multiple = 8 if r < 0.4 else 16 if r < 0.55 else 4 if r < 0.65 else 1
+    multiple = (2 if r < 0.5 else 1) if layout == "unaligned" else 8 if r < 0.4 else 16 if r < 0.55 else 4 if r < 0.65 else 1
     return max(lo, c // multiple * multiple) if multiple <= c else c
 
 
@@ -653,9 +664,9 @@ def _act_choice(rng: np.random.Generator) -> str:
     return str(rng.choice(ACTIVATIONS, p=np.array(_ACT_WEIGHTS) / sum(_ACT_WEIGHTS)))
 
 
-def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False) -> BlockConfig:
-    """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows); `aligned`: its
-    channel counts multiples of 8 or 16 (`ALIGNED_NETWORKS`)."""
+def random_block(rng: np.random.Generator, c: int, h: int, layout: str = "mixed") -> BlockConfig:
+    """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows), its channel counts
+    drawn as a network of `layout` draws them (CHANNEL_LAYOUTS)."""
     kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k == "deconv" and not 2 <= h <= 160)
              and not (k == "upsample" and not 2 <= h <= MAX_UPSAMPLED // 2)
              and not (k == "pixel_shuffle" and not 2 <= h <= MAX_SPACE_TO_DEPTH)
@@ -663,7 +674,7 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
     weights = np.array([_BLOCK_WEIGHTS[BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
     hi = int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide layers only where the maps are small
-    c_out = _channels(rng, 4, hi, aligned)
+    c_out = _channels(rng, 4, hi, layout)
     stride = int(rng.choice([1, 1, 2])) if h >= 4 else 1
     act = _act_choice(rng)
     if kind == "conv":
@@ -677,7 +688,7 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
                            op=str(rng.choice(["act", "linear"])))
     if kind in ("ibn", "fused_ibn"):
         residual = stride == 1 and rng.random() < 0.5
-        hidden = _channels(rng, max(4, c), max(4, c * 6), aligned) if rng.random() < 0.85 else c
+        hidden = _channels(rng, max(4, c), max(4, c * 6), layout) if rng.random() < 0.85 else c
         return BlockConfig(kind, c if residual else c_out, int(rng.choice([3, 3, 5, 7])) if kind == "ibn" else 3, stride,
                            hidden=min(hidden, 1280), act=act, residual=residual, se=bool(rng.random() < 0.25),
                            op="post_act" if residual and rng.random() < 0.3 else "")
@@ -697,7 +708,7 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
     if kind == "attention":
         heads = int(rng.choice([h for h in (1, 2, 4, 8) if c % h == 0]))
         # LayerNorm as the op (opset 17 exports) or decomposed (older exports, Paddle's), which ORT fuses back
-        return BlockConfig("attention", c, groups=heads, hidden=_channels(rng, c, 4 * c, aligned), act=str(rng.choice(["gelu", "swish", "hardswish"])),
+        return BlockConfig("attention", c, groups=heads, hidden=_channels(rng, c, 4 * c, layout), act=str(rng.choice(["gelu", "swish", "hardswish"])),
                            op=str(rng.choice(["layernorm", "decomposed_ln"])))
     if kind == "large_dw":  # a quarter of them 1-D, over the map's pixels as one sequence (stride 1)
         one_d = rng.random() < 0.25
@@ -712,27 +723,29 @@ def random_block(rng: np.random.Generator, c: int, h: int, aligned: bool = False
     return BlockConfig("deconv", min(c_out, 256), int(rng.choice([2, 3, 4])), 2, act=act, bn=bool(rng.random() < 0.5))
 
 
-def random_head(rng: np.random.Generator, c: int, h: int = 1, aligned: bool = False) -> BlockConfig:
+def random_head(rng: np.random.Generator, c: int, h: int = 1, layout: str = "mixed") -> BlockConfig:
     op = str(rng.choice(HEADS, p=[0.38, 0.12, 0.1, 0.1, 0.06, 0.12, 0.12]))
     if op == "lstm" and h <= MAX_LSTM_STEPS:  # hidden sizes of CRNN recognisers; bidirectional mostly
-        return BlockConfig("head", 1, op=op, hidden=int(rng.choice([32, 48, 64, 96, 128, 256])),
-                           groups=2 if rng.random() < 0.7 else 1)
+        hidden, dirs = int(rng.choice([32, 48, 64, 96, 128, 256, 256, 384, 512])), 2 if rng.random() < 0.7 else 1
+        # then mostly each step's scores over the vocabulary (c_out: 1 for none), as CTC recognisers' Gemm computes them
+        vocabulary = max(2, int(min(_channels(rng, 8, 10000, layout), _MAX_NETWORK_MACS / 4 / (h * dirs * hidden)))) if rng.random() < 0.7 else 1
+        return BlockConfig("head", vocabulary, op=op, hidden=hidden, groups=dirs)
     op = "classifier" if op == "lstm" else op
     if op == "classifier":  # ImageNet's 1000 classes often, large vocabularies (text) sometimes; a wide 1x1 conv first half the time
         r = rng.random()
-        classes = 1000 if r < 0.35 else _channels(rng, 2000, 10000, aligned) if r < 0.5 else _channels(rng, 8, 1280, aligned)
-        widen = _channels(rng, 256, 1280, aligned) if rng.random() < 0.5 else 1
+        classes = 1000 if r < 0.35 else _channels(rng, 2000, 10000, layout) if r < 0.5 else _channels(rng, 8, 1280, layout)
+        widen = _channels(rng, 256, 1280, layout) if rng.random() < 0.5 else 1
         widen = widen if c * widen * h * h <= 100e6 else 1  # not a conv of billions of MACs on a big map
-        return BlockConfig("head", classes, op=op, hidden=_channels(rng, 2, 1000, aligned) if rng.random() < 0.3 else 0,
+        return BlockConfig("head", classes, op=op, hidden=_channels(rng, 2, 1000, layout) if rng.random() < 0.3 else 0,
                            act=_act_choice(rng), group_size=widen)
     if op == "segment":
-        return BlockConfig("head", _channels(rng, 2, 32, aligned), op=op,
+        return BlockConfig("head", _channels(rng, 2, 32, layout), op=op,
                            interpolation=str(rng.choice([f for f in UPSAMPLES if f.startswith("linear")])))
-    return BlockConfig("head", _channels(rng, 1, 128, aligned), op=op)
+    return BlockConfig("head", _channels(rng, 1, 128, layout), op=op)
 
 
 def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Sequence[BlockConfig] = (),
-          aligned: bool = False) -> NetworkConfig:
+          layout: str = "mixed") -> NetworkConfig:
     """`given` blocks, then up to `count` random ones while the network stays under the MAC budget."""
     b = NetworkBuilder(dry=True)
     x = b.input("x", (1, c_in, size, size))
@@ -744,27 +757,29 @@ def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Seq
         if len(b.shapes[x]) != 4:  # a head ended the network
             break
         _, c, h, _ = b.shapes[x]
-        blk = random_block(rng, c, h, aligned)
+        blk = random_block(rng, c, h, layout)
         y = _apply(b, x, len(blocks), blk, skips)
         if b.macs > _MAX_NETWORK_MACS:
             break
         blocks.append(blk)
         x = y
     if rng.random() < 0.5 and len(b.shapes[x]) == 4:
-        blocks.append(random_head(rng, b.shapes[x][1], b.shapes[x][2], aligned))
+        blocks.append(random_head(rng, b.shapes[x][1], b.shapes[x][2], layout))
     return NetworkConfig(c_in, size, tuple(blocks), seed=int(rng.integers(1 << 31)))
 
 
-def random_network(rng: np.random.Generator) -> NetworkConfig:
-    """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a head."""
+def random_network(rng: np.random.Generator, layout: str | None = None) -> NetworkConfig:
+    """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a head;
+    its channel counts drawn as `layout` (CHANNEL_LAYOUTS; None: one drawn by `_CHANNEL_LAYOUT_WEIGHTS`) draws them."""
     size = _log_uniform(rng, 16, 320) if rng.random() < 0.9 else int(rng.choice([448, 512, 640]))
-    aligned = bool(rng.random() < ALIGNED_NETWORKS)
-    c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256, aligned)
+    drawn = str(rng.choice(CHANNEL_LAYOUTS, p=_CHANNEL_LAYOUT_WEIGHTS))
+    layout = layout or drawn
+    c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256, layout)
     stem = []
     if c_in == 3 and size >= 32:  # 3x3 mostly; 7x7 as ResNets' stems (over-predicted 2x before any was drawn), 5x5
         kernel = int(rng.choice([3, 5, 7], p=[0.75, 0.1, 0.15]))
-        stem.append(BlockConfig("conv", _channels(rng, 8, 64, aligned), kernel, 2, act=_act_choice(rng)))
-    return _grow(rng, c_in, size, int(rng.integers(3, 12)), stem, aligned)
+        stem.append(BlockConfig("conv", _channels(rng, 8, 64, layout), kernel, 2, act=_act_choice(rng)))
+    return _grow(rng, c_in, size, int(rng.integers(3, 12)), stem, layout)
 
 
 def network_around(rng: np.random.Generator, block: BlockConfig, c: int, h: int) -> NetworkConfig:
