@@ -18,6 +18,7 @@ from hwnas.estimator.networks import (
     random_head,
     random_network,
 )
+from hwnas.gate import conv_channels
 from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.targets import get_target
 from hwnas.targets.kernels import decompose
@@ -203,25 +204,23 @@ def test_random_networks_draw_resnet_stems_and_segmentation_heads():
         assert y.shape == (1, config.blocks[-1].c_out, side, side)
 
 
-def _conv_counts(config: NetworkConfig) -> list[int]:
-    model, _ = build_network(config)
-    weights = {i.name: i.dims for i in model.graph.initializer}
-    return [weights[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"]
-
-
 def test_random_networks_keep_one_channel_layout_as_real_models_do():
-    """Aligned networks: nearly every conv's output a multiple of 8 (SE squeezes and splits derive theirs); unaligned ones (ShuffleNet's 58/116, widths without a
-    divisor): rarely a multiple of 8, so ORT's blocked layout is the exception there, not a change at every conv."""
+    """Aligned networks: nearly every conv's output a multiple of 8 (SE squeezes and splits derive theirs);
+    unaligned ones (ShuffleNet's 58/116, widths without a divisor): rarely, so ORT's blocked layout is the
+    exception there, not a change at every conv."""
     rng = np.random.default_rng(4)
     by_layout: dict[str, list[float]] = {"aligned": [], "unaligned": []}
     for layout, shares in by_layout.items():
         for _ in range(60):
-            counts = [c for c in _conv_counts(random_network(rng, layout)) if c > 8]
+            model, _ = build_network(random_network(rng, layout))
+            counts = [c.outputs for c in conv_channels(model, None) if c.outputs > 8]
             if counts:
                 shares.append(np.mean([c % 8 == 0 for c in counts]))
     assert len(by_layout["aligned"]) > 30 and len(by_layout["unaligned"]) > 20
     assert np.mean(by_layout["aligned"]) > 0.9
     assert np.mean(by_layout["unaligned"]) < 0.3
+    with pytest.raises(ValueError, match="channel layout"):
+        random_network(rng, "Aligned")
 
 
 def test_an_lstm_head_scores_each_step_over_a_vocabulary_as_ctc_recognisers_do():

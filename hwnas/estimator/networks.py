@@ -636,15 +636,14 @@ def block_of(kernel: Kernel, default: int | None = None) -> int:
 
 # How a random network's channel counts are drawn, and the share of networks drawn each way. ORT's CPU runs a conv in
 # its blocked layout (NCHWc, 16 channels a block with AVX-512) only when its channels are multiples of the block, and
-# changes layout (a copy) where a blocked conv meets an unblocked op. Real models keep one layout from end to end:
-# - "aligned": every count a multiple of 8 or 16, as most models are. Of the 481 float conv samples of a profile with
-#   mixed networks only, 6 of 100k-1.6M MACs were aligned to 16 on both sides; the unaligned ones ran at 10-27
-#   MACs/ns where the small held-out models' aligned convs run at 36-57, and were priced like them (+30-50 %).
-# - "unaligned": counts as width multipliers without a divisor and ShuffleNets give them (58, 116, 174, 41, 83):
-#   rounded to 2 or not at all, so ORT blocks a conv only where a count happens to be a multiple of 16. Without
-#   these, unaligned convs and channel shuffles were only seen next to layout copies: ShuffleNet 1.0's 58- and
-#   116-channel 1x1 convs were over-predicted by 20-35 % and its shuffle Transposes 3-5x (stop 33).
-# - "mixed": rounded to 8, 16, 4 or not at all, each count on its own: layout changes everywhere.
+# copies between layouts where a blocked conv meets an unblocked op. Real models keep one layout from end to end, so
+# a profile made of networks whose layout changes at every conv prices their kernels with copies they never make:
+# - "aligned": every count a multiple of 8 or 16, as most models are (without these, aligned convs were priced
+#   like the unaligned ones, +30-50 %);
+# - "unaligned": rounded to 2 or not at all, as width multipliers without a divisor and ShuffleNets give them (58,
+#   116, 41, 83), so ORT blocks a conv only where a count happens to be a multiple of 16 (without these, ShuffleNet's
+#   1x1 convs and channel shuffles were priced with layout copies: +20-35 %);
+# - "mixed": each count rounded on its own (to 8, 16, 4 or not at all), the layout changing often.
 CHANNEL_LAYOUTS = ("aligned", "unaligned", "mixed")
 _CHANNEL_LAYOUT_WEIGHTS = (0.35, 0.25, 0.4)
 
@@ -656,7 +655,10 @@ def _channels(rng: np.random.Generator, lo: int, hi: int, layout: str = "mixed")
     if layout == "aligned":
         multiple = 16 if r < 0.6 else 8
         return max(lo, c // multiple * multiple) if multiple <= c else multiple
-    multiple = (2 if r < 0.5 else 1) if layout == "unaligned" else 8 if r < 0.4 else 16 if r < 0.55 else 4 if r < 0.65 else 1
+    if layout == "unaligned":
+        multiple = 2 if r < 0.5 else 1
+    else:
+        multiple = 8 if r < 0.4 else 16 if r < 0.55 else 4 if r < 0.65 else 1
     return max(lo, c // multiple * multiple) if multiple <= c else c
 
 
@@ -727,8 +729,11 @@ def random_head(rng: np.random.Generator, c: int, h: int = 1, layout: str = "mix
     op = str(rng.choice(HEADS, p=[0.38, 0.12, 0.1, 0.1, 0.06, 0.12, 0.12]))
     if op == "lstm" and h <= MAX_LSTM_STEPS:  # hidden sizes of CRNN recognisers; bidirectional mostly
         hidden, dirs = int(rng.choice([32, 48, 64, 96, 128, 256, 256, 384, 512])), 2 if rng.random() < 0.7 else 1
-        # then mostly each step's scores over the vocabulary (c_out: 1 for none), as CTC recognisers' Gemm computes them
-        vocabulary = max(2, int(min(_channels(rng, 8, 10000, layout), _MAX_NETWORK_MACS / 4 / (h * dirs * hidden)))) if rng.random() < 0.7 else 1
+        # then mostly each step's scores over a vocabulary, as CTC recognisers' Gemm computes them (c_out 1: none),
+        # within a quarter of the network's MAC budget over its h steps
+        vocabulary = 1
+        if rng.random() < 0.7:
+            vocabulary = max(2, min(_channels(rng, 8, 10000, layout), int(_MAX_NETWORK_MACS / 4 / (h * dirs * hidden))))
         return BlockConfig("head", vocabulary, op=op, hidden=hidden, groups=dirs)
     op = "classifier" if op == "lstm" else op
     if op == "classifier":  # ImageNet's 1000 classes often, large vocabularies (text) sometimes; a wide 1x1 conv first half the time
@@ -771,9 +776,10 @@ def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Seq
 def random_network(rng: np.random.Generator, layout: str | None = None) -> NetworkConfig:
     """A random mobile-CNN-like network: an image (or feature map) input, a stem, 3 to 11 blocks, maybe a head;
     its channel counts drawn as `layout` (CHANNEL_LAYOUTS; None: one drawn by `_CHANNEL_LAYOUT_WEIGHTS`) draws them."""
+    if layout is not None and layout not in CHANNEL_LAYOUTS:
+        raise ValueError(f"channel layout {layout!r}: expected one of {', '.join(CHANNEL_LAYOUTS)}")
     size = _log_uniform(rng, 16, 320) if rng.random() < 0.9 else int(rng.choice([448, 512, 640]))
-    drawn = str(rng.choice(CHANNEL_LAYOUTS, p=_CHANNEL_LAYOUT_WEIGHTS))
-    layout = layout or drawn
+    layout = layout or str(rng.choice(CHANNEL_LAYOUTS, p=_CHANNEL_LAYOUT_WEIGHTS))
     c_in = 3 if rng.random() < 0.6 else _channels(rng, 4, 256, layout)
     stem = []
     if c_in == 3 and size >= 32:  # 3x3 mostly; 7x7 as ResNets' stems (over-predicted 2x before any was drawn), 5x5
