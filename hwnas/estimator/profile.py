@@ -162,7 +162,7 @@ def profile_target(
         if sampler.gate is not None:
             estimator.target_config["profiling"]["quiet_gate"] = {
                 "waited_s": round(sampler.gate.waited_s, 1), "gave_up": sampler.gate.gave_up,
-                "remeasured_networks": sampler.gate.remeasured, "reference_ms": round(sampler.gate.quietest_ms, 4)}
+                "remeasured_networks": sampler.gate.remeasured, "reference_ms": round(sampler.gate.quiet_ms, 4)}
     return estimator, report
 
 
