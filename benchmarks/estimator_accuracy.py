@@ -55,6 +55,7 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,8 +261,18 @@ def _static(label: str, model: onnx.ModelProto, shapes, family: str | None = Non
 # ---- measuring and scoring -------------------------------------------------------------------------
 
 
-def measure_cpu(models: list[HeldOut], repeats: int, rounds: int,
-                quiet_gate: bool = True) -> tuple[dict[str, float], dict[str, float], list[float]]:
+@dataclass(frozen=True)
+class CpuMeasurements:
+    medians_ms: dict[str, float]
+    spreads: dict[str, float]  # IQR / median of each model's pooled runs
+    load: list[float]  # the 1-minute load average before and after
+    oracle_ms: dict[str, float] | None = None  # each model's kernels timed in context, summed (`--oracle`)
+    # the quiet gate's reference model at its quiet level meanwhile: the machine's speed level, which the host moves
+    # by up to 1.5x for minutes at a time; a profile records its own (`profiling.quiet_gate.reference_ms`)
+    reference_ms: float | None = None
+
+
+def measure_cpu(models: list[HeldOut], repeats: int, rounds: int, quiet_gate: bool = True) -> CpuMeasurements:
     """Every model's latency as the `cpu` target measures it (warm, back-to-back runs), in `rounds` rounds
     over all models so that slow drifts of the machine reach every model; the median of the pooled runs,
     its spread (IQR/median), and the load average before and after. With `quiet_gate` each model's runs wait
@@ -282,12 +293,12 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int,
         print(f"quiet gate: waited {gate.waited_s:.0f} s, {gate.remeasured} measurement(s) taken again, gave up waiting "
               f"{gate.gave_up} time(s)", file=sys.stderr)
     summaries = {name: summarize(values) for name, values in samples.items()}
-    return ({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()}, load)
+    return CpuMeasurements({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()},
+                           load, reference_ms=gate.quiet_ms if gate is not None else None)
 
 
-def measured_cpu(models: list[HeldOut], args) -> tuple[dict[str, float], dict[str, float], list[float], dict[str, float] | None]:
-    """(medians, spreads, load before/after, oracle sums or None): timed now, or read from `--measured`
-    when that file exists (written here by a timed run)."""
+def measured_cpu(models: list[HeldOut], args) -> CpuMeasurements:
+    """Timed now, or read from `--measured` when that file exists (written here by a timed run)."""
     path = Path(args.measured) if args.measured else None
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
@@ -301,18 +312,19 @@ def measured_cpu(models: list[HeldOut], args) -> tuple[dict[str, float], dict[st
         oracle = {n: stored["oracle_ms"][n] for n in names} if args.oracle else None
         print(f"cpu medians{' and oracle sums' if args.oracle else ''} read from {path} (timed {stored.get('date', '?')})",
               file=sys.stderr)
-        return ({n: stored["measured_ms"][n] for n in names}, {n: stored["spread"][n] for n in names},
-                stored["load"], oracle)
-    measured, spread, load = measure_cpu(models, args.repeats, args.rounds, quiet_gate=not args.no_quiet_gate)
+        return CpuMeasurements({n: stored["measured_ms"][n] for n in names}, {n: stored["spread"][n] for n in names},
+                               stored["load"], oracle, stored.get("reference_ms"))
+    timed = measure_cpu(models, args.repeats, args.rounds, quiet_gate=not args.no_quiet_gate)
     kernels = in_context_times(models) if args.oracle else None
     oracle = {name: sum(times.values()) for name, times in kernels.items()} if kernels else None
     if path is not None:
         # the oracle's kernel times too: where a model's estimate goes wrong, kernel by kernel, offline
         path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
-                                    "measured_ms": measured, "spread": spread, "load": load,
+                                    "measured_ms": timed.medians_ms, "spread": timed.spreads, "load": timed.load,
+                                    **({"reference_ms": timed.reference_ms} if timed.reference_ms is not None else {}),
                                     **({"oracle_ms": oracle, "oracle_kernels_ms": kernels} if kernels else {})},
                                    indent=1) + "\n")
-    return measured, spread, load, oracle
+    return dataclasses.replace(timed, oracle_ms=oracle)
 
 
 def predict(estimator: LatencyEstimator, models: list[HeldOut]) -> tuple[dict[str, float], dict[str, int]]:
@@ -468,8 +480,10 @@ def main() -> None:
         target = get_target(target_name)
         if target_name == "cpu":
             estimators = cpu_estimators(args)
-            measured, spread, load, oracle = measured_cpu(models, args)
-            note = f"load {load[0]:.1f}→{load[1]:.1f}; median spread {np.median(list(spread.values())):.0%}"
+            cpu = measured_cpu(models, args)
+            measured, oracle = cpu.medians_ms, cpu.oracle_ms
+            note = f"load {cpu.load[0]:.1f}→{cpu.load[1]:.1f}; median spread {np.median(list(cpu.spreads.values())):.0%}"
+            note += f"; reference {cpu.reference_ms:.3f} ms" if cpu.reference_ms else ""
             predicted_by, outside = {}, {}
             for label, estimator in estimators.items():
                 predicted_by[label], flagged = predict(estimator, models)
@@ -477,13 +491,15 @@ def main() -> None:
                 family_rows += group_rows("cpu", label, predicted_by[label], measured, models)
                 machine = estimator.target_config.get("machine", {})
                 profiled = machine.get("load_average_1min") or {}
+                reference = estimator.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms")
                 rows.append(summary_row("cpu", label, predicted_by[label], measured, f"{len(estimator.samples_):,}",
-                                        note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")))
+                                        note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")
+                                        + (f", reference {reference:.3f} ms" if reference else "")))
             if args.oracle:
                 predicted_by["oracle"] = oracle
                 rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed",
                                         predicted_by["oracle"], measured, "–", note))
-            details.append(per_model_table("cpu", predicted_by, measured, models, outside, spread))
+            details.append(per_model_table("cpu", predicted_by, measured, models, outside, cpu.spreads))
             if len(estimators) > 1:
                 details.append(disagreement_line(predicted_by, list(estimators), models))
             continue

@@ -408,13 +408,16 @@ def test_stored_measurements_are_reused_and_a_missing_model_fails_closed(tmp_pat
     models = [script.HeldOut("a", script.resnet(0.25, 32), {})]
     path = tmp_path / "measured.json"
     args = argparse.Namespace(measured=str(path), oracle=True, repeats=2, rounds=1, no_quiet_gate=True)
-    measured, spread, load, oracle = script.measured_cpu(models, args)
+    timed = script.measured_cpu(models, args)
     stored = json.loads(path.read_text())
-    assert stored["measured_ms"] == measured and stored["oracle_ms"] == oracle and len(load) == 2
-    assert sum(stored["oracle_kernels_ms"]["a"].values()) == pytest.approx(oracle["a"])
+    assert stored["measured_ms"] == timed.medians_ms and stored["oracle_ms"] == timed.oracle_ms and len(timed.load) == 2
+    assert sum(stored["oracle_kernels_ms"]["a"].values()) == pytest.approx(timed.oracle_ms["a"])
+    assert timed.reference_ms is None and "reference_ms" not in stored  # no quiet gate, no reference level
     stored["measured_ms"]["a"] = 123.0  # what a re-read returns is the file's, not a new timing
+    stored["reference_ms"] = 0.2
     path.write_text(json.dumps(stored))
-    assert script.measured_cpu(models, args)[0] == {"a": 123.0}
+    reread = script.measured_cpu(models, args)
+    assert reread.medians_ms == {"a": 123.0} and reread.reference_ms == 0.2
     with pytest.raises(SystemExit) as exit_info:
         script.measured_cpu(models + [script.HeldOut("b", script.resnet(0.25, 32), {})], args)
     assert exit_info.value.code == 2 and "no oracle sum for 'b'" in capsys.readouterr().err
