@@ -230,3 +230,15 @@ def test_machine_drift_measures_rounds_and_summarizes_them():
     # interpolation) 0.93 / 1.146, two of four rounds within ±5 %
     assert row == "| m | 1.010 | -10.9% | -7.9% | +13.5% | +18.8% | 50% |"
     assert table.startswith("4 rounds; 1-minute load average 0.50–0.70")
+
+
+def test_profile_levels_divides_a_profiles_overall_level_out():
+    import profile_levels
+
+    consensus = {"a": 1.0, "b": 2.0, "c": 4.0, "d": 8.0, "e": 10.0}
+    predicted = {name: ms * 1.1 for name, ms in consensus.items()} | {"e": 13.0}  # 10 % high overall, e 30 %
+    level, raw, levelled = profile_levels.levelled_errors(predicted, consensus)
+    assert level == pytest.approx(0.1)
+    assert raw == pytest.approx([10, 10, 10, 10, 30])
+    assert levelled[:4] == pytest.approx([0, 0, 0, 0], abs=1e-9) and levelled[4] == pytest.approx(100 * (1.3 / 1.1 - 1))
+    assert profile_levels.scores(levelled) == "80% / 80% / 3.6 %"
