@@ -54,8 +54,8 @@ import json
 import math
 import os
 import sys
-import time
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +66,7 @@ from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
 from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.estimator.networks import NetworkBuilder, build_network, random_network
-from hwnas.estimator.profile import profile_target
+from hwnas.estimator.profile import profile_target, profiled_reference_ms
 from hwnas.estimator.quiet import QuietGate
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
@@ -491,7 +491,7 @@ def main() -> None:
                 family_rows += group_rows("cpu", label, predicted_by[label], measured, models)
                 machine = estimator.target_config.get("machine", {})
                 profiled = machine.get("load_average_1min") or {}
-                reference = estimator.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms")
+                reference = profiled_reference_ms(estimator)
                 rows.append(summary_row("cpu", label, predicted_by[label], measured, f"{len(estimator.samples_):,}",
                                         note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")
                                         + (f", reference {reference:.3f} ms" if reference else "")))

@@ -44,6 +44,7 @@ from hwnas import api, models  # noqa: E402
 from hwnas.estimator.defaults import estimator_for  # noqa: E402
 from hwnas.estimator.estimate import estimate  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator  # noqa: E402
+from hwnas.estimator.profile import profiled_reference_ms  # noqa: E402
 from hwnas.estimator.quiet import QuietGate  # noqa: E402
 from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
 from hwnas.search.space import PREFIX  # noqa: E402
@@ -153,7 +154,7 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
     # the machine's speed level before and after (the host moves it by up to 1.5x for minutes): the estimate errors
     # mean something only where it matches the profile's
     gate = QuietGate(MeasureSettings(threads=1))
-    before = gate.quiet_ms
+    before = float(np.median(gate.looks_ms))  # its start-up looks
     rows = []
     for spec in specs:
         try:
@@ -163,8 +164,7 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
                         + [""] * (len(HEADERS) - 2))
         print(f"[int8] {spec} done", file=sys.stderr, flush=True)
     after = float(np.median([gate.reference_ms() for _ in range(5)]))
-    profiled = [e.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms") for e in
-                estimators or [estimator_for(get_target("cpu"))]]
+    profiled = [profiled_reference_ms(e) for e in estimators or [estimator_for(get_target("cpu"))]]
     return "\n\n".join([
         f"ORT CPU, ORT_ENABLE_ALL, 1 thread, the three models of a row interleaved in one process (5 warm-up runs, "
         f"medians of {repeats}); {fit} calibration inputs for both quantizers, {held} held-out inputs for drift; "

@@ -41,7 +41,7 @@ from hwnas.estimator.networks import (
     perturb_block,
     random_network,
 )
-from hwnas.estimator.profile import default_mode, profile_target
+from hwnas.estimator.profile import default_mode, profile_target, profiled_reference_ms
 from hwnas.graph.session import make_session, random_feeds, run
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
@@ -461,3 +461,10 @@ def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkey
     monkeypatch.setattr(sampler.gate, "wait", lambda: True)
     monkeypatch.setattr(sampler.gate, "quiet", lambda: next(after_run))
     assert sampler.random() and sampler.gate.remeasured == 1
+
+
+def test_the_profiled_reference_level_is_read_from_the_profiling_entry():
+    """What the benchmarks print beside their own reference level: the profile's, or None without the gate."""
+    gated = LatencyEstimator("cpu", 16, FusionRules(), {"profiling": {"quiet_gate": {"reference_ms": 0.132}}})
+    assert profiled_reference_ms(gated) == 0.132
+    assert profiled_reference_ms(LatencyEstimator("cpu", 16, FusionRules(), {"profiling": {"mode": "context"}})) is None

@@ -166,6 +166,13 @@ def profile_target(
     return estimator, report
 
 
+def profiled_reference_ms(estimator: LatencyEstimator) -> float | None:
+    """The quiet gate's reference level while `estimator` was profiled (`QuietGate.quiet_ms`; before the gate kept a
+    percentile, its fastest look); None where profiling ran without the gate. A timing taken with the reference at
+    another level compares the machine's speed as much as the estimator."""
+    return estimator.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms")
+
+
 def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
                  quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False):
     """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""

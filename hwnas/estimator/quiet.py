@@ -6,10 +6,10 @@ the load average does not show, and a profile taken in such a stretch comes out 
 before and after each network; while the reference runs more than `tolerance` slower than its quiet level, the
 machine is taken as busy: wait and look again, and measure the network again if the burst began during it.
 
-The quiet level is a low percentile of all looks, not the fastest one: the host moves the reference between speed
-levels over minutes (0.20 and 0.135 ms on the 2-core Xeon, load average 0.0 at both), and a bar set by one look at
-the fast level held every later measurement for the full `patience` while the machine stayed at the slow one (a
-12-minute benchmark ran past 30). A level the machine spends a tenth of its looks at does set the bar.
+The quiet level is a low percentile of all looks, not the fastest one: a host can move a VM between speed levels
+for minutes at a time (the reference at 0.20 or 0.135 ms, load average 0.0 at both), and a bar set by one look at
+the fast level would hold every measurement at the slow one for its full `patience`. A level the machine spends a
+tenth of its looks at does set the bar.
 """
 
 from __future__ import annotations
@@ -75,8 +75,7 @@ class QuietGate:
         return float(np.percentile(self.looks_ms, 10))
 
     def quiet(self) -> bool:
-        look = self.reference_ms()
-        return look <= self.quiet_ms * (1 + self.tolerance)
+        return self.reference_ms() <= self.quiet_ms * (1 + self.tolerance)
 
     def wait(self) -> bool:
         """Whether the machine is quiet now, after waiting up to `patience` seconds for it."""
