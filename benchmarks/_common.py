@@ -25,7 +25,9 @@ from pathlib import Path
 
 import onnx
 
-from hwnas.targets.measure import MeasureSettings, environment, measure_interleaved
+from hwnas.estimator.quiet import QuietGate
+from hwnas.targets.base import Measurement
+from hwnas.targets.measure import MeasureSettings, environment, measure_interleaved, measure_model, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -144,6 +146,22 @@ def time_interleaved(models: Mapping[str, onnx.ModelProto], shapes: Mapping, set
     """`measure_interleaved` (the cpu target's protocol), reduced to what the tables print."""
     measured = measure_interleaved(dict(models), shapes, settings)
     return {k: Timing(m.latency_ms, m.details["spread"], m.details["runs"]) for k, m in measured.items()}
+
+
+def time_warm(models: Mapping[str, onnx.ModelProto], shapes: Mapping, settings: MeasureSettings, rounds: int,
+              gate: QuietGate | None) -> dict[str, Measurement]:
+    """Each model as the `cpu` target measures it and its estimator predicts it (warm, back-to-back runs:
+    `measure_model`), in `rounds` rounds over the models so that a slow drift of the machine reaches every model,
+    each model's runs through `gate` (a neighbour's burst waited out, as the profile's networks were); the pooled
+    runs summarized. Not run by run across models: a model run right after another finds the other's data in the
+    caches, which makes a small model 20-50 % slower than it runs on its own."""
+    samples: dict[str, list[float]] = {key: [] for key in models}
+    for _ in range(rounds):
+        for key, model in models.items():
+            def measured(model=model) -> list[float]:
+                return list(measure_model(model, shapes, settings).samples_ms)
+            samples[key] += measured() if gate is None else gate.measure(measured)
+    return {key: summarize(values) for key, values in samples.items()}
 
 
 # ---------------------------------------------------------------- numbers for the regression test

@@ -73,10 +73,11 @@ from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
 from hwnas.models import build
 from hwnas.targets import get_target
 from hwnas.targets.kernels import decompose
-from hwnas.targets.measure import MeasureSettings, environment, measure_model, summarize
+from hwnas.targets.measure import MeasureSettings, environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import heldout_models  # noqa: E402  (a script beside this one, not a package)
+from _common import time_warm  # noqa: E402
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 REAL_MODELS = {  # as tests/conftest.py
@@ -282,17 +283,11 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int, quiet_gate: bo
     settings = MeasureSettings(warmup=5, repeats=repeats, threads=1)
     gate = QuietGate(settings) if quiet_gate else None
     load = [os.getloadavg()[0]]
-    samples: dict[str, list[float]] = {m.name: [] for m in models}
-    for _ in range(rounds):
-        for m in models:
-            def measured(model=m.model):
-                return measure_model(model, {}, settings).samples_ms
-            samples[m.name] += measured() if gate is None else gate.measure(measured)
+    summaries = time_warm({m.name: m.model for m in models}, {}, settings, rounds, gate)
     load.append(os.getloadavg()[0])
     if gate is not None:
         print(f"quiet gate: waited {gate.waited_s:.0f} s, {gate.remeasured} measurement(s) taken again, gave up waiting "
               f"{gate.gave_up} time(s)", file=sys.stderr)
-    summaries = {name: summarize(values) for name, values in samples.items()}
     return CpuMeasurements({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()},
                            load, reference_ms=gate.quiet_ms if gate is not None else None)
 

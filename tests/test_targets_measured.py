@@ -176,6 +176,23 @@ def test_interleaved_measures_every_model_the_same_number_of_times():
     assert result["large"].latency_ms > 2 * result["small"].latency_ms
 
 
+def test_a_round_gate_takes_every_round_and_keeps_the_times_it_returns():
+    models = {"a": conv_model(seed=1), "b": conv_model(seed=2)}
+    rounds = []
+
+    def gate(measurement):
+        measurement()  # a burst began during the first try: the gate measures the round again
+        timed = measurement()
+        rounds.append(timed)
+        return timed
+
+    result = measure_interleaved(models, {}, MeasureSettings(warmup=1, repeats=5, min_seconds=0), round_gate=gate)
+    assert len(rounds) == 5 and all(set(r) == {"a", "b"} for r in rounds)
+    assert list(result["a"].samples_ms) == [r["a"] / 1e6 for r in rounds]
+    with pytest.raises(ValueError, match="cannot gate an isolated measurement"):
+        measure_interleaved(models, {}, MeasureSettings(repeats=2, isolate=True), round_gate=gate)
+
+
 def test_isolate_measures_in_a_fresh_process(monkeypatch):
     def no_session_here(*args):
         raise AssertionError("isolate=True opened a session in the calling process")

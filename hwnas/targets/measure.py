@@ -46,6 +46,8 @@ from hwnas.targets.machine import Machine
 Providers = Sequence[str | tuple[str, Mapping[str, str]]]
 CPU_PROVIDER = "CPUExecutionProvider"
 CPU: Providers = (CPU_PROVIDER,)
+# takes one round of timed runs and returns its times (ns by model), e.g. after waiting for a quiet machine
+RoundGate = Callable[[Callable[[], dict[str, int]]], dict[str, int]]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -179,14 +181,20 @@ def measure_interleaved(
     shapes: Mapping[str, Shape],
     settings: MeasureSettings,
     providers: Providers = CPU,
+    round_gate: RoundGate | None = None,
 ) -> dict[str, Measurement]:
-    """Time every model in alternating rounds in one process; the same settings and inputs for each."""
+    """Time every model in alternating rounds in one process; the same settings and inputs for each.
+
+    `round_gate` takes each round (one timed run of every model) and returns its times; a quiet gate's
+    `measure` holds rounds back while the machine is slowed by a neighbour (`hwnas.estimator.quiet`)."""
     if not models:
         raise ValueError("measure_interleaved needs at least one model")
+    if settings.isolate and round_gate is not None:
+        raise ValueError("a round gate runs in this process: it cannot gate an isolated measurement")
     if settings.isolate:
         samples = _in_worker("time", models, shapes, settings, providers)
     else:
-        samples = _time(models, shapes, settings, providers)
+        samples = _time(models, shapes, settings, providers, round_gate)
     return {key: summarize(samples[key]) for key in models}
 
 
@@ -225,14 +233,18 @@ def _runner(model: onnx.ModelProto, session: ort.InferenceSession, shapes: Mappi
 
 
 def _time(
-    models: Mapping[str, onnx.ModelProto], shapes: Mapping[str, Shape], settings: MeasureSettings, providers: Providers
+    models: Mapping[str, onnx.ModelProto], shapes: Mapping[str, Shape], settings: MeasureSettings, providers: Providers,
+    round_gate: RoundGate | None = None,
 ) -> dict[str, list[float]]:
     runners = {key: _runner(model, _open(model, settings, providers), shapes) for key, model in models.items()}
-    return interleave(runners, settings)
+    return interleave(runners, settings, round_gate)
 
 
-def interleave(runners: Mapping[str, Callable[[], object]], settings: MeasureSettings) -> dict[str, list[float]]:
-    """Warm every runner up, then time one call of each per round until every runner has enough samples."""
+def interleave(
+    runners: Mapping[str, Callable[[], object]], settings: MeasureSettings, round_gate: RoundGate | None = None
+) -> dict[str, list[float]]:
+    """Warm every runner up, then time one call of each per round until every runner has enough samples
+    (each round through `round_gate` where one is given)."""
     for call in runners.values():
         for _ in range(settings.warmup):
             call()
@@ -247,11 +259,9 @@ def interleave(runners: Mapping[str, Callable[[], object]], settings: MeasureSet
         while rounds < settings.repeats or min(spent.values()) < budget_ns:
             # Rotate who goes first: the first model of a round would otherwise always run on caches
             # the last model of the previous round left behind.
-            shift = rounds % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                start = time.perf_counter_ns()
-                runners[key]()
-                elapsed = time.perf_counter_ns() - start
+            order = keys[rounds % len(keys):] + keys[:rounds % len(keys)]
+            timed = round_gate(partial(_round, runners, order)) if round_gate else _round(runners, order)
+            for key, elapsed in timed.items():
                 spent[key] += elapsed
                 samples[key].append(elapsed / 1e6)
             rounds += 1
@@ -259,6 +269,16 @@ def interleave(runners: Mapping[str, Callable[[], object]], settings: MeasureSet
         if gc_was_enabled:
             gc.enable()
     return samples
+
+
+def _round(runners: Mapping[str, Callable[[], object]], order: list[str]) -> dict[str, int]:
+    """One timed call of each runner in `order`: nanoseconds by key."""
+    timed = {}
+    for key in order:
+        start = time.perf_counter_ns()
+        runners[key]()
+        timed[key] = time.perf_counter_ns() - start
+    return timed
 
 
 def _profile(
