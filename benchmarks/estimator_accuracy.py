@@ -490,6 +490,13 @@ def main() -> None:
                 rows.append(summary_row("cpu", label, predicted_by[label], measured, f"{len(estimator.samples_):,}",
                                         note + (f"; profiled at load {profiled.get('mean', math.nan):.1f}" if profiled else "")
                                         + (f", reference {reference:.3f} ms" if reference else "")))
+                if reference and cpu.reference_ms:
+                    # what `estimate --at-speed-now` does: the estimate scaled by the machine's speed level while the
+                    # models were timed against the profile's (the host moves it by up to 1.5x for minutes to hours)
+                    scale = cpu.reference_ms / reference
+                    rows.append(summary_row("cpu", f"{label}, at the timings' speed (x{scale:.3f})",
+                                            {name: ms * scale for name, ms in predicted_by[label].items()}, measured,
+                                            f"{len(estimator.samples_):,}", note + f"; profiled at reference {reference:.3f} ms"))
             if args.oracle:
                 predicted_by["oracle"] = oracle
                 rows.append(summary_row("cpu", "oracle: the model's kernels timed in context, summed",

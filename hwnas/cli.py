@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_args(e)
     e.add_argument("--estimator", help="an estimator file from 'hwnas profile' (default: the one shipped for the target)")
     e.add_argument("--measure", action="store_true", help="also measure the model on the target, for comparison")
+    e.add_argument("--at-speed-now", action="store_true",
+                   help="measured targets: scale the estimate by how much faster or slower this machine runs now than "
+                        "while the estimator was profiled (a small reference model, ~0.1 s; a shared VM's host moves "
+                        "its speed by up to 1.5x)")
     e.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
     e.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -365,12 +369,15 @@ def _size(n: int) -> str:
 
 def cmd_estimate(args) -> int:
     result = api.estimate(args.input, args.target, input_shapes=parse_input_shapes(args.input_shape),
-                          estimator=args.estimator, measure=args.measure)
+                          estimator=args.estimator, measure=args.measure, at_speed_now=args.at_speed_now)
     if args.json:
         print(dumps(result.to_dict()))
         return 0
     cycles = f" ({result.cycles:,} cycles)" if result.cycles is not None else ""
     print(f"target {result.target['name']}: estimated latency {result.latency_ms:.4f} ms{cycles}")
+    if result.speed is not None:
+        print(f"at this machine's speed now: {result.speed.scale:.2f}x the profile's times (reference model "
+              f"{result.speed.now_ms:.3f} ms now, {result.speed.profiled_ms:.3f} ms while profiled)")
     if result.measured_ms is not None:
         print(f"measured on the target: {result.measured_ms:.4f} ms")
     print(f"params {_size(result.params_bytes)}, peak activations {_size(result.peak_activation_bytes)} "

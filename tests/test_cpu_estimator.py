@@ -468,3 +468,40 @@ def test_the_profiled_reference_level_is_read_from_the_profiling_entry():
     gated = LatencyEstimator("cpu", 16, FusionRules(), {"profiling": {"quiet_gate": {"reference_ms": 0.132}}})
     assert profiled_reference_ms(gated) == 0.132
     assert profiled_reference_ms(LatencyEstimator("cpu", 16, FusionRules(), {"profiling": {"mode": "context"}})) is None
+
+
+def test_the_speed_level_now_is_the_reference_models_quiet_level():
+    from hwnas.estimator.quiet import SpeedLevel
+
+    level = SpeedLevel.now(0.2, get_target(FAST).settings, looks=2)
+    assert 0 < level.now_ms < 100 and level.profiled_ms == 0.2 and level.scale == pytest.approx(level.now_ms / 0.2)
+
+
+def test_an_estimate_at_the_speed_now_scales_every_latency_and_needs_a_recorded_level(monkeypatch):
+    from hwnas.errors import BadInputError
+    from hwnas.estimator import estimate as estimate_module
+    from hwnas.estimator.quiet import SpeedLevel
+
+    shipped = Path(estimate_module.__file__).parent / "data" / "estimators"
+    estimator = LatencyEstimator.load(next(p for p in sorted(shipped.glob("cpu*.json")) if profiled_reference_ms(
+        LatencyEstimator.load(p)) is not None))
+    looked = []
+
+    def now(cls, profiled_ms, settings, providers=("CPUExecutionProvider",), looks=10):
+        looked.append(settings)
+        return cls(1.5 * profiled_ms, profiled_ms)  # the machine takes 1.5x as long as while it was profiled
+
+    monkeypatch.setattr(SpeedLevel, "now", classmethod(now))
+    model = build("mobilenetv2", width=0.5, resolution=96)
+    plain = estimate_module.estimate(model, "cpu", estimator=estimator)
+    scaled = estimate_module.estimate(model, "cpu", estimator=estimator, at_speed_now=True)
+    assert looked and plain.speed is None and scaled.speed.scale == pytest.approx(1.5)
+    assert scaled.latency_ms == pytest.approx(1.5 * plain.latency_ms)
+    assert [k.latency_ms for k in scaled.kernels] == pytest.approx([1.5 * k.latency_ms for k in plain.kernels])
+    assert scaled.to_dict()["speed"]["profiled_ms"] == profiled_reference_ms(estimator)
+    # a profile taken without the quiet gate, and a simulated target, record no level: one clear error
+    estimator.target_config = {**estimator.target_config, "profiling": {"mode": "context"}}
+    with pytest.raises(BadInputError, match="records no speed level"):
+        estimate_module.estimate(model, "cpu", estimator=estimator, at_speed_now=True)
+    with pytest.raises(BadInputError, match="npu-32x32 estimator records no speed level"):
+        estimate_module.estimate(model, "npu-32x32", at_speed_now=True)

@@ -156,6 +156,10 @@ def test_estimate_json_fields_and_kernels_add_up(capsys):
     assert data["target"] == "npu-32x32"
     assert sum(k["latency_ms"] for k in data["kernels"]) == pytest.approx(data["latency_ms"], rel=1e-9)
     assert all({"name", "op", "latency_ms"} <= set(k) for k in data["kernels"])
+    assert data["speed"] is None  # scaled to the machine's speed now only when asked, and only where a level was recorded
+    assert main(["estimate", str(model_path), "--target", "npu-32x32", "--at-speed-now"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no speed level" in err[0]
 
 
 def test_unknown_op_gets_a_warning_and_a_nonzero_estimate():

@@ -6,6 +6,7 @@ re-exports it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ import onnx
 
 from hwnas.estimator.defaults import estimator_for, machine_warnings
 from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
+from hwnas.errors import BadInputError
 from hwnas.estimator.memory import MemoryFootprint, footprint
+from hwnas.estimator.profile import profiled_reference_ms
+from hwnas.estimator.quiet import SpeedLevel
 from hwnas.graph.io import ModelLike, as_model
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.targets import Target, get_target
@@ -37,6 +41,7 @@ class EstimateResult:
     memory: MemoryFootprint
     warnings: list[str]
     measured_ms: float | None = None
+    speed: SpeedLevel | None = None  # `at_speed_now`: the machine's speed level, which the latencies are scaled by
 
     @property
     def params_bytes(self) -> int:
@@ -53,6 +58,8 @@ class EstimateResult:
             "latency_ms": self.latency_ms,
             "cycles": self.cycles,
             "measured_ms": self.measured_ms,
+            "speed": None if self.speed is None else {"now_ms": self.speed.now_ms, "profiled_ms": self.speed.profiled_ms,
+                                                      "scale": self.speed.scale},
             "params_bytes": self.params_bytes,
             "peak_activation_bytes": self.peak_activation_bytes,
             "memory": self.memory.to_dict(),
@@ -72,28 +79,44 @@ def estimate(
     input_shapes: Mapping[str, Shape] | None = None,
     estimator: str | os.PathLike | LatencyEstimator | None = None,
     measure: bool = False,
+    at_speed_now: bool = False,
 ) -> EstimateResult:
     """Latency from the target's subgraph estimator (not the target itself), plus memory footprint.
 
-    `measure=True` also measures the model on the target, for comparison.
+    `measure=True` also measures the model on the target, for comparison. `at_speed_now=True` (a measured target
+    whose profile recorded its speed level) scales the estimate by how much slower or faster than while it was
+    profiled the machine runs now: a shared VM's host moves its speed by up to 1.5x for minutes to hours, and the
+    profile holds the level it was taken at (`SpeedLevel`, ~0.1 s of a small reference model).
     """
     onnx_model = as_model(model)
     the_target = get_target(target) if isinstance(target, str) else target
     shapes = resolve_input_shapes(onnx_model, input_shapes)
     latency_model = estimator if isinstance(estimator, LatencyEstimator) else estimator_for(the_target, estimator)
+    speed = _speed_now(latency_model, the_target) if at_speed_now else None
     result = latency_model.estimate(onnx_model, shapes)
+    scale = speed.scale if speed is not None else 1.0
+    latency_ms = result.latency_ms * scale
     clock = the_target.describe().get("config", {}).get("clock_ghz")
     return EstimateResult(
         target=the_target.describe(),
-        latency_ms=result.latency_ms,
-        cycles=round(result.latency_ms * clock * 1e6) if clock else None,
-        kernels=result.kernels,
+        latency_ms=latency_ms,
+        cycles=round(latency_ms * clock * 1e6) if clock else None,
+        kernels=[dataclasses.replace(k, latency_ms=k.latency_ms * scale) for k in result.kernels] if speed else result.kernels,
         memory=footprint(result.inlined or onnx_model, shapes),
         warnings=[the_target.latency_note] * bool(the_target.latency_note)
         + machine_warnings(latency_model) + result.warnings
         + _precision_warnings(the_target, onnx_model) + lane_warnings(the_target, onnx_model, shapes),
         measured_ms=the_target.measure(onnx_model, shapes).latency_ms if measure else None,
+        speed=speed,
     )
+
+
+def _speed_now(estimator: LatencyEstimator, target: Target) -> SpeedLevel:
+    profiled = profiled_reference_ms(estimator)
+    if profiled is None or not hasattr(target, "settings"):
+        raise BadInputError(f"the {target.name} estimator records no speed level to scale by (a measured target's "
+                            "profile taken with the quiet gate does: 'hwnas profile --target cpu -o DIR')")
+    return SpeedLevel.now(profiled, target.settings, tuple(target.providers))
 
 
 def _precision_warnings(target: Target, model: onnx.ModelProto) -> list[str]:

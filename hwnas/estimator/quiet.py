@@ -97,3 +97,25 @@ class QuietGate:
             self.wait()
             result = measurement()
         return result
+
+
+@dataclass(frozen=True)
+class SpeedLevel:
+    """The reference model's quiet level now and while an estimator was profiled (ms): how much longer than then
+    this machine takes now (`scale`; a shared VM's host moves it by up to 1.5x for minutes to hours)."""
+
+    now_ms: float
+    profiled_ms: float
+
+    @property
+    def scale(self) -> float:
+        return self.now_ms / self.profiled_ms
+
+    @classmethod
+    def now(cls, profiled_ms: float, settings: MeasureSettings, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+            looks: int = 10) -> SpeedLevel:
+        """The level now: the quiet gate's reference model over its start-up looks and `looks` more (~0.1 s)."""
+        gate = QuietGate(settings, tuple(providers))
+        for _ in range(looks):
+            gate.reference_ms()
+        return cls(gate.quiet_ms, profiled_ms)
