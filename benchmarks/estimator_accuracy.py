@@ -289,7 +289,7 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int, quiet_gate: bo
         print(f"quiet gate: waited {gate.waited_s:.0f} s, {gate.remeasured} measurement(s) taken again, gave up waiting "
               f"{gate.gave_up} time(s)", file=sys.stderr)
     return CpuMeasurements({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()},
-                           load, reference_ms=gate.quiet_ms if gate is not None else None)
+                           load, reference_ms=gate.level_ms if gate is not None else None)
 
 
 def measured_cpu(models: list[HeldOut], args) -> CpuMeasurements:

@@ -185,7 +185,7 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
            else "shipped cpu estimator's") + " prediction for the quantized model against its time on its own. "
         f"Every round of runs waits for the quiet gate (`hwnas.estimator.quiet`, as in profiling): it waited "
         f"{gate.waited_s:.0f} s, took {gate.remeasured} round(s) again and gave up waiting {gate.gave_up} time(s). Its "
-        f"reference model: {before:.3f} ms before, {after:.3f} ms after, quiet level {gate.quiet_ms:.3f} ms; in profiling: "
+        f"reference model: {before:.3f} ms before, {after:.3f} ms after, measured at {gate.level_ms:.3f} ms; in profiling: "
         f"{', '.join(f'{r:.3f} ms' if r else '?' for r in profiled)}.",
         table(HEADERS, rows),
     ])

@@ -162,14 +162,15 @@ def profile_target(
         if sampler.gate is not None:
             estimator.target_config["profiling"]["quiet_gate"] = {
                 "waited_s": round(sampler.gate.waited_s, 1), "gave_up": sampler.gate.gave_up,
-                "remeasured_networks": sampler.gate.remeasured, "reference_ms": round(sampler.gate.quiet_ms, 4)}
+                "remeasured_networks": sampler.gate.remeasured, "reference_ms": round(sampler.gate.level_ms, 4)}
     return estimator, report
 
 
 def profiled_reference_ms(estimator: LatencyEstimator) -> float | None:
-    """The quiet gate's reference level while `estimator` was profiled (`QuietGate.quiet_ms`; before the gate kept a
-    percentile, its fastest look); None where profiling ran without the gate. A timing taken with the reference at
-    another level compares the machine's speed as much as the estimator."""
+    """The quiet gate's reference level while `estimator` was profiled (`QuietGate.level_ms`; profiles of 2026-12-06
+    before 20:47 UTC stored the 10th percentile of all looks, and before 16:53 the fastest look); None where profiling
+    ran without the gate. A timing taken with the reference at another level compares the machine's speed as much as
+    the estimator."""
     return estimator.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms")
 
 
