@@ -49,6 +49,7 @@ def measure_in_context(model: onnx.ModelProto, shapes: Mapping[str, Shape], rule
                        providers=("CPUExecutionProvider",), overheads: NodeOverheads = NodeOverheads(),
                        scale_to_run: bool = False) -> NetworkProfile:
     """Run `model` with ORT's profiler (and plainly, for `total_ms`) and attribute the time to its kernels."""
+    model = _named(model)
     plain_ms, timings, optimized = _profile_and_time(model, shapes, settings, providers)
     kernels = decompose(model, shapes, rules)
     return attribute(model, kernels, timings, optimized, float(np.median(plain_ms)), overheads, scale_to_run)
@@ -219,6 +220,20 @@ def _named_ort_nodes(graph: onnx.GraphProto, timings) -> dict[str, onnx.NodeProt
     for t in timings:
         if t.name not in named and unnamed.get(t.op_type):
             named[t.name] = unnamed[t.op_type].pop(0)
+    return named
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every node named by its key (`node_keys`, what its kernels are named by). ORT names the nodes it
+    makes after an original node's name, which an unnamed node cannot lend: in a quantized model whose Convs had no
+    names, the QLinearConvs ORT made (named `_token_N`, writing tensors of its own) all went to the last kernel."""
+    keys = _keys(model)
+    if all(n.name == key for n, key in zip(model.graph.node, keys)):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for node, key in zip(named.graph.node, keys):
+        node.name = key
     return named
 
 
