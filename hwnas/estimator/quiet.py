@@ -8,11 +8,9 @@ machine is taken as busy: wait and look again, and measure the network again if 
 
 The quiet level is a low percentile of the recent looks, not the fastest one nor one of all looks: a host can move
 a VM between speed levels for minutes to hours (the reference at 0.20, 0.135 or 0.11 ms, load average 0.0 at all),
-and a bar set at a level the machine has left holds every later measurement for its full `patience` (an int8
-benchmark of 2026-12-06 slept 19 of its first 24 minutes so: the bar from 20 minutes at 0.11 ms, the machine at
-0.13). Over the last `window` looks a burst of seconds stays out of the bar, and a new level sets it within about
-one patience of waiting. `level_ms` is the level the measurements were let through at, what a profile and a
-benchmark record.
+and a bar set at a level the machine has left would hold every later measurement for its full `patience`. Over the
+last `window` looks a burst of seconds stays out of the bar, and a new level sets it within about one patience of
+waiting. `level_ms` is the level the measurements were let through at, what a profile and a benchmark record.
 """
 
 from __future__ import annotations
