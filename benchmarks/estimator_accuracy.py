@@ -50,11 +50,11 @@ are timed and FILE written (with `--oracle` also each kernel's in-context time, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +268,8 @@ class CpuMeasurements:
     spreads: dict[str, float]  # IQR / median of each model's pooled runs
     load: list[float]  # the 1-minute load average before and after
     oracle_ms: dict[str, float] | None = None  # each model's kernels timed in context, summed (`--oracle`)
-    # the quiet gate's reference model at its quiet level meanwhile: the machine's speed level, which the host moves
-    # by up to 1.5x for minutes at a time; a profile records its own (`profiling.quiet_gate.reference_ms`)
+    # the quiet gate's reference model while the models were let through (`QuietGate.level_ms`): the machine's speed
+    # level, which the host moves by up to 1.5x; a profile records its own (`profiling.quiet_gate.reference_ms`)
     reference_ms: float | None = None
 
 

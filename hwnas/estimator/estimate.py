@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import onnx
 
+from hwnas.errors import BadInputError
 from hwnas.estimator.defaults import estimator_for, machine_warnings
 from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
-from hwnas.errors import BadInputError
 from hwnas.estimator.memory import MemoryFootprint, footprint
 from hwnas.estimator.profile import profiled_reference_ms
 from hwnas.estimator.quiet import SpeedLevel

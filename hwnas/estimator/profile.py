@@ -167,10 +167,9 @@ def profile_target(
 
 
 def profiled_reference_ms(estimator: LatencyEstimator) -> float | None:
-    """The quiet gate's reference level while `estimator` was profiled (`QuietGate.level_ms`; profiles of 2026-12-06
-    before 20:47 UTC stored the 10th percentile of all looks, and before 16:53 the fastest look); None where profiling
-    ran without the gate. A timing taken with the reference at another level compares the machine's speed as much as
-    the estimator."""
+    """The quiet gate's reference level while `estimator` was profiled (`QuietGate.level_ms`; older profiles stored
+    their fastest look or a percentile of all looks); None where profiling ran without the gate. A timing taken with
+    the reference at another level compares the machine's speed as much as the estimator."""
     return estimator.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms")
 
 

@@ -128,7 +128,7 @@ class SpeedLevel:
     def now(cls, profiled_ms: float, settings: MeasureSettings, providers: tuple[str, ...] = ("CPUExecutionProvider",),
             looks: int = 10) -> SpeedLevel:
         """The level now: the quiet gate's reference model over its start-up looks and `looks` more (~0.1 s)."""
-        gate = QuietGate(settings, tuple(providers))
+        gate = QuietGate(settings, providers)
         for _ in range(looks):
             gate.quiet()
         return cls(gate.level_ms, profiled_ms)
