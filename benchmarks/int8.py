@@ -111,7 +111,8 @@ def ort_quantize_static(model: onnx.ModelProto, calibration: dict[str, np.ndarra
 
 HEADERS = ["model", "float ms", "quantize_static ms", "hwnas ms", "quantize_static vs float", "hwnas vs float",
            "hwnas vs quantize_static", "held-out cosine (top-1): quantize_static / hwnas",
-           "on its own ms: quantize_static / hwnas", "cpu estimate error: quantize_static / hwnas", "max drift", "hwnas pipeline (after the prefix)", "spread (max IQR/median)", "runs"]
+           "on its own ms: quantize_static / hwnas", "cpu estimate error: quantize_static / hwnas",
+           "at the timings' speed", "max drift", "hwnas pipeline (after the prefix)", "spread (max IQR/median)", "runs"]
 
 
 def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: int, numbers: Numbers, gate: QuietGate,
@@ -133,8 +134,13 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
     # the estimate is held to each quantized model timed on its own, as the estimator predicts it (`time_warm`)
     quantized = {"peer": peer, "hwnas": result.model}
     warm = {k: m.latency_ms for k, m in time_warm(quantized, shapes, MeasureSettings(warmup=5, repeats=repeats), 3, gate).items()}
-    errors = [{k: estimate(q, "cpu", input_shapes=shapes, estimator=e).latency_ms / warm[k] - 1 for k, q in quantized.items()}
-              for e in (estimators or [None])]
+    chosen = estimators or [estimator_for(get_target("cpu"))]
+    predicted = [{k: estimate(q, "cpu", input_shapes=shapes, estimator=e).latency_ms for k, q in quantized.items()} for e in chosen]
+    errors = [{k: ms / warm[k] - 1 for k, ms in p.items()} for p in predicted]
+    # what `estimate --at-speed-now` predicts: scaled by the machine's speed level while these models were timed
+    # (the gate's reference) over the level the profile recorded
+    scales = [gate.level_ms / r if (r := profiled_reference_ms(e)) else float("nan") for e in chosen]
+    at_speed = [{k: scale * ms / warm[k] - 1 for k, ms in p.items()} for p, scale in zip(predicted, scales)]
     error = errors[0]
     key = f"int8/{spec}/fit{fit_count}/trials{trials}"  # every setting the numbers depend on (quick runs differ)
     numbers.add(f"{key}/peer_vs_float", ms["float"] / ms["peer"], "measured")
@@ -145,13 +151,15 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
         if d.top1_agreement is not None:
             numbers.add(f"{key}/{k}/holdout_top1", float(d.top1_agreement), "measured")
         numbers.add(f"{key}/{k}/cpu_estimate_error", float(error[k]), "measured")
+        numbers.add(f"{key}/{k}/cpu_estimate_error_at_speed", float(at_speed[0][k]), "measured")
     cells = [f"{d.cosine:.5f}" + ("" if d.top1_agreement is None else f" ({d.top1_agreement:.3f})")
              for d in drift.values()]
     spread = max(m.details["spread"] for m in timing.values())
     return [spec, f"{ms['float']:.2f}", f"{ms['peer']:.2f}", f"{ms['hwnas']:.2f}",
             f"{ms['float'] / ms['peer']:.2f}×", f"{ms['float'] / ms['hwnas']:.2f}×", f"{ms['peer'] / ms['hwnas']:.2f}×",
             f"{cells[0]} / {cells[1]}", f"{warm['peer']:.2f} / {warm['hwnas']:.2f}",
-            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in errors), f"{max_drift:g}",
+            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in errors),
+            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in at_speed), f"{max_drift:g}",
             _steps(result.to_dict()["pipeline"]), f"{spread:.0%}", min(len(m.samples_ms) for m in timing.values())]
 
 
@@ -182,7 +190,9 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
         f"back-to-back runs, 3 rounds of {repeats}; interleaved, a small model runs slower on the caches the others "
         "left). cpu estimate error: the "
         + (f"cpu estimators {', '.join(estimator_files)} (in that order, `;` between them)" if estimator_files
-           else "shipped cpu estimator's") + " prediction for the quantized model against its time on its own. "
+           else "shipped cpu estimator's") + " prediction for the quantized model against its time on its own; at "
+        "the timings' speed: that prediction scaled as `hwnas estimate --at-speed-now` scales it, by the quiet gate's "
+        "reference level while the row was timed over the level its profile recorded. "
         f"Every round of runs waits for the quiet gate (`hwnas.estimator.quiet`, as in profiling): it waited "
         f"{gate.waited_s:.0f} s, took {gate.remeasured} round(s) again and gave up waiting {gate.gave_up} time(s). Its "
         f"reference model: {before:.3f} ms before, {after:.3f} ms after, measured at {gate.level_ms:.3f} ms; in profiling: "

@@ -46,7 +46,7 @@ from hwnas import api
 from hwnas.errors import BadInputError
 from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.profile import MODES, profile_target
+from hwnas.estimator.profile import MODES, profile_target, profiled_reference_ms
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.kernels import Kernel
@@ -80,10 +80,16 @@ def detect(target, criterion: str, out: Path) -> FusionRules:
 def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[Kernel], bool], label: str) -> LatencyEstimator:
     """`base`'s measurements of the kernels `replaced` rejects and `fresh`'s of those it accepts (its networks
     numbered after base's), refitted; settings and per-kernel offset from `base`, `fresh`'s profiling record
-    under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds)."""
+    under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds).
+
+    `fresh`'s kernel times are scaled to the speed level `base` was profiled at (the quiet gate's reference
+    level, where both recorded one): the estimate `--at-speed-now` scales holds one level for every kernel, and
+    two profiles of one machine taken hours apart stood 0.132 and 0.138 ms apart."""
     first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
+    base_level, fresh_level = profiled_reference_ms(base), profiled_reference_ms(fresh)
+    to_base_level = base_level / fresh_level if base_level and fresh_level else 1.0
     samples = [s for s in base.samples_ if not replaced(s.kernel)] + [
-        dataclasses.replace(s, network=None if s.network is None else s.network + first)
+        dataclasses.replace(s, latency_ms=s.latency_ms * to_base_level, network=None if s.network is None else s.network + first)
         for s in fresh.samples_ if replaced(s.kernel)]
     config = dict(base.target_config)
     around = sum(a["measurements"] for a in base.target_config.get("profiled_around", []))
@@ -91,7 +97,8 @@ def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[
     config["profiling"] = {**base.target_config.get("profiling", {}),
                            "base_kept": sum(not replaced(s.kernel) for s in base.samples_) - around}
     config[f"{label}_profiling"] = {**fresh.target_config.get("profiling", {}), "machine": fresh.target_config.get("machine"),
-                                    "networks_from": first, "kept": sum(replaced(s.kernel) for s in fresh.samples_)}
+                                    "networks_from": first, "kept": sum(replaced(s.kernel) for s in fresh.samples_),
+                                    "scaled_to_base_level": round(to_base_level, 4)}
     result = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
                               base.kernel_offset_ms)
     return result.fit(samples)

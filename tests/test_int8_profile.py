@@ -76,6 +76,31 @@ def test_int8_only_profiling_keeps_the_float_measurements_and_their_predictions(
     assert [e.latency_ms for e in merged.predict_kernels(floats)] == [e.latency_ms for e in base.predict_kernels(floats)]
 
 
+def test_a_merged_profile_holds_the_new_kernels_at_the_base_profiles_speed_level():
+    """The fresh profile's kernel times are scaled by base level / fresh level (the quiet gate's reference), so
+    that one recorded level holds for every kernel of the merged estimator; without a level on both sides, as is."""
+    from hwnas.estimator.estimator import Sample
+
+    script = _profile_script()
+    shipped = LatencyEstimator.load("hwnas/estimator/data/estimators/cpu.json")
+    samples = ([s for s in shipped.samples_ if s.kernel.int8][:150]
+               + [s for s in shipped.samples_ if not s.kernel.int8][:150])
+
+    def profiled(level: float | None, times: float = 1.0) -> LatencyEstimator:
+        gate = {"quiet_gate": {"reference_ms": level}} if level else {}
+        return LatencyEstimator(shipped.target, shipped.parallelism_factor, shipped.rules,
+                                {"profiling": {"budget": 300, **gate}}).fit(
+            [Sample(s.kernel, times * s.latency_ms, s.network) for s in samples])
+
+    base, fresh = profiled(0.1), profiled(0.2, times=2.0)  # the same kernels, timed at half the speed
+    merged = script.merged(base, fresh, lambda k: k.int8, "int8")
+    int8 = sorted(s.latency_ms for s in samples if s.kernel.int8)
+    assert int8 and np.allclose(sorted(s.latency_ms for s in merged.samples_ if s.kernel.int8), int8)
+    assert merged.target_config["int8_profiling"]["scaled_to_base_level"] == 0.5
+    unrecorded = script.merged(profiled(None), fresh, lambda k: k.int8, "int8")
+    assert np.allclose(sorted(s.latency_ms for s in unrecorded.samples_ if s.kernel.int8), [2 * t for t in int8])
+
+
 def test_int8_networks_are_aligned_every_second_time_and_verified_exact():
     """The int8 profiles' quantizer: align-channels{multiple=16} (checked exact by api.run) on every second
     network before the quantize pass."""

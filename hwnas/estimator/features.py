@@ -25,13 +25,15 @@ from hwnas.targets.kernels import Kernel
 # tells the two apart from few samples. "epilogue_elements": output elements × fused ops, what the ops
 # riding along cost where the target runs them as passes of their own (ORT CPU: a decomposed hard-swish after a
 # conv, 4 passes; without it the trees learnt "5 fused ops: slow" from small unaligned dwconvs and put a 256-channel
-# one at 2.4x its time). "one" stays last: the fixed cost per kernel.
-WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements", "one")
+# one at 2.4x its time). "slow_int8_outputs": the output elements of an int8 conv off ONNX Runtime's fast int8
+# GEMM (`off_fast_int8_gemm`), whose time follows its outputs, not its MACs. "one" stays last: the fixed cost per kernel.
+WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements",
+                 "slow_int8_outputs", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
 # corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
-# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`)
-FEATURES_VERSION = 8
+# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: "slow_int8_outputs")
+FEATURES_VERSION = 9
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -43,6 +45,15 @@ def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
     return float(folds * g.p), float(folds)
 
 
+def off_fast_int8_gemm(kernel: Kernel) -> bool:
+    """An int8 (non-grouped) conv that ONNX Runtime's CPU runs off its fast int8 GEMM: input or output channels
+    not a multiple of 4, or fewer than 16 outputs. Measured in context (1x1, 2-core Xeon with AVX-512 VNNI,
+    ORT 1.32): 14 -> 84 channels at 112x112 1.07 ms, 16 -> 84 0.23 ms, 12 -> 84 0.21 ms; 16 -> 12, 16 -> 17 and
+    16 -> 18 0.15-0.44 ms, 16 -> 20 0.09 ms; ~1 ns per output element whatever the input channels (13-129).
+    The channel residues let the trees see the cliff; this term lets the linear part carry it to large maps."""
+    return kernel.int8 and kernel.kind == "conv" and (kernel.c_in % 4 != 0 or kernel.c_out % 4 != 0 or kernel.c_out < 16)
+
+
 def work_features(kernel: Kernel, pf: int) -> list[float]:
     fold_steps, folds = _folds(kernel, pf)
     elements = float(kernel.input_elements + kernel.weight_elements + kernel.output_elements)
@@ -50,7 +61,8 @@ def work_features(kernel: Kernel, pf: int) -> list[float]:
     if kernel.kind == "free":
         return [0.0] * len(WORK_FEATURES)
     return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0,
-            float(kernel.output_elements * len(kernel.fused_ops)), 1.0]
+            float(kernel.output_elements * len(kernel.fused_ops)),
+            float(kernel.output_elements) if off_fast_int8_gemm(kernel) else 0.0, 1.0]
 
 
 SHAPE_FEATURES = (

@@ -21,7 +21,9 @@ mode the perturbed unit is the block that produced the kernel, measured at the h
 
 int8 (`quantize`, context mode): every second network (`int8_every`; 1: every network) is profiled as
 the QDQ model `quantize` makes of it (the caller passes the quantize pass's `quantize_model`, or a
-function that aligns channels first: this layer does not import the passes), calibrated on 4 random inputs. ORT runs DequantizeLinear → Conv → QuantizeLinear as one QLinearConv;
+function that aligns channels first: this layer does not import the passes), calibrated on 4 random inputs, its
+random draws from the "mobile" block mix (networks.BLOCK_MIXES: what is deployed quantized). ORT runs
+DequantizeLinear → Conv → QuantizeLinear as one QLinearConv;
 its kernels are `Kernel.int8` and get regressors of their own (`KIND/int8`, estimator.py).
 """
 
@@ -284,7 +286,8 @@ class _ContextSampler:
         self.overheads = least_node_overheads(target, self.gate)
 
     def random(self) -> list[tuple[object, Sample]]:
-        return self._measure(random_network(self.rng))
+        mix = "mobile" if quantized(self.networks, self.quantize, self.int8_every) else "any"
+        return self._measure(random_network(self.rng, mix=mix))
 
     def around(self, origin: tuple[BlockConfig, int, int]) -> list[tuple[object, Sample]]:
         block, c, h = perturb_block(*origin, self.rng, self.pf)
@@ -310,12 +313,17 @@ class _ContextSampler:
         return out
 
 
+def quantized(index: int, quantize: Quantizer | None, int8_every: int) -> bool:
+    """Whether a profile's `index`-th network is profiled as int8 (its random draws use the "mobile" block mix)."""
+    return quantize is not None and index % int8_every == int8_every - 1
+
+
 def profiled_network(config: NetworkConfig, index: int, rng: np.random.Generator, quantize: Quantizer | None,
                      int8_every: int) -> tuple[onnx.ModelProto, list, bool]:
     """(model, block inputs, quantized) of a profile's `index`-th network: every `int8_every`-th one quantized by
     `quantize`, on calibration inputs drawn from `rng` (the profile's generator, which the draw advances)."""
     model, block_inputs = build_network(config)
-    if quantize is None or index % int8_every != int8_every - 1:
+    if not quantized(index, quantize, int8_every):
         return model, block_inputs, False
     calibration = rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
     return quantize(model, {"x": calibration}), block_inputs, True
