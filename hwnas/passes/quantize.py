@@ -32,8 +32,10 @@ Presets (what each runtime runs fastest or at all):
 `activations=`, `weights=`, `per_channel=` and `calibration=` override the preset's values.
 
 Sites are the nodes: one ORT's quantizer has a QDQ form for is applicable; the others stay float,
-each with the reason (`hwnas run --dry-run` lists them). A `sites=` selector quantizes the chosen
-nodes only.
+each with the reason (`hwnas run --dry-run` lists them). With `preset=cpu` a linear or cubic Resize
+that writes a graph output stays float as well (ORT's CPU interpolates in float: quantized, it runs
+DQ → Resize → Q → DQ, two passes over the full-size output for nothing). A `sites=` selector
+quantizes the chosen nodes only.
 
 `max_drift=X` (`optimize --quantize int8` passes its `--max-drift`): when the quantized model's drift on
 the calibration inputs (1 − the worst sample's output cosine, as verification judges) exceeds X, the
@@ -225,6 +227,18 @@ def _renamed(original: onnx.ModelProto, prepared: onnx.ModelProto, exclude: tupl
     return [n.name for n in prepared.graph.node if n.name in names or outputs.intersection(n.output)]
 
 
+# a site's data: a node ORT's quantizer would quantize that must stay float (excluded by name)
+_KEEP_FLOAT = "keep float"
+
+
+def _interpolates_into_output(graph: gs.Graph, node: gs.Node) -> bool:
+    """A linear or cubic Resize that writes a graph output (a segmenter's logits upsampled to the input size).
+    ORT's CPU has no int8 form of it, so it runs DQ → Resize → Q → DQ: on the zoo segmenter at 512² the pair after
+    it took 5.8 ms of 53 (estimator-history.md, stop 36)."""
+    outputs = {t.name for t in graph.outputs}
+    return node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest" and any(t.name in outputs for t in node.outputs)
+
+
 @register_pass
 class Quantize(Pass):
     name = "quantize"
@@ -236,13 +250,18 @@ class Quantize(Pass):
         ops = quantizable_ops()
         sites = []
         for node in graph.nodes:
+            keep_float = None
             if node.op in ("QuantizeLinear", "DequantizeLinear"):
                 reason = "already a quantization node"
             elif node.op not in ops:
                 reason = f"ONNX Runtime's quantizer has no QDQ form for {node.op}: stays float"
+            elif self.options.preset == "cpu" and _interpolates_into_output(graph, node):
+                reason = (f"{node.op} interpolates into a graph output, and ONNX Runtime's CPU interpolates in float: "
+                          "quantizing it would only add a QuantizeLinear and a DequantizeLinear over that output: stays float")
+                keep_float = _KEEP_FLOAT
             else:
                 reason = None
-            sites.append(Site((node.name,), f"{node.op} {node.name}", reason))
+            sites.append(Site((node.name,), f"{node.op} {node.name}", reason, keep_float))
         return sites
 
     def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
@@ -255,7 +274,8 @@ class Quantize(Pass):
         chosen = {s.nodes[0] for s in sites}
         # only what a selector left out: a node without a QDQ form of its own may become one ORT quantizes
         # after pre-processing (HardSwish → HardSigmoid · x), and excluding it would keep that float
-        exclude = tuple(s.nodes[0] for s in self.match(graph, ctx) if s.applicable and s.nodes[0] not in chosen)
+        exclude = tuple(s.nodes[0] for s in self.match(graph, ctx)
+                        if (s.applicable and s.nodes[0] not in chosen) or s.data == _KEEP_FLOAT)
         divisions = 0
         if self.options.preset == "qnn":  # a float Div left unquantized stops QNN's HTP from finalizing the graph
             from hwnas.passes.div_to_mul import DivToMul
