@@ -133,13 +133,16 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
     drift = {k: measure_fidelity(model, q, held) for k, q in (("peer", peer), ("hwnas", result.model))}
     # the estimate is held to each quantized model timed on its own, as the estimator predicts it (`time_warm`)
     quantized = {"peer": peer, "hwnas": result.model}
+    looks = len(gate.passed_ms)
     warm = {k: m.latency_ms for k, m in time_warm(quantized, shapes, MeasureSettings(warmup=5, repeats=repeats), 3, gate).items()}
+    # the level while this row's models were timed: a run's level moves between rows (0.111 -> 0.135 ms in one)
+    row_level = float(np.median(gate.passed_ms[looks:])) if len(gate.passed_ms) > looks else gate.level_ms
     chosen = estimators or [estimator_for(get_target("cpu"))]
     predicted = [{k: estimate(q, "cpu", input_shapes=shapes, estimator=e).latency_ms for k, q in quantized.items()} for e in chosen]
     errors = [{k: ms / warm[k] - 1 for k, ms in p.items()} for p in predicted]
     # what `estimate --at-speed-now` predicts: scaled by the machine's speed level while these models were timed
     # (the gate's reference) over the level the profile recorded
-    scales = [gate.level_ms / r if (r := profiled_reference_ms(e)) else float("nan") for e in chosen]
+    scales = [row_level / r if (r := profiled_reference_ms(e)) else float("nan") for e in chosen]
     at_speed = [{k: scale * ms / warm[k] - 1 for k, ms in p.items()} for p, scale in zip(predicted, scales)]
     error = errors[0]
     key = f"int8/{spec}/fit{fit_count}/trials{trials}"  # every setting the numbers depend on (quick runs differ)
@@ -159,7 +162,8 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
             f"{ms['float'] / ms['peer']:.2f}×", f"{ms['float'] / ms['hwnas']:.2f}×", f"{ms['peer'] / ms['hwnas']:.2f}×",
             f"{cells[0]} / {cells[1]}", f"{warm['peer']:.2f} / {warm['hwnas']:.2f}",
             " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in errors),
-            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in at_speed), f"{max_drift:g}",
+            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%} (×{scale:.2f})" for e, scale in zip(at_speed, scales)),
+            f"{max_drift:g}",
             _steps(result.to_dict()["pipeline"]), f"{spread:.0%}", min(len(m.samples_ms) for m in timing.values())]
 
 
@@ -192,7 +196,7 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
         + (f"cpu estimators {', '.join(estimator_files)} (in that order, `;` between them)" if estimator_files
            else "shipped cpu estimator's") + " prediction for the quantized model against its time on its own; at "
         "the timings' speed: that prediction scaled as `hwnas estimate --at-speed-now` scales it, by the quiet gate's "
-        "reference level while the row was timed over the level its profile recorded. "
+        "reference level while the row's quantized models were timed on their own over the level its profile recorded. "
         f"Every round of runs waits for the quiet gate (`hwnas.estimator.quiet`, as in profiling): it waited "
         f"{gate.waited_s:.0f} s, took {gate.remeasured} round(s) again and gave up waiting {gate.gave_up} time(s). Its "
         f"reference model: {before:.3f} ms before, {after:.3f} ms after, measured at {gate.level_ms:.3f} ms; in profiling: "
