@@ -227,7 +227,7 @@ def _renamed(original: onnx.ModelProto, prepared: onnx.ModelProto, exclude: tupl
     return [n.name for n in prepared.graph.node if n.name in names or outputs.intersection(n.output)]
 
 
-# a site's data: a node ORT's quantizer would quantize that must stay float (excluded by name)
+# a site's data: a node ORT's quantizer would quantize that must stay float (excluded by name, so only a named one)
 _KEEP_FLOAT = "keep float"
 
 
@@ -255,7 +255,7 @@ class Quantize(Pass):
                 reason = "already a quantization node"
             elif node.op not in ops:
                 reason = f"ONNX Runtime's quantizer has no QDQ form for {node.op}: stays float"
-            elif self.options.preset == "cpu" and _interpolates_into_output(graph, node):
+            elif self.options.preset == "cpu" and node.name and _interpolates_into_output(graph, node):
                 reason = (f"{node.op} interpolates into a graph output, and ONNX Runtime's CPU interpolates in float: "
                           "quantizing it would only add a QuantizeLinear and a DequantizeLinear over that output: stays float")
                 keep_float = _KEEP_FLOAT
