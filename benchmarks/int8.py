@@ -48,7 +48,7 @@ from hwnas.estimator.defaults import estimator_for  # noqa: E402
 from hwnas.estimator.estimate import estimate  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator  # noqa: E402
 from hwnas.estimator.profile import profiled_reference_ms  # noqa: E402
-from hwnas.estimator.quiet import QuietGate  # noqa: E402
+from hwnas.estimator.quiet import QuietGate, SpeedLevel  # noqa: E402
 from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
 from hwnas.search.space import PREFIX  # noqa: E402
 from hwnas.targets import get_target  # noqa: E402
@@ -135,14 +135,13 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
     quantized = {"peer": peer, "hwnas": result.model}
     looks = len(gate.passed_ms)
     warm = {k: m.latency_ms for k, m in time_warm(quantized, shapes, MeasureSettings(warmup=5, repeats=repeats), 3, gate).items()}
-    # the level while this row's models were timed: a run's level moves between rows (0.111 -> 0.135 ms in one)
-    row_level = float(np.median(gate.passed_ms[looks:])) if len(gate.passed_ms) > looks else gate.level_ms
+    row_level = gate.level_ms_since(looks)  # while this row's models were timed on their own
     chosen = estimators or [estimator_for(get_target("cpu"))]
     predicted = [{k: estimate(q, "cpu", input_shapes=shapes, estimator=e).latency_ms for k, q in quantized.items()} for e in chosen]
     errors = [{k: ms / warm[k] - 1 for k, ms in p.items()} for p in predicted]
     # what `estimate --at-speed-now` predicts: scaled by the machine's speed level while these models were timed
     # (the gate's reference) over the level the profile recorded
-    scales = [row_level / r if (r := profiled_reference_ms(e)) else float("nan") for e in chosen]
+    scales = [SpeedLevel(row_level, r).scale if (r := profiled_reference_ms(e)) else float("nan") for e in chosen]
     at_speed = [{k: scale * ms / warm[k] - 1 for k, ms in p.items()} for p, scale in zip(predicted, scales)]
     error = errors[0]
     key = f"int8/{spec}/fit{fit_count}/trials{trials}"  # every setting the numbers depend on (quick runs differ)

@@ -472,6 +472,10 @@ def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkey
     gate.looks_ms += [quiet] * 20 + [0.6 * quiet]
     monkeypatch.setattr(gate, "reference_ms", lambda runs=15: 1.02 * quiet)
     assert gate.quiet() and gate.level_ms == pytest.approx(1.015 * quiet)  # the looks that let measurements through
+    passed = len(gate.passed_ms)
+    assert gate.level_ms_since(passed) == gate.level_ms  # none since: the whole run's level
+    gate.passed_ms.append(1.5 * quiet)
+    assert gate.level_ms_since(passed) == pytest.approx(1.5 * quiet)  # only the looks since
     # a level the machine has left does not hold the bar: after minutes at 0.8x, one window of looks at 1x is quiet
     gate.looks_ms += [0.8 * quiet] * 200
     assert not gate.quiet()

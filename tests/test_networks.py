@@ -226,7 +226,7 @@ def test_random_networks_keep_one_channel_layout_as_real_models_do():
 def test_the_mobile_mix_draws_depthwise_blocks_more_often_and_int8_networks_use_it():
     """The int8 networks' mix (what is deployed quantized): inverted bottlenecks and depthwise-separable blocks
     more often than in the mix of every family; a profile draws its int8 networks from it."""
-    from hwnas.estimator.profile import quantized
+    from hwnas.estimator.profile import is_int8_network
 
     def depthwise_share(mix: str) -> float:
         rng = np.random.default_rng(5)
@@ -237,8 +237,8 @@ def test_the_mobile_mix_draws_depthwise_blocks_more_often_and_int8_networks_use_
     with pytest.raises(ValueError, match="block mix"):
         random_network(np.random.default_rng(0), mix="Mobile")
     quantize = object()  # only whether there is a quantizer matters
-    assert [quantized(i, quantize, 2) for i in range(4)] == [False, True, False, True]
-    assert all(quantized(i, quantize, 1) for i in range(3)) and not quantized(1, None, 2)
+    assert [is_int8_network(i, quantize, 2) for i in range(4)] == [False, True, False, True]
+    assert all(is_int8_network(i, quantize, 1) for i in range(3)) and not is_int8_network(1, None, 2)
 
 
 def test_an_lstm_head_scores_each_step_over_a_vocabulary_as_ctc_recognisers_do():

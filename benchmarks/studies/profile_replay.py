@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hwnas import api  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator, Sample  # noqa: E402
 from hwnas.estimator.networks import random_network  # noqa: E402
-from hwnas.estimator.profile import profiled_network, quantized  # noqa: E402
+from hwnas.estimator.profile import is_int8_network, profiled_network  # noqa: E402
 from hwnas.targets.kernels import Kernel, decompose  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def replay(estimator: LatencyEstimator) -> Iterator[tuple[int, onnx.ModelProto, 
     rng = np.random.default_rng(profiling["seed"])
     quantize = api.profiling_quantizer() if "int8_every" in profiling else None
     for network in range(max(s.network for s in random_third(estimator)) + 1):
-        config = random_network(rng, mix="mobile" if quantized(network, quantize, every) else "any")
+        config = random_network(rng, mix="mobile" if is_int8_network(network, quantize, every) else "any")
         model, _, _ = profiled_network(config, network, rng, quantize, every)
         shapes = {"x": (1, config.c_in, config.size, config.size)}
         yield network, model, shapes, decompose(model, shapes, estimator.rules)

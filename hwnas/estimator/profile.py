@@ -286,7 +286,7 @@ class _ContextSampler:
         self.overheads = least_node_overheads(target, self.gate)
 
     def random(self) -> list[tuple[object, Sample]]:
-        mix = "mobile" if quantized(self.networks, self.quantize, self.int8_every) else "any"
+        mix = "mobile" if is_int8_network(self.networks, self.quantize, self.int8_every) else "any"
         return self._measure(random_network(self.rng, mix=mix))
 
     def around(self, origin: tuple[BlockConfig, int, int]) -> list[tuple[object, Sample]]:
@@ -313,7 +313,7 @@ class _ContextSampler:
         return out
 
 
-def quantized(index: int, quantize: Quantizer | None, int8_every: int) -> bool:
+def is_int8_network(index: int, quantize: Quantizer | None, int8_every: int) -> bool:
     """Whether a profile's `index`-th network is profiled as int8 (its random draws use the "mobile" block mix)."""
     return quantize is not None and index % int8_every == int8_every - 1
 
@@ -323,7 +323,7 @@ def profiled_network(config: NetworkConfig, index: int, rng: np.random.Generator
     """(model, block inputs, quantized) of a profile's `index`-th network: every `int8_every`-th one quantized by
     `quantize`, on calibration inputs drawn from `rng` (the profile's generator, which the draw advances)."""
     model, block_inputs = build_network(config)
-    if not quantized(index, quantize, int8_every):
+    if not is_int8_network(index, quantize, int8_every):
         return model, block_inputs, False
     calibration = rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
     return quantize(model, {"x": calibration}), block_inputs, True
