@@ -109,3 +109,33 @@ def test_an_interpolating_resize_between_q_and_dq_is_a_float_kernel_on_the_cpu()
         assert ("DequantizeLinear" in nodes[:nodes.index("Resize")]) == runs_float
         resize = lambda rules: next(k for k in decompose(q, {}, rules) if k.op == "Resize")  # noqa: E731
         assert resize(cpu).int8 is not runs_float and resize(npu).int8
+
+
+@pytest.mark.parametrize("same_quantization", [True, False])
+def test_a_quantize_after_a_reshape_of_the_same_quantization_is_free_on_the_cpu(same_quantization):
+    """DQ → Reshape → Q → DQ to a graph output: ORT drops the DQ and Q around a Reshape of one scale and zero point
+    and reshapes the integers (only the last DQ runs); with another scale the Q runs, and is a kernel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+    from hwnas.targets.measure import MeasureSettings, profile_nodes
+
+    constants = [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "z"),
+                 numpy_helper.from_array(np.array(0.02 if same_quantization else 0.03, np.float32), "s2"),
+                 numpy_helper.from_array(np.array([1, -1, 8], np.int64), "shape")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
+             helper.make_node("Reshape", ["xd", "shape"], ["r"], name="reshape"),
+             helper.make_node("QuantizeLinear", ["r", "s2", "z"], ["rq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["rq", "s2", "z"], ["y"], name="dq_out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    cpu = get_target("cpu")
+    ran = [t.op_type for t in profile_nodes(model, {}, MeasureSettings(warmup=0, repeats=1, min_seconds=0), cpu.providers)]
+    assert ran.count("QuantizeLinear") == (1 if same_quantization else 2)  # the input's, and q_out where it runs
+    kinds = {k.name: k.kind for k in decompose(model, {}, cpu.rules)}
+    assert kinds["q_out"] == ("free" if same_quantization else "elementwise")
+    assert kinds["dq_out"] == "elementwise"
