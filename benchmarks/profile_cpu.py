@@ -9,6 +9,7 @@ reported after), 1 intra-op thread:
     python benchmarks/profile_cpu.py --budget 3000 -o DIR          # elsewhere; pass --estimator DIR/cpu.json
     python benchmarks/profile_cpu.py --detect-fusion --int8        # + int8 kernels (every second network quantized)
     python benchmarks/profile_cpu.py --int8-only FROM/cpu.json -o DIR   # int8 kernels again, FROM's float ones kept
+    python benchmarks/profile_cpu.py --int8-only FROM/cpu.json --int8-draws 2 -o DIR   # the same budget, two draws pooled
     python benchmarks/profile_cpu.py --int8 --replace-kinds resize --from FROM/cpu.json -o DIR   # FROM but its Resizes
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
 
@@ -22,9 +23,12 @@ reported after), 1 intra-op thread:
 3. int8 (`--int8`, `--int8-only`): the int8 networks are quantized by `hwnas.api.profiling_quantizer` (the
    quantize pass, every second network after align-channels to 16). `--int8-only FROM.json` profiles
    int8 networks only, `--budget` defaulting to FROM's int8 measurements, and writes FROM's float
-   measurements with the new int8 ones: the float regressors stay as they were. `--replace-kinds K... --from
-   FROM.json` profiles as usual and keeps only its kernels of kinds K, with FROM's of every other kind (after
-   the profiling vocabulary of those kinds changed: e.g. a Resize's interpolation, which older samples lack).
+   measurements with the new int8 ones: the float regressors stay as they were. `--int8-draws N` splits that
+   budget over N profiles of consecutive seeds and pools them: each draw's int8 predictions sit at a level of its
+   own (one draw's −8 % from another's on the same models, both scaled to FROM's level), and N of them average
+   out. `--replace-kinds K... --from FROM.json` profiles as usual and keeps only its kernels of kinds K, with
+   FROM's of every other kind (after the profiling vocabulary of those kinds changed: e.g. a Resize's
+   interpolation, which older samples lack).
    The budget counts what FROM kept and everything the new run measured (`LABEL_profiling` in target_config).
 
 Then measure its accuracy: `python benchmarks/estimator_accuracy.py --targets cpu`.
@@ -77,10 +81,13 @@ def detect(target, criterion: str, out: Path) -> FusionRules:
     return rules
 
 
-def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[Kernel], bool], label: str) -> LatencyEstimator:
+def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[Kernel], bool], label: str,
+           pooled: bool = False) -> LatencyEstimator:
     """`base`'s measurements of the kernels `replaced` rejects and `fresh`'s of those it accepts (its networks
     numbered after base's), refitted; settings and per-kernel offset from `base`, `fresh`'s profiling record
     under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds).
+    `pooled`: base's measurements of the accepted kernels stay too (a later draw of `--int8-draws`), and the
+    record goes under `LABEL_N_profiling`, N the draw.
 
     `fresh`'s kernel times are scaled to the speed level `base` was profiled at (the quiet gate's reference
     level, where both recorded one): the estimate `--at-speed-now` scales holds one level for every kernel, and
@@ -88,15 +95,17 @@ def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[
     first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
     base_level, fresh_level = profiled_reference_ms(base), profiled_reference_ms(fresh)
     to_base_level = base_level / fresh_level if base_level and fresh_level else 1.0
-    samples = [s for s in base.samples_ if not replaced(s.kernel)] + [
+    samples = [s for s in base.samples_ if pooled or not replaced(s.kernel)] + [
         dataclasses.replace(s, latency_ms=s.latency_ms * to_base_level, network=None if s.network is None else s.network + first)
         for s in fresh.samples_ if replaced(s.kernel)]
     config = dict(base.target_config)
     around = sum(a["measurements"] for a in base.target_config.get("profiled_around", []))
     # what is kept of each run (the budget counts both): base's other kernels, fresh's replaced ones
-    config["profiling"] = {**base.target_config.get("profiling", {}),
-                           "base_kept": sum(not replaced(s.kernel) for s in base.samples_) - around}
-    config[f"{label}_profiling"] = {**fresh.target_config.get("profiling", {}), "machine": fresh.target_config.get("machine"),
+    if not pooled:
+        config["profiling"] = {**base.target_config.get("profiling", {}),
+                               "base_kept": sum(not replaced(s.kernel) for s in base.samples_) - around}
+    draw = 1 + sum(key.startswith(f"{label}_") and key.endswith("_profiling") for key in config) if pooled else None
+    config[f"{label}_{draw}_profiling" if pooled else f"{label}_profiling"] = {**fresh.target_config.get("profiling", {}), "machine": fresh.target_config.get("machine"),
                                     "networks_from": first, "kept": sum(replaced(s.kernel) for s in fresh.samples_),
                                     "scaled_to_base_level": round(to_base_level, 4)}
     result = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
@@ -123,6 +132,9 @@ def main() -> int:
     parser.add_argument("--int8-only", metavar="FROM_JSON",
                         help="profile int8 kernels only (every network quantized) and keep FROM_JSON's float measurements; "
                              "--budget defaults to FROM_JSON's int8 measurements")
+    parser.add_argument("--int8-draws", type=int, default=1, metavar="N",
+                        help="with --int8-only: N profiles of --budget/N measurements each (seeds --seed, --seed+1...), "
+                             "pooled (default 1)")
     parser.add_argument("--no-quiet-gate", action="store_true",
                         help="measure each network at once, without waiting out a neighbour's burst (hwnas/estimator/quiet.py)")
     parser.add_argument("--replace-kinds", nargs="+", metavar="KIND",
@@ -131,6 +143,9 @@ def main() -> int:
     args = parser.parse_args()
     if bool(args.replace_kinds) != bool(args.from_json) or (args.replace_kinds and args.int8_only):
         print("error: --replace-kinds and --from go together, and not with --int8-only", file=sys.stderr)
+        return 2
+    if args.int8_draws < 1 or (args.int8_draws > 1 and not args.int8_only):
+        print("error: --int8-draws takes a count of at least 1, and goes with --int8-only", file=sys.stderr)
         return 2
     try:
         base = LatencyEstimator.load(args.int8_only or args.from_json) if args.int8_only or args.from_json else None
@@ -154,23 +169,31 @@ def main() -> int:
         rules = FusionRules.from_json(args.rules) if args.rules else target.rules
 
     start = time.perf_counter()
-    with tqdm(total=args.budget, desc=f"profiling cpu ({args.mode})", unit="kernel") as bar:
-        estimator, report = profile_target(target, args.budget, seed=args.seed, mode=args.mode, rules=rules,
+    draws, measurements, networks = args.int8_draws if args.int8_only else 1, 0, 0
+    for draw in range(draws):
+        with tqdm(total=args.budget // draws, desc=f"profiling cpu ({args.mode})" + (f", draw {draw + 1} of {draws}" if draws > 1 else ""),
+                  unit="kernel") as bar:
+            fresh, report = profile_target(target, args.budget // draws, seed=args.seed + draw, mode=args.mode, rules=rules,
                                            progress=bar.update,
                                            quantize=api.profiling_quantizer() if args.int8 or args.int8_only else None,
                                            int8_every=1 if args.int8_only else 2, quiet_gate=not args.no_quiet_gate)
-    machine = estimator.target_config.get("machine", {})
-    profiling = estimator.target_config.get("profiling")
+        measurements, networks = measurements + report.measurements, networks + report.networks
+        if args.int8_only:  # each draw's level is the machine's of its minutes: pooled, they average out
+            base = merged(base, fresh, lambda k: k.int8, "int8", pooled=draw > 0)
+    machine = fresh.target_config.get("machine", {})
+    profiling = fresh.target_config.get("profiling")
     if args.int8_only:
-        estimator = merged(base, estimator, lambda k: k.int8, "int8")
+        estimator = base
     elif base is not None:
-        estimator = merged(base, estimator, lambda k: k.kind in args.replace_kinds, "kinds")
+        estimator = merged(base, fresh, lambda k: k.kind in args.replace_kinds, "kinds")
+    else:
+        estimator = fresh
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{estimator.target}.json"
     estimator.save(path)
-    print(f"wrote {path}: {report.measurements} kernel measurements"
-          + (f" from {report.networks} networks" if report.networks else "")
+    print(f"wrote {path}: {measurements} kernel measurements"
+          + (f" from {networks} networks" if networks else "")
           + (f" (int8; with {args.int8_only}'s {sum(not x.kernel.int8 for x in estimator.samples_)} float ones)"
              if args.int8_only else "")
           + (f" (kept: {', '.join(args.replace_kinds)}; every other kind's from {args.from_json})" if args.from_json else "")

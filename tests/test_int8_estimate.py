@@ -139,3 +139,29 @@ def test_a_quantize_after_a_reshape_of_the_same_quantization_is_free_on_the_cpu(
     kinds = {k.name: k.kind for k in decompose(model, {}, cpu.rules)}
     assert kinds["q_out"] == ("free" if same_quantization else "elementwise")
     assert kinds["dq_out"] == "elementwise"
+
+
+def test_the_kernel_after_a_quantize_that_ort_runs_carries_its_elements():
+    """ORT runs a free QuantizeLinear as a node of its own where nothing before it writes integers (the graph
+    input's, a float HardSigmoid's output), and the in-context profile charges it to the next kernel: that kernel
+    records the elements (`Kernel.quantize_elements`); a Q after a QLinearConv runs no node and counts nothing."""
+    from hwnas.passes.quantize import quantize_model
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+    from hwnas.targets.measure import MeasureSettings, profile_nodes
+
+    segmenter = build("segmenter", resolution=64)
+    calibration = {"input": np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)}
+    quantized = quantize_model(segmenter, calibration)
+    cpu = get_target("cpu")
+    ran = {t.name for t in profile_nodes(quantized, {}, MeasureSettings(warmup=0, repeats=1, min_seconds=0), cpu.providers)
+           if t.op_type == "QuantizeLinear"}
+    kernels = decompose(quantized, {}, cpu.rules)
+    free_quantizes = {k.name: k for k in kernels if k.kind == "free" and k.op == "QuantizeLinear"}
+    running = {name for name in free_quantizes if name in ran}
+    assert running and len(running) < len(free_quantizes)  # some run (input, after float ops), most are fused away
+    assert sum(k.quantize_elements for k in kernels) == sum(free_quantizes[name].output_elements for name in running)
+    stem = next(k for k in kernels if k.op == "Conv")
+    assert stem.quantize_elements == 3 * 64 * 64  # the input's
+    after_hardsigmoid = [k for k in kernels if k.op == "Mul" and k.quantize_elements == k.output_elements]
+    assert after_hardsigmoid

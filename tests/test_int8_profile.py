@@ -140,3 +140,39 @@ def test_replace_kinds_keeps_the_other_kinds_and_needs_its_base(monkeypatch, cap
         monkeypatch.setattr(sys, "argv", ["profile_cpu.py", *argv])
         assert script.main() == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_int8_draws_are_pooled_each_at_the_base_profiles_speed_level():
+    """`--int8-draws 2`: the second draw's int8 kernels join the first's (each scaled to the base's level), the
+    float ones stay the base's, and each draw's record is kept (`int8_profiling`, `int8_2_profiling`)."""
+    from hwnas.estimator.estimator import Sample
+
+    script = _profile_script()
+    shipped = LatencyEstimator.load("hwnas/estimator/data/estimators/cpu.json")
+    samples = ([s for s in shipped.samples_ if s.kernel.int8][:100]
+               + [s for s in shipped.samples_ if not s.kernel.int8][:100])
+
+    def profiled(level: float, times: float = 1.0) -> LatencyEstimator:
+        return LatencyEstimator(shipped.target, shipped.parallelism_factor, shipped.rules,
+                                {"profiling": {"budget": 200, "quiet_gate": {"reference_ms": level}}}).fit(
+            [Sample(s.kernel, times * s.latency_ms, s.network) for s in samples])
+
+    base = profiled(0.1)
+    first = script.merged(base, profiled(0.2, times=2.0), lambda k: k.int8, "int8")
+    both = script.merged(first, profiled(0.05, times=0.5), lambda k: k.int8, "int8", pooled=True)
+    int8 = sorted(s.latency_ms for s in samples if s.kernel.int8)
+    assert np.allclose(sorted(s.latency_ms for s in both.samples_ if s.kernel.int8), sorted(int8 + int8))
+    assert [s for s in both.samples_ if not s.kernel.int8] == [s for s in base.samples_ if not s.kernel.int8]
+    assert both.target_config["int8_profiling"]["scaled_to_base_level"] == 0.5
+    assert both.target_config["int8_2_profiling"]["scaled_to_base_level"] == 2.0
+    assert both.target_config["profiling"]["base_kept"] == first.target_config["profiling"]["base_kept"]
+    second_networks = [s.network for s in both.samples_[len(first.samples_):]]
+    assert min(second_networks) > max(s.network for s in first.samples_ if s.network is not None)
+
+
+def test_int8_draws_needs_int8_only_and_a_positive_count(monkeypatch, capsys):
+    script = _profile_script()
+    for argv in (["--int8-draws", "2"], ["--int8-only", "hwnas/estimator/data/estimators/cpu.json", "--int8-draws", "0"]):
+        monkeypatch.setattr(sys, "argv", ["profile_cpu.py", *argv])
+        assert script.main() == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

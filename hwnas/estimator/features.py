@@ -26,14 +26,17 @@ from hwnas.targets.kernels import Kernel
 # riding along cost where the target runs them as passes of their own (ORT CPU: a decomposed hard-swish after a
 # conv, 4 passes; without it the trees learnt "5 fused ops: slow" from small unaligned dwconvs and put a 256-channel
 # one at 2.4x its time). "slow_int8_outputs": the output elements of an int8 conv off ONNX Runtime's fast int8
-# GEMM (`off_fast_int8_gemm`), whose time follows its outputs, not its MACs. "one" stays last: the fixed cost per kernel.
+# GEMM (`off_fast_int8_gemm`), whose time follows its outputs, not its MACs. "quantize_elements": what the free
+# QuantizeLinear nodes ORT runs before the kernel quantize (`Kernel.quantize_elements`), which its in-context time
+# carries. "one" stays last: the fixed cost per kernel.
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements",
-                 "slow_int8_outputs", "one")
+                 "slow_int8_outputs", "quantize_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
 # corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
-# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: "slow_int8_outputs")
-FEATURES_VERSION = 9
+# column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: "slow_int8_outputs";
+# 10: "quantize_elements")
+FEATURES_VERSION = 10
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -62,7 +65,7 @@ def work_features(kernel: Kernel, pf: int) -> list[float]:
         return [0.0] * len(WORK_FEATURES)
     return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0,
             float(kernel.output_elements * len(kernel.fused_ops)),
-            float(kernel.output_elements) if off_fast_int8_gemm(kernel) else 0.0, 1.0]
+            float(kernel.output_elements) if off_fast_int8_gemm(kernel) else 0.0, float(kernel.quantize_elements), 1.0]
 
 
 SHAPE_FEATURES = (

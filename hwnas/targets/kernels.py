@@ -43,6 +43,7 @@ DequantizeLinear boundary the integer tensor between them is what is stored (`_s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -94,8 +95,10 @@ _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 _QLINEAR_OPS = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "LeakyRelu",
                           "Sigmoid", "Softmax", "Concat", "Where"})
 # ops that move integers as they are: between a DequantizeLinear and a QuantizeLinear of the same scale and zero
-# point ORT drops both and runs the op on the integers (QDQSelectorActionTransformer's "drop" rules)
-_INT8_MOVES = frozenset({"Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
+# point ORT drops both and runs the op on the integers (QDQSelectorActionTransformer's "drop" rules; a Resize
+# unless it interpolates, `_resizes_in_float`)
+_INT8_MOVES = frozenset({"Gather", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Split",
+                         "DepthToSpace", "SpaceToDepth"})
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,8 @@ class Kernel:
     # ("nearest:asymmetric:floor", PyTorch's and Paddle's exports, is pure pixel replication, which ORT's CPU
     # runs in its blocked layout ~10x faster than "nearest:half_pixel:round_prefer_floor"); "" elsewhere
     interpolation: str = ""
+    # elements quantized by free QuantizeLinear nodes that ORT runs before this kernel (`_carry_quantizes`)
+    quantize_elements: int = 0
 
     @property
     def fused_ops(self) -> tuple[str, ...]:
@@ -200,7 +205,34 @@ def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: 
         claimed.update(members)
         groups.append((members, residual, None))
     groups.sort(key=lambda group: max(group[0]))
-    return [_make_kernel(graph, members, residual, op) for members, residual, op in groups]
+    return _carry_quantizes(graph, groups, [_make_kernel(graph, members, residual, op) for members, residual, op in groups])
+
+
+def _carry_quantizes(graph: _Graph, groups: list[tuple[list[int], bool, str | None]], kernels: list[Kernel]) -> list[Kernel]:
+    """Each kernel with the elements of the free QuantizeLinear nodes ORT runs before it (`quantize_elements`).
+
+    A Q → DQ pair is free, but its Q runs as a node of its own where no integer-writing op comes before it (a
+    float HardSigmoid's output, a graph input), and an in-context profile charges that node to the next kernel
+    that is not free (`attribution._carriers`): a QLinearMul after a float HardSigmoid measured 0.50-0.55 ns an
+    element, one after a QLinearConv 0.27-0.30. Counted the same way, so that the kernel that carries it can be
+    told apart."""
+    live = [i for i, k in enumerate(kernels) if k.kind != "free"]
+    carried = [0] * len(kernels)
+    for i, (members, _, _) in enumerate(groups):
+        if kernels[i].kind != "free" or not live:
+            continue
+        runs = sum(kernels[i].output_elements for m in members if _runs_quantize(graph, graph.nodes[m]))
+        if runs:
+            carried[next((j for j in live if j > i), live[-1])] += runs
+    return [dataclasses.replace(k, quantize_elements=n) if n else k for k, n in zip(kernels, carried)]
+
+
+def _runs_quantize(graph: _Graph, node: onnx.NodeProto) -> bool:
+    """A QuantizeLinear that ORT runs as a node: nothing before it writes integers (`_is_int8_boundary`)."""
+    if node.op_type != "QuantizeLinear" or node.domain not in _ONNX_DOMAINS:
+        return False
+    source = graph.producer.get(node.input[0])
+    return source is None or not (graph.nodes[source].op_type in _QLINEAR_OPS or _moves_integers(graph, graph.nodes[source], node))
 
 
 def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple[str, ...]:
@@ -314,14 +346,17 @@ def _is_int8_boundary(graph: _Graph, node: onnx.NodeProto) -> bool:
 
 
 def _moves_integers(graph: _Graph, node: onnx.NodeProto, q: onnx.NodeProto) -> bool:
-    """`node` moves data (`_INT8_MOVES`) from a DequantizeLinear of `q`'s quantization: ORT runs it on the integers
-    and `q` does not run (a profiling network's DQ -> Reshape -> Q -> DQ to a graph output: that Q took 0.01 ms
-    for 1.2-2.4 M elements, which the Q regressor took for the cost of quantizing them)."""
-    if node.op_type not in _INT8_MOVES or node.domain not in _ONNX_DOMAINS:
-        return False
-    source = graph.producer.get(node.input[0])
-    return (source is not None and graph.nodes[source].op_type == "DequantizeLinear"
-            and _same_quantization(graph, graph.nodes[source], q))
+    """`node` moves data (`_INT8_MOVES`, or a chain of such ops) from a DequantizeLinear of `q`'s quantization: ORT
+    runs it on the integers and `q` does not run (a profiling network's DQ -> Reshape -> Q -> DQ to a graph output:
+    that Q took 0.01 ms for 1.2-2.4 M elements, which the Q regressor took for the cost of quantizing them)."""
+    while node.op_type in _INT8_MOVES and node.domain in _ONNX_DOMAINS and not _resizes_in_float(graph, node):
+        source = graph.producer.get(node.input[0])
+        if source is None:
+            return False
+        node = graph.nodes[source]
+        if node.op_type == "DequantizeLinear":
+            return _same_quantization(graph, node, q)
+    return False
 
 
 def _cancels_int8_layout(graph: _Graph, node: onnx.NodeProto) -> bool:
