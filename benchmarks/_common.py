@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from hwnas.estimator.quiet import QuietGate
@@ -154,14 +155,26 @@ def time_warm(models: Mapping[str, onnx.ModelProto], shapes: Mapping, settings: 
     `measure_model`), in `rounds` rounds over the models so that a slow drift of the machine reaches every model,
     each model's runs through `gate` (a neighbour's burst waited out, as the profile's networks were); the pooled
     runs summarized. Not run by run across models: a model run right after another finds the other's data in the
-    caches, which makes a small model 20-50 % slower than it runs on its own."""
+    caches, which makes a small model 20-50 % slower than it runs on its own. With a gate, each summary's
+    `details["reference_ms"]` is the gate's level while that model's runs were let through (`QuietGate.level_ms_since`):
+    over rounds spread across many models the machine's level moves between models."""
     samples: dict[str, list[float]] = {key: [] for key in models}
+    levels: dict[str, list[float]] = {key: [] for key in models}
     for _ in range(rounds):
         for key, model in models.items():
             def measured(model=model) -> list[float]:
                 return list(measure_model(model, shapes, settings).samples_ms)
-            samples[key] += measured() if gate is None else gate.measure(measured)
-    return {key: summarize(values) for key, values in samples.items()}
+            if gate is None:
+                samples[key] += measured()
+                continue
+            passed = len(gate.passed_ms)
+            samples[key] += gate.measure(measured)
+            levels[key].append(gate.level_ms_since(passed))
+    summaries = {key: summarize(values) for key, values in samples.items()}
+    for key, summary in summaries.items():
+        if levels[key]:
+            summary.details["reference_ms"] = float(np.median(levels[key]))
+    return summaries
 
 
 # ---------------------------------------------------------------- numbers for the regression test

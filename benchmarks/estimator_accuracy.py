@@ -271,6 +271,8 @@ class CpuMeasurements:
     # the quiet gate's reference model while the models were let through (`QuietGate.level_ms`): the machine's speed
     # level, which the host moves by up to 1.5x; a profile records its own (`profiling.quiet_gate.reference_ms`)
     reference_ms: float | None = None
+    # each model's: the level while its own runs were let through (rounds over many models span minutes)
+    reference_by_model_ms: dict[str, float] | None = None
 
 
 def measure_cpu(models: list[HeldOut], repeats: int, rounds: int, quiet_gate: bool = True) -> CpuMeasurements:
@@ -289,7 +291,9 @@ def measure_cpu(models: list[HeldOut], repeats: int, rounds: int, quiet_gate: bo
         print(f"quiet gate: waited {gate.waited_s:.0f} s, {gate.remeasured} measurement(s) taken again, gave up waiting "
               f"{gate.gave_up} time(s)", file=sys.stderr)
     return CpuMeasurements({k: v.latency_ms for k, v in summaries.items()}, {k: v.details["spread"] for k, v in summaries.items()},
-                           load, reference_ms=gate.level_ms if gate is not None else None)
+                           load, reference_ms=gate.level_ms if gate is not None else None,
+                           reference_by_model_ms={k: v.details["reference_ms"] for k, v in summaries.items()}
+                           if gate is not None else None)
 
 
 def measured_cpu(models: list[HeldOut], args) -> CpuMeasurements:
@@ -307,8 +311,10 @@ def measured_cpu(models: list[HeldOut], args) -> CpuMeasurements:
         oracle = {n: stored["oracle_ms"][n] for n in names} if args.oracle else None
         print(f"cpu medians{' and oracle sums' if args.oracle else ''} read from {path} (timed {stored.get('date', '?')})",
               file=sys.stderr)
+        by_model = stored.get("reference_by_model_ms")
         return CpuMeasurements({n: stored["measured_ms"][n] for n in names}, {n: stored["spread"][n] for n in names},
-                               stored["load"], oracle, stored.get("reference_ms"))
+                               stored["load"], oracle, stored.get("reference_ms"),
+                               {n: by_model[n] for n in names} if by_model else None)
     timed = measure_cpu(models, args.repeats, args.rounds, quiet_gate=not args.no_quiet_gate)
     kernels = in_context_times(models) if args.oracle else None
     oracle = {name: sum(times.values()) for name, times in kernels.items()} if kernels else None
@@ -317,6 +323,7 @@ def measured_cpu(models: list[HeldOut], args) -> CpuMeasurements:
         path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment(),
                                     "measured_ms": timed.medians_ms, "spread": timed.spreads, "load": timed.load,
                                     **({"reference_ms": timed.reference_ms} if timed.reference_ms is not None else {}),
+                                    **({"reference_by_model_ms": timed.reference_by_model_ms} if timed.reference_by_model_ms else {}),
                                     **({"oracle_ms": oracle, "oracle_kernels_ms": kernels} if kernels else {})},
                                    indent=1) + "\n")
     return dataclasses.replace(timed, oracle_ms=oracle)
@@ -492,10 +499,14 @@ def main() -> None:
                                         + (f", reference {reference:.3f} ms" if reference else "")))
                 if reference and cpu.reference_ms:
                     # what `estimate --at-speed-now` does: the estimate scaled by the machine's speed level while the
-                    # models were timed against the profile's (the host moves it by up to 1.5x for minutes to hours)
-                    scale = cpu.reference_ms / reference
-                    rows.append(summary_row("cpu", f"{label}, at the timings' speed (x{scale:.3f})",
-                                            {name: ms * scale for name, ms in predicted_by[label].items()}, measured,
+                    # model was timed against the profile's (the host moves it by up to 1.5x for minutes to hours),
+                    # each model's own level where the timing recorded one
+                    levels = cpu.reference_by_model_ms or {}
+                    scaled = {name: ms * levels.get(name, cpu.reference_ms) / reference
+                              for name, ms in predicted_by[label].items()}
+                    scales = [levels.get(name, cpu.reference_ms) / reference for name in scaled]
+                    shown = f"x{scales[0]:.3f}" if len(set(scales)) == 1 else f"x{min(scales):.3f}-{max(scales):.3f}, by model"
+                    rows.append(summary_row("cpu", f"{label}, at the timings' speed ({shown})", scaled, measured,
                                             f"{len(estimator.samples_):,}", note + f"; profiled at reference {reference:.3f} ms"))
             if args.oracle:
                 predicted_by["oracle"] = oracle

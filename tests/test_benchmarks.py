@@ -242,3 +242,25 @@ def test_profile_levels_divides_a_profiles_overall_level_out():
     assert raw == pytest.approx([10, 10, 10, 10, 30])
     assert levelled[:4] == pytest.approx([0, 0, 0, 0], abs=1e-9) and levelled[4] == pytest.approx(100 * (1.3 / 1.1 - 1))
     assert profile_levels.scores(levelled) == "80% / 80% / 3.6 %"
+
+
+def test_time_warm_records_each_models_own_speed_level(monkeypatch):
+    """Rounds over many models span minutes, and the machine's level moves between models: each summary carries
+    the gate's level while that model's runs were let through, which estimator_accuracy.py scales it by."""
+    import itertools
+
+    from _common import time_warm
+
+    from hwnas.estimator.quiet import QuietGate
+    from hwnas.models import build
+    from hwnas.targets.measure import MeasureSettings
+
+    settings = MeasureSettings(warmup=1, repeats=3, threads=1, min_seconds=0.0)
+    gate = QuietGate(settings, tolerance=10.0, pause=0.0)
+    looks = itertools.cycle([0.1, 0.1, 0.2, 0.2])  # two looks around each measurement: model a's, then b's
+    monkeypatch.setattr(gate, "reference_ms", lambda runs=15: next(looks))
+    model = build("mobilenetv2", width=0.25, resolution=32)
+    timed = time_warm({"a": model, "b": model}, {}, settings, 2, gate)
+    assert timed["a"].details["reference_ms"] == pytest.approx(0.1)
+    assert timed["b"].details["reference_ms"] == pytest.approx(0.2)
+    assert "reference_ms" not in time_warm({"a": model}, {}, settings, 1, None)["a"].details

@@ -435,10 +435,10 @@ def test_stored_measurements_are_reused_and_a_missing_model_fails_closed(tmp_pat
     assert sum(stored["oracle_kernels_ms"]["a"].values()) == pytest.approx(timed.oracle_ms["a"])
     assert timed.reference_ms is None and "reference_ms" not in stored  # no quiet gate, no reference level
     stored["measured_ms"]["a"] = 123.0  # what a re-read returns is the file's, not a new timing
-    stored["reference_ms"] = 0.2
+    stored["reference_ms"], stored["reference_by_model_ms"] = 0.2, {"a": 0.25}
     path.write_text(json.dumps(stored))
     reread = script.measured_cpu(models, args)
-    assert reread.medians_ms == {"a": 123.0} and reread.reference_ms == 0.2
+    assert reread.medians_ms == {"a": 123.0} and reread.reference_ms == 0.2 and reread.reference_by_model_ms == {"a": 0.25}
     with pytest.raises(SystemExit) as exit_info:
         script.measured_cpu(models + [script.HeldOut("b", script.resnet(0.25, 32), {})], args)
     assert exit_info.value.code == 2 and "no oracle sum for 'b'" in capsys.readouterr().err
