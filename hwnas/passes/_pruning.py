@@ -79,7 +79,7 @@ from hwnas.graph.channels import ChannelGroup, ChannelParam, Segment, node_label
 from hwnas.graph.gsgraph import const_value, stable_toposort, to_model, unique_name
 from hwnas.passes import _reconstruct as ls
 from hwnas.passes.base import PassContext, Site
-from hwnas.passes.fold_bn import output_channel_axis
+from hwnas.passes.fold_bn import batchnorm_affine, output_channel_axis
 from hwnas.verify.calibration import random_calibration
 
 DEFAULT_RIDGE = 0.1
@@ -260,9 +260,7 @@ def bn_scale(node: gs.Node, channels: int) -> np.ndarray:
     users = node.outputs[0].outputs
     if len(users) != 1 or users[0].op != "BatchNormalization":
         return np.ones(channels)
-    bn = users[0]
-    gamma, _, _, var = (const_value(t).astype(np.float64) for t in bn.inputs[1:5])
-    return gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    return batchnorm_affine(users[0])[0]
 
 
 def producer_energies(group: ChannelGroup, nodes: Mapping[str, gs.Node]) -> np.ndarray:

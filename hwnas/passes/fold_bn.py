@@ -27,6 +27,16 @@ from hwnas.passes.registry import register_pass
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
+def batchnorm_affine(bn: gs.Node, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of an inference BatchNormalization with constant parameters, bn(x) = scale·x + shift per
+    channel: scale = γ/√(σ² + ε), shift = β − μ·scale, in float64 (parameters of one value broadcast to `channels`)."""
+    gamma, beta, mean, var = (const_value(t).astype(np.float64).reshape(-1) for t in bn.inputs[1:5])
+    if channels is not None:
+        gamma, beta, mean, var = (np.broadcast_to(v if v.size == channels else v[:1], (channels,)) for v in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    return scale, beta - mean * scale
+
+
 def output_channel_axis(node: gs.Node) -> int | None:
     """Axis of the weight that indexes output channels, or None when scaling it is not per-channel."""
     if node.op == "Conv":
@@ -120,8 +130,6 @@ class FoldBatchNorm(Pass):
     def apply(self, graph: gs.Graph, sites: list[Site], ctx: PassContext) -> PassResult:
         for site in sites:
             conv, bn = site.data
-            gamma, beta, mean, var = (const_value(t).astype(np.float64) for t in bn.inputs[1:5])
-            scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-            scale_and_shift(graph, conv, scale, beta - mean * scale)
+            scale_and_shift(graph, conv, *batchnorm_affine(bn))
             absorb_output(conv, bn)
         return PassResult(graph, bool(sites), {"folded": len(sites)})

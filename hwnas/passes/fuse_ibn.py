@@ -94,7 +94,7 @@ from hwnas.graph.patterns import PatternMatch, find_expand_candidates, match_squ
 from hwnas.passes import _reconstruct as ls
 from hwnas.passes._pruning import set_weights
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
-from hwnas.passes.fold_bn import absorb_output, check_linear_producer
+from hwnas.passes.fold_bn import absorb_output, batchnorm_affine, check_linear_producer
 from hwnas.passes.registry import register_pass
 from hwnas.passes.replace_conv import is_depthwise, regroup_weight
 from hwnas.verify.calibration import random_calibration
@@ -243,9 +243,8 @@ def chain_affine(nodes: list[gs.Node], x: gs.Tensor, channels: int) -> tuple[np.
     scale, shift = np.ones(channels), np.zeros(channels)
     for node in nodes:
         if node.op == "BatchNormalization":
-            gamma, beta, mean, var = (_per_channel(const_value(t), channels) for t in node.inputs[1:5])
-            s = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
-            scale, shift = scale * s, shift * s + beta - mean * s
+            s, t = batchnorm_affine(node, channels)
+            scale, shift = scale * s, shift * s + t
         elif node.op != "Identity":
             x_first = node.inputs[0] is x
             k = _per_channel(const_value(node.inputs[1] if x_first else node.inputs[0]), channels)
