@@ -502,11 +502,11 @@ def main() -> None:
                     # model was timed against the profile's (the host moves it by up to 1.5x for minutes to hours),
                     # each model's own level where the timing recorded one
                     levels = cpu.reference_by_model_ms or {}
-                    scaled = {name: ms * levels.get(name, cpu.reference_ms) / reference
-                              for name, ms in predicted_by[label].items()}
-                    scales = [levels.get(name, cpu.reference_ms) / reference for name in scaled]
-                    shown = f"x{scales[0]:.3f}" if len(set(scales)) == 1 else f"x{min(scales):.3f}-{max(scales):.3f}, by model"
-                    rows.append(summary_row("cpu", f"{label}, at the timings' speed ({shown})", scaled, measured,
+                    scales = {name: levels.get(name, cpu.reference_ms) / reference for name in predicted_by[label]}
+                    low, high = min(scales.values()), max(scales.values())
+                    shown = f"x{low:.3f}" if low == high else f"x{low:.3f}-{high:.3f}, by model"
+                    rows.append(summary_row("cpu", f"{label}, at the timings' speed ({shown})",
+                                            {name: ms * scales[name] for name, ms in predicted_by[label].items()}, measured,
                                             f"{len(estimator.samples_):,}", note + f"; profiled at reference {reference:.3f} ms"))
             if args.oracle:
                 predicted_by["oracle"] = oracle

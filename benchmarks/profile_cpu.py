@@ -82,12 +82,12 @@ def detect(target, criterion: str, out: Path) -> FusionRules:
 
 
 def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[Kernel], bool], label: str,
-           pooled: bool = False) -> LatencyEstimator:
+           draw: int = 1) -> LatencyEstimator:
     """`base`'s measurements of the kernels `replaced` rejects and `fresh`'s of those it accepts (its networks
     numbered after base's), refitted; settings and per-kernel offset from `base`, `fresh`'s profiling record
     under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds).
-    `pooled`: base's measurements of the accepted kernels stay too (a later draw of `--int8-draws`), and the
-    record goes under `LABEL_N_profiling`, N the draw.
+    A later `draw` of `--int8-draws` (2, 3...) pools: base's measurements of the accepted kernels stay too, and
+    its record goes under `LABEL_DRAW_profiling`.
 
     `fresh`'s kernel times are scaled to the speed level `base` was profiled at (the quiet gate's reference
     level, where both recorded one): the estimate `--at-speed-now` scales holds one level for every kernel, and
@@ -95,6 +95,7 @@ def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[
     first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
     base_level, fresh_level = profiled_reference_ms(base), profiled_reference_ms(fresh)
     to_base_level = base_level / fresh_level if base_level and fresh_level else 1.0
+    pooled = draw > 1
     samples = [s for s in base.samples_ if pooled or not replaced(s.kernel)] + [
         dataclasses.replace(s, latency_ms=s.latency_ms * to_base_level, network=None if s.network is None else s.network + first)
         for s in fresh.samples_ if replaced(s.kernel)]
@@ -104,10 +105,9 @@ def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[
     if not pooled:
         config["profiling"] = {**base.target_config.get("profiling", {}),
                                "base_kept": sum(not replaced(s.kernel) for s in base.samples_) - around}
-    draw = 1 + sum(key.startswith(f"{label}_") and key.endswith("_profiling") for key in config) if pooled else None
-    config[f"{label}_{draw}_profiling" if pooled else f"{label}_profiling"] = {**fresh.target_config.get("profiling", {}), "machine": fresh.target_config.get("machine"),
-                                    "networks_from": first, "kept": sum(replaced(s.kernel) for s in fresh.samples_),
-                                    "scaled_to_base_level": round(to_base_level, 4)}
+    config[f"{label}_{draw}_profiling" if pooled else f"{label}_profiling"] = {
+        **fresh.target_config.get("profiling", {}), "machine": fresh.target_config.get("machine"), "networks_from": first,
+        "kept": sum(replaced(s.kernel) for s in fresh.samples_), "scaled_to_base_level": round(to_base_level, 4)}
     result = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
                               base.kernel_offset_ms)
     return result.fit(samples)
@@ -179,7 +179,7 @@ def main() -> int:
                                            int8_every=1 if args.int8_only else 2, quiet_gate=not args.no_quiet_gate)
         measurements, networks = measurements + report.measurements, networks + report.networks
         if args.int8_only:  # each draw's level is the machine's of its minutes: pooled, they average out
-            base = merged(base, fresh, lambda k: k.int8, "int8", pooled=draw > 0)
+            base = merged(base, fresh, lambda k: k.int8, "int8", draw=draw + 1)
     machine = fresh.target_config.get("machine", {})
     profiling = fresh.target_config.get("profiling")
     if args.int8_only:

@@ -159,7 +159,7 @@ def test_int8_draws_are_pooled_each_at_the_base_profiles_speed_level():
 
     base = profiled(0.1)
     first = script.merged(base, profiled(0.2, times=2.0), lambda k: k.int8, "int8")
-    both = script.merged(first, profiled(0.05, times=0.5), lambda k: k.int8, "int8", pooled=True)
+    both = script.merged(first, profiled(0.05, times=0.5), lambda k: k.int8, "int8", draw=2)
     int8 = sorted(s.latency_ms for s in samples if s.kernel.int8)
     assert np.allclose(sorted(s.latency_ms for s in both.samples_ if s.kernel.int8), sorted(int8 + int8))
     assert [s for s in both.samples_ if not s.kernel.int8] == [s for s in base.samples_ if not s.kernel.int8]

@@ -3,7 +3,7 @@
 Fourteen quantized zoo variants at widths and resolutions the int8 benchmark does not use, each as ORT's
 `quantize_static` makes it (int8.py's peer) and as align-channels + the quantize pass do (what `optimize --quantize
 int8` writes for them), are timed on their own as the `cpu` target measures a model (warm, back-to-back, 3 rounds
-of 30, each round through the quiet gate), and each estimator's prediction is scored against those times, raw and
+of 30 over all the models, each model's runs through the quiet gate), and each estimator's prediction is scored against those times, raw and
 at the timings' speed (scaled by the gate's level while that model was timed over the level the estimator's
 profile recorded, as `estimate --at-speed-now` scales it). Between two timings of the same models hours apart the
 int8 times moved ~10 % against the reference (estimator-history.md, stop 37): time and score in one sitting.
@@ -66,13 +66,12 @@ def _models(out: Path) -> dict[str, tuple[onnx.ModelProto, dict]]:
 
 
 def time_all(out: Path) -> None:
-    gate = QuietGate(MeasureSettings(threads=1))
-    timings = {}
-    for key, (model, shapes) in _models(out).items():
-        passed = len(gate.passed_ms)
-        ms = time_warm({key: model}, shapes, MeasureSettings(warmup=5, repeats=30), 3, gate)[key].latency_ms
-        timings[key] = {"ms": ms, "level_ms": gate.level_ms_since(passed)}
-        print(f"{key}: {ms:.3f} ms, reference at {timings[key]['level_ms']:.4f} ms", flush=True)
+    """Rounds over all the models (static input shapes), each model's level as `time_warm` records it."""
+    models = {key: model for key, (model, _) in _models(out).items()}
+    timed = time_warm(models, {}, MeasureSettings(warmup=5, repeats=30), 3, QuietGate(MeasureSettings(threads=1)))
+    timings = {key: {"ms": m.latency_ms, "level_ms": m.details["reference_ms"]} for key, m in timed.items()}
+    for key, t in timings.items():
+        print(f"{key}: {t['ms']:.3f} ms, reference at {t['level_ms']:.4f} ms")
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
 
 

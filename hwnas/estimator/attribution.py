@@ -23,7 +23,7 @@ import onnx
 from hwnas.estimator.networks import NetworkBuilder
 from hwnas.graph.shapes import Shape
 from hwnas.targets.fusion_rules import FusionRules
-from hwnas.targets.kernels import Kernel, decompose, node_keys
+from hwnas.targets.kernels import Kernel, carriers, decompose, node_keys
 
 @dataclass(frozen=True)
 class NetworkProfile:
@@ -189,7 +189,7 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
 
     times = np.zeros(len(kernels))
     counts = np.zeros(len(kernels))
-    carrier = _carriers(kernels)
+    carrier = carriers(kernels)
     for t in timings:
         k = resolve(t.name)
         k = carrier[k] if k is not None else None
@@ -239,15 +239,6 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _keys(model: onnx.ModelProto) -> tuple[str, ...]:
     return node_keys(list(model.graph.node))
-
-
-def _carriers(kernels: Sequence[Kernel]) -> list[int | None]:
-    """Which kernel carries each kernel's time: itself, or for a free one (costed 0 by the estimator) the
-    next kernel that is not free (the previous one at the end)."""
-    live = [i for i, k in enumerate(kernels) if k.kind != "free"]
-    if not live:
-        return [None] * len(kernels)
-    return [i if kernels[i].kind != "free" else next((j for j in live if j > i), live[-1]) for i in range(len(kernels))]
 
 
 def _absorbed(model: onnx.ModelProto, kernels: Sequence[Kernel], live: np.ndarray) -> set[str]:

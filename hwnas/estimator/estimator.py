@@ -456,7 +456,10 @@ def _sample_to_dict(sample: Sample) -> dict:
 
 
 def _kernel_to_dict(kernel: Kernel) -> dict:
-    return dataclasses.asdict(kernel)
+    data = dataclasses.asdict(kernel)
+    if not data["quantize_elements"]:  # written only when used: files of samples without any stay as they were
+        del data["quantize_elements"]
+    return data
 
 
 def _kernel_from_dict(data: Mapping) -> Kernel:

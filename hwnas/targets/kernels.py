@@ -208,31 +208,32 @@ def decompose(model: onnx.ModelProto, input_shapes: Mapping[str, Shape], rules: 
     return _carry_quantizes(graph, groups, [_make_kernel(graph, members, residual, op) for members, residual, op in groups])
 
 
+def carriers(kernels: Sequence[Kernel]) -> list[int | None]:
+    """Which kernel carries each kernel's time in an in-context profile: itself, or for a free one (costed 0 by
+    the estimator) the next kernel that is not free (the previous one at the end)."""
+    live = [i for i, k in enumerate(kernels) if k.kind != "free"]
+    if not live:
+        return [None] * len(kernels)
+    return [i if kernels[i].kind != "free" else next((j for j in live if j > i), live[-1]) for i in range(len(kernels))]
+
+
 def _carry_quantizes(graph: _Graph, groups: list[tuple[list[int], bool, str | None]], kernels: list[Kernel]) -> list[Kernel]:
     """Each kernel with the elements of the free QuantizeLinear nodes ORT runs before it (`quantize_elements`).
 
-    A Q → DQ pair is free, but its Q runs as a node of its own where no integer-writing op comes before it (a
-    float HardSigmoid's output, a graph input), and an in-context profile charges that node to the next kernel
-    that is not free (`attribution._carriers`): a QLinearMul after a float HardSigmoid measured 0.50-0.55 ns an
-    element, one after a QLinearConv 0.27-0.30. Counted the same way, so that the kernel that carries it can be
-    told apart."""
-    live = [i for i, k in enumerate(kernels) if k.kind != "free"]
+    A Q → DQ pair is free, but its Q runs as a node of its own where nothing before it writes integers (a float
+    HardSigmoid's output, a graph input), and an in-context profile charges that node to its `carriers` kernel:
+    a QLinearMul after a float HardSigmoid measured 0.50-0.55 ns an element, one after a QLinearConv 0.27-0.30.
+    Counted on the same kernel, so that the two can be told apart."""
     carried = [0] * len(kernels)
-    for i, (members, _, _) in enumerate(groups):
-        if kernels[i].kind != "free" or not live:
-            continue
-        runs = sum(kernels[i].output_elements for m in members if _runs_quantize(graph, graph.nodes[m]))
-        if runs:
-            carried[next((j for j in live if j > i), live[-1])] += runs
+    for (members, _, _), kernel, carrier in zip(groups, kernels, carriers(kernels)):
+        if kernel.kind == "free" and carrier is not None and any(_runs_quantize(graph, graph.nodes[m]) for m in members):
+            carried[carrier] += kernel.output_elements
     return [dataclasses.replace(k, quantize_elements=n) if n else k for k, n in zip(kernels, carried)]
 
 
 def _runs_quantize(graph: _Graph, node: onnx.NodeProto) -> bool:
-    """A QuantizeLinear that ORT runs as a node: nothing before it writes integers (`_is_int8_boundary`)."""
-    if node.op_type != "QuantizeLinear" or node.domain not in _ONNX_DOMAINS:
-        return False
-    source = graph.producer.get(node.input[0])
-    return source is None or not (graph.nodes[source].op_type in _QLINEAR_OPS or _moves_integers(graph, graph.nodes[source], node))
+    """A QuantizeLinear that ORT runs as a node of its own: nothing before it writes integers."""
+    return node.op_type == "QuantizeLinear" and node.domain in _ONNX_DOMAINS and not _writes_integers(graph, node)
 
 
 def node_keys(nodes: list[onnx.NodeProto] | tuple[onnx.NodeProto, ...]) -> tuple[str, ...]:
@@ -335,14 +336,18 @@ def _is_int8_boundary(graph: _Graph, node: onnx.NodeProto) -> bool:
         users = graph.consumers.get(node.output[0], ())
         if not users or not all(graph.nodes[u].op_type == "DequantizeLinear" for u in users):
             return False
-        source = graph.producer.get(node.input[0])
-        writes_integers = source is not None and (graph.nodes[source].op_type in _QLINEAR_OPS
-                                                  or _moves_integers(graph, graph.nodes[source], node))
-        return writes_integers or not any(_dequantizes_output(graph, graph.nodes[u]) for u in users)
+        return _writes_integers(graph, node) or not any(_dequantizes_output(graph, graph.nodes[u]) for u in users)
     if node.op_type == "DequantizeLinear":
         source = graph.producer.get(node.input[0])
         return source is not None and graph.nodes[source].op_type == "QuantizeLinear" and not _dequantizes_output(graph, node)
     return False
+
+
+def _writes_integers(graph: _Graph, q: onnx.NodeProto) -> bool:
+    """What QuantizeLinear `q` reads is integers already in ORT's graph: a QLinear kernel wrote it, or an op that
+    moves integers as they are (`_moves_integers`); then `q` runs no node."""
+    source = graph.producer.get(q.input[0])
+    return source is not None and (graph.nodes[source].op_type in _QLINEAR_OPS or _moves_integers(graph, graph.nodes[source], q))
 
 
 def _moves_integers(graph: _Graph, node: onnx.NodeProto, q: onnx.NodeProto) -> bool:
