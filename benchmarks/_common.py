@@ -150,20 +150,21 @@ def time_interleaved(models: Mapping[str, onnx.ModelProto], shapes: Mapping, set
 
 
 def time_warm(models: Mapping[str, onnx.ModelProto], shapes: Mapping, settings: MeasureSettings, rounds: int,
-              gate: QuietGate | None) -> dict[str, Measurement]:
+              gate: QuietGate | None, shapes_of: Mapping[str, Mapping] | None = None) -> dict[str, Measurement]:
     """Each model as the `cpu` target measures it and its estimator predicts it (warm, back-to-back runs:
     `measure_model`), in `rounds` rounds over the models so that a slow drift of the machine reaches every model,
     each model's runs through `gate` (a neighbour's burst waited out, as the profile's networks were); the pooled
     runs summarized. Not run by run across models: a model run right after another finds the other's data in the
     caches, which makes a small model 20-50 % slower than it runs on its own. With a gate, each summary's
     `details["reference_ms"]` is the gate's level while that model's runs were let through (`QuietGate.level_ms_since`):
-    over rounds spread across many models the machine's level moves between models."""
+    over rounds spread across many models the machine's level moves between models. `shapes_of`: input shapes per
+    model where they differ (`shapes` for the others)."""
     samples: dict[str, list[float]] = {key: [] for key in models}
     levels: dict[str, list[float]] = {key: [] for key in models}
     for _ in range(rounds):
         for key, model in models.items():
-            def measured(model=model) -> list[float]:
-                return list(measure_model(model, shapes, settings).samples_ms)
+            def measured(model=model, key=key) -> list[float]:
+                return list(measure_model(model, (shapes_of or {}).get(key, shapes), settings).samples_ms)
             if gate is None:
                 samples[key] += measured()
                 continue

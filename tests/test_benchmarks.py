@@ -264,3 +264,22 @@ def test_time_warm_records_each_models_own_speed_level(monkeypatch):
     assert timed["a"].details["reference_ms"] == pytest.approx(0.1)
     assert timed["b"].details["reference_ms"] == pytest.approx(0.2)
     assert "reference_ms" not in time_warm({"a": model}, {}, settings, 1, None)["a"].details
+
+
+def test_time_warm_runs_each_model_at_its_own_input_shapes():
+    """int8.py times all its rows' quantized models in one `time_warm`, each at its own input shapes
+    (`shapes_of`): a dynamic model at two sizes takes two times."""
+    from _common import time_warm
+    from onnx import TensorProto, helper
+
+    from hwnas.targets.measure import MeasureSettings
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [64, 64], np.ones(64 * 64, np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    settings = MeasureSettings(warmup=1, repeats=5, threads=1, min_seconds=0.0)
+    timed = time_warm({"small": model, "large": model}, {"x": (1, 64)}, settings, 1, None,
+                      shapes_of={"large": {"x": (4096, 64)}})
+    assert timed["large"].latency_ms > 5 * timed["small"].latency_ms
