@@ -197,8 +197,8 @@ def time_on_their_own(rows: list[Row], repeats: int, numbers: Numbers, gate: Qui
             numbers.add(f"{row.key}/{k}/cpu_estimate_error_at_speed", float(at_speed[0][k]), "measured")
         table_rows.append(row.first + [
             f"{warm['peer']:.2f} / {warm['hwnas']:.2f}",
-            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%}" for e in errors),
-            " ; ".join(f"{e['peer']:+.0%} / {e['hwnas']:+.0%} (×{s['peer']:.2f} / ×{s['hwnas']:.2f})"
+            " ; ".join(f"{e['peer']:+.1%} / {e['hwnas']:+.1%}" for e in errors),
+            " ; ".join(f"{e['peer']:+.1%} / {e['hwnas']:+.1%} (×{s['peer']:.3f} / ×{s['hwnas']:.3f})"
                        for e, s in zip(at_speed, scales))] + row.last)
     return table_rows
 
