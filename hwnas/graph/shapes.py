@@ -27,6 +27,19 @@ Shape = tuple[int, ...]
 _SHAPE_RE = re.compile(r"^(?:(?P<name>.+):)?(?P<dims>\d+(?:x\d+)*)$")
 
 
+def auto_pads(auto_pad: str | bytes, size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int] | None:
+    """(begin, end) padding of one spatial axis of `size` under a conv's or pool's `auto_pad`: SAME_UPPER puts the
+    odd one at the end, SAME_LOWER at the begin, VALID none; None for NOTSET (its `pads` hold)."""
+    mode = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if mode in ("NOTSET", ""):
+        return None
+    if mode == "VALID":
+        return 0, 0
+    total = max(0, (math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    small, large = total // 2, total - total // 2
+    return (large, small) if mode == "SAME_LOWER" else (small, large)
+
+
 def parse_input_shapes(specs: Iterable[str]) -> dict[str, Shape]:
     """Parse `name:1x3x224x224` items (the name may be omitted for single-input models: key '')."""
     shapes: dict[str, Shape] = {}

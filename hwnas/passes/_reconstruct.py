@@ -55,6 +55,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from hwnas.errors import BadInputError
 from hwnas.graph.gsgraph import const_value
 from hwnas.graph.session import make_session
+from hwnas.graph.shapes import auto_pads
 from hwnas.shared_folder import SharedFolder
 
 MIN_ROWS, MAX_ROWS, ROWS_PER_WEIGHT = 8192, 32768, 4
@@ -152,27 +153,20 @@ class ConvGeometry:
     @classmethod
     def from_attrs(cls, attrs: Mapping, kernel: tuple[int, int]) -> ConvGeometry:
         auto_pad = attrs.get("auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         return cls(
             kernel=tuple(kernel),
             strides=tuple(attrs.get("strides", (1, 1))),
             dilations=tuple(attrs.get("dilations", (1, 1))),
             pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
-            auto_pad=auto_pad,
+            auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad,
         )
 
     def resolved_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
-        if self.auto_pad in ("NOTSET", ""):
+        axes = [auto_pads(self.auto_pad, size, k, s, d)
+                for size, k, s, d in zip((height, width), self.kernel, self.strides, self.dilations)]
+        if axes[0] is None:
             return self.pads
-        if self.auto_pad == "VALID":
-            return (0, 0, 0, 0)
-        begin, end = [], []
-        for size, k, s, d in zip((height, width), self.kernel, self.strides, self.dilations):
-            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
-            small, large = total // 2, total - total // 2
-            begin.append(large if self.auto_pad == "SAME_LOWER" else small)
-            end.append(small if self.auto_pad == "SAME_LOWER" else large)
-        return (begin[0], begin[1], end[0], end[1])
+        return (axes[0][0], axes[1][0], axes[0][1], axes[1][1])
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         top, left, bottom, right = self.resolved_pads(height, width)

@@ -54,7 +54,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from hwnas.graph.constants import constant_node_value, denormal_mask
-from hwnas.graph.shapes import Shape, infer_tensors, resolve_input_shapes
+from hwnas.graph.shapes import Shape, auto_pads, infer_tensors, resolve_input_shapes
 from hwnas.targets.fusion_rules import FusionRules
 
 _KINDS_BY_OP = MappingProxyType(
@@ -940,16 +940,11 @@ def _tap_reads(node: onnx.NodeProto, data_in: Shape, data_out: Shape, window: tu
     dilations = _attr(node, "dilations", [1] * spatial)
     pads = _attr(node, "pads", [0] * 2 * spatial)
     auto_pad = _attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     per_axis = []
     for axis in range(spatial):
         size_in, size_out, k = data_in[2 + axis], data_out[2 + axis], window[axis]
-        begin = pads[axis]
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            total = max((size_out - 1) * strides[axis] + (k - 1) * dilations[axis] + 1 - size_in, 0)
-            begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-        elif auto_pad == "VALID":
-            begin = 0
+        automatic = auto_pads(auto_pad, size_in, k, strides[axis], dilations[axis])
+        begin = pads[axis] if automatic is None else automatic[0]
         at = np.arange(size_out)[:, None] * strides[axis] - begin + np.arange(k)[None, :] * dilations[axis]
         per_axis.append(((at >= 0) & (at < size_in)).sum(axis=0))
     reads = np.array(data_out[0])  # every image of the batch
