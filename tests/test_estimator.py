@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -121,8 +122,13 @@ def test_kernel_offset_and_networks_round_trip_and_the_offset_comes_off_each_ker
     # network 0 ran 2 us per kernel faster than its kernels add up to, network 1 4 us: the median is 3 us
     sums = [sum(s.latency_ms for s in samples if s.network == n) for n in (0, 1)]
     counts = [sum(s.network == n for s in samples) for n in (0, 1)]
-    assert per_kernel_offset(samples, [sums[0] - 2e-3 * counts[0], sums[1] - 4e-3 * counts[1]]) == pytest.approx(3e-3)
-    assert per_kernel_offset(samples, [sums[0] + 1.0, sums[1] + 1.0]) == 0.0  # never adds time
+
+    def run_in(plain: list[float]) -> list[Sample]:  # each sample carrying its network's plain run
+        return [dataclasses.replace(s, network_ms=plain[s.network]) for s in samples]
+
+    assert per_kernel_offset(run_in([sums[0] - 2e-3 * counts[0], sums[1] - 4e-3 * counts[1]])) == pytest.approx(3e-3)
+    assert per_kernel_offset(run_in([sums[0] + 1.0, sums[1] + 1.0])) == 0.0  # never adds time
+    assert per_kernel_offset(samples) == 0.0  # no plain runs known
     plain = LatencyEstimator("x", 16, target.rules).fit(samples)
     offset = LatencyEstimator("x", 16, target.rules, kernel_offset_ms=3e-3).fit(samples)
     a, b = plain.estimate(model, shapes), offset.estimate(model, shapes)

@@ -96,18 +96,20 @@ def cv_tables(estimator: LatencyEstimator, predicted: np.ndarray) -> str:
     for i in np.flatnonzero(compute):
         by_bin[_bin_label(measured[i], KERNEL_BINS)].append(int(i))
     lines += [_row(label, ratio[idx]) for label, idx in sorted(by_bin.items(), key=lambda kv: float(kv[0][1:].split(",")[0]))]
-    network_ms = estimator.target_config.get("profiling", {}).get("network_ms", [])
+    network_ms: dict[int, float] = {}  # each network's plain run, as its samples carry it
     sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for s, p, ok in zip(samples, predicted, live):
         if ok and s.network is not None:
             sums[s.network][0] += p
             sums[s.network][1] += s.latency_ms
+            if s.network_ms is not None:
+                network_ms[s.network] = s.network_ms
     if sums:
         lines += ["", "| network latency ms | networks | kernel sums: bias | scatter | within ±5 % | within ±10 % |",
                   "|---|---|---|---|---|---|"]
         groups: dict[str, list[float]] = defaultdict(list)
         for network, (p, m) in sums.items():
-            latency = network_ms[network] if network < len(network_ms) else m
+            latency = network_ms.get(network, m)
             groups[_bin_label(latency, NETWORK_BINS)].append(math.log(p / m))
             groups["all"].append(math.log(p / m))
         for label, values in sorted(groups.items(), key=lambda kv: math.inf if kv[0] == "all" else float(kv[0][1:].split(",")[0])):

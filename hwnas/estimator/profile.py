@@ -149,7 +149,7 @@ def profile_target(
                                             "int8_networks": getattr(sampler, "int8_networks", 0),
                                             **({"int8_every": int8_every} if quantize is not None else {})}
     if mode == "context":
-        estimator.kernel_offset_ms = per_kernel_offset(estimator.samples_, sampler.network_ms)
+        estimator.kernel_offset_ms = per_kernel_offset(estimator.samples_)
         ratios = sampler.run_over_nodes
         estimator.target_config["profiling"].update(
             overheads_us={key.removesuffix("_ms"): round(value * 1e3, 3) for key, value in dataclasses.asdict(sampler.overheads).items()},
@@ -157,8 +157,6 @@ def profile_target(
             # ~1.0-1.1 on a quiet machine; much more means runs waited for a core (busy machine)
             run_over_profiled_nodes={"median": round(float(np.median(ratios)), 3), "p90": round(float(np.percentile(ratios, 90)), 3)}
             if ratios else None,
-            # whole-network latencies: what the kernels of each network should add up to (cross-validation)
-            network_ms=[round(t, 5) for t in sampler.network_ms],
             kernel_offset_us=round(estimator.kernel_offset_ms * 1e3, 3),
             denormal_assist_ns=measure_assist_ns(target, seed))
         if sampler.gate is not None:
@@ -197,9 +195,9 @@ def least_node_overheads(target: Target, gate: QuietGate | None, looks: int = 3)
     return NodeOverheads(**{f.name: min(getattr(o, f.name) for o in seen) for f in dataclasses.fields(NodeOverheads)})
 
 
-def per_kernel_offset(samples: Sequence[Sample], network_ms: Sequence[float]) -> float:
-    """What the attribution adds per kernel beyond a network's plain run: the median over the profiled
-    networks of (kernel sum - plain run) / kernels, in ms, at least 0.
+def per_kernel_offset(samples: Sequence[Sample]) -> float:
+    """What the attribution adds per kernel beyond a network's plain run (`Sample.network_ms`): the median over
+    the profiled networks of (kernel sum - plain run) / kernels, in ms, at least 0.
 
     The profiler's per-node cost is measured on trivial nodes (`measure_node_overheads`); on real nodes
     it is somewhat larger, so a network's kernels add up to a little more than its plain run: ~0.7 us
@@ -210,13 +208,15 @@ def per_kernel_offset(samples: Sequence[Sample], network_ms: Sequence[float]) ->
     the offset errs low."""
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
+    plain: dict[int, float] = {}
     for s in samples:
-        if s.network is not None and s.network < len(network_ms):
+        if s.network is not None and s.network_ms is not None:
             sums[s.network] = sums.get(s.network, 0.0) + s.latency_ms
             counts[s.network] = counts.get(s.network, 0) + 1
+            plain[s.network] = s.network_ms
     if not sums:
         return 0.0
-    return max(0.0, float(np.median([(sums[n] - network_ms[n]) / counts[n] for n in sums])))
+    return max(0.0, float(np.median([(sums[n] - plain[n]) / counts[n] for n in sums])))
 
 
 def machine_entry(report: ProfileReport) -> dict:
@@ -281,7 +281,6 @@ class _ContextSampler:
         self.networks = 0
         self.scale_to_run = scale_to_run
         self.run_over_nodes: list[float] = []  # each network's plain-run median / profiled node sum
-        self.network_ms: list[float] = []  # each network's plain-run median (index: `Sample.network`)
         self.gate = QuietGate(target.settings, tuple(target.providers)) if quiet_gate else None
         self.overheads = least_node_overheads(target, self.gate)
 
@@ -305,7 +304,6 @@ class _ContextSampler:
         network = self.networks
         self.networks += 1
         self.run_over_nodes.append(profile.total_ms / max(profile.nodes_ms, 1e-9))
-        self.network_ms.append(profile.total_ms)
         out, block = [], 0
         for k, t in zip(profile.kernels, profile.latency_ms):
             block = block_of(k, default=block)  # an unnamed node a rewrite added: the block before it
