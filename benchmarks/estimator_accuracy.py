@@ -67,7 +67,7 @@ from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
 from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
 from hwnas.estimator.networks import NetworkBuilder, build_network, random_network
 from hwnas.estimator.profile import profile_target, profiled_reference_ms
-from hwnas.estimator.quiet import QuietGate
+from hwnas.estimator.quiet import QuietGate, SpeedLevel
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
 from hwnas.models import build
@@ -502,7 +502,7 @@ def main() -> None:
                     # model was timed against the profile's (the host moves it by up to 1.5x for minutes to hours),
                     # each model's own level where the timing recorded one
                     levels = cpu.reference_by_model_ms or {}
-                    scales = {name: levels.get(name, cpu.reference_ms) / reference for name in predicted_by[label]}
+                    scales = {name: SpeedLevel(levels.get(name, cpu.reference_ms), reference).scale for name in predicted_by[label]}
                     low, high = min(scales.values()), max(scales.values())
                     shown = f"x{low:.3f}" if low == high else f"x{low:.3f}-{high:.3f}, by model"
                     rows.append(summary_row("cpu", f"{label}, at the timings' speed ({shown})",

@@ -2,8 +2,8 @@
 
 Fourteen quantized zoo variants at widths and resolutions the int8 benchmark does not use, each as ORT's
 `quantize_static` makes it (int8.py's peer) and as align-channels + the quantize pass do (what `optimize --quantize
-int8` writes for them), are timed on their own as the `cpu` target measures a model (warm, back-to-back, 3 rounds
-of 30 over all the models, each model's runs through the quiet gate), and each estimator's prediction is scored against those times, raw and
+int8` writes for them), are timed on their own as the `cpu` target measures a model (warm, back-to-back, in int8.py's
+`ESTIMATE_ROUNDS` rounds of 30 over all the models, each model's runs through the quiet gate), and each estimator's prediction is scored against those times, raw and
 at the timings' speed (scaled by the gate's level while that model was timed over the level the estimator's
 profile recorded, as `estimate --at-speed-now` scales it). Between two timings of the same models hours apart the
 int8 times moved ~10 % against the reference (estimator-history.md, stop 37): time and score in one sitting.
@@ -25,13 +25,13 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import time_warm  # noqa: E402
-from int8 import ort_quantize_static  # noqa: E402
+from int8 import ESTIMATE_ROUNDS, ort_quantize_static  # noqa: E402
 
 from hwnas import api, models  # noqa: E402
 from hwnas.estimator.estimate import estimate  # noqa: E402
 from hwnas.estimator.estimator import LatencyEstimator  # noqa: E402
 from hwnas.estimator.profile import profiled_reference_ms  # noqa: E402
-from hwnas.estimator.quiet import QuietGate  # noqa: E402
+from hwnas.estimator.quiet import QuietGate, SpeedLevel  # noqa: E402
 from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
 from hwnas.passes.quantize import quantize_model  # noqa: E402
 from hwnas.targets.measure import MeasureSettings  # noqa: E402
@@ -68,7 +68,7 @@ def _models(out: Path) -> dict[str, tuple[onnx.ModelProto, dict]]:
 def time_all(out: Path) -> None:
     """Rounds over all the models (static input shapes), each model's level as `time_warm` records it."""
     models = {key: model for key, (model, _) in _models(out).items()}
-    timed = time_warm(models, {}, MeasureSettings(warmup=5, repeats=30), 3, QuietGate(MeasureSettings(threads=1)))
+    timed = time_warm(models, {}, MeasureSettings(warmup=5, repeats=30), ESTIMATE_ROUNDS, QuietGate(MeasureSettings(threads=1)))
     timings = {key: {"ms": m.latency_ms, "level_ms": m.details["reference_ms"]} for key, m in timed.items()}
     for key, t in timings.items():
         print(f"{key}: {t['ms']:.3f} ms, reference at {t['level_ms']:.4f} ms")
@@ -86,7 +86,8 @@ def score(out: Path, estimators: list[str]) -> None:
             model, shapes = loaded[key]
             predicted = estimate(model, "cpu", input_shapes=shapes, estimator=estimator).latency_ms
             raw.append(predicted / timing["ms"] - 1)
-            at_speed.append(predicted * timing["level_ms"] / profiled / timing["ms"] - 1 if profiled else np.nan)
+            scale = SpeedLevel(timing["level_ms"], profiled).scale if profiled else np.nan
+            at_speed.append(predicted * scale / timing["ms"] - 1)
         for label, errors in (("raw", raw), ("at the timings' speed", at_speed)):
             errors = np.array(errors)
             print(f"{path}, {label}: {np.sum(abs(errors) <= 0.1)} of {len(errors)} within ±10 %, MAPE "
