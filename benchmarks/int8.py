@@ -55,7 +55,7 @@ from hwnas.graph.shapes import resolve_input_shapes  # noqa: E402
 from hwnas.search.space import PREFIX  # noqa: E402
 from hwnas.targets import get_target  # noqa: E402
 from hwnas.targets.measure import MeasureSettings, measure_interleaved  # noqa: E402
-from hwnas.verify.calib_data import calibration_sets, scene_batch  # noqa: E402
+from hwnas.verify.calib_data import calibration_sets, scene_inputs  # noqa: E402
 from hwnas.verify.fidelity import measure_fidelity  # noqa: E402
 
 REAL_SIZES = {"ch_PP-OCRv4_det_infer.onnx": (640, 640), "ch_ppocr_mobile_v2.0_cls_infer.onnx": (48, 192),
@@ -82,8 +82,7 @@ def load(spec: str, fit: int, held: int):
     model = models.build(name, width=width, divisor=divisor)
     side = models.SPECS[name].default_resolution
     input_name = model.graph.input[0].name
-    make = lambda seed, n: {input_name: scene_batch(np.random.default_rng(seed), n, (side, side))[0]}  # noqa: E731
-    return model, None, make(0, fit), make(1, held)
+    return model, None, scene_inputs(input_name, fit, side, seed=0), scene_inputs(input_name, held, side, seed=1)
 
 
 def ort_quantize_static(model: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> onnx.ModelProto:

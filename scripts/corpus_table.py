@@ -71,16 +71,12 @@ def _cell(job: tuple[str, str, bool]) -> tuple[str, str, str, str]:
 def _calibration(model_name: str, model) -> dict:
     """CALIBRATION_SAMPLES realistic inputs: the real model's recipe (`hwnas.verify.calib_data`: rendered text,
     rotated scenes) at its analysis size, rotated synthetic scenes for a zoo model."""
-    import numpy as np
-
     from hwnas.models import SPECS
-    from hwnas.verify.calib_data import calibration_sets, scene_batch
+    from hwnas.verify.calib_data import calibration_sets, scene_inputs
     from tests.conftest import REAL_MODELS
 
     if model_name.startswith("zoo:"):
-        side = SPECS[model_name[4:]].default_resolution
-        images, _ = scene_batch(np.random.default_rng(0), CALIBRATION_SAMPLES, (side, side))
-        return {model.graph.input[0].name: images}
+        return scene_inputs(model.graph.input[0].name, CALIBRATION_SAMPLES, SPECS[model_name[4:]].default_resolution)
     size = tuple(REAL_MODELS[model_name]["x"][2:])
     return calibration_sets(model_name, CALIBRATION_SAMPLES, 1, seed=0, size=size).fit.inputs
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from hwnas import api, models
-from hwnas.verify.calib_data import calibration_sets, scene_batch
+from hwnas.verify.calib_data import calibration_sets, scene_inputs
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
 REAL = {"ch_PP-OCRv4_det_infer.onnx": (640, 640), "ch_ppocr_mobile_v2.0_cls_infer.onnx": (48, 192),
@@ -33,8 +31,8 @@ def data(name: str, fit: int, held: int):
     if name in ZOO:
         model = models.build(name)
         side = models.SPECS[name].default_resolution
-        make = lambda seed, n: {model.graph.input[0].name: scene_batch(np.random.default_rng(seed), n, (side, side))[0]}  # noqa: E731
-        return model, None, make(0, fit), make(1, held)
+        name_in = model.graph.input[0].name
+        return model, None, scene_inputs(name_in, fit, side, seed=0), scene_inputs(name_in, held, side, seed=1)
     sets = calibration_sets(name, fit, held, seed=0, size=REAL[name])
     shapes = {"x": (1, 3, *REAL[name])}
     return str(SHARED / name), shapes, sets.fit.inputs, sets.held_out.inputs

@@ -293,6 +293,12 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return _finish(rng, image, rng.uniform(1, 4))
 
 
+def scene_inputs(input_name: str, count: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`count` scenes of `scene_batch` at `side`×`side` as a model's feeds: the realistic inputs of an image model
+    without a recipe of its own (the zoo's; the benchmarks calibrate on seed 0 and hold out seed 1)."""
+    return {input_name: scene_batch(np.random.default_rng(seed), count, (side, side))[0]}
+
+
 def scene_batch(rng: np.random.Generator, count: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """`count` orientation inputs; label k: the scene turned k·90° clockwise (balanced, shuffled)."""
     labels = rng.permutation(np.arange(count) % 4)
