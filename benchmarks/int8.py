@@ -189,17 +189,20 @@ def time_on_their_own(rows: list[Row], repeats: int, numbers: Numbers, gate: Qui
         errors = [{k: ms / warm[k] - 1 for k, ms in p.items()} for p in predicted]
         # what `estimate --at-speed-now` predicts: scaled by the machine's speed level while the model was timed
         # (the gate's reference) over the level the profile recorded
-        scales = [{k: SpeedLevel(level[k], r).scale if (r := profiled_reference_ms(e)) else float("nan") for k in level}
+        # (an estimator profiled without the gate recorded no level: no such column for it)
+        scales = [{k: SpeedLevel(level[k], r).scale for k in level} if (r := profiled_reference_ms(e)) else None
                   for e in chosen]
-        at_speed = [{k: scale[k] * ms / warm[k] - 1 for k, ms in p.items()} for p, scale in zip(predicted, scales)]
+        at_speed = [{k: scale[k] * ms / warm[k] - 1 for k, ms in p.items()} if scale else None
+                    for p, scale in zip(predicted, scales)]
         for k in row.quantized:
             numbers.add(f"{row.key}/{k}/cpu_estimate_error", float(errors[0][k]), "measured")
-            numbers.add(f"{row.key}/{k}/cpu_estimate_error_at_speed", float(at_speed[0][k]), "measured")
+            if at_speed[0] is not None:
+                numbers.add(f"{row.key}/{k}/cpu_estimate_error_at_speed", float(at_speed[0][k]), "measured")
         table_rows.append(row.first + [
             f"{warm['peer']:.2f} / {warm['hwnas']:.2f}",
             " ; ".join(f"{e['peer']:+.1%} / {e['hwnas']:+.1%}" for e in errors),
-            " ; ".join(f"{e['peer']:+.1%} / {e['hwnas']:+.1%} (×{s['peer']:.3f} / ×{s['hwnas']:.3f})"
-                       for e, s in zip(at_speed, scales))] + row.last)
+            " ; ".join(f"{e['peer']:+.1%} / {e['hwnas']:+.1%} (×{s['peer']:.3f} / ×{s['hwnas']:.3f})" if e else
+                       "– (no level in its profile)" for e, s in zip(at_speed, scales))] + row.last)
     return table_rows
 
 
