@@ -249,3 +249,36 @@ def test_kernels_of_a_small_network_take_the_small_networks_regime_by_a_first_es
     assert sum(e.latency_ms for e in many) > SMALL_NETWORK_MS
     assert many[0].latency_ms == pytest.approx(1.25e-6 * 8 * 64 * 64, rel=0.1)
     assert estimator.predict_kernels([big], small=False)[0].latency_ms == pytest.approx(many[0].latency_ms)
+
+
+def test_a_kind_with_a_handful_of_samples_gets_no_regressor_of_its_own_and_is_flagged():
+    """Four int8 samples fit a baseline that can be anything beyond them (a shipped-profile draw put a 640² int8
+    ConvTranspose at 104 ms): below MIN_SAMPLES_PER_REGRESSOR an int8 kind is predicted by its float kind's
+    regressor, out of distribution; with enough samples it has its own, in distribution."""
+    from hwnas.estimator.estimator import MIN_SAMPLES_PER_REGRESSOR, Sample
+    from hwnas.targets.kernels import decompose
+    from tests.test_in_distribution import _unary
+
+    rules = get_target("cpu").rules
+
+    def kernel(side: int, int8: bool):
+        k = next(k for k in decompose(_unary("Relu", [1, 8, side, side]), {"x": (1, 8, side, side)}, rules) if k.kind != "free")
+        return dataclasses.replace(k, int8=int8)
+
+    sides = range(16, 200, 4)
+    floats = [Sample(kernel(s, False), 1e-6 * 8 * s * s) for s in sides]  # 1 ns an element
+
+    def fitted(int8_sides):
+        # int8 samples at 3 ns an element plus a fixed cost no float sample has: a thin fit goes anywhere
+        thin = [Sample(kernel(s, True), 3e-6 * 8 * s * s + 0.05) for s in int8_sides]
+        return LatencyEstimator("cpu", 16, rules, {"provider": "CPUExecutionProvider"}).fit(floats + thin)
+
+    few = fitted(range(16, 16 + 4 * (MIN_SAMPLES_PER_REGRESSOR - 1), 4))
+    assert not any(key.endswith("/int8") for key in few.regressors_)
+    (thin,) = few.predict_kernels([kernel(20, True)], small=False)
+    assert not thin.in_distribution
+    assert thin.latency_ms == pytest.approx(1e-6 * 8 * 20 * 20, rel=0.15)  # the float kind's
+    enough = fitted(range(16, 200, 8))
+    (own,) = enough.predict_kernels([kernel(20, True)], small=False)
+    assert own.in_distribution
+    assert own.latency_ms > 3 * thin.latency_ms

@@ -127,6 +127,8 @@ class LatencyEstimate:
 # the held-out models (median +7.6 %); how the 40th percentile was chosen: estimator-history.md, 2026-12-06.
 MEASURED_QUANTILE = 0.40
 
+MIN_SAMPLES_PER_REGRESSOR = 5
+
 
 class LatencyEstimator:
     """Per-kind regressors for one target. `fit(samples)` learns them; `estimate(model, shapes)` uses them."""
@@ -151,7 +153,12 @@ class LatencyEstimator:
             if s.kernel.kind in self.per_op_kinds:  # and pooled over the kind's ops: for an op never profiled
                 by_key.setdefault(key.replace(self._range_key(s.kernel), s.kernel.kind, 1), []).append(s)
         self.fitted_quantile_ = self.correction_quantile
-        self.regressors_ = {key: self._fit(group) for key, group in by_key.items()}
+        # a handful of samples fits a baseline that can be anything beyond them (4 int8 ConvTranspose samples put a
+        # 24 -> 1 one at 640² at 104 ms, the float kind's regressor at 1.5), where 8-9 float ConvTranspose samples
+        # keep the PP-OCR detectors' upsampling within their held-out errors. Below `MIN_SAMPLES_PER_REGRESSOR` a key's
+        # kernels take the next regressor in `_predict`'s order instead (flagged out of distribution).
+        self.regressors_ = {key: self._fit(group) for key, group in by_key.items()
+                            if len(group) >= MIN_SAMPLES_PER_REGRESSOR}
         return self._derive()
 
     def _regressor_key(self, kernel: Kernel) -> str:
@@ -221,7 +228,7 @@ class LatencyEstimator:
             # catch-all kind) was profiled at, at its precision
             inside = self._in_range(kind, group) & np.array([
                 kind == "free" or k.op in self.measured_ops_ and self._interpolation_profiled(k) for k in group])
-            if other_precision is not None and found == other_precision:
+            if found is not None and found != key:  # another precision's or op's regressor stands in: not what this kernel was profiled as
                 inside[:] = False
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)
@@ -364,7 +371,12 @@ class LatencyEstimator:
                                                     int(self.target_config.get("config", {}).get("bytes_per_element", 4)))
         self.measured_ops_ = frozenset(s.kernel.op for s in self.samples_)
         self.small_networks_ = any(s.small_network for s in self.samples_)
-        self.interpolations_ = frozenset(s.kernel.interpolation for s in self.samples_ if s.kernel.interpolation)
+        # per regressor: an int8 half profiled after `Kernel.interpolation` was added, on float samples from before
+        interpolations: dict[str, set[str]] = {}
+        for s in self.samples_:
+            if s.kernel.interpolation:
+                interpolations.setdefault(self._regressor_key(s.kernel), set()).add(s.kernel.interpolation)
+        self.interpolations_ = {key: frozenset(found) for key, found in interpolations.items()}
         by_kind: dict[str, list[Kernel]] = {}
         for s in self.samples_:
             by_kind.setdefault(s.kernel.kind, []).append(s.kernel)
@@ -397,8 +409,9 @@ class LatencyEstimator:
         return inside
 
     def _interpolation_profiled(self, kernel: Kernel) -> bool:
-        """Whether a Resize's interpolation was profiled (estimators whose samples do not record it: any)."""
-        return not kernel.interpolation or not self.interpolations_ or kernel.interpolation in self.interpolations_
+        """Whether a Resize's interpolation was profiled by its regressor's samples (samples that do not record it: any)."""
+        profiled = self.interpolations_.get(self._regressor_key(kernel))
+        return not kernel.interpolation or not profiled or kernel.interpolation in profiled
 
     def _rows_profiled(self, key: str, kernels: Sequence[Kernel]) -> np.ndarray:
         """Per kernel: whether its GEMM rows (P) lie within those regressor `key` was profiled at."""

@@ -35,8 +35,8 @@ WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "str
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
 # corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
 # column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: "slow_int8_outputs";
-# 10: "quantize_elements")
-FEATURES_VERSION = 10
+# 10: "quantize_elements"; 11: no regressor from fewer samples than work features, `MIN_SAMPLES_PER_REGRESSOR`)
+FEATURES_VERSION = 11
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
