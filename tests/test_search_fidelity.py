@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from hwnas.estimator.defaults import estimator_for
-from hwnas.graph.gsgraph import to_graph, to_model
+from hwnas.graph.gsgraph import to_graph
 from hwnas.graph.session import make_session, run_per_sample
 from hwnas.graph.shapes import resolve_input_shapes
 from hwnas.models import build
