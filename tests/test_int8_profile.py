@@ -23,7 +23,7 @@ from hwnas.targets.kernels import decompose
 def test_profiling_with_quantize_fits_int8_regressors_that_int8_models_use(tmp_path):
     target = get_target("cpu")
     # enough measurements that the int8 convs reach MIN_SAMPLES_PER_REGRESSOR
-    estimator, report = profile_target(target, 100, seed=0, rounds=1, quantize=quantize_model)
+    estimator, report = profile_target(target, 200, seed=0, rounds=1, quantize=quantize_model)
     assert estimator.target_config["profiling"]["int8_networks"] >= 1
     int8_keys = {k for k in estimator.regressors_ if k.endswith("/int8")}
     assert "conv/int8" in int8_keys or "dwconv/int8" in int8_keys

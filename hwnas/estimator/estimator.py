@@ -127,6 +127,9 @@ class LatencyEstimate:
 # the held-out models (median +7.6 %); how the 40th percentile was chosen: estimator-history.md, 2026-12-06.
 MEASURED_QUANTILE = 0.40
 
+# A handful of samples fits a baseline that can be anything beyond them: 4 int8 ConvTranspose samples put a 24 -> 1
+# one at 640² at 104 ms (the float kind's regressor: 1.5). 8-9 float ConvTranspose samples kept the PP-OCR detectors
+# within their held-out errors, so the floor is below that. Fewer: the next regressor in `_predict`'s order, flagged.
 MIN_SAMPLES_PER_REGRESSOR = 5
 
 
@@ -153,10 +156,6 @@ class LatencyEstimator:
             if s.kernel.kind in self.per_op_kinds:  # and pooled over the kind's ops: for an op never profiled
                 by_key.setdefault(key.replace(self._range_key(s.kernel), s.kernel.kind, 1), []).append(s)
         self.fitted_quantile_ = self.correction_quantile
-        # a handful of samples fits a baseline that can be anything beyond them (4 int8 ConvTranspose samples put a
-        # 24 -> 1 one at 640² at 104 ms, the float kind's regressor at 1.5), where 8-9 float ConvTranspose samples
-        # keep the PP-OCR detectors' upsampling within their held-out errors. Below `MIN_SAMPLES_PER_REGRESSOR` a key's
-        # kernels take the next regressor in `_predict`'s order instead (flagged out of distribution).
         self.regressors_ = {key: self._fit(group) for key, group in by_key.items()
                             if len(group) >= MIN_SAMPLES_PER_REGRESSOR}
         return self._derive()
@@ -228,7 +227,7 @@ class LatencyEstimator:
             # catch-all kind) was profiled at, at its precision
             inside = self._in_range(kind, group) & np.array([
                 kind == "free" or k.op in self.measured_ops_ and self._interpolation_profiled(k) for k in group])
-            if found is not None and found != key:  # another precision's or op's regressor stands in: not what this kernel was profiled as
+            if found is not None and found != key:  # another precision's or op's regressor stands in
                 inside[:] = False
             if regressor is None and kind == "free":
                 values, fallback = np.zeros(len(group)), False  # moves no data (kernels.py)

@@ -35,7 +35,7 @@ WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "str
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
 # corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
 # column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: "slow_int8_outputs";
-# 10: "quantize_elements"; 11: no regressor from fewer samples than work features, `MIN_SAMPLES_PER_REGRESSOR`)
+# 10: "quantize_elements"; 11: no regressor from fewer than `estimator.MIN_SAMPLES_PER_REGRESSOR` samples)
 FEATURES_VERSION = 11
 
 
