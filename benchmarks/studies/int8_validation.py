@@ -86,13 +86,15 @@ def score(out: Path, estimators: list[str]) -> None:
             model, shapes = loaded[key]
             predicted = estimate(model, "cpu", input_shapes=shapes, estimator=estimator).latency_ms
             raw.append(predicted / timing["ms"] - 1)
-            scale = SpeedLevel(timing["level_ms"], profiled).scale if profiled else np.nan
-            at_speed.append(predicted * scale / timing["ms"] - 1)
-        for label, errors in (("raw", raw), ("at the timings' speed", at_speed)):
+            if profiled:
+                at_speed.append(predicted * SpeedLevel(timing["level_ms"], profiled).scale / timing["ms"] - 1)
+        for label, errors in [("raw", raw)] + ([("at the timings' speed", at_speed)] if at_speed else []):
             errors = np.array(errors)
             print(f"{path}, {label}: {np.sum(abs(errors) <= 0.1)} of {len(errors)} within ±10 %, MAPE "
                   f"{100 * np.mean(abs(errors)):.1f} %, median {100 * np.median(errors):+.0f} % | "
                   + " ".join(f"{e:+.0%}" for e in errors))
+        if not at_speed:
+            print(f"{path}, at the timings' speed: – (no speed level in its profile)")
 
 
 def main() -> None:

@@ -1,0 +1,61 @@
+"""A cpu estimator whose int8 half pools draws taken from different `--int8-draws` profiles (stop 40's shipped half).
+
+`profile_cpu.py --int8-only FROM --int8-draws 2` takes its two draws back to back, so both land in whatever state this
+VM's host is in for those minutes; on the 2-core EPYC a neighbour slows int8 models 12-15 % for minutes at a time
+(estimator-history.md, stops 39-40). This writes FLOAT's float samples with draw N of each `--draw FILE:N`, in the
+order given (the first as draw 1), each file an estimator written by `profile_cpu.py --int8-only ... --int8-draws 2`;
+the profiling records follow the draws (`int8_profiling`, `int8_2_profiling`), refitted with the working tree's code.
+
+    python benchmarks/studies/pool_int8_draws.py OUT_DIR --float FLOAT/cpu.json --draw A/cpu.json:1 --draw B/cpu.json:2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hwnas.estimator.estimator import LatencyEstimator, Sample
+
+RECORDS = ("int8_profiling", "int8_2_profiling")  # draw 1's and draw 2's, as profile_cpu.merged names them
+
+
+def draw_samples(estimator: LatencyEstimator, draw: int) -> tuple[list[Sample], dict]:
+    """The int8 samples of `estimator`'s draw `draw` (1 or 2), by the networks each draw's record says it began at."""
+    first = estimator.target_config[RECORDS[0]]["networks_from"]
+    second = estimator.target_config[RECORDS[1]]["networks_from"]
+    low, high = (first, second) if draw == 1 else (second, None)
+    chosen = [s for s in estimator.samples_ if s.kernel.int8 and s.network is not None and s.network >= low
+              and (high is None or s.network < high)]
+    return chosen, estimator.target_config[RECORDS[draw - 1]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--float", dest="float_json", required=True, help="the estimator whose float samples are kept")
+    parser.add_argument("--draw", action="append", required=True, metavar="FILE:N", help="draw N (1 or 2) of FILE")
+    args = parser.parse_args()
+    if len(args.draw) != len(RECORDS):
+        parser.error(f"give {len(RECORDS)} --draw")
+    base = LatencyEstimator.load(args.float_json)
+    samples = [s for s in base.samples_ if not s.kernel.int8]
+    config = {k: v for k, v in base.target_config.items() if k not in RECORDS}
+    offset = 1 + max((s.network for s in samples if s.network is not None), default=-1)
+    for record, spec in zip(RECORDS, args.draw):
+        path, _, draw = spec.rpartition(":")
+        chosen, profiled = draw_samples(LatencyEstimator.load(path), int(draw))
+        # renumbered after the samples before them: a network is one plain run (`profile.per_kernel_offset`)
+        start = min(s.network for s in chosen)
+        samples += [Sample(s.kernel, s.latency_ms, s.network - start + offset, s.network_ms) for s in chosen]
+        config[record] = {**profiled, "networks_from": offset}
+        offset = 1 + max(s.network for s in samples if s.network is not None)
+    pooled = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
+                              base.kernel_offset_ms).fit(samples)
+    args.output.mkdir(parents=True, exist_ok=True)
+    pooled.save(args.output / f"{pooled.target}.json")
+    print(f"wrote {args.output / (pooled.target + '.json')}: {len(samples)} samples "
+          f"({sum(s.kernel.int8 for s in samples)} int8)")
+
+
+if __name__ == "__main__":
+    main()
