@@ -244,6 +244,37 @@ def test_profile_levels_divides_a_profiles_overall_level_out():
     assert profile_levels.scores(levelled) == "80% / 80% / 3.6 %"
 
 
+def test_pool_int8_draws_takes_each_draw_from_its_own_profile():
+    """Draw 1 of one `--int8-draws 2` profile with draw 2 of another: their int8 samples and records, the float
+    samples of the base, the networks numbered after those before them."""
+    import pool_int8_draws
+
+    from hwnas.estimator.estimator import LatencyEstimator, Sample
+
+    shipped = LatencyEstimator.load(ROOT / "hwnas/estimator/data/estimators/cpu.json")
+    floats = [s for s in shipped.samples_ if not s.kernel.int8 and s.network is not None][:60]
+    int8 = [s for s in shipped.samples_ if s.kernel.int8][:40]
+
+    def two_draws(first: float, second: float, seed: int) -> LatencyEstimator:
+        # float networks 0-9, draw 1 on networks 10-14, draw 2 on 15-19; each draw's int8 times scaled as given
+        samples = [Sample(s.kernel, s.latency_ms, i % 10, 1.0) for i, s in enumerate(floats)]
+        samples += [Sample(s.kernel, first * s.latency_ms, 10 + i % 5, 1.0) for i, s in enumerate(int8)]
+        samples += [Sample(s.kernel, second * s.latency_ms, 15 + i % 5, 1.0) for i, s in enumerate(int8)]
+        config = {"profiling": {"seed": 0}, "int8_profiling": {"seed": seed, "networks_from": 10},
+                  "int8_2_profiling": {"seed": seed + 1, "networks_from": 15}}
+        return LatencyEstimator(shipped.target, shipped.parallelism_factor, shipped.rules, config).fit(samples)
+
+    a, b = two_draws(2.0, 3.0, seed=31), two_draws(5.0, 7.0, seed=41)
+    pooled = pool_int8_draws.pool(a, [(a, 1), (b, 2)])
+    times = sorted(s.latency_ms for s in pooled.samples_ if s.kernel.int8)
+    assert times == pytest.approx(sorted([2.0 * s.latency_ms for s in int8] + [7.0 * s.latency_ms for s in int8]))
+    assert [s.latency_ms for s in pooled.samples_ if not s.kernel.int8] == [s.latency_ms for s in floats]
+    assert pooled.target_config["int8_profiling"] == {"seed": 31, "networks_from": 10}
+    assert pooled.target_config["int8_2_profiling"] == {"seed": 42, "networks_from": 15}
+    with pytest.raises(ValueError):
+        pool_int8_draws.pool(a, [(a, 1)])
+
+
 def test_time_warm_records_each_models_own_speed_level(monkeypatch):
     """Rounds over many models span minutes, and the machine's level moves between models: each summary carries
     the gate's level while that model's runs were let through, which estimator_accuracy.py scales it by."""

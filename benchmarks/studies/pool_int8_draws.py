@@ -29,6 +29,24 @@ def draw_samples(estimator: LatencyEstimator, draw: int) -> tuple[list[Sample], 
     return chosen, estimator.target_config[RECORDS[draw - 1]]
 
 
+def pool(base: LatencyEstimator, draws: list[tuple[LatencyEstimator, int]]) -> LatencyEstimator:
+    """`base`'s float samples with draw N of each (estimator, N) in `draws`, in order, refitted."""
+    if len(draws) != len(RECORDS):
+        raise ValueError(f"{len(RECORDS)} draws, got {len(draws)}")
+    samples = [s for s in base.samples_ if not s.kernel.int8]
+    config = {k: v for k, v in base.target_config.items() if k not in RECORDS}
+    offset = 1 + max((s.network for s in samples if s.network is not None), default=-1)
+    for record, (estimator, draw) in zip(RECORDS, draws):
+        chosen, profiled = draw_samples(estimator, draw)
+        # renumbered after the samples before them: a network is one plain run (`profile.per_kernel_offset`)
+        start = min(s.network for s in chosen)
+        samples += [Sample(s.kernel, s.latency_ms, s.network - start + offset, s.network_ms) for s in chosen]
+        config[record] = {**profiled, "networks_from": offset}
+        offset = 1 + max(s.network for s in samples if s.network is not None)
+    return LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
+                            base.kernel_offset_ms).fit(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
@@ -37,24 +55,12 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.draw) != len(RECORDS):
         parser.error(f"give {len(RECORDS)} --draw")
-    base = LatencyEstimator.load(args.float_json)
-    samples = [s for s in base.samples_ if not s.kernel.int8]
-    config = {k: v for k, v in base.target_config.items() if k not in RECORDS}
-    offset = 1 + max((s.network for s in samples if s.network is not None), default=-1)
-    for record, spec in zip(RECORDS, args.draw):
-        path, _, draw = spec.rpartition(":")
-        chosen, profiled = draw_samples(LatencyEstimator.load(path), int(draw))
-        # renumbered after the samples before them: a network is one plain run (`profile.per_kernel_offset`)
-        start = min(s.network for s in chosen)
-        samples += [Sample(s.kernel, s.latency_ms, s.network - start + offset, s.network_ms) for s in chosen]
-        config[record] = {**profiled, "networks_from": offset}
-        offset = 1 + max(s.network for s in samples if s.network is not None)
-    pooled = LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
-                              base.kernel_offset_ms).fit(samples)
+    draws = [(LatencyEstimator.load(path), int(draw)) for path, _, draw in (spec.rpartition(":") for spec in args.draw)]
+    pooled = pool(LatencyEstimator.load(args.float_json), draws)
     args.output.mkdir(parents=True, exist_ok=True)
     pooled.save(args.output / f"{pooled.target}.json")
-    print(f"wrote {args.output / (pooled.target + '.json')}: {len(samples)} samples "
-          f"({sum(s.kernel.int8 for s in samples)} int8)")
+    print(f"wrote {args.output / (pooled.target + '.json')}: {len(pooled.samples_)} samples "
+          f"({sum(s.kernel.int8 for s in pooled.samples_)} int8)")
 
 
 if __name__ == "__main__":
