@@ -12,9 +12,14 @@ the profiling records follow the draws (`int8_profiling`, `int8_2_profiling`), r
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from pathlib import Path
 
-from hwnas.estimator.estimator import LatencyEstimator, Sample
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profile_cpu import merged  # noqa: E402
+
+from hwnas.estimator.estimator import LatencyEstimator, Sample  # noqa: E402
 
 RECORDS = ("int8_profiling", "int8_2_profiling")  # draw 1's and draw 2's, as profile_cpu.merged names them
 
@@ -29,22 +34,25 @@ def draw_samples(estimator: LatencyEstimator, draw: int) -> tuple[list[Sample], 
     return chosen, estimator.target_config[RECORDS[draw - 1]]
 
 
+def _as_profile(like: LatencyEstimator, samples: list[Sample], config: dict) -> LatencyEstimator:
+    return LatencyEstimator(like.target, like.parallelism_factor, like.rules, config, like.random_state,
+                            like.kernel_offset_ms).fit(samples)
+
+
 def pool(base: LatencyEstimator, draws: list[tuple[LatencyEstimator, int]]) -> LatencyEstimator:
-    """`base`'s float samples with draw N of each (estimator, N) in `draws`, in order, refitted."""
+    """`base`'s float samples with draw N of each (estimator, N) in `draws`, in order: each draw pooled as
+    `profile_cpu.py --int8-draws` pools its own (`merged`: networks numbered after those before, the draw's record)."""
     if len(draws) != len(RECORDS):
         raise ValueError(f"{len(RECORDS)} draws, got {len(draws)}")
-    samples = [s for s in base.samples_ if not s.kernel.int8]
-    config = {k: v for k, v in base.target_config.items() if k not in RECORDS}
-    offset = 1 + max((s.network for s in samples if s.network is not None), default=-1)
-    for record, (estimator, draw) in zip(RECORDS, draws):
-        chosen, profiled = draw_samples(estimator, draw)
-        # renumbered after the samples before them: a network is one plain run (`profile.per_kernel_offset`)
-        start = min(s.network for s in chosen)
-        samples += [Sample(s.kernel, s.latency_ms, s.network - start + offset, s.network_ms) for s in chosen]
-        config[record] = {**profiled, "networks_from": offset}
-        offset = 1 + max(s.network for s in samples if s.network is not None)
-    return LatencyEstimator(base.target, base.parallelism_factor, base.rules, config, base.random_state,
-                            base.kernel_offset_ms).fit(samples)
+    pooled = _as_profile(base, [s for s in base.samples_ if not s.kernel.int8],
+                         {k: v for k, v in base.target_config.items() if k not in RECORDS})
+    for number, (estimator, draw) in enumerate(draws, start=1):
+        chosen, record = draw_samples(estimator, draw)
+        start = min(s.network for s in chosen)  # numbered from 0, as a fresh profile's networks are
+        fresh = _as_profile(estimator, [dataclasses.replace(s, network=s.network - start) for s in chosen],
+                            {"profiling": record, "machine": record.get("machine")})
+        pooled = merged(pooled, fresh, lambda k: k.int8, "int8", draw=number)
+    return pooled
 
 
 def main() -> None:
