@@ -277,6 +277,38 @@ def test_pool_int8_draws_takes_each_draw_from_its_own_profile():
         pool_int8_draws.pool(a, [(a, 1)])
 
 
+def test_int8_stage_draws_profiles_aligned_mobile_stages_and_pools_only_the_chosen_kinds():
+    """The family's networks hold 3×3 depthwise convs with every channel count a multiple of 8; pooling keeps the
+    base's samples and adds a draw's int8 samples of the chosen kinds only, under the next draw's record."""
+    import int8_stage_draws
+
+    from hwnas.estimator.estimator import LatencyEstimator, Sample
+    from hwnas.estimator.networks import build_network
+    from hwnas.targets import get_target
+    from hwnas.targets.kernels import decompose
+
+    rules = get_target("cpu").rules
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        config = int8_stage_draws.mobile_stage(rng)
+        model, _ = build_network(config)
+        kernels = decompose(model, {"x": (1, 3, config.size, config.size)}, rules)
+        depthwise = [k for k in kernels if k.kind == "dwconv"]
+        assert depthwise and all(k.kernel_h == 3 and k.c_in % 8 == 0 for k in depthwise)
+        assert all(k.c_out % 8 == 0 for k in kernels if k.kind in ("conv", "dwconv"))
+
+    shipped = LatencyEstimator.load(ROOT / "hwnas/estimator/data/estimators/cpu.json")
+    int8 = [s for s in shipped.samples_ if s.kernel.int8 and s.kernel.kind in ("conv", "dwconv")][:60]
+    fresh = LatencyEstimator(shipped.target, shipped.parallelism_factor, shipped.rules, {"profiling": {"seed": 91}}).fit(
+        [Sample(s.kernel, s.latency_ms, i % 6, 1.0) for i, s in enumerate(int8)])
+    pooled = int8_stage_draws.pool(shipped, [fresh], {"dwconv"})
+    added = [s for s in pooled.samples_[len(shipped.samples_):]]
+    assert pooled.samples_[: len(shipped.samples_)] == shipped.samples_
+    assert added and all(s.kernel.kind == "dwconv" and s.kernel.int8 for s in added)
+    assert len(added) == sum(s.kernel.kind == "dwconv" for s in int8)
+    assert pooled.target_config[f"int8_{int8_stage_draws.FIRST_DRAW}_profiling"]["seed"] == 91
+
+
 def test_time_warm_records_each_models_own_speed_level(monkeypatch):
     """Rounds over many models span minutes, and the machine's level moves between models: each summary carries
     the gate's level while that model's runs were let through, which estimator_accuracy.py scales it by."""

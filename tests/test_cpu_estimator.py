@@ -493,6 +493,25 @@ def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkey
     assert sampler.random() and sampler.gate.remeasured == 1
 
 
+def test_a_profile_can_draw_its_networks_from_a_given_family():
+    """`profile_target(network=...)`: every random network the profile times is the family's (adaptive rounds perturb
+    them as usual); kernel mode cannot take one."""
+    drawn = []
+
+    def two_convs(rng):
+        config = NetworkConfig(3, 32, (BlockConfig("conv", 16, 3, 2), BlockConfig("conv", 32, 1, 1)), seed=int(rng.integers(1 << 31)))
+        drawn.append(config)
+        return config
+
+    estimator, report = profile_target(get_target(FAST), 6, seed=0, rounds=1, network=two_convs)
+    assert drawn and report.measurements == 6
+    assert estimator.target_config["profiling"]["network"] == "two_convs"
+    first = [s.kernel for s in estimator.samples_ if s.network == 0]
+    assert [(k.kind, k.c_in, k.c_out) for k in first] == [("conv", 3, 16), ("conv", 16, 32)]
+    with pytest.raises(ValueError, match="context mode"):
+        profile_target(get_target(FAST), 6, mode="kernel", network=two_convs)
+
+
 def test_the_profiled_reference_level_is_read_from_the_profiling_entry():
     """What the benchmarks print beside their own reference level: the profile's, or None without the gate."""
     gated = LatencyEstimator("cpu", 16, FusionRules(), {"profiling": {"quiet_gate": {"reference_ms": 0.132}}})

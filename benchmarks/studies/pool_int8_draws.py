@@ -64,10 +64,14 @@ def main() -> None:
     if len(args.draw) != len(RECORDS):
         parser.error(f"give {len(RECORDS)} --draw")
     draws = [(LatencyEstimator.load(path), int(draw)) for path, _, draw in (spec.rpartition(":") for spec in args.draw)]
-    pooled = pool(LatencyEstimator.load(args.float_json), draws)
-    args.output.mkdir(parents=True, exist_ok=True)
-    pooled.save(args.output / f"{pooled.target}.json")
-    print(f"wrote {args.output / (pooled.target + '.json')}: {len(pooled.samples_)} samples "
+    write(pool(LatencyEstimator.load(args.float_json), draws), args.output)
+
+
+def write(pooled: LatencyEstimator, output: Path) -> None:
+    """Save a pooled estimator as OUTPUT/TARGET.json (and its fitted arrays) and say what it holds."""
+    output.mkdir(parents=True, exist_ok=True)
+    pooled.save(output / f"{pooled.target}.json")
+    print(f"wrote {output / (pooled.target + '.json')}: {len(pooled.samples_)} samples "
           f"({sum(s.kernel.int8 for s in pooled.samples_)} int8)")
 
 

@@ -117,6 +117,7 @@ def profile_target(
     quantize: Quantizer | None = None,
     int8_every: int = 2,
     quiet_gate: bool = False,
+    network: Callable[[np.random.Generator], NetworkConfig] | None = None,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure up to `budget` kernels on `target` with adaptive sampling and fit an estimator on them.
 
@@ -126,6 +127,8 @@ def profile_target(
     measured run time rather than adding the measured executor overhead (`attribute`). `quantize`
     (context mode): every `int8_every`-th network is profiled quantized by it (int8 kernels, see above).
     `quiet_gate` (context mode): before and after each network, wait out a neighbour's burst (`quiet.QuietGate`).
+    `network` (context mode): draws the random networks instead of `networks.random_network` (a family where a
+    profile is thin, e.g. `benchmarks/studies/int8_stage_draws.py`'s).
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -137,7 +140,9 @@ def profile_target(
         raise ValueError("int8 profiling (quantize) needs context mode: the int8 kernels are timed inside networks")
     if int8_every < 1:
         raise ValueError(f"int8_every must be >= 1, got {int8_every}")
-    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every, quiet_gate)
+    if network is not None and mode != "context":
+        raise ValueError("a network family (network) needs context mode: kernel mode profiles one-kernel models")
+    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every, quiet_gate, network)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
@@ -147,7 +152,8 @@ def profile_target(
     estimator.target_config["profiling"] = {"mode": mode, "budget": budget, "seed": seed,
                                             "measurements": report.measurements, "networks": report.networks,
                                             "int8_networks": getattr(sampler, "int8_networks", 0),
-                                            **({"int8_every": int8_every} if quantize is not None else {})}
+                                            **({"int8_every": int8_every} if quantize is not None else {}),
+                                            **({"network": getattr(network, "__name__", repr(network))} if network is not None else {})}
     if mode == "context":
         estimator.kernel_offset_ms = per_kernel_offset(estimator.samples_)
         ratios = sampler.run_over_nodes
@@ -174,10 +180,11 @@ def profiled_reference_ms(estimator: LatencyEstimator) -> float | None:
 
 
 def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
-                 quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False):
+                 quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False,
+                 network: Callable[[np.random.Generator], NetworkConfig] | None = None):
     """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""
     if mode == "context":
-        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every, quiet_gate)
+        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every, quiet_gate, network)
     return _KernelSampler(target, rules, seed)
 
 
@@ -270,8 +277,10 @@ class _ContextSampler:
     measured = True
 
     def __init__(self, target: Target, rules: FusionRules, seed: int, scale_to_run: bool = False,
-                 quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False):
+                 quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False,
+                 network: Callable[[np.random.Generator], NetworkConfig] | None = None):
         self.target, self.rules = target, rules
+        self.network = network
         self.quantize = quantize
         self.int8_every = int8_every
         self.int8_networks = 0
@@ -285,6 +294,8 @@ class _ContextSampler:
         self.overheads = least_node_overheads(target, self.gate)
 
     def random(self) -> list[tuple[object, Sample]]:
+        if self.network is not None:
+            return self._measure(self.network(self.rng))
         mix = "mobile" if is_int8_network(self.networks, self.quantize, self.int8_every) else "any"
         return self._measure(random_network(self.rng, mix=mix))
 
