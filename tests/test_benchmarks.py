@@ -309,6 +309,19 @@ def test_int8_stage_draws_profiles_aligned_mobile_stages_and_pools_only_the_chos
     assert pooled.target_config[f"int8_{int8_stage_draws.FIRST_DRAW}_profiling"]["seed"] == 91
 
 
+def test_equalize_drift_calibrates_on_as_many_inputs_as_asked():
+    """api.run holds back a quarter of its calibration inputs for its own drift report: the study gives it enough
+    more that `--fit` of them calibrate (with 16 given, 12 did, and the drift table moved)."""
+    import equalize_drift
+
+    from hwnas.verify.calibration import split_calibration
+
+    for fit in (1, 2, 12, 16, 32):
+        given = equalize_drift.with_held_back(fit)
+        assert given - split_calibration({"x": np.zeros((given, 1))}).held_back == fit
+    assert equalize_drift.with_held_back(16) == 21
+
+
 def test_time_warm_records_each_models_own_speed_level(monkeypatch):
     """Rounds over many models span minutes, and the machine's level moves between models: each summary carries
     the gate's level while that model's runs were let through, which estimator_accuracy.py scales it by."""

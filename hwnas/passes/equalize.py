@@ -24,8 +24,8 @@ more than 0.1 % (at most 50 rounds), as Nagel et al. do.
 `balance=activations` (what `auto`, the default, does when calibration inputs are given): the tensor
 between the convs is quantized per tensor too and moves with the first conv's outputs (÷ s), so the
 first side's range of channel i is the larger of r1_i / max r1 and a_i / max a, a_i its calibrated
-range. Weight ranges alone raised per-tensor int8 drift on MobileNetV2; this lowers it there, on PP-OCR cls and
-on the zoo segmenter (docs/quantization.md has the numbers, and the models where neither helps).
+range. Weight ranges alone raised per-tensor int8 drift on MobileNetV2; this lowers it there (docs/quantization.md
+has the numbers, and the models where neither is more than calibration noise).
 
 Skipped, with the reason: weights or bias not constant or shared with another node, a tensor between
 the convs that another node reads or that is a graph output (it must keep its value), an activation
