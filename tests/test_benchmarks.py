@@ -302,7 +302,7 @@ def test_int8_stage_draws_profiles_aligned_mobile_stages_and_pools_only_the_chos
     fresh = LatencyEstimator(shipped.target, shipped.parallelism_factor, shipped.rules, {"profiling": {"seed": 91}}).fit(
         [Sample(s.kernel, s.latency_ms, i % 6, 1.0) for i, s in enumerate(int8)])
     pooled = int8_stage_draws.pool(shipped, [fresh], {"dwconv"})
-    added = [s for s in pooled.samples_[len(shipped.samples_):]]
+    added = pooled.samples_[len(shipped.samples_):]
     assert pooled.samples_[: len(shipped.samples_)] == shipped.samples_
     assert added and all(s.kernel.kind == "dwconv" and s.kernel.int8 for s in added)
     assert len(added) == sum(s.kernel.kind == "dwconv" for s in int8)

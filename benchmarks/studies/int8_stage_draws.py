@@ -73,15 +73,15 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=200, help="kernels timed per draw (default 200)")
     parser.add_argument("--kinds", default="dwconv", help="kernel kinds kept, comma-separated (default: dwconv)")
     args = parser.parse_args()
-    target, quantize = get_target("cpu"), api.profiling_quantizer()
+    target, quantize, kinds = get_target("cpu"), api.profiling_quantizer(), set(args.kinds.split(","))
     draws = []
     for seed in args.seeds:
         fresh, report = profile_target(target, args.budget, seed=seed, quantize=quantize, int8_every=1, quiet_gate=True,
                                        network=mobile_stage)
-        kept = sum(s.kernel.int8 and s.kernel.kind in args.kinds.split(",") for s in fresh.samples_)
+        kept = sum(s.kernel.int8 and s.kernel.kind in kinds for s in fresh.samples_)
         print(f"seed {seed}: {report.measurements} kernels timed in {report.networks} networks, {kept} kept", flush=True)
         draws.append(fresh)
-    write(pool(LatencyEstimator.load(args.base), draws, set(args.kinds.split(","))), args.output)
+    write(pool(LatencyEstimator.load(args.base), draws, kinds), args.output)
 
 
 if __name__ == "__main__":
