@@ -322,6 +322,19 @@ def test_equalize_drift_calibrates_on_as_many_inputs_as_asked():
     assert equalize_drift.with_held_back(16) == 21
 
 
+def test_equalize_drift_judges_every_calibration_draw_on_the_same_held_out_inputs():
+    import equalize_drift
+
+    for name in ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "mobilenetv2"):
+        draws = [equalize_drift.data(name, 2, 3, seed) for seed in (0, 1)]
+        (_, _, fit0, held0), (_, _, fit1, held1) = draws
+        (key,) = held0
+        assert len(held0[key]) == 3 and len(fit0[key]) == equalize_drift.with_held_back(2)
+        np.testing.assert_array_equal(held0[key], held1[key])
+        assert not np.array_equal(fit0[key], fit1[key])
+        assert not any(np.array_equal(h, f) for h in held0[key] for f in (*fit0[key], *fit1[key]))
+
+
 def test_time_warm_records_each_models_own_speed_level(monkeypatch):
     """Rounds over many models span minutes, and the machine's level moves between models: each summary carries
     the gate's level while that model's runs were let through, which estimator_accuracy.py scales it by."""
