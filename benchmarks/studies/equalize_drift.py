@@ -1,7 +1,7 @@
 """How much `equalize` lowers int8 drift: each model quantized with and without it, drift on held-out inputs.
 
     PYTHONPATH=. python benchmarks/studies/equalize_drift.py [--models NAME ...] [--per-channel]
-        [--fit 16] [--held-out 64] [--calib-seeds 0 1 2]
+        [--bias-correction] [--fit 16] [--held-out 64] [--calib-seeds 0 1 2]
 
 For each model and each calibration draw (`--calib-seeds`):
 `fold-bn,fold-affine[,equalize],quantize{preset=cpu,per_channel=false}` (per-tensor weights, the form
@@ -67,11 +67,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=[*ZOO, *REAL])
     parser.add_argument("--per-channel", action="store_true", help="per-channel weights (the cpu preset as shipped)")
+    parser.add_argument("--bias-correction", action="store_true", help="quantize{bias_correction=true}")
     parser.add_argument("--fit", type=int, default=16)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    quantize = f"quantize{{preset=cpu,per_channel={'true' if args.per_channel else 'false'}}}"
+    quantize = (f"quantize{{preset=cpu,per_channel={'true' if args.per_channel else 'false'}"
+                f"{',bias_correction=true' if args.bias_correction else ''}}}")
     print("| model | calibration draw | equalize sites | drift (1 − cosine) without | balance=weights "
           "| balance=activations (the default with --calib) | top-1 without / weights / activations |")
     print("|---|---|---|---|---|---|---|")
