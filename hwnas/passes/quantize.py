@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.graph.gsgraph import to_graph, to_model
@@ -221,8 +222,6 @@ def correct_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto, calibr
     input there. Convs without a bias, or whose weight, bias or input is not dequantized from ORT's
     initializers, are left as they are.
     """
-    from onnx import numpy_helper
-
     initializers = {t.name: t for t in quantized.graph.initializer}
     floats = {t.name: t for t in prepared.graph.initializer}
     producer = {out: node for node in quantized.graph.node for out in node.output}
@@ -257,8 +256,6 @@ def correct_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto, calibr
 
 def _dequantized(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
     """What a DequantizeLinear of initializers computes: (q − zero point) · scale, per `axis` for a vector scale."""
-    from onnx import numpy_helper
-
     q = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
     scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
     zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
@@ -298,7 +295,7 @@ def _conv_mean(conv: onnx.NodeProto, weight: np.ndarray, mean_map: np.ndarray) -
     graph = onnx.helper.make_graph(
         [node], "conv_mean", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, mean_map.shape)],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")])  # ORT's CPU has no double Conv
+        [numpy_helper.from_array(weight.astype(np.float32), "w")])  # ORT's CPU has no double Conv
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", MIN_OPSET)])
     (out,) = make_session(model).run(None, {"x": mean_map.astype(np.float32)})
     return out.astype(np.float64).mean(axis=(0, *range(2, out.ndim)))
