@@ -66,6 +66,12 @@ _BASELINE_KIND = {"gemm": "conv"}
 # 98.7 -> 97.2 %).
 _PER_OP = ("other",)
 _PER_OP_ORT = ("other", "elementwise")
+# Ops whose input rank is part of their profiled range: a 6-D Transpose (a pixel shuffle's) gathers 2-wide
+# innermost strides at 4-8x a 3-/4-D one's time per element (features.py), and its sizes alone put
+# rapidocrlite det's inside the shipped float profile, whose rank > 4 Transposes are all tiny (predicted 0.087
+# ms, 1.50 ms in context). Elsewhere the rank says nothing about the cost (an Add on 3 or 4 axes), nor on a
+# simulated npu.
+_RANK_MATTERS = ("Transpose",)
 _SIZE_COLUMNS = [SHAPE_FEATURES.index(f) for f in _SIZE_FEATURES]
 _P_COLUMN = _SIZE_FEATURES.index("log_p")
 _RANGE_SLACK = np.array([0.05 if f.startswith("log_") else 0.0 for f in _SIZE_FEATURES])
@@ -133,6 +139,10 @@ MEASURED_QUANTILE = 0.40
 MIN_SAMPLES_PER_REGRESSOR = 5
 
 
+def _rank(kernel: Kernel) -> int:
+    return len(kernel.input_shapes[0]) if kernel.input_shapes else 0
+
+
 class LatencyEstimator:
     """Per-kind regressors for one target. `fit(samples)` learns them; `estimate(model, shapes)` uses them."""
 
@@ -168,6 +178,11 @@ class LatencyEstimator:
         key there."""
         int8_kernel = kernel.int8 and kernel.kind != "free" and not computes_in_int8(self.target_config)
         return f"{self._range_key(kernel)}/int8" if int8_kernel else self._range_key(kernel)
+
+    def _rank_matters(self, kernel: Kernel) -> bool:
+        """Whether the kernel's input rank bounds its profiled range (`_RANK_MATTERS`): on ONNX Runtime only; a
+        simulated npu moves a Transpose's elements at one cost whatever the rank."""
+        return kernel.op in _RANK_MATTERS and "provider" in self.target_config
 
     @property
     def per_op_kinds(self) -> tuple[str, ...]:
@@ -383,11 +398,14 @@ class LatencyEstimator:
         self.int8_kinds_ = frozenset(by_kind) if computes_in_int8(self.target_config) else frozenset(
             s.kernel.kind for s in self.samples_ if s.kernel.int8)
         self.ranges_ = {}
+        self.ranks_ = {}
         for kind, kernels in by_kind.items():
             # per regressor: an int8 kernel is inside only where int8 kernels of its kind were profiled
             for key in {self._regressor_key(k) for k in kernels}:
-                sizes = self._sizes([k for k in kernels if self._regressor_key(k) == key])
+                profiled = [k for k in kernels if self._regressor_key(k) == key]
+                sizes = self._sizes(profiled)
                 self.ranges_[key] = (sizes.min(axis=0) - _RANGE_SLACK, sizes.max(axis=0) + _RANGE_SLACK)
+                self.ranks_[key] = frozenset(_rank(k) for k in profiled if self._rank_matters(k))
         return self
 
     def _sizes(self, kernels: Sequence[Kernel]) -> np.ndarray:
@@ -405,6 +423,8 @@ class LatencyEstimator:
             if key is not None:
                 lo, hi = self.ranges_[key]
                 inside[i] = bool(np.all((sizes[i] >= lo) & (sizes[i] <= hi)))
+                if self._rank_matters(k) and _rank(k) not in self.ranks_[key]:
+                    inside[i] = False
         return inside
 
     def _interpolation_profiled(self, kernel: Kernel) -> bool:
