@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from hwnas.errors import BadInputError
-from hwnas.estimator.features import FEATURES_VERSION, SHAPE_FEATURES, WORK_FEATURES, feature_matrix
+from hwnas.estimator.features import FEATURES_VERSION, SHAPE_FEATURES, WORK_FEATURES, feature_matrix, input_rank
 from hwnas.estimator.regressor import KernelRegressor
 from hwnas.estimator.roofline import Roofline
 from hwnas.graph.control_flow import flatten_control_flow
@@ -67,10 +67,9 @@ _BASELINE_KIND = {"gemm": "conv"}
 _PER_OP = ("other",)
 _PER_OP_ORT = ("other", "elementwise")
 # Ops whose input rank is part of their profiled range: a 6-D Transpose (a pixel shuffle's) gathers 2-wide
-# innermost strides at 4-8x a 3-/4-D one's time per element (features.py), and its sizes alone put
-# rapidocrlite det's inside the shipped float profile, whose rank > 4 Transposes are all tiny (predicted 0.087
-# ms, 1.50 ms in context). Elsewhere the rank says nothing about the cost (an Add on 3 or 4 axes), nor on a
-# simulated npu.
+# innermost strides at 4-8x a 3-/4-D one's time per element (features.py), so sizes inside a profile of
+# lower-rank Transposes do not make it inside. Elsewhere the rank says nothing about the cost (an Add on 3 or
+# 4 axes), nor on a simulated npu.
 _RANK_MATTERS = ("Transpose",)
 _SIZE_COLUMNS = [SHAPE_FEATURES.index(f) for f in _SIZE_FEATURES]
 _P_COLUMN = _SIZE_FEATURES.index("log_p")
@@ -137,10 +136,6 @@ MEASURED_QUANTILE = 0.40
 # one at 640² at 104 ms (the float kind's regressor: 1.5). 8-9 float ConvTranspose samples kept the PP-OCR detectors
 # within their held-out errors, so the floor is below that. Fewer: the next regressor in `_predict`'s order, flagged.
 MIN_SAMPLES_PER_REGRESSOR = 5
-
-
-def _rank(kernel: Kernel) -> int:
-    return len(kernel.input_shapes[0]) if kernel.input_shapes else 0
 
 
 class LatencyEstimator:
@@ -405,7 +400,7 @@ class LatencyEstimator:
                 profiled = [k for k in kernels if self._regressor_key(k) == key]
                 sizes = self._sizes(profiled)
                 self.ranges_[key] = (sizes.min(axis=0) - _RANGE_SLACK, sizes.max(axis=0) + _RANGE_SLACK)
-                self.ranks_[key] = frozenset(_rank(k) for k in profiled if self._rank_matters(k))
+                self.ranks_[key] = frozenset(input_rank(k) for k in profiled if self._rank_matters(k))
         return self
 
     def _sizes(self, kernels: Sequence[Kernel]) -> np.ndarray:
@@ -423,7 +418,7 @@ class LatencyEstimator:
             if key is not None:
                 lo, hi = self.ranges_[key]
                 inside[i] = bool(np.all((sizes[i] >= lo) & (sizes[i] <= hi)))
-                if self._rank_matters(k) and _rank(k) not in self.ranks_[key]:
+                if self._rank_matters(k) and input_rank(k) not in self.ranks_[key]:
                     inside[i] = False
         return inside
 

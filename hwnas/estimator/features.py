@@ -83,6 +83,11 @@ _COORDINATES = ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel
 _NEAREST_MODES = ("round_prefer_floor", "floor", "round_prefer_ceil", "ceil")
 
 
+def input_rank(kernel: Kernel) -> int:
+    """The number of axes of the kernel's first input (0 for none)."""
+    return len(kernel.input_shapes[0]) if kernel.input_shapes else 0
+
+
 def shape_features(kernel: Kernel, pf: int) -> list[float]:
     fold_steps, folds = _folds(kernel, pf)
     g = kernel.gemm
@@ -102,7 +107,7 @@ def shape_features(kernel: Kernel, pf: int) -> list[float]:
         math.log1p(compute) - math.log1p(elements), math.log1p(kernel.inner),
         # the input's dimensions: a 6-D Transpose (a pixel shuffle's) gathers with a 2-wide innermost stride, 4-8x
         # the time per element of a 3-/4-D one; a 3-D conv input is a 1-D conv, which ORT runs outside NCHWc
-        float(len(kernel.input_shapes[0])) if kernel.input_shapes else 0.0,
+        float(input_rank(kernel)),
         *_interpolation_codes(kernel.interpolation),
     ]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +79,16 @@ def make_session(
             return ort.InferenceSession(path, opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types; all mean "cannot run this model"
         raise ort_failure(e, "cannot load the model") from None
+
+
+def probe_session(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession | MappedSession:
+    """A session of a copy of `model` that can also return the named intermediate tensors (`run(names, ...)`).
+    A name that is already an output or a graph input is not declared again (an input: take it from the feeds)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    declared = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in declared)
+    return make_session(probe)
 
 
 def _open(model: bytes, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:

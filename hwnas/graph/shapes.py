@@ -21,7 +21,7 @@ from onnx import helper
 
 from hwnas.errors import BadInputError
 from hwnas.graph.io import graph_inputs
-from hwnas.graph.session import make_session, random_feeds
+from hwnas.graph.session import probe_session, random_feeds
 
 Shape = tuple[int, ...]
 _SHAPE_RE = re.compile(r"^(?:(?P<name>.+):)?(?P<dims>\d+(?:x\d+)*)$")
@@ -177,13 +177,7 @@ def tensor_shapes(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[s
 
 
 def _shapes_from_ort(model: onnx.ModelProto, shapes: Mapping[str, Shape], names: list[str]) -> dict[str, Shape]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    session = make_session(probe)
+    session = probe_session(model, names)
     feeds = random_feeds(model, shapes, seed=0)
     outs = session.run(names, feeds)
     return {name: tuple(np.shape(v)) for name, v in zip(names, outs)}

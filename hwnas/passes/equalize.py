@@ -38,12 +38,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from hwnas.graph.activations import ActivationMatch, clip_bounds, match_activation
 from hwnas.graph.gsgraph import const_value, is_graph_output, private_constant, to_model, unique_name
-from hwnas.graph.session import make_session
+from hwnas.graph.session import probe_session
 from hwnas.passes.base import Pass, PassContext, PassResult, Site, option
 from hwnas.passes.registry import register_pass
 
@@ -233,15 +232,12 @@ def _activation_ranges(graph: gs.Graph, ctx: PassContext, pairs: list[_Pair]) ->
     factors (÷ scale), and one run of the unscaled model gives them all.
     """
     names = [(p.activation.output_tensor if p.activation else p.first.outputs[0]).name for p in pairs]
-    model = to_model(graph.copy(), ctx.template)
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    session = make_session(model)
+    session = probe_session(to_model(graph.copy(), ctx.template), names)
     count = len(next(iter(ctx.calibration.values())))
     low = [None] * len(names)
     high = [None] * len(names)
-    first = len(model.graph.output) - len(names)
     for i in range(count):
-        outputs = session.run(None, {k: v[i : i + 1] for k, v in ctx.calibration.items()})[first:]
+        outputs = session.run(names, {k: v[i : i + 1] for k, v in ctx.calibration.items()})
         for j, value in enumerate(outputs):
             axes = (0, *range(2, value.ndim))
             lo, hi = value.min(axis=axes), value.max(axis=axes)

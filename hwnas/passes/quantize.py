@@ -65,7 +65,7 @@ from onnx import numpy_helper
 
 from hwnas.errors import BadInputError, CheckFailedError
 from hwnas.graph.gsgraph import to_graph, to_model
-from hwnas.graph.session import make_session, run_per_sample
+from hwnas.graph.session import make_session, probe_session, run_per_sample
 from hwnas.passes.base import Exactness, Pass, PassContext, PassResult, Site, option
 from hwnas.passes.registry import register_pass
 from hwnas.verify.equivalence import worst_sample_drift
@@ -211,8 +211,8 @@ def quantize_model(
         return result
 
 
-def correct_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> int:
-    """Empirical bias correction (Nagel et al. 2019, section 4.2), in place; how many convs it corrected.
+def correct_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> None:
+    """Empirical bias correction (Nagel et al. 2019, section 4.2), in place.
 
     Weight rounding adds Conv(x, Ŵ − W) to a conv's output. Its mean over the calibration inputs and over the
     output positions, per channel, is Conv(E[x], Ŵ − W) averaged over positions (a conv is linear; E[x] the
@@ -242,7 +242,7 @@ def correct_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto, calibr
             continue
         plans.append((conv, x_q.input[0], rounded - numpy_helper.to_array(weight).astype(np.float64), b_dq))
     if not plans:
-        return 0
+        return
     means = _mean_maps(prepared, calibration, [p[1] for p in plans])
     for conv, source, error, b_dq in plans:
         shift = _conv_mean(conv, error, means[source])
@@ -251,7 +251,6 @@ def correct_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto, calibr
         stored = initializers[b_dq.input[0]]
         stored.CopyFrom(numpy_helper.from_array(np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32),
                                                 stored.name))
-    return len(plans)
 
 
 def _dequantized(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
@@ -270,21 +269,16 @@ def _dequantized(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
 
 def _mean_maps(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
     """The mean of each named tensor over the calibration inputs, [1, C, ...]: a map, not a value per channel."""
-    wanted = [n for n in dict.fromkeys(names) if n not in calibration]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    declared = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in declared)
-    session = make_session(probe)
-    outputs = [o.name for o in session.get_outputs()]
+    names = list(dict.fromkeys(names))
+    computed = [n for n in names if n not in calibration]
+    session = probe_session(model, computed)
     count = len(next(iter(calibration.values())))
     sums: dict[str, np.ndarray] = {}
     for i in range(count):
         feed = {k: v[i : i + 1] for k, v in calibration.items()}
-        values = dict(zip(outputs, session.run(None, feed))) | feed
-        for name in dict.fromkeys(names):
-            value = values[name].astype(np.float64)
-            sums[name] = sums.get(name, 0) + value.mean(axis=0, keepdims=True)
+        values = dict(zip(computed, session.run(computed, feed))) | feed
+        for name in names:
+            sums[name] = sums.get(name, 0) + values[name].astype(np.float64).mean(axis=0, keepdims=True)
     return {name: total / count for name, total in sums.items()}
 
 
@@ -299,7 +293,6 @@ def _conv_mean(conv: onnx.NodeProto, weight: np.ndarray, mean_map: np.ndarray) -
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", MIN_OPSET)])
     (out,) = make_session(model).run(None, {"x": mean_map.astype(np.float32)})
     return out.astype(np.float64).mean(axis=(0, *range(2, out.ndim)))
-
 
 
 def _input_side(path: Path, fraction: float) -> list[str]:
