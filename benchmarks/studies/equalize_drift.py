@@ -18,6 +18,17 @@ Why several draws and 64 held-out inputs: on 16 held-out inputs the drift moved 
 with equalize. PP-OCR cls's 16 held-out text lines are all classified with saturated confidence (drift ~1e-6
 with or without it), and PP-OCRv4 det's 16 went 0.0335 → 0.0331 with `balance=activations` while 48 others
 went 0.0451 → 0.0424 (33 of the 48 lowered, 2026-12-07).
+
+Tried and not shipped: choosing the factors otherwise.
+- A per-pair estimate of the rounding noise (weight, activation and W2 steps, calibrated channel energies, the
+  extra rounding of the per-channel Min), as a site filter, found no pair to skip on ibn-detector where dropping
+  pairs helped (its 55 pairs bisected by quarters: two quarters lower the drift, two raise it, all within ±3 %).
+- The same estimate minimized per channel: PP-OCRv4 det 0.0342 against 0.0335 without (16 / 16, 2026-12-07).
+- Each pair quantized alone by ORT with each balance, keeping the one that lost least: worse than
+  `balance=activations` on the segmenter, PP-OCR cls and PP-OCRv4 det.
+On PP-OCRv4 det the convs whose per-tensor weight rounding costs most are hardswish-bounded, in no pair, and
+exact per-channel rescalings within ~2 % alone move its drift 0.0437 → 0.041–0.042 (draw 0): rounding luck, not
+equalize, decides the real models' rows.
 """
 
 from __future__ import annotations
