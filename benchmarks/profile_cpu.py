@@ -82,7 +82,7 @@ def detect(target, criterion: str, out: Path) -> FusionRules:
 
 
 def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[Kernel], bool], label: str,
-           draw: int = 1) -> LatencyEstimator:
+           draw: int = 1, scale_level: bool = True) -> LatencyEstimator:
     """`base`'s measurements of the kernels `replaced` rejects and `fresh`'s of those it accepts (its networks
     numbered after base's), refitted; settings and per-kernel offset from `base`, `fresh`'s profiling record
     under `LABEL_profiling` (`--int8-only`: label int8, the int8 kernels; `--replace-kinds`: label kinds).
@@ -91,10 +91,11 @@ def merged(base: LatencyEstimator, fresh: LatencyEstimator, replaced: Callable[[
 
     `fresh`'s kernel times are scaled to the speed level `base` was profiled at (the quiet gate's reference
     level, where both recorded one): the estimate `--at-speed-now` scales holds one level for every kernel, and
-    two profiles of one machine taken hours apart stood 0.132 and 0.138 ms apart."""
+    two profiles of one machine taken hours apart stood 0.132 and 0.138 ms apart. `scale_level=False` keeps `fresh`'s
+    times as measured (the reference can move without the kernels: `benchmarks/studies/text_line_draws.py`)."""
     first = 1 + max((s.network for s in base.samples_ if s.network is not None), default=-1)
     base_level, fresh_level = profiled_reference_ms(base), profiled_reference_ms(fresh)
-    to_base_level = base_level / fresh_level if base_level and fresh_level else 1.0
+    to_base_level = base_level / fresh_level if scale_level and base_level and fresh_level else 1.0
     pooled = draw > 1
     samples = [s for s in base.samples_ if pooled or not replaced(s.kernel)] + [
         dataclasses.replace(s, latency_ms=s.latency_ms * to_base_level, network=None if s.network is None else s.network + first)

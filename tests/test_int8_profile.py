@@ -177,3 +177,36 @@ def test_int8_draws_needs_int8_only_and_a_positive_count(monkeypatch, capsys):
         monkeypatch.setattr(sys, "argv", ["profile_cpu.py", *argv])
         assert script.main() == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_text_line_draws_pool_unscaled_and_drop_whole_float_networks_of_the_base():
+    """`benchmarks/studies/text_line_draws.py`: `--keep-level` pools a draw's times as measured, and `--drop N`
+    leaves out whole float networks of the base (never int8 ones) until N samples are gone."""
+    from hwnas.estimator.estimator import Sample
+
+    script = _profile_script()
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / "text_line_draws.py"
+    spec = importlib.util.spec_from_file_location("text_line_draws", path)
+    study = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(study)
+    shipped = LatencyEstimator.load("hwnas/estimator/data/estimators/cpu.json")
+    samples = [s for s in shipped.samples_ if s.network is not None][:300]
+
+    def profiled(level: float, times: float = 1.0) -> LatencyEstimator:
+        return LatencyEstimator(shipped.target, shipped.parallelism_factor, shipped.rules,
+                                {"profiling": {"budget": 300, "quiet_gate": {"reference_ms": level}}}).fit(
+            [Sample(s.kernel, times * s.latency_ms, s.network) for s in samples])
+
+    base, fresh = profiled(0.1), profiled(0.2, times=2.0)
+    kept = script.merged(base, fresh, lambda k: not k.int8, "text_line", draw=2, scale_level=False)
+    scaled = script.merged(base, fresh, lambda k: not k.int8, "text_line", draw=2)
+    added = len(kept.samples_) - len(base.samples_)
+    assert added == sum(not s.kernel.int8 for s in samples)
+    assert np.allclose([s.latency_ms for s in kept.samples_[-added:]], [2 * s.latency_ms for s in samples if not s.kernel.int8])
+    assert np.allclose([s.latency_ms for s in scaled.samples_[-added:]], [s.latency_ms for s in samples if not s.kernel.int8])
+    fewer = study.without_float_networks(base, 50, seed=0)
+    gone = {s.network for s in base.samples_} - {s.network for s in fewer.samples_}
+    assert len(base.samples_) - len(fewer.samples_) >= 50 and gone
+    assert all(not s.kernel.int8 for s in base.samples_ if s.network in gone)
+    assert [s for s in fewer.samples_ if s.kernel.int8] == [s for s in base.samples_ if s.kernel.int8]

@@ -17,6 +17,7 @@ from hwnas.estimator.networks import (
     build_network,
     random_head,
     random_network,
+    text_line_network,
 )
 from hwnas.gate import conv_channels
 from hwnas.graph.session import make_session, random_feeds, run
@@ -251,3 +252,30 @@ def test_an_lstm_head_scores_each_step_over_a_vocabulary_as_ctc_recognisers_do()
     rng = np.random.default_rng(5)
     heads = [h for h in (random_head(rng, 512, 16) for _ in range(600)) if h.op == "lstm"]
     assert {h.hidden for h in heads} >= {256, 512} and any(h.c_out >= 1000 for h in heads) and any(h.c_out == 1 for h in heads)
+
+
+def test_text_line_networks_are_wide_and_keep_their_width_through_height_only_strides():
+    rng = np.random.default_rng(3)
+    shapes_seen, height_only = set(), 0
+    for _ in range(12):
+        config = text_line_network(rng)
+        assert config.width >= 4 * config.size and config.keep_width_below == config.size // 4
+        model, _ = build_network(config)
+        onnx.checker.check_model(model, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+        dims["x"] = [1, 3, config.size, config.width]
+        for node in model.graph.node:
+            strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), None)
+            if node.op_type in ("Conv", "MaxPool", "AveragePool") and strides and max(strides) == 2:
+                rows = dims[node.input[0]][2]
+                assert strides == ([2, 1] if rows < config.keep_width_below else [2, 2]), (node.name, rows, strides)
+                height_only += strides == [2, 1]
+            if node.op_type == "Conv" and len(dims.get(node.output[0], [])) == 4:
+                shapes_seen.add(tuple(dims[node.output[0]][2:]))
+        feeds = random_feeds(model, {"x": (1, 3, config.size, config.width)}, seed=0)
+        outputs = run(make_session(model, optimized=True, threads=1), feeds)
+        assert all(np.isfinite(o).all() for o in outputs)
+    # maps of a few rows by tens of columns, which square networks never make
+    assert height_only > 0 and any(h <= 6 and w >= 6 * h for h, w in shapes_seen)
+

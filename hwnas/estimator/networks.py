@@ -228,6 +228,11 @@ class NetworkBuilder(GraphBuilder):
         self.dry = dry  # shapes and MACs only: no weights are drawn
         self.macs = 0
         self.skip = ""  # a tensor a later op may add back (residual); set by whoever builds the graph
+        self.keep_width_below = 0  # NetworkConfig.keep_width_below
+
+    def strides(self, h: int, stride: int) -> tuple[int, int]:
+        """(height, width) strides of a strided op on a map of `h` rows."""
+        return stride, 1 if h < self.keep_width_below else stride
 
     def const(self, array: np.ndarray) -> str:
         return self.initializer(f"{self.scope}/w{len(self.initializers)}", array)
@@ -310,9 +315,13 @@ class BlockConfig:
 @dataclass(frozen=True)
 class NetworkConfig:
     c_in: int
-    size: int  # input height = width
+    size: int  # input height (and width, unless `width` says otherwise)
     blocks: tuple[BlockConfig, ...]
     seed: int = 0
+    # a text line's input (`text_line_network`): `width` columns (0: `size`), and below `keep_width_below` rows a
+    # strided conv or pool halves the height only, as text recognisers' (2, 1) strides do (0: never)
+    width: int = 0
+    keep_width_below: int = 0
 
 
 def _act(b: NetworkBuilder, x: str, act: str) -> str:
@@ -357,12 +366,13 @@ def _conv(b: NetworkBuilder, x: str, c_out: int, kernel: int = 1, stride: int = 
           act: str = "none") -> str:
     n, c, h, w = b.shapes[x]
     pad = kernel // 2
-    ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    sh, sw = b.strides(h, stride)
+    ho, wo = (h + 2 * pad - kernel) // sh + 1, (w + 2 * pad - kernel) // sw + 1
     fan_in = c // groups * kernel * kernel
     inputs = [x, b.weight([c_out, c // groups, kernel, kernel], fan_in)]
     if not bn:
         inputs.append(b.const(b.rng.normal(0, 0.1, c_out).astype(np.float32)))
-    y = b.node("Conv", inputs, (n, c_out, ho, wo), kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[pad] * 4,
+    y = b.node("Conv", inputs, (n, c_out, ho, wo), kernel_shape=[kernel] * 2, strides=[sh, sw], pads=[pad] * 4,
                group=groups)
     b.macs += n * c_out * ho * wo * fan_in
     return _act(b, _bn(b, y) if bn else y, act)
@@ -430,8 +440,9 @@ def _build_block(b: NetworkBuilder, x: str, blk: BlockConfig, skips: Mapping[int
     if kind == "se":
         return _se(b, x, max(4, blk.hidden), blk.op or "hardsigmoid")
     if kind == "pool":
-        ho, wo = (h + 1) // 2, (w + 1) // 2
-        attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        sh, sw = b.strides(h, 2)
+        ho, wo = (h - 1) // sh + 1, (w - 1) // sw + 1
+        attrs = {"kernel_shape": [3, 3], "strides": [sh, sw], "pads": [1, 1, 1, 1]}
         return b.node(blk.op or "MaxPool", [x], (n, c, ho, wo), **attrs)
     if kind == "concat":
         first = max(1, min(blk.hidden, blk.c_out - 1))
@@ -596,9 +607,9 @@ def _head(b: NetworkBuilder, x: str, blk: BlockConfig) -> str:
                       (w * n, blk.c_out), transB=1)
     y = _conv(b, x, blk.c_out, 1, bn=False)
     if blk.op == "segment":  # to the input's side (2x where the map is that size already)
-        side = max(b.shapes["x"][2], 2 * h)
-        sizes = b.const(np.array([n, blk.c_out, side, side], np.int64))
-        return b.node("Resize", [y, "", "", sizes], (n, blk.c_out, side, side), **UPSAMPLES[blk.interpolation])
+        rows, columns = max(b.shapes["x"][2], 2 * h), max(b.shapes["x"][3], 2 * w)
+        sizes = b.const(np.array([n, blk.c_out, rows, columns], np.int64))
+        return b.node("Resize", [y, "", "", sizes], (n, blk.c_out, rows, columns), **UPSAMPLES[blk.interpolation])
     if blk.op in ("transpose", "softmax_last"):
         t = b.node("Transpose", [y], (n, h, w, blk.c_out), perm=[0, 2, 3, 1])
         tokens = b.node("Reshape", [t, b.const(np.array([n, -1, blk.c_out], np.int64))], (n, h * w, blk.c_out))
@@ -619,7 +630,8 @@ def _apply(b: NetworkBuilder, x: str, index: int, blk: BlockConfig, skips: dict[
 def build_network(config: NetworkConfig) -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
     """The network's ONNX model and each block's input (channels, size); node names start `b<block>/`."""
     b = NetworkBuilder(config.seed)
-    x = b.input("x", (1, config.c_in, config.size, config.size))
+    b.keep_width_below = config.keep_width_below
+    x = b.input("x", (1, config.c_in, config.size, config.width or config.size))
     skips: dict[int, str] = {}
     block_inputs = []
     for i, blk in enumerate(config.blocks):
@@ -673,13 +685,15 @@ def _act_choice(rng: np.random.Generator) -> str:
     return str(rng.choice(ACTIVATIONS, p=np.array(_ACT_WEIGHTS) / sum(_ACT_WEIGHTS)))
 
 
-def random_block(rng: np.random.Generator, c: int, h: int, layout: str = "mixed", mix: str = "any") -> BlockConfig:
-    """A block that fits an input of `c` channels at `h`×`h` (strides only where `h` allows), its kind drawn by
-    `mix`'s weights (BLOCK_MIXES), its channel counts as a network of `layout` draws them (CHANNEL_LAYOUTS)."""
+def random_block(rng: np.random.Generator, c: int, h: int, layout: str = "mixed", mix: str = "any",
+                 w: int | None = None) -> BlockConfig:
+    """A block that fits an input of `c` channels at `h`×`w` (`w` None: `h`; strides only where `h` allows), its kind
+    drawn by `mix`'s weights (BLOCK_MIXES), its channel counts as a network of `layout` draws them (CHANNEL_LAYOUTS)."""
+    w = w or h
     kinds = [k for k in BLOCKS if not (k == "pool" and h < 4) and not (k == "deconv" and not 2 <= h <= 160)
-             and not (k == "upsample" and not 2 <= h <= MAX_UPSAMPLED // 2)
+             and not (k == "upsample" and not 2 <= min(h, w) <= max(h, w) <= MAX_UPSAMPLED // 2)
              and not (k == "pixel_shuffle" and not 2 <= h <= MAX_SPACE_TO_DEPTH)
-             and not (k == "split" and c < 2) and not (k == "attention" and (h * h > MAX_TOKENS or c < 8))]
+             and not (k == "split" and c < 2) and not (k == "attention" and (h * w > MAX_TOKENS or c < 8))]
     weights = np.array([BLOCK_MIXES[mix][BLOCKS.index(k)] for k in kinds])
     kind = str(rng.choice(kinds, p=weights / weights.sum()))
     hi = int(min(1280, max(24, 2**17 / max(h, 1) ** 1.3)))  # wide layers only where the maps are small
@@ -732,22 +746,23 @@ def random_block(rng: np.random.Generator, c: int, h: int, layout: str = "mixed"
     return BlockConfig("deconv", min(c_out, 256), int(rng.choice([2, 3, 4])), 2, act=act, bn=bool(rng.random() < 0.5))
 
 
-def random_head(rng: np.random.Generator, c: int, h: int = 1, layout: str = "mixed") -> BlockConfig:
+def random_head(rng: np.random.Generator, c: int, h: int = 1, layout: str = "mixed", w: int | None = None) -> BlockConfig:
+    w = w or h
     op = str(rng.choice(HEADS, p=[0.38, 0.12, 0.1, 0.1, 0.06, 0.12, 0.12]))
-    if op == "lstm" and h <= MAX_LSTM_STEPS:  # hidden sizes of CRNN recognisers; bidirectional mostly
+    if op == "lstm" and w <= MAX_LSTM_STEPS:  # one step per column  # hidden sizes of CRNN recognisers; bidirectional mostly
         hidden, dirs = int(rng.choice([32, 48, 64, 96, 128, 256, 256, 384, 512])), 2 if rng.random() < 0.7 else 1
         # then mostly each step's scores over a vocabulary, as CTC recognisers' Gemm computes them (c_out 1: none),
         # within a quarter of the network's MAC budget over its h steps
         vocabulary = 1
         if rng.random() < 0.7:
-            vocabulary = max(2, min(_channels(rng, 8, 10000, layout), int(_MAX_NETWORK_MACS / 4 / (h * dirs * hidden))))
+            vocabulary = max(2, min(_channels(rng, 8, 10000, layout), int(_MAX_NETWORK_MACS / 4 / (w * dirs * hidden))))
         return BlockConfig("head", vocabulary, op=op, hidden=hidden, groups=dirs)
     op = "classifier" if op == "lstm" else op
     if op == "classifier":  # ImageNet's 1000 classes often, large vocabularies (text) sometimes; a wide 1x1 conv first half the time
         r = rng.random()
         classes = 1000 if r < 0.35 else _channels(rng, 2000, 10000, layout) if r < 0.5 else _channels(rng, 8, 1280, layout)
         widen = _channels(rng, 256, 1280, layout) if rng.random() < 0.5 else 1
-        widen = widen if c * widen * h * h <= 100e6 else 1  # not a conv of billions of MACs on a big map
+        widen = widen if c * widen * h * w <= 100e6 else 1  # not a conv of billions of MACs on a big map
         return BlockConfig("head", classes, op=op, hidden=_channels(rng, 2, 1000, layout) if rng.random() < 0.3 else 0,
                            act=_act_choice(rng), group_size=widen)
     if op == "segment":
@@ -757,10 +772,11 @@ def random_head(rng: np.random.Generator, c: int, h: int = 1, layout: str = "mix
 
 
 def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Sequence[BlockConfig] = (),
-          layout: str = "mixed", mix: str = "any") -> NetworkConfig:
+          layout: str = "mixed", mix: str = "any", width: int = 0, keep_width_below: int = 0) -> NetworkConfig:
     """`given` blocks, then up to `count` random ones while the network stays under the MAC budget."""
     b = NetworkBuilder(dry=True)
-    x = b.input("x", (1, c_in, size, size))
+    b.keep_width_below = keep_width_below
+    x = b.input("x", (1, c_in, size, width or size))
     skips: dict[int, str] = {}
     blocks = list(given)
     for i, blk in enumerate(blocks):
@@ -768,16 +784,17 @@ def _grow(rng: np.random.Generator, c_in: int, size: int, count: int, given: Seq
     for _ in range(count):
         if len(b.shapes[x]) != 4:  # a head ended the network
             break
-        _, c, h, _ = b.shapes[x]
-        blk = random_block(rng, c, h, layout, mix)
+        _, c, h, w = b.shapes[x]
+        blk = random_block(rng, c, h, layout, mix, w)
         y = _apply(b, x, len(blocks), blk, skips)
         if b.macs > _MAX_NETWORK_MACS:
             break
         blocks.append(blk)
         x = y
     if rng.random() < 0.5 and len(b.shapes[x]) == 4:
-        blocks.append(random_head(rng, b.shapes[x][1], b.shapes[x][2], layout))
-    return NetworkConfig(c_in, size, tuple(blocks), seed=int(rng.integers(1 << 31)))
+        blocks.append(random_head(rng, b.shapes[x][1], b.shapes[x][2], layout, b.shapes[x][3]))
+    return NetworkConfig(c_in, size, tuple(blocks), seed=int(rng.integers(1 << 31)), width=width,
+                         keep_width_below=keep_width_below)
 
 
 def random_network(rng: np.random.Generator, layout: str | None = None, mix: str = "any") -> NetworkConfig:
@@ -796,6 +813,19 @@ def random_network(rng: np.random.Generator, layout: str | None = None, mix: str
         kernel = int(rng.choice([3, 5, 7], p=[0.75, 0.1, 0.15]))
         stem.append(BlockConfig("conv", _channels(rng, 8, 64, layout), kernel, 2, act=_act_choice(rng)))
     return _grow(rng, c_in, size, int(rng.integers(3, 12)), stem, layout, mix)
+
+
+def text_line_network(rng: np.random.Generator) -> NetworkConfig:
+    """A random network on a text line, as OCR direction classifiers and recognisers see one: 32 or 48 rows by
+    4-10 times as many columns, a stride-2 stem, then blocks drawn by the "mobile" mix whose strides halve the
+    height only once it is under a quarter of the input's (their (2, 1) strides): maps of 2-6 rows by 40-160
+    columns, which square networks never draw (on a 2-core Xeon the PP-OCR classifier's 5×5 depthwise convs on
+    3×96 maps ran at 0.4x what the square maps' samples predicted)."""
+    size = int(rng.choice([32, 48]))
+    width = min(320, size * int(rng.choice([4, 6, 8, 10])))
+    layout = str(rng.choice(CHANNEL_LAYOUTS, p=_CHANNEL_LAYOUT_WEIGHTS))
+    stem = (BlockConfig("conv", _channels(rng, 8, 32, layout), 3, 2, act=_act_choice(rng)),)
+    return _grow(rng, 3, size, int(rng.integers(4, 12)), stem, layout, "mobile", width, size // 4)
 
 
 def network_around(rng: np.random.Generator, block: BlockConfig, c: int, h: int) -> NetworkConfig:

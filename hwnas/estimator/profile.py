@@ -307,7 +307,7 @@ class _ContextSampler:
         model, block_inputs, int8 = profiled_network(config, self.networks, self.rng, self.quantize, self.int8_every)
         self.int8_networks += int8
         self.load.append(_load())
-        shapes = {"x": (1, config.c_in, config.size, config.size)}
+        shapes = {"x": (1, config.c_in, config.size, config.width or config.size)}
         def measured():
             return measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
                                       self.overheads, self.scale_to_run)
@@ -334,7 +334,7 @@ def profiled_network(config: NetworkConfig, index: int, rng: np.random.Generator
     model, block_inputs = build_network(config)
     if not is_int8_network(index, quantize, int8_every):
         return model, block_inputs, False
-    calibration = rng.normal(size=(4, config.c_in, config.size, config.size)).astype(np.float32)
+    calibration = rng.normal(size=(4, config.c_in, config.size, config.width or config.size)).astype(np.float32)
     return quantize(model, {"x": calibration}), block_inputs, True
 
 
