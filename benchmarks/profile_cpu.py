@@ -12,6 +12,7 @@ reported after), 1 intra-op thread:
     python benchmarks/profile_cpu.py --int8-only FROM/cpu.json --int8-draws 2 -o DIR   # the same budget, two draws pooled
     python benchmarks/profile_cpu.py --int8 --replace-kinds resize --from FROM/cpu.json -o DIR   # FROM but its Resizes
     python benchmarks/profile_cpu.py -o DIR --rules RULES.json     # cut kernels by other rules than the target's
+    python benchmarks/profile_cpu.py --int8 --text-lines 0.15 -o DIR   # a share of the networks on text lines
 
 1. `--detect-fusion`: nn-Meter's pair test (`hwnas/estimator/cpu_fusion.py`) on `cpu`; prints the table
    and writes the rules to `hwnas/targets/data/fusion_cpu.json` (the `cpu` target's rules). The
@@ -136,6 +137,8 @@ def main() -> int:
     parser.add_argument("--int8-draws", type=int, default=1, metavar="N",
                         help="with --int8-only: N profiles of --budget/N measurements each (seeds --seed, --seed+1...), "
                              "pooled (default 1)")
+    parser.add_argument("--text-lines", type=float, default=0.0, metavar="SHARE",
+                        help="the share of the random networks drawn on text lines, as OCR models run (default 0)")
     parser.add_argument("--no-quiet-gate", action="store_true",
                         help="measure each network at once, without waiting out a neighbour's burst (hwnas/estimator/quiet.py)")
     parser.add_argument("--replace-kinds", nargs="+", metavar="KIND",
@@ -144,6 +147,10 @@ def main() -> int:
     args = parser.parse_args()
     if bool(args.replace_kinds) != bool(args.from_json) or (args.replace_kinds and args.int8_only):
         print("error: --replace-kinds and --from go together, and not with --int8-only", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.text_lines <= 1.0 or (args.text_lines and args.mode != "context"):
+        print(f"error: --text-lines takes a share in [0, 1] of context mode's networks, got {args.text_lines}",
+              file=sys.stderr)
         return 2
     if args.int8_draws < 1 or (args.int8_draws > 1 and not args.int8_only):
         print("error: --int8-draws takes a count of at least 1, and goes with --int8-only", file=sys.stderr)
@@ -177,7 +184,8 @@ def main() -> int:
             fresh, report = profile_target(target, args.budget // draws, seed=args.seed + draw, mode=args.mode, rules=rules,
                                            progress=bar.update,
                                            quantize=api.profiling_quantizer() if args.int8 or args.int8_only else None,
-                                           int8_every=1 if args.int8_only else 2, quiet_gate=not args.no_quiet_gate)
+                                           int8_every=1 if args.int8_only else 2, quiet_gate=not args.no_quiet_gate,
+                                           text_lines=args.text_lines)
         measurements, networks = measurements + report.measurements, networks + report.networks
         if args.int8_only:  # each draw's level is the machine's of its minutes: pooled, they average out
             base = merged(base, fresh, lambda k: k.int8, "int8", draw=draw + 1)

@@ -512,6 +512,21 @@ def test_a_profile_can_draw_its_networks_from_a_given_family():
         profile_target(get_target(FAST), 6, mode="kernel", network=two_convs)
 
 
+def test_a_share_of_a_profiles_networks_can_be_text_lines():
+    """`profile_target(text_lines=1)`: the networks are drawn on text lines (wide inputs, maps of a few rows); the
+    share is recorded; it is a share of context mode's networks."""
+    estimator, report = profile_target(get_target(FAST), 20, seed=0, rounds=1, text_lines=1.0)
+    assert estimator.target_config["profiling"]["text_lines"] == 1.0
+    first = [s.kernel for s in estimator.samples_ if s.network == 0]
+    rows, columns = first[0].input_shapes[0][2:]
+    assert rows in (32, 48) and columns >= 4 * rows
+    square, _ = profile_target(get_target(FAST), 6, seed=0, rounds=1)
+    assert "text_lines" not in square.target_config["profiling"]
+    for share, mode in ((1.5, "context"), (0.5, "kernel")):
+        with pytest.raises(ValueError, match="text_lines"):
+            profile_target(get_target(FAST), 6, mode=mode, text_lines=share)
+
+
 def test_the_profiled_reference_level_is_read_from_the_profiling_entry():
     """What the benchmarks print beside their own reference level: the profile's, or None without the gate."""
     gated = LatencyEstimator("cpu", 16, FusionRules(), {"profiling": {"quiet_gate": {"reference_ms": 0.132}}})

@@ -54,6 +54,7 @@ from hwnas.estimator.networks import (
     perturb_block,
     random_config,
     random_network,
+    text_line_network,
 )
 from hwnas.estimator.quiet import QuietGate
 from hwnas.targets.base import Target
@@ -118,6 +119,7 @@ def profile_target(
     int8_every: int = 2,
     quiet_gate: bool = False,
     network: Callable[[np.random.Generator], NetworkConfig] | None = None,
+    text_lines: float = 0.0,
 ) -> tuple[LatencyEstimator, ProfileReport]:
     """Measure up to `budget` kernels on `target` with adaptive sampling and fit an estimator on them.
 
@@ -128,7 +130,8 @@ def profile_target(
     (context mode): every `int8_every`-th network is profiled quantized by it (int8 kernels, see above).
     `quiet_gate` (context mode): before and after each network, wait out a neighbour's burst (`quiet.QuietGate`).
     `network` (context mode): draws the random networks instead of `networks.random_network` (a family where a
-    profile is thin, e.g. `benchmarks/studies/int8_stage_draws.py`'s).
+    profile is thin, e.g. `benchmarks/studies/int8_stage_draws.py`'s). `text_lines` (context mode): the share of the
+    random networks drawn as text lines (`networks.text_line_network`) instead; 0 draws exactly as before.
     """
     mode = mode or default_mode(target)
     if mode not in MODES:
@@ -142,7 +145,9 @@ def profile_target(
         raise ValueError(f"int8_every must be >= 1, got {int8_every}")
     if network is not None and mode != "context":
         raise ValueError("a network family (network) needs context mode: kernel mode profiles one-kernel models")
-    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every, quiet_gate, network)
+    if not 0.0 <= text_lines <= 1.0 or (text_lines and mode != "context"):
+        raise ValueError(f"text_lines is a share of context mode's networks in [0, 1], got {text_lines} ({mode} mode)")
+    sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every, quiet_gate, network, text_lines)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
     report.networks = getattr(sampler, "networks", 0)
@@ -153,7 +158,8 @@ def profile_target(
                                             "measurements": report.measurements, "networks": report.networks,
                                             "int8_networks": getattr(sampler, "int8_networks", 0),
                                             **({"int8_every": int8_every} if quantize is not None else {}),
-                                            **({"network": getattr(network, "__name__", repr(network))} if network is not None else {})}
+                                            **({"network": getattr(network, "__name__", repr(network))} if network is not None else {}),
+                                            **({"text_lines": text_lines} if text_lines else {})}
     if mode == "context":
         estimator.kernel_offset_ms = per_kernel_offset(estimator.samples_)
         ratios = sampler.run_over_nodes
@@ -181,10 +187,10 @@ def profiled_reference_ms(estimator: LatencyEstimator) -> float | None:
 
 def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
                  quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False,
-                 network: Callable[[np.random.Generator], NetworkConfig] | None = None):
+                 network: Callable[[np.random.Generator], NetworkConfig] | None = None, text_lines: float = 0.0):
     """What measures `mode`'s samples on `target`: `random()` draws one, `around(origin)` a neighbour of one."""
     if mode == "context":
-        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every, quiet_gate, network)
+        return _ContextSampler(target, rules, seed, scale_to_run, quantize, int8_every, quiet_gate, network, text_lines)
     return _KernelSampler(target, rules, seed)
 
 
@@ -278,9 +284,10 @@ class _ContextSampler:
 
     def __init__(self, target: Target, rules: FusionRules, seed: int, scale_to_run: bool = False,
                  quantize: Quantizer | None = None, int8_every: int = 2, quiet_gate: bool = False,
-                 network: Callable[[np.random.Generator], NetworkConfig] | None = None):
+                 network: Callable[[np.random.Generator], NetworkConfig] | None = None, text_lines: float = 0.0):
         self.target, self.rules = target, rules
         self.network = network
+        self.text_lines = text_lines
         self.quantize = quantize
         self.int8_every = int8_every
         self.int8_networks = 0
@@ -296,6 +303,8 @@ class _ContextSampler:
     def random(self) -> list[tuple[object, Sample]]:
         if self.network is not None:
             return self._measure(self.network(self.rng))
+        if self.text_lines and self.rng.random() < self.text_lines:  # no draw at 0: profiles of before replay
+            return self._measure(text_line_network(self.rng))
         mix = "mobile" if is_int8_network(self.networks, self.quantize, self.int8_every) else "any"
         return self._measure(random_network(self.rng, mix=mix))
 
