@@ -563,6 +563,12 @@ def test_an_estimate_at_the_speed_now_scales_every_latency_and_needs_a_recorded_
     assert scaled.latency_ms == pytest.approx(1.5 * plain.latency_ms)
     assert [k.latency_ms for k in scaled.kernels] == pytest.approx([1.5 * k.latency_ms for k in plain.kernels])
     assert scaled.to_dict()["speed"] == {"now_ms": pytest.approx(0.15), "profiled_ms": 0.1, "scale": pytest.approx(1.5)}
+    # that far from the profile's level the reference has moved without the models before: a warning says so
+    assert [w for w in scaled.warnings if "speed reference runs 1.50x" in w]
+    assert not [w for w in plain.warnings if "speed reference" in w]
+    monkeypatch.setattr(SpeedLevel, "now", classmethod(lambda cls, profiled_ms, *a, **k: cls(1.05 * profiled_ms, profiled_ms)))
+    near = estimate_module.estimate(model, "cpu", estimator=estimator, at_speed_now=True)
+    assert near.speed.scale == pytest.approx(1.05) and not [w for w in near.warnings if "speed reference" in w]
     # a profile taken without the quiet gate, and a simulated target, record no level: one clear error
     estimator.target_config = {**estimator.target_config, "profiling": {"mode": "context"}}
     with pytest.raises(BadInputError, match="records no speed level"):
