@@ -749,10 +749,10 @@ def random_block(rng: np.random.Generator, c: int, h: int, layout: str = "mixed"
 def random_head(rng: np.random.Generator, c: int, h: int = 1, layout: str = "mixed", w: int | None = None) -> BlockConfig:
     w = w or h
     op = str(rng.choice(HEADS, p=[0.38, 0.12, 0.1, 0.1, 0.06, 0.12, 0.12]))
-    if op == "lstm" and w <= MAX_LSTM_STEPS:  # one step per column  # hidden sizes of CRNN recognisers; bidirectional mostly
+    if op == "lstm" and w <= MAX_LSTM_STEPS:  # a step per column; hidden sizes of CRNN recognisers, bidirectional mostly
         hidden, dirs = int(rng.choice([32, 48, 64, 96, 128, 256, 256, 384, 512])), 2 if rng.random() < 0.7 else 1
         # then mostly each step's scores over a vocabulary, as CTC recognisers' Gemm computes them (c_out 1: none),
-        # within a quarter of the network's MAC budget over its h steps
+        # within a quarter of the network's MAC budget over its w steps
         vocabulary = 1
         if rng.random() < 0.7:
             vocabulary = max(2, min(_channels(rng, 8, 10000, layout), int(_MAX_NETWORK_MACS / 4 / (w * dirs * hidden))))
