@@ -51,7 +51,7 @@ from hwnas import api
 from hwnas.errors import BadInputError
 from hwnas.estimator.cpu_fusion import CRITERIA, detect_fusion_rules, load_average, markdown_table, rules_document
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.profile import MODES, profile_target, profiled_reference_ms
+from hwnas.estimator.profile import MODES, check_text_lines, profile_target, profiled_reference_ms
 from hwnas.targets import get_target
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.kernels import Kernel
@@ -148,9 +148,10 @@ def main() -> int:
     if bool(args.replace_kinds) != bool(args.from_json) or (args.replace_kinds and args.int8_only):
         print("error: --replace-kinds and --from go together, and not with --int8-only", file=sys.stderr)
         return 2
-    if not 0.0 <= args.text_lines <= 1.0 or (args.text_lines and args.mode != "context"):
-        print(f"error: --text-lines takes a share in [0, 1] of context mode's networks, got {args.text_lines}",
-              file=sys.stderr)
+    try:
+        check_text_lines(args.text_lines, args.mode)
+    except ValueError as e:
+        print(f"error: --text-lines: {e}", file=sys.stderr)
         return 2
     if args.int8_draws < 1 or (args.int8_draws > 1 and not args.int8_only):
         print("error: --int8-draws takes a count of at least 1, and goes with --int8-only", file=sys.stderr)

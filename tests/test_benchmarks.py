@@ -162,7 +162,7 @@ def test_estimator_cv_holds_each_network_out_of_its_own_fit():
 
     shipped = estimator_for(get_target("cpu"))
     networks = sorted({s.network for s in shipped.samples_ if s.network is not None})[:12]
-    small = estimator_cv.refitted(shipped, [s for s in shipped.samples_ if s.network in networks])
+    small = shipped.refitted([s for s in shipped.samples_ if s.network in networks])
     predicted = estimator_cv.cross_validate(small, folds=3, seed=0)
     in_sample = np.array([e.latency_ms for e in small.predict_kernels([s.kernel for s in small.samples_])])
     live = np.array([s.kernel.kind != "free" for s in small.samples_])

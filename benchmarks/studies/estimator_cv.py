@@ -34,19 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from hwnas.estimator.defaults import estimator_for
-from hwnas.estimator.estimator import LatencyEstimator, Sample
+from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.targets import get_target
 
 # measured-time bins (ms) for kernels, and latency bins for networks and models
 KERNEL_BINS = (0.005, 0.02, 0.05, 0.2, 1.0)
 NETWORK_BINS = (0.5, 1.5, 5.0, 15.0)
 _COMPUTE = ("conv", "dwconv", "gemm")
-
-
-def refitted(estimator: LatencyEstimator, samples: Sequence[Sample]) -> LatencyEstimator:
-    """An estimator of `estimator`'s settings fitted on `samples` alone."""
-    return LatencyEstimator(estimator.target, estimator.parallelism_factor, estimator.rules, estimator.target_config,
-                            estimator.random_state, estimator.kernel_offset_ms).fit(samples)
 
 
 def cross_validate(estimator: LatencyEstimator, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -59,7 +53,7 @@ def cross_validate(estimator: LatencyEstimator, folds: int = 5, seed: int = 0) -
     predicted = np.zeros(len(samples))
     for fold in range(folds):
         held = [i for i, s in enumerate(samples) if fold_of.get(s.network, -1) == fold]
-        fitted = refitted(estimator, [s for s in samples if fold_of.get(s.network, -1) != fold])
+        fitted = estimator.refitted([s for s in samples if fold_of.get(s.network, -1) != fold])
         for i, e in zip(held, fitted.predict_kernels([samples[i].kernel for i in held])):
             predicted[i] = e.latency_ms
     return predicted

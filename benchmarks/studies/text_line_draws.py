@@ -50,9 +50,7 @@ def without_float_networks(base: LatencyEstimator, samples: int, seed: int) -> L
         if sum(len(networks[d]) for d in dropped) >= samples:
             break
         dropped.add(n)
-    kept = [s for s in base.samples_ if s.network not in dropped]
-    return LatencyEstimator(base.target, base.parallelism_factor, base.rules, base.target_config, base.random_state,
-                            base.kernel_offset_ms).fit(kept)
+    return base.refitted([s for s in base.samples_ if s.network not in dropped])
 
 
 def main() -> None:

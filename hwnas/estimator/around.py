@@ -166,8 +166,7 @@ def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.Mode
             progress(len(got))
         i += 1
     report.measurements = len(new)
-    refit = LatencyEstimator(estimator.target, estimator.parallelism_factor, estimator.rules, estimator.target_config,
-                             estimator.random_state, estimator.kernel_offset_ms).fit(estimator.samples_ + new)
+    refit = estimator.refitted(estimator.samples_ + new)
     refit.target_config["profiled_around"] = refit.target_config.get("profiled_around", []) + [
         {"kernels": report.sampled, "measurements": report.measurements, "mode": mode, "seed": seed}]
     return refit, report

@@ -120,9 +120,8 @@ def _speed_now(estimator: LatencyEstimator, target: Target) -> SpeedLevel:
     return SpeedLevel.now(profiled, target.settings, tuple(target.providers))
 
 
-# the speed reference this far from its profile-time level (either way) has moved without the models as often as
-# with them on a shared VM: on a 2-core Xeon at 1.23x the held-out models ran at the profile's speed (estimates within
-# ±10 % of 65 % of them as estimated, 16 % scaled), and at 1/1.38x they ran 1.2-1.75x faster (estimator-history.md)
+# this far from its profile-time level (either way) the speed reference has not told how the models moved: on a
+# 2-core Xeon once at 1.23x while the models had not slowed, once at 1/1.38x while they ran 1.2-1.75x faster
 SPEED_WARNING_SCALE = 1.15
 
 

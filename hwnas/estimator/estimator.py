@@ -165,6 +165,11 @@ class LatencyEstimator:
                             if len(group) >= MIN_SAMPLES_PER_REGRESSOR}
         return self._derive()
 
+    def refitted(self, samples: Sequence[Sample]) -> LatencyEstimator:
+        """An estimator of this one's settings (target, rules, config, seed, per-kernel offset) fitted on `samples`."""
+        return LatencyEstimator(self.target, self.parallelism_factor, self.rules, self.target_config, self.random_state,
+                                self.kernel_offset_ms).fit(samples)
+
     def _regressor_key(self, kernel: Kernel) -> str:
         """The regressor a kernel is learnt and predicted by: its kind (`KIND:OP` within the kinds whose ops
         share nothing, `per_op_kinds`: a Transpose is a copy, a Softmax exponentials), and `KEY/int8` for an int8

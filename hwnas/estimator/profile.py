@@ -145,8 +145,7 @@ def profile_target(
         raise ValueError(f"int8_every must be >= 1, got {int8_every}")
     if network is not None and mode != "context":
         raise ValueError("a network family (network) needs context mode: kernel mode profiles one-kernel models")
-    if not 0.0 <= text_lines <= 1.0 or (text_lines and mode != "context"):
-        raise ValueError(f"text_lines is a share of context mode's networks in [0, 1], got {text_lines} ({mode} mode)")
+    check_text_lines(text_lines, mode)
     sampler = make_sampler(target, rules, seed, mode, scale_to_run, quantize, int8_every, quiet_gate, network, text_lines)
     estimator, report = _adaptive(target, rules, sampler, budget, seed, rounds, progress)
     report.mode = mode
@@ -183,6 +182,12 @@ def profiled_reference_ms(estimator: LatencyEstimator) -> float | None:
     their fastest look or a percentile of all looks); None where profiling ran without the gate. A timing taken with
     the reference at another level compares the machine's speed as much as the estimator."""
     return estimator.target_config.get("profiling", {}).get("quiet_gate", {}).get("reference_ms")
+
+
+def check_text_lines(share: float, mode: str) -> None:
+    """`profile_target(text_lines=share)` takes a share in [0, 1] of context mode's networks (ValueError otherwise)."""
+    if not 0.0 <= share <= 1.0 or (share and mode != "context"):
+        raise ValueError(f"text_lines is a share of context mode's networks in [0, 1], got {share} ({mode} mode)")
 
 
 def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale_to_run: bool = False,
