@@ -49,17 +49,28 @@ def test_an_estimator_of_another_machine_warns_in_estimate_and_one_of_this_machi
     assert machine_warnings(estimator_for(get_target("npu-32x32"))) == []  # simulated: fits every machine
 
 
-def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine(monkeypatch, tmp_path):
+def test_the_shipped_cpu_estimator_is_the_variant_profiled_on_this_machine_else_the_nearest(monkeypatch, tmp_path):
     elsewhere = Machine("Other CPU", ("avx2",), 2, "1.32.0")
     for name, machine in (("cpu", elsewhere), ("cpu@here", HERE), ("cpu@third", dataclasses.replace(HERE, cpu="Third"))):
         (tmp_path / f"{name}.json").write_text(json.dumps({"target_config": {"machine": machine.to_entry()}}))
     monkeypatch.setattr(defaults, "_shipped_path", lambda name: tmp_path / f"{name}.json")
     monkeypatch.setattr(defaults, "shipped_estimators", lambda: ["cpu", "cpu@here", "cpu@third", "npu-32x32"])
-    for machine, expected in ((HERE, "cpu@here"), (elsewhere, "cpu"), (Machine("Unknown", None, 2, "1.32.0"), "cpu")):
+    fewer_flags = dataclasses.replace(HERE, isa=("avx2", "avx512f"))  # as a hypervisor that hides some
+    cases = ((HERE, "cpu@here"), (elsewhere, "cpu"),
+             (fewer_flags, "cpu@here"),  # none fits: the same CPU model is nearest, and then warns
+             (dataclasses.replace(fewer_flags, cpu="Third"), "cpu@third"),
+             (Machine("Unknown", None, 2, "1.32.0"), "cpu"))  # nothing nearer than another: the default
+    for machine, expected in cases:
         monkeypatch.setattr(Machine, "current", classmethod(lambda cls, m=machine: m))
         shipped_for_this_machine.cache_clear()
-        assert shipped_for_this_machine("cpu") == expected  # no variant fits: the default, which then warns
+        assert shipped_for_this_machine("cpu") == expected, machine
     shipped_for_this_machine.cache_clear()
+
+
+def test_distance_orders_the_cpu_model_before_instruction_sets_before_the_rest():
+    assert HERE.distance(HERE) == (0, 0, 0)
+    assert HERE.distance(dataclasses.replace(HERE, isa=("avx2",), onnxruntime="1.31.0")) == (0, 2, 1)
+    assert HERE.distance(Machine("Other CPU", None, 2, "1.32.0")) == (1, 0, 0)  # unrecorded flags count as equal
 
 
 def test_each_shipped_cpu_estimator_names_a_machine_of_its_own_and_estimates():

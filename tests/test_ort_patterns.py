@@ -308,3 +308,26 @@ def test_profiling_around_a_softmax_keeps_its_axis():
         kernel = decompose(_softmax_model(axis), {}, CPU)[0]
         unit = build_kernel_model(kernel_unit(kernel))
         assert decompose(unit, {}, CPU)[0].inner == kernel.inner
+
+
+def test_valid_taps_count_the_window_reads_that_miss_the_padding():
+    """A 5x5 depthwise conv on a text line's 2 x 96 map reads input with 40 % of its window rows (ORT skips the
+    padding's), one on a 32 x 32 map with most of them; a 1x1 conv and a pool without padding with all."""
+    from hwnas.estimator.features import WORK_FEATURES, valid_tap_fraction
+
+    def model(h: int, w: int) -> onnx.ModelProto:
+        weights = [onnx.numpy_helper.from_array(np.ones((8, 1, 5, 5), np.float32), "dw"),
+                   onnx.numpy_helper.from_array(np.ones((8, 8, 1, 1), np.float32), "pw")]
+        nodes = [onnx.helper.make_node("Conv", ["x", "dw"], ["a"], group=8, pads=[2, 2, 2, 2], name="dw"),
+                 onnx.helper.make_node("Conv", ["a", "pw"], ["b"], name="pw"),
+                 onnx.helper.make_node("MaxPool", ["b"], ["y"], kernel_shape=[2, 2], strides=[2, 2], name="pool")]
+        graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, h, w])],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], weights)
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+    for (h, w), expected in (((2, 96), 0.4 * (96 * 5 - 6) / (96 * 5)), ((32, 32), ((32 * 5 - 6) / (32 * 5)) ** 2)):
+        kernels = {k.name: k for k in decompose(model(h, w), {"x": (1, 8, h, w)}, builtin_rules("cpu"))}
+        assert math.isclose(valid_tap_fraction(kernels["dw"]), expected)
+        assert valid_tap_fraction(kernels["pw"]) == 1.0 and valid_tap_fraction(kernels["pool"]) == 1.0
+        work, _ = feature_matrix([kernels["dw"]], 16)
+        assert math.isclose(work[0, WORK_FEATURES.index("macs")], kernels["dw"].macs * expected)  # walked, not im2col

@@ -28,15 +28,18 @@ from hwnas.targets.kernels import Kernel
 # one at 2.4x its time). "slow_int8_outputs": the output elements of an int8 conv off ONNX Runtime's fast int8
 # GEMM (`off_fast_int8_gemm`), whose time follows its outputs, not its MACs. "quantize_elements": what the free
 # QuantizeLinear nodes ORT runs before the kernel quantize (`Kernel.quantize_elements`), which its in-context time
-# carries. "one" stays last: the fixed cost per kernel.
+# carries. "macs" of a depthwise conv or a pool counts the window taps that read input, not padding
+# (`valid_tap_fraction`): those kernels walk the window and skip the padding, where a conv's GEMM (im2col) multiplies
+# its zeros too. "one" stays last: the fixed cost per kernel.
 WORK_FEATURES = ("fold_steps", "folds", "vector_steps", "elements", "macs", "strided_elements", "epilogue_elements",
                  "slow_int8_outputs", "quantize_elements", "one")
 # bumped whenever the feature columns or the regressors' settings change: fitted arrays of another version are
 # refitted on load (4: trees of 7 leaves, were 15; 5: "rank", and a regressor per elementwise op; 6: measured targets'
 # corrections fit a quantile, `estimator.MEASURED_QUANTILE`; 7: a Resize's interpolation; 8: the estimator's last
 # column, whether the kernel runs in a small network, `estimator.SMALL_NETWORK_MS`; 9: "slow_int8_outputs";
-# 10: "quantize_elements"; 11: no regressor from fewer than `estimator.MIN_SAMPLES_PER_REGRESSOR` samples)
-FEATURES_VERSION = 11
+# 10: "quantize_elements"; 11: no regressor from fewer than `estimator.MIN_SAMPLES_PER_REGRESSOR` samples;
+# 12: "valid_taps", and a depthwise conv's or pool's "macs" without the padding's taps)
+FEATURES_VERSION = 12
 
 
 def _folds(kernel: Kernel, pf: int) -> tuple[float, float]:
@@ -63,8 +66,8 @@ def work_features(kernel: Kernel, pf: int) -> list[float]:
     vector_steps = float(math.ceil(max(kernel.output_elements * max(kernel.window, 1), kernel.input_elements) / pf))
     if kernel.kind == "free":
         return [0.0] * len(WORK_FEATURES)
-    return [fold_steps, folds, vector_steps, elements, float(kernel.macs), elements if kernel.inner > 1 else 0.0,
-            float(kernel.output_elements * len(kernel.fused_ops)),
+    return [fold_steps, folds, vector_steps, elements, float(kernel.macs) * (1.0 if kernel.kind == "conv" else valid_tap_fraction(kernel)),
+            elements if kernel.inner > 1 else 0.0, float(kernel.output_elements * len(kernel.fused_ops)),
             float(kernel.output_elements) if off_fast_int8_gemm(kernel) else 0.0, float(kernel.quantize_elements), 1.0]
 
 
@@ -73,7 +76,7 @@ SHAPE_FEATURES = (
     "c_in", "c_out", "kernel_h", "kernel_w", "stride", "groups", "log_p", "log_k", "log_n",
     "c_in_mod_pf", "c_out_mod_pf", "c_in_mod_4", "c_in_mod_8", "c_in_mod_16", "c_out_mod_4", "c_out_mod_8",
     "c_out_mod_16", "lane_use_k", "lane_use_n", "depthwise", "fused_ops", "residual", "window",
-    "log_compute_over_bytes", "log_inner", "rank", "taps", "coordinates", "nearest_mode",
+    "log_compute_over_bytes", "log_inner", "rank", "taps", "coordinates", "nearest_mode", "valid_taps",
 )
 # A Resize's interpolation (`Kernel.interpolation`) as numbers: inputs read per output along each resized axis,
 # and the position of its coordinate transformation and nearest modes below (0: none, or one not listed)
@@ -109,7 +112,40 @@ def shape_features(kernel: Kernel, pf: int) -> list[float]:
         # the time per element of a 3-/4-D one; a 3-D conv input is a 1-D conv, which ORT runs outside NCHWc
         float(input_rank(kernel)),
         *_interpolation_codes(kernel.interpolation),
+        valid_tap_fraction(kernel),
     ]
+
+
+def valid_tap_fraction(kernel: Kernel) -> float:
+    """The share of a conv's or pool's window taps that read its input, not its zero padding.
+
+    ORT's depthwise kernels skip the window rows that fall into the padding, so a 5x5 depthwise conv on a text
+    line's 2-3 x 96 map (40-60 % of its taps valid) takes a fraction of the time per MAC of one on a square map.
+    Without this the Xeon estimator put PP-OCRv3/v4 rec, whose backbones end on such maps, at +21/+23 % and PP-OCR
+    cls at +52 %; with it (a feature of the trees, and in depthwise convs' and pools' MACs) at +5/+8 % and +37 %
+    (2026-12-07).
+    The padding is what the shapes leave over, split evenly (explicit pads as exporters write them; SAME_UPPER
+    up to one row)."""
+    if kernel.kind not in ("conv", "dwconv", "pool") or not kernel.input_shapes or not kernel.output_shapes:
+        return 1.0
+    x, y = kernel.input_shapes[0], kernel.output_shapes[0]
+    if len(x) != len(y) or len(x) < 3:
+        return 1.0
+    windows = ((kernel.kernel_h, kernel.stride_h, kernel.dilation_h),
+               (kernel.kernel_w, kernel.stride_w, kernel.dilation_w))
+    fraction = 1.0
+    for size_in, size_out, (k, stride, dilation) in zip(x[2:], y[2:], windows):
+        if k == 1 or size_out < 1:
+            continue
+        before = max(0, (size_out - 1) * stride + dilation * (k - 1) + 1 - size_in) // 2
+        valid = 0
+        for tap in range(k):  # the outputs o whose read o·stride − before + tap·dilation lies in [0, size_in)
+            offset = tap * dilation - before
+            first = max(0, -(offset // stride))  # ceil(−offset / stride)
+            last = min(size_out - 1, (size_in - 1 - offset) // stride)
+            valid += max(0, last - first + 1)
+        fraction *= valid / (size_out * k)
+    return fraction
 
 
 def _interpolation_codes(interpolation: str) -> tuple[float, float, float]:

@@ -68,6 +68,16 @@ class Machine:
         return {"cpu": self.cpu, "isa": None if self.isa is None else list(self.isa),
                 "logical_cpus": self.logical_cpus, "onnxruntime": self.onnxruntime}
 
+    def distance(self, other: Machine) -> tuple[int, int, int]:
+        """How far `other` is from this machine, to pick the nearest estimator where none fits: another CPU model
+        first (microarchitecture and caches: a denormal weight costs an Intel Xeon tens of ns and an AMD EPYC
+        nothing), then how many kernel instruction sets one has and the other lacks, then the other fields.
+        What either side did not record counts as equal, as in `differences`."""
+        isa = 0 if self.isa is None or other.isa is None else len(set(self.isa) ^ set(other.isa))
+        others = sum(None not in (a, b) and a != b for a, b in ((self.logical_cpus, other.logical_cpus),
+                                                                (self.onnxruntime, other.onnxruntime)))
+        return int(self.cpu != other.cpu), isa, others
+
     def differences(self, other: Machine) -> list[str]:
         """How `other` differs from this machine, field by field; a field either side lacks is not compared."""
         found = []
