@@ -20,12 +20,9 @@ import onnx
 from hwnas.advice import Hint
 from hwnas.advice import hints as advise
 from hwnas.errors import BadInputError, CheckFailedError
-from hwnas.estimator.around import AroundReport
-from hwnas.estimator.around import profile_around as around_model
 from hwnas.estimator.defaults import estimator_for, machine_warnings
 from hwnas.estimator.estimate import EstimateResult, estimate
 from hwnas.estimator.estimator import LatencyEstimator
-from hwnas.estimator.profile import ProfileReport, default_mode, profile_target
 from hwnas.gate import Budgets, CheckResult
 from hwnas.gate import check as check_budgets
 from hwnas.graph.gsgraph import to_graph, to_model
@@ -42,7 +39,9 @@ from hwnas.verify.fidelity import FidelityReport
 from hwnas.verify.calibration import CalibrationSplit, held_out_feeds, split_calibration
 from hwnas.verify.policy import Drift, Exact, Fidelity, Retrain, Verdict
 
-if TYPE_CHECKING:  # the search (Optuna) and the quantizer load on first use: `import hwnas` stays light
+if TYPE_CHECKING:  # the search (Optuna), the quantizer and profiling load on first use: `import hwnas` stays light
+    from hwnas.estimator.around import AroundReport
+    from hwnas.estimator.profile import ProfileReport
     from hwnas.passes.quantize import QuantSettings
     from hwnas.search.algorithms import Trial
     from hwnas.search.optimize import PassErrors, SearchOutcome, SearchSettings
@@ -237,6 +236,8 @@ def profile(
     time kernels in context), so the estimator learns int8 kernels (DQ → Conv → Q, ORT's QLinearConv).
     `quiet_gate` (targets timed in context): wait out a neighbour's burst before and after each profiling
     network (`hwnas.estimator.quiet`); off, a profile taken on a noisy VM can come out ~20 % slow throughout."""
+    from hwnas.estimator.profile import default_mode, profile_target
+
     if budget < 10:
         raise BadInputError("profile: --budget must be at least 10 measurements")
     the_target = get_target(target) if isinstance(target, str) else target
@@ -274,6 +275,8 @@ def profile_around(
 ) -> tuple[LatencyEstimator, AroundReport]:
     """The target's estimator (default: the shipped one) refitted with `budget` measurements shaped like
     `model`'s kernels outside its profiled distribution (hwnas.estimator.around)."""
+    from hwnas.estimator.around import profile_around as around_model
+
     if budget < 1:
         raise BadInputError("profile: --budget must be at least 1 measurement")
     the_target = get_target(target) if isinstance(target, str) else target

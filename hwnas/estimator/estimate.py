@@ -10,6 +10,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -17,13 +18,14 @@ from hwnas.errors import BadInputError
 from hwnas.estimator.defaults import estimator_for, machine_warnings
 from hwnas.estimator.estimator import KernelEstimate, LatencyEstimator
 from hwnas.estimator.memory import MemoryFootprint, footprint
-from hwnas.estimator.profile import profiled_reference_ms
-from hwnas.estimator.quiet import SpeedLevel
 from hwnas.graph.io import ModelLike, as_model
 from hwnas.graph.shapes import Shape, resolve_input_shapes
 from hwnas.targets import Target, get_target
 from hwnas.targets.kernels import decompose
 from hwnas.targets.npu import LaneUse, computes_in_int8
+
+if TYPE_CHECKING:
+    from hwnas.estimator.quiet import SpeedLevel
 
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -113,6 +115,10 @@ def estimate(
 
 
 def _speed_now(estimator: LatencyEstimator, target: Target) -> SpeedLevel:
+    # profiling's modules (its networks, the speed reference) load only where they are used: `estimate` stays quick
+    from hwnas.estimator.profile import profiled_reference_ms
+    from hwnas.estimator.quiet import SpeedLevel
+
     profiled = profiled_reference_ms(estimator)
     if profiled is None or not hasattr(target, "settings"):
         raise BadInputError(f"the {target.name} estimator records no speed level to scale by (a measured target's "
