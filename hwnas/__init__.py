@@ -27,7 +27,7 @@ _LAZY = {
     "CheckResult": "hwnas.api",
     "CheckItem": "hwnas.gate",
     "Hint": "hwnas.api",
-    "ProfileReport": "hwnas.api",
+    "ProfileReport": "hwnas.estimator.profile",
     "LatencyEstimator": "hwnas.api",
 }
 
