@@ -17,7 +17,7 @@ from pathlib import Path
 from hwnas.errors import BadInputError
 from hwnas.estimator.estimator import LatencyEstimator
 from hwnas.targets.base import Target
-from hwnas.targets.machine import KERNEL_ISA, Machine
+from hwnas.targets.machine import Machine
 
 _DATA = "data/estimators"
 
@@ -40,10 +40,8 @@ def _load_shipped(name: str) -> LatencyEstimator:
 def shipped_for_this_machine(name: str) -> str:
     """Among the shipped `name` and its `name@<machine>` variants, the one profiled on this machine, else the nearest
     (`Machine.distance`: the same CPU model first; ties go to `name`), which then warns that it is another machine's.
-
-    Nearest, not `name` alone: on an Intel Xeon whose hypervisor shows AVX-512 VNNI but no AMX (2026-12-07), the
-    Xeon-with-AMX variant was within ±10 % of 71 % of the held-out models and the AMD EPYC default of 39 %: the
-    default missed the detectors' denormal assists, −61 … −69 %."""
+    Nearest, not `name`: on an Intel Xeon whose hypervisor hides AMX the AMD EPYC default missed the detectors'
+    denormal assists (−61 … −69 %), the other Xeon's variant did not."""
     variants = [v for v in shipped_estimators() if v.startswith(name + "@")]
     if not variants:
         return name
@@ -51,7 +49,7 @@ def shipped_for_this_machine(name: str) -> str:
 
     def distance(variant: str) -> tuple[int, int, int]:
         entry = json.loads(_shipped_path(variant).read_text(encoding="utf-8"))["target_config"].get("machine")
-        return Machine.from_entry(entry).distance(here) if entry else (1, len(KERNEL_ISA), 2)
+        return Machine.from_entry(entry or {}).distance(here)  # no entry: an unknown CPU
 
     return min([name, *variants], key=distance)
 

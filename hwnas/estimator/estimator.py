@@ -246,7 +246,8 @@ class LatencyEstimator:
             # op of a per-op kind profiled in int8 networks only: its int8 regressor (flagged: an op ORT cannot
             # quantize, e.g. Softplus at ~11 ns per element, runs in float between its DequantizeLinear and
             # QuantizeLinear there, far from the ~0.1 ns of the ops pooled with it); an op of the catch-all kind
-            # never profiled: the one pooled over its profiled ops (flagged as a guess)
+            # never profiled: the one pooled over its profiled ops (flagged as a guess). A Transpose of a rank profiled
+            # only at the other precision arrives here keyed by that precision's regressor (`_predicting_key`).
             other_precision = f"{key}/int8" if kind in self.per_op_kinds and not key.endswith("/int8") else None
             found = next((k for k in (key, key.removesuffix("/int8"), other_precision, kind) if k in self.regressors_), None)
             regressor = self.regressors_[found] if found is not None else None
