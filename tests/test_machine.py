@@ -79,6 +79,7 @@ def test_each_shipped_cpu_estimator_names_a_machine_of_its_own_and_estimates():
     machines = []
     for name in names:
         estimator = LatencyEstimator.load(defaults._shipped_path(name))
+        assert defaults._target_config(defaults._shipped_path(name)) == estimator.target_config  # the pick's head read
         machine = Machine.from_entry(estimator.target_config["machine"])
         assert machine.cpu and machine.logical_cpus and machine.onnxruntime
         assert name == "cpu" or machine.isa, f"{name}: a variant must record its instruction sets to be chosen by them"
