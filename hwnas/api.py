@@ -272,9 +272,11 @@ def profile_around(
     input_shapes: Mapping[str, Shape] | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    quiet_gate: bool = True,
 ) -> tuple[LatencyEstimator, AroundReport]:
-    """The target's estimator (default: the shipped one) refitted with `budget` measurements shaped like
-    `model`'s kernels outside its profiled distribution (hwnas.estimator.around)."""
+    """The target's estimator (default: the shipped one) refitted with `model`'s own kernels timed in context (a
+    measured target) and `budget` measurements shaped like its kernels outside the profiled distribution or
+    estimated far from their time in it (hwnas.estimator.around). `quiet_gate`: as for `profile`."""
     from hwnas.estimator.around import profile_around as around_model
 
     if budget < 1:
@@ -283,7 +285,7 @@ def profile_around(
     the_model = as_model(model)
     base = estimator_for(the_target, estimator)
     return around_model(the_target, base, the_model, resolve_input_shapes(the_model, input_shapes), budget, seed=seed,
-                        progress=progress)
+                        progress=progress, quiet_gate=quiet_gate)
 
 
 def check(

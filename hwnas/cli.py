@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target", required=True)
     pr.add_argument("--budget", type=int, default=None,
                     help="kernel measurements (default 2000; with --around 200)")
-    pr.add_argument("--around", metavar="MODEL", help="add samples shaped like MODEL's kernels outside the "
-                    "estimator's profiled distribution and refit it (the shipped one, or --estimator)")
+    pr.add_argument("--around", metavar="MODEL", help="refit the estimator (the shipped one, or --estimator) with "
+                    "MODEL's own kernels timed in context (measured targets) and --budget samples shaped like its "
+                    "kernels outside the profiled distribution or estimated more than 25 %% off their time in MODEL")
     pr.add_argument("--estimator", help="with --around: the estimator file to extend (default: the shipped one)")
     pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")
     pr.add_argument("--seed", type=int, default=0)
@@ -392,6 +393,23 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def _print_around(model: str, around) -> None:
+    """On stderr: the kernels the estimate got most wrong in the model, and those no profiling unit expresses
+    (grouped by the reason: a ShuffleNet has a dozen Splits)."""
+    from hwnas.estimator.around import MISPREDICTED
+
+    if around.mispredicted:
+        worst = sorted(around.mispredicted.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0]))[:3]
+        listed = "; ".join(f"{name} {measured:.3f} ms, estimated {estimated:.3f}" for name, (measured, estimated) in worst)
+        print(f"{len(around.mispredicted)} kernel(s) of {model} estimated more than {MISPREDICTED:.0%} off their time in it "
+              f"(worst: {listed})", file=sys.stderr)
+    by_reason: dict[str, list[str]] = {}
+    for name, why in around.skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        print(f"not sampled ({why}): {', '.join(names)}", file=sys.stderr)
+
+
 def cmd_profile(args) -> int:
     from pathlib import Path
 
@@ -406,9 +424,9 @@ def cmd_profile(args) -> int:
         with tqdm(total=budget, desc=f"profiling {args.target} around {args.around}", unit="kernel",
                   disable=args.quiet or None) as bar:
             estimator, around = api.profile_around(args.target, args.around, budget, estimator=args.estimator,
-                                                   seed=args.seed, progress=bar.update)
-        for name, why in around.skipped.items():
-            print(f"not sampled: {name}: {why}", file=sys.stderr)
+                                                   seed=args.seed, progress=bar.update,
+                                                   quiet_gate=not args.no_quiet_gate)
+        _print_around(args.around, around)
         if not around.measurements:
             print(f"profile: nothing measured around {args.around} ({len(around.outside)} kernel(s) outside the "
                   f"distribution, none a profiling unit can express); no estimator written", file=sys.stderr)
@@ -416,8 +434,9 @@ def cmd_profile(args) -> int:
         out_dir.mkdir(exist_ok=True)
         path = out_dir / f"{estimator.target}.json"
         estimator.save(path)
-        print(f"wrote {path}: {around.measurements} measurements around {', '.join(around.sampled)}, refitted on "
-              f"{len(estimator.samples_)}")
+        own = f"{around.model_kernels} kernels of the model timed in context, " if around.model_kernels else ""
+        print(f"wrote {path}: {own}{around.measurements - around.model_kernels} measurements around "
+              f"{', '.join(around.sampled) or 'none of its kernels'}, refitted on {len(estimator.samples_)}")
         return 0
     budget = 2000 if args.budget is None else args.budget
     with tqdm(total=budget, desc=f"profiling {args.target}", unit="kernel", disable=args.quiet or None) as bar:

@@ -57,6 +57,7 @@ from hwnas.estimator.networks import (
     text_line_network,
 )
 from hwnas.estimator.quiet import QuietGate
+from hwnas.graph.shapes import Shape
 from hwnas.targets.base import Target
 from hwnas.targets.fusion_rules import FusionRules
 from hwnas.targets.kernels import decompose
@@ -316,6 +317,15 @@ class _ContextSampler:
     def around(self, origin: tuple[BlockConfig, int, int]) -> list[tuple[object, Sample]]:
         block, c, h = perturb_block(*origin, self.rng, self.pf)
         return self._measure(network_around(self.rng, block, c, h))
+
+    def measure_model(self, model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> list[Sample]:
+        """A user's model timed as a profiling network is: each of its kernels in context (`profile --around`).
+        No network index: one of this run would collide with the stored samples' (`per_kernel_offset`)."""
+        def measured():
+            return measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
+                                      self.overheads, self.scale_to_run)
+        profile = measured() if self.gate is None else self.gate.measure(measured)
+        return [Sample(k, t, network_ms=profile.total_ms) for k, t in zip(profile.kernels, profile.latency_ms)]
 
     def _measure(self, config: NetworkConfig) -> list[tuple[object, Sample]]:
         model, block_inputs, int8 = profiled_network(config, self.networks, self.rng, self.quantize, self.int8_every)
