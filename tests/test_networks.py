@@ -4,6 +4,8 @@ context."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +17,7 @@ from hwnas.estimator.networks import (
     NetworkConfig,
     block_of,
     build_network,
+    network_around,
     random_head,
     random_network,
     text_line_network,
@@ -92,6 +95,27 @@ def test_profile_around_turns_attention_kernels_into_attention_blocks_of_their_s
         assert (block.kind, c, h, block.c_out) == ("attention", 48, 16, 48)
         assert block.groups == (4 if k.op == "MatMul" else 1)
     assert isinstance(kernel_unit(scores[0]), str)  # no one-kernel model has GEMM rows yet: a reason
+
+
+def test_profile_around_rebuilds_a_shufflenet_units_split_concat_and_channel_shuffle():
+    """A ShuffleNet unit's Split, Concat and channel shuffle (a 5-d Transpose): each becomes a split or shuffle block
+    whose network holds a kernel of the same op and shapes; a 5-d Transpose of another permutation gets a reason."""
+    from hwnas.estimator.around import block_unit
+
+    rules = get_target("cpu").rules
+    unit = (BlockConfig("conv", 58, 1), BlockConfig("split", 58, 1, hidden=29, op="dense"), BlockConfig("shuffle", 58, groups=2))
+    model, _ = build_network(NetworkConfig(3, 14, unit))
+    kernels = [k for k in decompose(model, {"x": (1, 3, 14, 14)}, rules) if k.op in ("Split", "Concat", "Transpose")]
+    assert sorted(k.op for k in kernels) == ["Concat", "Split", "Transpose"]
+    rng = np.random.default_rng(0)
+    for k in kernels:
+        block, c, h = block_unit(k)
+        assert (block.kind, c, h) == ("shuffle" if k.op == "Transpose" else "split", 58, 14)
+        rebuilt, _ = build_network(network_around(rng, block, c, h))
+        same = [(x.input_shapes, x.output_shapes) for x in decompose(rebuilt, {"x": (1, 3, 14, 14)}, rules) if x.op == k.op]
+        assert (k.input_shapes, k.output_shapes) in same
+    other = dataclasses.replace(kernels[0], op="Transpose", input_shapes=((1, 2, 29, 14, 14),), output_shapes=((1, 29, 14, 14, 2),))
+    assert "other than a channel shuffle" in block_unit(other)
 
 
 @pytest.mark.parametrize("form, scale, skip", [("nearest_asymmetric", 4, "add"), ("linear_pytorch", 2, "concat"),

@@ -7,7 +7,8 @@ timed, those whose estimate is more than `MISPREDICTED` off their time in it. Ea
 same shape (in `kernel` mode a one-kernel model, in `context` mode a block at the head of a random network,
 `networks.py`); `budget` perturbations of them are measured (channel counts ±1…±PF, sizes ±25 %, as adaptive
 sampling does), and the estimator is refitted on its own measurements plus the new ones. A kernel that no profiling
-unit can express yet (a MatMul with batch rows in `kernel` mode, a Split) is listed with the reason, not sampled.
+unit can express yet (a MatMul with batch rows in `kernel` mode, a Split into three) is listed with the reason, not
+sampled.
 """
 
 from __future__ import annotations
@@ -112,11 +113,30 @@ def _attention_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str | None
     return BlockConfig("attention", c, groups=heads, hidden=2 * c, act="gelu", op=layer_norm), c, h
 
 
+def _channel_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str | None:
+    """The split or shuffle block of a channel Split into two, a channel Concat of two, or a channel shuffle's
+    5-d Transpose ((N, g, C/g, H, W) -> (N, C/g, g, H, W)) on a square map; None for other kernels."""
+    shapes = [*kernel.input_shapes, *kernel.output_shapes]
+    if kernel.op == "Transpose" and len(shapes) == 2 and len(shapes[0]) == 5:
+        (n, g, per, h, w), out = shapes
+        if tuple(out) != (n, per, g, h, w):
+            return "a 5-d Transpose other than a channel shuffle's: no profiling unit builds it"
+        return (BlockConfig("shuffle", g * per, groups=g), g * per, h) if h == w else "a channel shuffle on a non-square map"
+    if kernel.op not in ("Split", "Concat"):
+        return None
+    parts = kernel.output_shapes if kernel.op == "Split" else kernel.input_shapes
+    whole = kernel.input_shapes[0] if kernel.op == "Split" else kernel.output_shapes[0]
+    if len(parts) != 2 or any(len(x) != 4 or x[2:] != whole[2:] for x in parts) or whole[2] != whole[3]:
+        return f"a {kernel.op} other than of two parts along the channels of a square map: no profiling unit builds it"
+    # the split block: the first part bypasses, the rest goes through a 1x1 conv, then both are concatenated
+    return BlockConfig("split", whole[1], 1, hidden=parts[0][1], act="relu", op="dense"), whole[1], whole[2]
+
+
 def block_unit(kernel: Kernel) -> tuple[BlockConfig, int, int] | str:
     """A random-network block (and its input channels, size) shaped like `kernel`, or why there is none."""
-    attention = _attention_unit(kernel)
-    if attention is not None:
-        return attention
+    for unit in (_attention_unit(kernel), _channel_unit(kernel)):
+        if unit is not None:
+            return unit
     image = _image_input(kernel)
     if kernel.op == "Gelu" and image is not None:  # the exporters' chain after a 1x1 conv (no anchor absorbs it)
         return BlockConfig("conv", image[0], 1, act="gelu", bn=False), *image
