@@ -76,7 +76,8 @@ def machine_warnings(estimator: LatencyEstimator) -> list[str]:
         return []
     return [f"the {estimator.target} estimator was profiled on another machine (here: {'; '.join(differences)}): its "
             f"estimates can be tens of percent off on this one; profile it with 'hwnas profile --target "
-            f"{estimator.target} -o DIR' and pass --estimator DIR/{estimator.target}.json"]
+            f"{estimator.target} -o DIR' (for one model's family, in a minute or two: 'hwnas profile --target "
+            f"{estimator.target} --around MODEL -o DIR') and pass --estimator DIR/{estimator.target}.json"]
 
 
 def estimator_for(target: Target, path: str | Path | None = None) -> LatencyEstimator:
