@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "MODEL's own kernels timed in context (measured targets) and --budget samples shaped like its "
                     "kernels outside the profiled distribution or estimated more than 25 %% off their time in MODEL")
     pr.add_argument("--estimator", help="with --around: the estimator file to extend (default: the shipped one)")
+    _add_shape_args(pr)  # with --around: MODEL's dynamic inputs
     pr.add_argument("-o", "--output", required=True, help="directory for <target>.json (+ .fitted.npz)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--int8", action="store_true",
@@ -419,13 +420,15 @@ def cmd_profile(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"profile: {out_dir} is a file, not a directory")
     check_output_path(out_dir / "estimator.json") if out_dir.exists() else check_output_path(out_dir)
+    if not args.around and (args.estimator or args.input_shape):
+        raise BadInputError("profile: --estimator and --input-shape go with --around MODEL")
     if args.around:
         budget = 200 if args.budget is None else args.budget
         with tqdm(total=budget, desc=f"profiling {args.target} around {args.around}", unit="kernel",
                   disable=args.quiet or None) as bar:
             estimator, around = api.profile_around(args.target, args.around, budget, estimator=args.estimator,
-                                                   seed=args.seed, progress=bar.update,
-                                                   quiet_gate=not args.no_quiet_gate)
+                                                   input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
+                                                   progress=bar.update, quiet_gate=not args.no_quiet_gate)
         _print_around(args.around, around)
         if not around.measurements:
             print(f"profile: nothing measured around {args.around} ({len(around.outside)} kernel(s) outside the "
