@@ -284,8 +284,9 @@ def profile_around(
     the_target = get_target(target) if isinstance(target, str) else target
     the_model = as_model(model)
     base = estimator_for(the_target, estimator)
+    # an int8 kernel's neighbours are quantized as the profile's int8 networks are (cpu preset), not aligned first
     return around_model(the_target, base, the_model, resolve_input_shapes(the_model, input_shapes), budget, seed=seed,
-                        progress=progress, quiet_gate=quiet_gate)
+                        progress=progress, quiet_gate=quiet_gate, quantize=quantize_model)
 
 
 def check(

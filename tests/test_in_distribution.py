@@ -253,6 +253,38 @@ def test_profile_around_samples_around_the_kernels_estimated_far_from_their_time
 
 
 @pytest.mark.slow
+def test_profile_around_samples_an_int8_kernel_in_quantized_networks(monkeypatch):
+    """Around a QDQ model's int8 kernel the perturbations are int8 kernels too (their networks quantized, as the
+    profile's int8 networks are); without a quantizer the kernel is not sampled, with the reason."""
+    from hwnas import api
+    from hwnas.estimator import around
+    from hwnas.estimator.defaults import estimator_for
+    from hwnas.estimator.estimator import Sample
+    from hwnas.estimator.profile import _ContextSampler
+    from hwnas.graph.shapes import resolve_input_shapes
+    from hwnas.passes.quantize import quantize_model
+    from hwnas.targets import get_target
+
+    target = get_target("cpu")
+    shipped = estimator_for(target)
+    model = quantize_model(_conv_chain(), {"x": np.random.default_rng(0).normal(size=(4, 24, 28, 28)).astype(np.float32)})
+
+    def timed(self, model, shapes):  # every int8 conv four times its estimate
+        real = measure_model(self, model, shapes)
+        estimated = {e.name: e.latency_ms for e in shipped.predict_kernels([s.kernel for s in real])}
+        return [Sample(s.kernel, estimated[s.kernel.name] * (4 if s.kernel.int8 else 1), network_ms=s.network_ms)
+                for s in real]
+
+    measure_model = _ContextSampler.measure_model
+    monkeypatch.setattr(_ContextSampler, "measure_model", timed)
+    refit, report = api.profile_around(target, model, budget=2, quiet_gate=False)
+    assert report.sampled and report.measurements == report.model_kernels + 2
+    assert all(s.kernel.int8 for s in refit.samples_[-2:])
+    _, unquantized = around.profile_around(target, shipped, model, resolve_input_shapes(model, {}), 2)
+    assert not unquantized.sampled and all("no quantizer" in why for why in unquantized.skipped.values())
+
+
+@pytest.mark.slow
 def test_profile_around_a_measured_model_brings_its_estimate_near_its_time_in_context(tmp_path, capsys):
     """`hwnas profile --target cpu --around`: the refitted estimator puts the model nearer its kernels' times in
     context than the shipped one did, or within 10 % of them."""

@@ -21,7 +21,7 @@ import onnx
 
 from hwnas.estimator.estimator import LatencyEstimator, Sample
 from hwnas.estimator.networks import MAX_TOKENS, UPSAMPLES, BlockConfig, KernelConfig
-from hwnas.estimator.profile import default_mode, make_sampler
+from hwnas.estimator.profile import Quantizer, default_mode, make_sampler
 from hwnas.graph.shapes import Shape
 from hwnas.targets.base import Target
 from hwnas.targets.kernels import Kernel, decompose, interpolation_of
@@ -171,11 +171,13 @@ def _upsample(kernel: Kernel, c: int) -> BlockConfig | None:
 
 def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.ModelProto, shapes: Mapping[str, Shape],
                    budget: int, seed: int = 0, progress: Callable[[int], None] | None = None,
-                   mode: str | None = None, quiet_gate: bool = False) -> tuple[LatencyEstimator, AroundReport]:
+                   mode: str | None = None, quiet_gate: bool = False,
+                   quantize: Quantizer | None = None) -> tuple[LatencyEstimator, AroundReport]:
     """`estimator` refitted with `model`'s own kernels timed in context (`context` mode) and `budget` measurements
     around its kernels outside the distribution or, where it was timed, estimated more than `MISPREDICTED` off (and
     by more than `MODEL_SHARE` of the model's time). `quiet_gate`: each measurement waits out a neighbour's burst
-    (`QuietGate`, measured targets)."""
+    (`QuietGate`, measured targets). In `context` mode an int8 kernel (of a QDQ model) is sampled around in networks
+    quantized by `quantize`, and not at all without one."""
     mode = mode or default_mode(target)
     report = AroundReport(mode=mode)
     kernels = decompose(model, shapes, estimator.rules)
@@ -197,15 +199,23 @@ def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.Mode
         else:
             continue
         unit = block_unit(kernel) if mode == "context" else kernel_unit(kernel)
+        in_int8 = mode == "context" and kernel.int8  # its unit runs quantized, like the profile's int8 networks
+        if in_int8 and quantize is None:
+            unit = "an int8 kernel: no quantizer was given for its profiling networks"
         if isinstance(unit, str):
             report.skipped[e.name] = unit
         else:
             report.sampled.append(e.name)
-            origins.append(unit)
+            origins.append((unit, in_int8))
+    samplers = {False: sampler}
+    if any(in_int8 for _, in_int8 in origins):
+        samplers[True] = make_sampler(target, estimator.rules, seed, mode, quantize=quantize, int8_every=1,
+                                      quiet_gate=quiet_gate)
     new: list[Sample] = []
     i = 0
     while origins and len(new) < budget and i < 20 * budget:
-        got = [s for _, s in sampler.around(origins[i % len(origins)])][: budget - len(new)]
+        unit, in_int8 = origins[i % len(origins)]
+        got = [s for _, s in samplers[in_int8].around(unit)][: budget - len(new)]
         # a network index of this run would collide with the stored ones' (`per_kernel_offset`)
         new += [Sample(s.kernel, s.latency_ms, network_ms=s.network_ms) for s in got]
         if progress and got:
