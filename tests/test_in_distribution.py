@@ -233,18 +233,22 @@ def test_profile_around_samples_around_the_kernels_estimated_far_from_their_time
     shipped = estimator_for(get_target("cpu"))
     model = _conv_chain()
 
+    looks = []
+
     def timed(self, model, shapes):  # the estimate as the time in the model, the 3x3 conv's four times it
         real = measure_model(self, model, shapes)
+        looks.append(len(real))
+        burst = 10 if len(looks) == 2 else 1  # one look of the three in a neighbour's burst: the median ignores it
         estimated = {e.name: e.latency_ms for e in shipped.predict_kernels([s.kernel for s in real])}
-        return [Sample(s.kernel, estimated[s.kernel.name] * (4 if s.kernel.name == "c3" else 1), network_ms=s.network_ms)
-                for s in real]
+        return [Sample(s.kernel, estimated[s.kernel.name] * (4 if s.kernel.name == "c3" else 1) * burst,
+                       network_ms=s.network_ms) for s in real]
 
     measure_model = _ContextSampler.measure_model
     monkeypatch.setattr(_ContextSampler, "measure_model", timed)
     refit, report = api.profile_around("cpu", model, budget=2, quiet_gate=False)
     assert list(report.mispredicted) == ["c3"] and report.sampled == ["c3"] and not report.outside
     measured, estimated = report.mispredicted["c3"]
-    assert measured == pytest.approx(4 * estimated)
+    assert measured == pytest.approx(4 * estimated) and len(looks) == around.MODEL_LOOKS
     assert report.model_kernels == 2 and report.measurements == 2 + 2  # the model's two kernels, two around c3
     assert len(refit.samples_) == len(shipped.samples_) + report.measurements
     assert {s.kernel.name for s in refit.samples_[len(shipped.samples_):][:2]} == {"pw", "c3"}
