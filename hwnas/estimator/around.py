@@ -32,15 +32,13 @@ _POOLS = ("GlobalAveragePool", "MaxPool", "AveragePool")
 
 
 # An in-distribution kernel whose estimate is this far from its time in the model (either way) is sampled around
-# too: inside the profiled ranges the trees can still miss a family the random networks rarely draw. ShuffleNet's
-# unaligned 1x1 convs between Split and Concat came out +30 % on a 2-core Xeon without AMX (2026-12-07); its own
-# kernels as samples took its variants at other widths from +11…+35 % to −8…+13 %. A kernel off by less than
-# MODEL_SHARE of the model's time is left alone: tiny kernels' ratios are mostly noise, and move no total.
+# too: inside the profiled ranges the trees can still miss a family the random networks rarely draw (ShuffleNet's
+# unaligned 1x1 convs between Split and Concat, +30 % on a Xeon without AMX). A kernel off by less than MODEL_SHARE
+# of the model's time is left alone: tiny kernels' ratios are mostly noise, and move no total.
 MISPREDICTED = 0.25
 MODEL_SHARE = 0.005
-# The model's own kernels are the samples that count most for it, and one timing of them moved with the machine: on a
-# 2-core Xeon in a burst-prone stretch the profiled ShuffleNet came out +2.7 % in one run and +8.6 % in another.
-# Each kernel's time is the median of this many timings of the model, each after the quiet gate.
+# The model's own kernels are the samples that count most for it, and one timing of them moves with a shared
+# machine: each kernel's time is the median of this many (estimator-history.md, stop 45).
 MODEL_LOOKS = 3
 
 
@@ -178,11 +176,11 @@ def _median_sample(sampler, model: onnx.ModelProto, shapes: Mapping[str, Shape])
     """`model`'s kernels timed in context `MODEL_LOOKS` times: each kernel's median time, and the plain runs' median."""
     looks = [sampler.measure_model(model, shapes) for _ in range(MODEL_LOOKS)]
     times: dict[str, list[float]] = {}
-    for look in looks:
-        for s in look:
-            times.setdefault(s.kernel.name, []).append(s.latency_ms)
-    network_ms = float(np.median([look[0].network_ms for look in looks if look])) if looks[0] else None
-    return [Sample(s.kernel, float(np.median(times[s.kernel.name])), network_ms=network_ms) for s in looks[0]]
+    for sample in (s for look in looks for s in look):
+        times.setdefault(sample.kernel.name, []).append(sample.latency_ms)
+    first = looks[0]
+    network_ms = float(np.median([look[0].network_ms for look in looks if look])) if first else None
+    return [Sample(s.kernel, float(np.median(times[s.kernel.name])), network_ms=network_ms) for s in first]
 
 
 def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.ModelProto, shapes: Mapping[str, Shape],
@@ -214,10 +212,11 @@ def profile_around(target: Target, estimator: LatencyEstimator, model: onnx.Mode
             report.mispredicted[e.name] = (time_in_model, e.latency_ms)
         else:
             continue
-        unit = block_unit(kernel) if mode == "context" else kernel_unit(kernel)
         in_int8 = mode == "context" and kernel.int8  # its unit runs quantized, like the profile's int8 networks
         if in_int8 and quantize is None:
             unit = "an int8 kernel: no quantizer was given for its profiling networks"
+        else:
+            unit = block_unit(kernel) if mode == "context" else kernel_unit(kernel)
         if isinstance(unit, str):
             report.skipped[e.name] = unit
         else:

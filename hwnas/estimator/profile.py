@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from hwnas.estimator.attribution import NodeOverheads, measure_in_context, measure_node_overheads
+from hwnas.estimator.attribution import NetworkProfile, NodeOverheads, measure_in_context, measure_node_overheads
 from hwnas.estimator.denormal import measure_assist_ns
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
 from hwnas.estimator.networks import (
@@ -321,21 +321,21 @@ class _ContextSampler:
     def measure_model(self, model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> list[Sample]:
         """A user's model timed as a profiling network is: each of its kernels in context (`profile --around`).
         No network index: one of this run would collide with the stored samples' (`per_kernel_offset`)."""
+        profile = self._in_context(model, shapes)
+        return [Sample(k, t, network_ms=profile.total_ms) for k, t in zip(profile.kernels, profile.latency_ms)]
+
+    def _in_context(self, model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> NetworkProfile:
+        """`model`'s kernels timed in context, after the quiet gate's wait when there is one."""
         def measured():
             return measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
                                       self.overheads, self.scale_to_run)
-        profile = measured() if self.gate is None else self.gate.measure(measured)
-        return [Sample(k, t, network_ms=profile.total_ms) for k, t in zip(profile.kernels, profile.latency_ms)]
+        return measured() if self.gate is None else self.gate.measure(measured)
 
     def _measure(self, config: NetworkConfig) -> list[tuple[object, Sample]]:
         model, block_inputs, int8 = profiled_network(config, self.networks, self.rng, self.quantize, self.int8_every)
         self.int8_networks += int8
         self.load.append(_load())
-        shapes = {"x": (1, config.c_in, config.size, config.width or config.size)}
-        def measured():
-            return measure_in_context(model, shapes, self.rules, self.target.settings, self.target.providers,
-                                      self.overheads, self.scale_to_run)
-        profile = measured() if self.gate is None else self.gate.measure(measured)
+        profile = self._in_context(model, {"x": (1, config.c_in, config.size, config.width or config.size)})
         network = self.networks
         self.networks += 1
         self.run_over_nodes.append(profile.total_ms / max(profile.nodes_ms, 1e-9))
