@@ -575,3 +575,22 @@ def test_an_estimate_at_the_speed_now_scales_every_latency_and_needs_a_recorded_
         estimate_module.estimate(model, "cpu", estimator=estimator, at_speed_now=True)
     with pytest.raises(BadInputError, match="npu-32x32 estimator records no speed level"):
         estimate_module.estimate(model, "npu-32x32", at_speed_now=True)
+
+
+def test_kernels_dropped_from_the_samples_keep_their_time_in_kernels_ms():
+    """Relu → Transpose → MatMul(relu, transposed): ORT runs the Transpose inside the MatMul (FusedMatMul), so the
+    Transpose is no sample and neither is the Relu that feeds it (`dropped`), but the Relu ran and its time is the
+    network's: `kernels_ms` keeps it (the oracle of estimator_accuracy.py sums it; without it PP-OCRv6 rec small,
+    whose attention ORT fuses, summed to -32 % of its run)."""
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("Transpose", ["r"], ["kt"], perm=[0, 1, 3, 2], name="kt"),
+         helper.make_node("MatMul", ["r", "kt"], ["s"], name="scores"),
+         helper.make_node("Softmax", ["s"], ["y"], axis=-1, name="softmax")],
+        [tensor("x", [1, 4, 64, 32])], [tensor("y", [1, 4, 64, 64])], [])
+    profile = measure_in_context(model, {}, get_target("cpu").rules, FAST_SETTINGS)
+    assert {"kt", "relu"} <= set(profile.dropped) and "relu" not in {k.name for k in profile.kernels}
+    timed = profile.kernels_ms
+    assert timed["relu"] > 0 and timed["kt"] == 0.0  # the Transpose ran inside the MatMul's node
+    assert set(timed) == {"relu", "kt", "scores", "softmax"}
+    assert sum(timed.values()) == pytest.approx(sum(profile.latency_ms) + sum(profile.dropped_ms))

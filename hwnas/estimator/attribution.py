@@ -34,6 +34,14 @@ class NetworkProfile:
     total_ms: float  # the plain runs' median
     nodes_ms: float  # the profiled nodes' sum (per run, median per node)
     dropped: tuple[str, ...] = ()  # kernels without a node of their own, and the kernels they were fused into
+    # the time of each of `dropped`: what ORT's fused node took is attributed to one of them, so no sample, but
+    # part of the network's time (a sum over `kernels` alone falls short of the run where ORT fused much)
+    dropped_ms: tuple[float, ...] = ()
+
+    @property
+    def kernels_ms(self) -> dict[str, float]:
+        """Every kernel's time by name, the dropped ones included: they add up to the network's time."""
+        return {**dict(zip(self.dropped, self.dropped_ms)), **{k.name: t for k, t in zip(self.kernels, self.latency_ms)}}
 
 
 @dataclass(frozen=True)
@@ -204,8 +212,10 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
         times[live] *= total_ms / float(times[live].sum())
     dropped = _absorbed(model, kernels, live)
     keep = [i for i in range(len(kernels)) if live[i] and kernels[i].name not in dropped]
+    dropped_names = tuple(sorted(dropped))
+    by_name = {k.name: float(times[i]) for i, k in enumerate(kernels) if live[i]}
     return NetworkProfile(tuple(kernels[i] for i in keep), tuple(float(times[i]) for i in keep), total_ms, nodes_ms,
-                          tuple(sorted(dropped)))
+                          dropped_names, tuple(by_name.get(name, 0.0) for name in dropped_names))
 
 
 def _named_ort_nodes(graph: onnx.GraphProto, timings) -> dict[str, onnx.NodeProto]:
