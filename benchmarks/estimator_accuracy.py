@@ -64,9 +64,9 @@ import onnx
 
 from hwnas.estimator.defaults import estimator_for
 from hwnas.estimator.estimator import LatencyEstimator, accuracy_summary
-from hwnas.estimator.attribution import measure_in_context, measure_node_overheads
+from hwnas.estimator.attribution import measure_in_context
 from hwnas.estimator.networks import NetworkBuilder, build_network, random_network
-from hwnas.estimator.profile import profile_target, profiled_reference_ms
+from hwnas.estimator.profile import least_node_overheads, profile_target, profiled_reference_ms
 from hwnas.estimator.quiet import QuietGate, SpeedLevel
 from hwnas.graph.io import load_model
 from hwnas.graph.shapes import resolve_input_shapes, with_static_inputs
@@ -370,7 +370,7 @@ def in_context_times(models: list[HeldOut]) -> dict[str, dict[str, float]]:
     attention ORT fuses, summed to -32 % of its run."""
     target = get_target("cpu")
     rules = target.rules
-    overheads = measure_node_overheads(target.settings, target.providers)
+    overheads = least_node_overheads(target, None)  # as a profile corrects its networks' nodes
     def timed(m: HeldOut) -> dict[str, float]:
         return measure_in_context(m.model, m.shapes, rules, target.settings, target.providers, overheads).kernels_ms
 

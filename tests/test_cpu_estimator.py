@@ -452,7 +452,65 @@ def test_node_overheads_are_the_least_of_a_few_looks(monkeypatch):
     looks = iter([NodeOverheads(4.4e-3, 0.6e-3, 9.1e-3), NodeOverheads(2.4e-3, 0.7e-3, 5.6e-3),
                   NodeOverheads(3.0e-3, 0.5e-3, 6.0e-3)])
     monkeypatch.setattr(profile_module, "measure_node_overheads", lambda settings, providers: next(looks))
-    assert profile_module.least_node_overheads(get_target(FAST), None) == NodeOverheads(2.4e-3, 0.5e-3, 5.6e-3)
+    assert profile_module.least_node_overheads(get_target(FAST), None, calibrate=False) == NodeOverheads(2.4e-3, 0.5e-3, 5.6e-3)
+
+
+def test_the_profilers_cost_on_real_nodes_is_added_never_subtracted(monkeypatch):
+    """`least_node_overheads` adds what `real_node_excess` measures on the calibration networks to the profiler's
+    cost; a negative excess (a plain run that waited for a core) changes nothing."""
+    from hwnas.estimator import profile as profile_module
+    from hwnas.estimator.attribution import NodeOverheads
+
+    trivial = NodeOverheads(1.8e-3, 0.3e-3, 5.0e-3)
+    monkeypatch.setattr(profile_module, "measure_node_overheads", lambda settings, providers: trivial)
+    seen = []
+
+    def excess(value):
+        def measured(networks, overheads, settings, providers, measure):
+            seen.append((len(networks), overheads))
+            return value
+        return measured
+
+    monkeypatch.setattr(profile_module, "real_node_excess", excess(1.1e-3))
+    assert profile_module.least_node_overheads(get_target(FAST), None) == NodeOverheads(2.9e-3, 0.3e-3, 5.0e-3)
+    assert seen == [(profile_module.CALIBRATION_NETWORKS, trivial)]
+    monkeypatch.setattr(profile_module, "real_node_excess", excess(-0.4e-3))
+    assert profile_module.least_node_overheads(get_target(FAST), None) == trivial
+
+
+def test_calibration_networks_are_small_real_networks_of_many_nodes():
+    from hwnas.estimator.profile import CALIBRATION_MACS, CALIBRATION_NETWORKS, CALIBRATION_NODES, calibration_networks
+
+    rules = get_target("cpu").rules
+    networks = calibration_networks(rules)
+    assert len(networks) == CALIBRATION_NETWORKS
+    for model in networks:
+        onnx.checker.check_model(model)
+        assert len(model.graph.node) >= CALIBRATION_NODES
+        assert 0 < sum(k.macs for k in decompose(model, {}, rules)) <= CALIBRATION_MACS
+    assert [m.SerializeToString() for m in calibration_networks(rules)] == [m.SerializeToString() for m in networks]
+
+
+def test_real_node_excess_weighs_the_networks_whose_runs_say_most_per_node(monkeypatch):
+    """Per node, a network's excess is (corrected node times − plain run) / nodes; the median weighs each network by
+    (nodes / plain run)²: two small networks of many nodes outvote two large ones whose runs moved by 3 %."""
+    from hwnas.estimator import attribution
+
+    overheads = attribution.NodeOverheads(profiler_ms=2e-3, executor_ms=0.3e-3, run_ms=5e-3)
+
+    def network(nodes: int, node_ms: float, excess_ms: float):
+        timing = NodeTiming("n", "Conv", "CPUExecutionProvider", (), (), node_ms, 1)
+        corrected = nodes * (node_ms - overheads.profiler_ms + overheads.executor_ms) + overheads.run_ms
+        return [corrected - nodes * excess_ms] * 3, [timing] * nodes, None
+
+    # two networks of 0.4-0.5 ms with 1 µs a node over their runs; two of 20 ms whose runs came out 0.6 ms long
+    runs = [network(50, 0.0117, 1e-3), network(40, 0.0117, 1e-3), network(20, 1.0, -30e-3), network(24, 0.8, -25e-3)]
+    monkeypatch.setattr(attribution, "_profile_and_time", lambda model, shapes, settings, providers: runs[model])
+    assert attribution.real_node_excess([0, 1, 2, 3], overheads, FAST_SETTINGS) == pytest.approx(1.0e-3)
+    assert attribution.real_node_excess([2, 3], overheads, FAST_SETTINGS) == pytest.approx(-25e-3)
+    looked = []
+    attribution.real_node_excess([0], overheads, FAST_SETTINGS, measure=lambda fn: looked.append(1) or fn())
+    assert looked == [1]
 
 
 def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkeypatch):
@@ -487,10 +545,11 @@ def test_the_quiet_gate_waits_out_a_burst_and_gives_up_after_its_patience(monkey
 
     sampler = profile_module.make_sampler(get_target(FAST), get_target(FAST).rules, 0, "context", quiet_gate=True)
     assert sampler.overheads.profiler_ms > 0
+    remeasured = sampler.gate.remeasured  # the calibration networks' timings may have been taken again too
     after_run = iter([False, True])  # a burst began during the first run; quiet after the second
     monkeypatch.setattr(sampler.gate, "wait", lambda: True)
     monkeypatch.setattr(sampler.gate, "quiet", lambda: next(after_run))
-    assert sampler.random() and sampler.gate.remeasured == 1
+    assert sampler.random() and sampler.gate.remeasured == remeasured + 1
 
 
 def test_a_profile_can_draw_its_networks_from_a_given_family():

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from hwnas.estimator.attribution import NetworkProfile, NodeOverheads, measure_in_context, measure_node_overheads
+from hwnas.estimator.attribution import NetworkProfile, NodeOverheads, measure_in_context, measure_node_overheads, real_node_excess
 from hwnas.estimator.denormal import measure_assist_ns
 from hwnas.estimator.estimator import LatencyEstimator, Sample, relative_errors
 from hwnas.estimator.networks import (
@@ -200,28 +200,52 @@ def make_sampler(target: Target, rules: FusionRules, seed: int, mode: str, scale
     return _KernelSampler(target, rules, seed)
 
 
-def least_node_overheads(target: Target, gate: QuietGate | None, looks: int = 3) -> NodeOverheads:
+# The small random networks the profiler's cost on real nodes is measured on (`real_node_excess`): networks of the
+# profiling generator's kind, from a seed of their own, with at least CALIBRATION_NODES nodes and at most
+# CALIBRATION_MACS multiply-adds (mostly 0.1-1 ms on a 2-core CPU: a larger one's plain run is noisier than its excess)
+CALIBRATION_NETWORKS, CALIBRATION_SEED, CALIBRATION_NODES, CALIBRATION_MACS = 8, 4242, 16, 10_000_000
+
+
+def calibration_networks(rules: FusionRules, count: int = CALIBRATION_NETWORKS) -> list[onnx.ModelProto]:
+    """The first `count` random networks of `CALIBRATION_SEED` that are small enough (see above)."""
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    chosen: list[onnx.ModelProto] = []
+    while len(chosen) < count:
+        model, _ = build_network(random_network(rng))
+        if len(model.graph.node) >= CALIBRATION_NODES and sum(k.macs for k in decompose(model, {}, rules)) <= CALIBRATION_MACS:
+            chosen.append(model)
+    return chosen
+
+
+def least_node_overheads(target: Target, gate: QuietGate | None, looks: int = 3, calibrate: bool = True) -> NodeOverheads:
     """The node overheads every profiled network's kernels are corrected by (`measure_node_overheads`): each the
     least of a few looks, each after the quiet gate's wait when there is one. A burst only adds time, and one look taken
     in a burst at start-up put ORT's profiler at 4.4 µs a node for a whole profile (2.4 in a quiet one):
-    every kernel of it came out ~2 µs short a node (estimator-history.md, 2026-12-06 stop 32)."""
+    every kernel of it came out ~2 µs short a node (estimator-history.md, 2026-12-06 stop 32).
+    `calibrate`: then add to the profiler's cost what it adds to real nodes beyond trivial ones, measured on
+    `calibration_networks` (`real_node_excess`; ~1 µs a node on a 2-core Xeon, which the trivial nodes miss)."""
     def look() -> NodeOverheads:
         if gate is not None:
             gate.wait()
         return measure_node_overheads(target.settings, target.providers)
 
     seen = [look() for _ in range(looks)]
-    return NodeOverheads(**{f.name: min(getattr(o, f.name) for o in seen) for f in dataclasses.fields(NodeOverheads)})
+    least = NodeOverheads(**{f.name: min(getattr(o, f.name) for o in seen) for f in dataclasses.fields(NodeOverheads)})
+    if not calibrate:
+        return least
+    excess = real_node_excess(calibration_networks(target.rules), least, target.settings, target.providers,
+                              None if gate is None else gate.measure)
+    # never below the trivial nodes' cost: a negative excess is a plain run that waited for a core
+    return dataclasses.replace(least, profiler_ms=least.profiler_ms + max(excess, 0.0))
 
 
 def per_kernel_offset(samples: Sequence[Sample]) -> float:
     """What the attribution adds per kernel beyond a network's plain run (`Sample.network_ms`): the median over
     the profiled networks of (kernel sum - plain run) / kernels, in ms, at least 0.
 
-    The profiler's per-node cost is measured on trivial nodes (`measure_node_overheads`); on real nodes
-    it is somewhat larger, so a network's kernels add up to a little more than its plain run: ~0.7 us
-    per kernel on a 2-core EPYC, nothing in a 12-kernel 2 ms network, but 8 % of a 55-kernel 0.5 ms
-    model (MobileNetV2 0.35 at 96²). The median keeps networks whose plain run waited for a core (a
+    What the node overheads (`least_node_overheads`) leave over: before the profiler's cost was measured on
+    real networks (`real_node_excess`), ~0.7 us per kernel on a 2-core EPYC, nothing in a 12-kernel 2 ms
+    network, but 8 % of a 55-kernel 0.5 ms model (MobileNetV2 0.35 at 96²). The median keeps networks whose plain run waited for a core (a
     busy machine) from pulling it down much. Networks whose kernels were not all kept (one the budget
     cut short, kernels dropped by `attribute`) still count: a missing kernel makes the sum smaller, so
     the offset errs low."""
