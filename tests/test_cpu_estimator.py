@@ -653,3 +653,17 @@ def test_kernels_dropped_from_the_samples_keep_their_time_in_kernels_ms():
     assert timed["relu"] > 0 and timed["kt"] == 0.0  # the Transpose ran inside the MatMul's node
     assert set(timed) == {"relu", "kt", "scores", "softmax"}
     assert sum(timed.values()) == pytest.approx(sum(profile.latency_ms) + sum(profile.dropped_ms))
+
+
+def test_a_gelu_that_ort_runs_on_blocked_tensors_between_convs_is_timed_as_its_own_kernel():
+    """conv → GELU (decomposed, as PyTorch and Paddle export it) → conv: ORT runs the GELU as one Gelu node on the
+    blocked (NCHWc) tensors, a node that bears no original name and writes no original tensor. It is the GELU
+    kernel's: the one kernel between the convs before and after it. (It went to the next conv, which left the
+    first conv and the GELU without a node: both were dropped, so profiles never sampled a conv followed by GELU.)"""
+    config = NetworkConfig(3, 64, (BlockConfig("conv", 32, 3, 2, act="gelu"), BlockConfig("conv", 32, 3, 1, act="gelu"),
+                                   BlockConfig("conv", 32, 1, 1, act="relu")), seed=0)
+    model, _ = build_network(config)
+    profile = measure_in_context(model, {"x": (1, 3, 64, 64)}, get_target("cpu").rules, FAST_SETTINGS)
+    assert profile.dropped == ()
+    assert [k.ops[0] for k in profile.kernels] == ["Conv", "Div", "Conv", "Div", "Conv"]
+    assert all(t > 0 for t in profile.latency_ms)

@@ -172,6 +172,9 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
     """
     owner = {key: i for i, k in enumerate(kernels) for key in k.nodes}
     original_producer = {o: owner[key] for key, n in zip(_keys(model), model.graph.node) for o in n.output if o}
+    reads: dict[int, set[str]] = {}
+    for key, n in zip(_keys(model), model.graph.node):
+        reads.setdefault(owner[key], set()).update(t for t in n.input if t)
     graph = optimized.graph
     ort_nodes = _named_ort_nodes(graph, timings)
     producer = {o: name for name, n in ort_nodes.items() for o in n.output if o}
@@ -215,6 +218,18 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
         seen.add(name)
         return next((k for t in ort_nodes[name].input if t in producer if (k := upstream(producer[t], seen)) is not None), None)
 
+    def between(node) -> int | None:
+        """The one original kernel that reads what the kernels before `node` write and writes what the kernels
+        after it read: an op ORT rewrote into a node of its own between two others (a decomposed GELU run as one
+        Gelu node on the blocked tensors between two convs, which writes no original tensor)."""
+        before = {k for t in node.input if t in producer if (k := upstream(producer[t], set())) is not None}
+        after = {k for t in node.output for c in consumers.get(t, ()) if (k := downstream(c, set())) is not None}
+        written_before = {t for t, k in original_producer.items() if k in before}
+        read_after = set().union(*(reads.get(k, set()) for k in after))
+        found = {k for t, k in original_producer.items()
+                 if t in read_after and k not in before | after and reads.get(k, set()) & written_before}
+        return found.pop() if len(found) == 1 else None
+
     def resolve(name: str, seen: frozenset[str] = frozenset()) -> int | None:
         hit = direct(name)
         node = ort_nodes.get(name)
@@ -229,6 +244,8 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
         if node.op_type == "ReorderInput":
             found = (resolve(n, seen) for n in writers + readers)
             return next((k for k in found if k is not None), None)
+        if written(node) is None and (found := between(node)) is not None:
+            return found
         found = downstream(name, set())
         return found if found is not None else upstream(name, set())
 
