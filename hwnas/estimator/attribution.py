@@ -90,16 +90,14 @@ def measure_node_overheads(settings, providers=("CPUExecutionProvider",), nodes:
 def real_node_excess(networks: Sequence[onnx.ModelProto], overheads: NodeOverheads, settings,
                      providers=("CPUExecutionProvider",), measure: Callable | None = None) -> float:
     """What ORT's profiler adds to a node of a real network beyond `overheads.profiler_ms` (measured on trivial
-    nodes), in ms: over `networks`, the median of (their nodes' times, corrected by `overheads`, minus their plain
-    run) per node, each network weighted by (nodes / plain run)²: the plain run's noise grows with its time, and
-    per node it shrinks with the nodes. `measure(fn)` takes each network's timing (a `QuietGate.measure`); None: at
-    once.
+    nodes), in ms: over `networks` (static inputs), the median of (their nodes' times, corrected by `overheads`,
+    minus their plain run) per node, each network weighted by (nodes / plain run)²: the plain run's noise grows
+    with its time, and per node it shrinks with the nodes. `measure(fn)` takes each network's timing (a
+    `QuietGate.measure`); None: at once.
 
-    Why: small real networks' corrected nodes added up to ~1 us a node more than their plain runs (2-core Xeon,
-    ORT 1.32: profiling networks under 2 ms 0.8-1.3 us, PP-OCR cls 1.3, ShuffleNet V2 0.5 0.9, MobileNetV2 0.5
-    1.2), so small models of many nodes came out 10-30 % over their runs. The trivial chains say 1.8 us a node;
-    a chain of 1x1 convs says 2.9, one of Adds 2.0: the cost depends on more than the op, so it is measured on
-    networks like the profiled ones."""
+    Why: real nodes cost the profiler ~1 us more than trivial ones (2-core Xeon, ORT 1.32), which left small
+    models of many nodes 10-30 % over their runs, and chains of one op do not predict it (estimator-history.md,
+    stop 46): so it is measured on networks like the profiled ones."""
     per_node, weights = [], []
     for model in networks:
         def timed(model=model):
@@ -172,9 +170,11 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
     """
     owner = {key: i for i, k in enumerate(kernels) for key in k.nodes}
     original_producer = {o: owner[key] for key, n in zip(_keys(model), model.graph.node) for o in n.output if o}
-    reads: dict[int, set[str]] = {}
+    reads: dict[int, set[str]] = {}  # by kernel, the tensors its nodes read and write
+    writes: dict[int, set[str]] = {}
     for key, n in zip(_keys(model), model.graph.node):
         reads.setdefault(owner[key], set()).update(t for t in n.input if t)
+        writes.setdefault(owner[key], set()).update(t for t in n.output if t)
     graph = optimized.graph
     ort_nodes = _named_ort_nodes(graph, timings)
     producer = {o: name for name, n in ort_nodes.items() for o in n.output if o}
@@ -224,11 +224,10 @@ def attribute(model: onnx.ModelProto, kernels: Sequence[Kernel], timings, optimi
         Gelu node on the blocked tensors between two convs, which writes no original tensor)."""
         before = {k for t in node.input if t in producer if (k := upstream(producer[t], set())) is not None}
         after = {k for t in node.output for c in consumers.get(t, ()) if (k := downstream(c, set())) is not None}
-        written_before = {t for t, k in original_producer.items() if k in before}
-        read_after = set().union(*(reads.get(k, set()) for k in after))
-        found = {k for t, k in original_producer.items()
-                 if t in read_after and k not in before | after and reads.get(k, set()) & written_before}
-        return found.pop() if len(found) == 1 else None
+        written_before = set().union(*(writes[k] for k in before))
+        read_after = set().union(*(reads[k] for k in after))
+        found = [k for k in writes if k not in before | after and reads[k] & written_before and writes[k] & read_after]
+        return found[0] if len(found) == 1 else None
 
     def resolve(name: str, seen: frozenset[str] = frozenset()) -> int | None:
         hit = direct(name)
